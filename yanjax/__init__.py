@@ -1,0 +1,3 @@
+"""yanjax: pretraining Yan (MCSD) language models with JAX and Flax NNX."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,75 @@
+"""LLaMA-style causal self-attention with RoPE and a KV cache: the Transformer baseline's mixer.
+
+Shape legend: b = batch, t = query time, s = key time (cache length), h = heads, e = head dim, D = width.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from yanjax.config import ModelConfig
+from yanjax.model import layers
+
+
+class KVCache(NamedTuple):
+  """Decode state of one attention block: grows with the context (s = cfg.max_decode_len slots)."""
+  k: jax.Array  # [b, s, h, e] compute dtype
+  v: jax.Array  # [b, s, h, e]
+  index: jax.Array  # [b] int32: slots filled so far
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding: x [b, t, h, e], positions [b, t] -> [b, t, h, e] (rotate-half convention)."""
+  half = x.shape[-1] // 2
+  freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle = positions[..., None, None].astype(jnp.float32) * freq  # [b, t, 1, half]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  cos, sin = jnp.cos(angle), jnp.sin(angle)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def _write(cache: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+  """Writes new [b, t, ...] into cache [b, s, ...] at each row's own index [b]."""
+  return jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, axis=0))(cache, new, index)
+
+
+class Attention(nnx.Module):
+  """Causal multi-head self-attention: [b, t, D] -> [b, t, D]."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    h, e = cfg.heads, cfg.head_dim
+    self.qkv = layers.param(rngs, (cfg.width, 3, h, e), ("embed", None, "heads", None),
+                            layers.normal(cfg.init_std))
+    self.out = layers.param(rngs, (h, e, cfg.width), ("heads", None, "embed"), layers.normal(cfg.init_std / 2))
+
+  def init_cache(self, batch: int, dtype) -> KVCache:
+    shape = (batch, self.cfg.max_decode_len, self.cfg.heads, self.cfg.head_dim)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+
+  def __call__(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array,
+               cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+    """x [b, t, D]; segment_ids, positions [b, t] -> (y [b, t, D], cache after x or None).
+
+    Without a cache a query sees earlier keys of its own segment (packed documents stay apart); with a cache
+    the call continues one document from the cache's slots (prefill or one decode step).
+    """
+    q, k, v = jnp.unstack(jnp.einsum("btd,dkhe->kbthe", x, layers.cast(self.qkv[...], x.dtype)))
+    q, k = rope(q, positions, self.cfg.rope_theta), rope(k, positions, self.cfg.rope_theta)
+    t = x.shape[1]
+    if cache is None:
+      causal = jnp.tril(jnp.ones((t, t), bool))
+      mask = causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    else:
+      cache = KVCache(_write(cache.k, k.astype(cache.k.dtype), cache.index),
+                      _write(cache.v, v.astype(cache.v.dtype), cache.index), cache.index + t)
+      query_slot = cache.index[:, None] - t + jnp.arange(t)  # [b, t]
+      key_slot = jnp.arange(cache.k.shape[1])
+      mask = key_slot[None, None, :] <= query_slot[:, :, None]
+      k, v = cache.k.astype(x.dtype), cache.v.astype(x.dtype)
+    attended = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
+    return jnp.einsum("bthe,hed->btd", attended, layers.cast(self.out[...], x.dtype)), cache

@@ -1,0 +1,73 @@
+"""Shared building blocks: parameters with logical axis names, RMSNorm, embedding, GeGLU MLP.
+
+Shape legend: b = batch, t = time, d = width D, f = FFN hidden width, v = vocabulary.
+Every parameter is float32 and carries logical axis names in its `out_sharding` metadata; the trainer maps
+those names to mesh axes with the rules in the config (see `yanjax.sharding`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def param(rngs: nnx.Rngs | None, shape, axes: tuple[str | None, ...], init=None) -> nnx.Param:
+  """A float32 parameter of `shape` named by logical `axes`; `init(key, shape)` or ones when rngs is None."""
+  assert len(axes) == len(shape), (shape, axes)
+  value = jnp.ones(shape, jnp.float32) if init is None else init(rngs.params(), shape, jnp.float32)
+  return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+def normal(std: float):
+  return jax.nn.initializers.normal(std)
+
+
+def cast(x: jax.Array, dtype) -> jax.Array:
+  return x.astype(dtype) if x.dtype != dtype else x
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm over the last axis, computed in float32, with a learned scale of logical `axes`."""
+
+  def __init__(self, shape: tuple[int, ...], axes: tuple[str | None, ...], eps: float):
+    self.scale = param(None, shape, axes)
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (x32 * self.scale[...]).astype(x.dtype)
+
+
+class Embed(nnx.Module):
+  """Token embedding [v, d]; `attend` reuses it as a tied output head."""
+
+  def __init__(self, vocab: int, width: int, std: float, rngs: nnx.Rngs):
+    self.embedding = param(rngs, (vocab, width), ("vocab", "embed"), normal(std))
+
+  def __call__(self, tokens: jax.Array, dtype) -> jax.Array:
+    """tokens [b, t] int -> [b, t, d] in `dtype`."""
+    return cast(jnp.take(self.embedding[...], tokens, axis=0), dtype)
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    """x [b, t, d] -> logits [b, t, v] in float32."""
+    return jnp.einsum("btd,vd->btv", x, cast(self.embedding[...], x.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def geglu(x: jax.Array, gate_up: jax.Array, down: jax.Array) -> jax.Array:
+  """GeGLU MLP: x [..., d], gate_up [d, 2, f], down [f, d] -> [..., d] (paper: GeGLU activation)."""
+  h = jnp.einsum("...d,dkf->...kf", x, cast(gate_up, x.dtype))
+  return jnp.einsum("...f,fd->...d", jax.nn.gelu(h[..., 0, :]) * h[..., 1, :], cast(down, x.dtype))
+
+
+class GatedMLP(nnx.Module):
+  """Dense GeGLU feed-forward block: [b, t, d] -> [b, t, d]."""
+
+  def __init__(self, width: int, hidden: int, std: float, rngs: nnx.Rngs):
+    self.gate_up = param(rngs, (width, 2, hidden), ("embed", None, "mlp"), normal(std))
+    self.down = param(rngs, (hidden, width), ("mlp", "embed"), normal(std / 2))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return geglu(x, self.gate_up[...], self.down[...])

@@ -1,0 +1,114 @@
+"""The linear recurrence behind both MCSD sections, in three equivalent forms behind one switch.
+
+    h_t = a_t * h_{t-1} + x_t,    a_t = exp(log_a[c]) * (1 - reset_t)
+
+One rate per channel c (shared by the channel's Dc features); `reset_t` cuts the state where a new document
+starts, so packed documents never see each other. Every form accumulates in float32 whatever the input dtype.
+
+Shape legend: b = batch, t = time, c = channels, d = features per channel, n = chunks, l = chunk length.
+
+Forms:
+  reference    `jax.lax.scan` over time: the slow, obviously-correct definition.
+  associative  `jax.lax.associative_scan` over (a_t, x_t) pairs with
+               (a1, x1) o (a2, x2) = (a1 a2, a2 x1 + x2): O(log t) depth, the training form.
+  chunked      within chunks of length l an [l, l] decay-mask matmul, across chunks a scan over carried states.
+  auto         per backend, from the measurements in benchmarks/RESULTS.md (see AUTO_FORM).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+FORMS = ("reference", "associative", "chunked")
+# Chosen from benchmarks/mixer.py measurements (benchmarks/RESULTS.md); backends not yet measured use
+# "chunked", whose matmuls suit tensor cores.
+AUTO_FORM = {"cpu": "associative", "gpu": "chunked", "tpu": "chunked"}
+
+
+def resolve_form(form: str) -> str:
+  if form == "auto":
+    return AUTO_FORM.get(jax.default_backend(), "chunked")
+  if form not in FORMS:
+    raise ValueError(f"unknown recurrence form {form!r}; choose one of {FORMS + ('auto',)}")
+  return form
+
+
+def linear_recurrence(x: jax.Array, log_a: jax.Array, reset: jax.Array, h0: jax.Array | None = None, *,
+                      form: str = "auto", chunk_size: int = 64) -> tuple[jax.Array, jax.Array]:
+  """Runs h_t = a_t h_{t-1} + x_t over time.
+
+  Args:
+    x: [b, t, c, d] inputs, any float dtype.
+    log_a: [c] log of each channel's rate (negative).
+    reset: [b, t] bool, True where the state restarts (h_{t-1} is dropped).
+    h0: [b, c, d] state before the first step (zeros if None).
+    form: "reference" | "associative" | "chunked" | "auto".
+    chunk_size: l, for the chunked form.
+  Returns:
+    (h [b, t, c, d] float32, h_last [b, c, d] float32).
+  """
+  x = x.astype(jnp.float32)
+  log_a = log_a.astype(jnp.float32)
+  if h0 is None:
+    h0 = jnp.zeros((x.shape[0],) + x.shape[2:], jnp.float32)
+  h0 = h0.astype(jnp.float32)
+  form = resolve_form(form)
+  if form == "chunked":
+    h = _chunked(x, log_a, reset, h0, chunk_size)
+  else:
+    a = jnp.exp(log_a)[None, None, :, None] * (1.0 - reset.astype(jnp.float32))[:, :, None, None]
+    h = _reference(a, x, h0) if form == "reference" else _associative(a, x, h0)
+  return h, h[:, -1]
+
+
+def _reference(a, x, h0):
+  def step(h, ax):
+    a_t, x_t = ax
+    h = a_t * h + x_t
+    return h, h
+
+  _, h = jax.lax.scan(step, h0, (jnp.swapaxes(a, 0, 1), jnp.swapaxes(x, 0, 1)))
+  return jnp.swapaxes(h, 0, 1)
+
+
+def _associative(a, x, h0):
+  x = x.at[:, 0].add(a[:, 0] * h0)
+
+  def combine(left, right):
+    a1, x1 = left
+    a2, x2 = right
+    return a1 * a2, a2 * x1 + x2
+
+  _, h = jax.lax.associative_scan(combine, (a, x), axis=1)
+  return h
+
+
+def _chunked(x, log_a, reset, h0, chunk):
+  b, t, c, d = x.shape
+  chunk = min(chunk, t)
+  n = -(-t // chunk)
+  pad = n * chunk - t
+  if pad:
+    x = jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    reset = jnp.pad(reset, ((0, 0), (0, pad)))
+  x = x.reshape(b, n, chunk, c, d)
+  # Segment index inside each chunk: positions i, j are linked iff no reset lies in (j, i].
+  seg = jnp.cumsum(reset.reshape(b, n, chunk).astype(jnp.int32), axis=-1)  # [b, n, l]
+  idx = jnp.arange(chunk)
+  lag = idx[:, None] - idx[None, :]  # [l, l], i - j
+  linked = (lag >= 0)[None, None] & (seg[..., :, None] == seg[..., None, :])  # [b, n, l, l]
+  log_decay = jnp.where(lag >= 0, lag, 0)[None] * log_a[:, None, None]  # [c, l, l]
+  mask = jnp.where(linked[:, :, None], jnp.exp(log_decay)[None, None], 0.0)  # [b, n, c, l, l]
+  intra = jnp.einsum("bncij,bnjcd->bnicd", mask, x)  # [b, n, l, c, d]
+  # Decay from the state entering the chunk to each position (zero once a reset has occurred).
+  from_start = jnp.where((seg == 0)[..., None], jnp.exp((idx + 1)[:, None] * log_a[None, :]), 0.0)  # [b,n,l,c]
+
+  def carry_across(h_prev, chunk_terms):
+    intra_end, decay_end = chunk_terms  # [b, c, d], [b, c]
+    return intra_end + decay_end[..., None] * h_prev, h_prev
+
+  _, h_enter = jax.lax.scan(carry_across, h0, (jnp.swapaxes(intra[:, :, -1], 0, 1),
+                                               jnp.swapaxes(from_start[:, :, -1], 0, 1)))
+  h = intra + from_start[..., None] * jnp.swapaxes(h_enter, 0, 1)[:, :, None]
+  return h.reshape(b, n * chunk, c, d)[:, :t]
