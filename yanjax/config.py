@@ -133,8 +133,12 @@ class ModelConfig:
         fail(key, "must be a positive finite number")
 
 
-def load_config_file(path: str | pathlib.Path):
-  """Imports a Python config file and returns its `get_config()` (an ml_collections.ConfigDict)."""
+def load_config_file(spec: str | pathlib.Path):
+  """Imports a Python config file and returns its `get_config(variant)` (an ml_collections.ConfigDict).
+
+  `spec` is `path/to/config.py` or `path/to/config.py:variant` (the big_vision / config_flags convention).
+  """
+  path, _, variant = str(spec).partition(":")
   path = pathlib.Path(path)
   if not path.is_file():
     raise ConfigError(f"config file {path} does not exist")
@@ -143,4 +147,4 @@ def load_config_file(path: str | pathlib.Path):
   spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
     raise ConfigError(f"config file {path} defines no get_config()")
-  return module.get_config()
+  return module.get_config(variant) if variant else module.get_config()

@@ -1,0 +1,87 @@
+"""Forward + backward time of the MCSD block (each recurrence form) and the causal-attention block.
+
+Same width, batch and dtype for both, in one run, on whatever backend JAX picks. Prints JSON lines: one per
+(mixer, form, sequence length), then one ratio line per length (attention time / each MCSD form's time).
+
+Run: PYTHONPATH=. python3 benchmarks/mixer.py [--width 512 --channels 8 --heads 8 --batch 1 --dtype bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from yanjax.config import ModelConfig
+from yanjax.model.attention import Attention
+from yanjax.model.mcsd import MCSD
+
+FORMS = ("reference", "associative", "chunked")
+
+
+def time_fwd_bwd(block, x, reset, repeats: int) -> float:
+  """Median seconds of one jitted forward + backward (gradients w.r.t. parameters and input)."""
+  graphdef, params = nnx.split(block)
+  segments = jnp.ones(x.shape[:2], jnp.int32)
+  positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+
+  def loss(params, x):
+    module = nnx.merge(graphdef, params)
+    y = module(x, reset)[0] if isinstance(module, MCSD) else module(x, segments, positions)[0]
+    return jnp.sum(y.astype(jnp.float32) ** 2)
+
+  step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+  jax.block_until_ready(step(params, x))  # compile
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(step(params, x))
+    times.append(time.perf_counter() - start)
+  return sorted(times)[len(times) // 2]
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--width", type=int, default=512)
+  parser.add_argument("--channels", type=int, default=8)
+  parser.add_argument("--heads", type=int, default=8)
+  parser.add_argument("--batch", type=int, default=1)
+  parser.add_argument("--dtype", default="bfloat16")
+  parser.add_argument("--chunk_size", type=int, default=64)
+  parser.add_argument("--seq_lens", default="512,1024,2048,4096,8192")
+  parser.add_argument("--forms", default=",".join(FORMS))
+  parser.add_argument("--repeats", type=int, default=5)
+  args = parser.parse_args(argv)
+
+  base = ModelConfig(width=args.width, channels=args.channels, heads=args.heads, dtype=args.dtype,
+                     chunk_size=args.chunk_size)
+  device = jax.devices()[0]
+  common = {"bench": "mixer", "backend": jax.default_backend(), "device": device.device_kind,
+            "width": args.width, "channels": args.channels, "heads": args.heads, "batch": args.batch,
+            "dtype": args.dtype}
+  for seq_len in map(int, args.seq_lens.split(",")):
+    x = jax.random.normal(jax.random.PRNGKey(0), (args.batch, seq_len, args.width)).astype(args.dtype)
+    reset = jnp.zeros((args.batch, seq_len), bool)
+    timings = {}
+    for form in args.forms.split(","):
+      block = MCSD(base.replace(recurrence=form), rngs=nnx.Rngs(0))
+      timings[form] = time_fwd_bwd(block, x, reset, args.repeats)
+      print(json.dumps({**common, "mixer": "mcsd", "form": form, "seq_len": seq_len,
+                        "ms": round(timings[form] * 1e3, 3)}), flush=True)
+    try:
+      attention = time_fwd_bwd(Attention(base.replace(arch="attention"), rngs=nnx.Rngs(0)), x, reset, args.repeats)
+    except Exception as error:  # pylint: disable=broad-except  # out of memory at long lengths
+      print(json.dumps({**common, "mixer": "attention", "seq_len": seq_len, "error": str(error)[:200]}))
+      continue
+    print(json.dumps({**common, "mixer": "attention", "seq_len": seq_len, "ms": round(attention * 1e3, 3)}),
+          flush=True)
+    print(json.dumps({**common, "ratio": "attention/mcsd", "seq_len": seq_len,
+                      **{form: round(attention / t, 3) for form, t in timings.items()}}), flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,52 @@
+"""Model variants shared by the config files: the selective-activation variant and the matched attention baseline.
+
+A config file calls `build_config(model, variant)` with its Yan (MCSD) model; the variant is the text after
+the colon of `--config configs/<name>.py:<variant>`:
+  ""           the Yan model as written (dense GeGLU FFN)
+  "selective"  the same with the selective-activation router over FFN neuron groups
+  "attention"  the LLaMA-style baseline with the same width, depth and vocabulary, and the FFN width that
+               matches the Yan model's total parameter count (see `matched_attention`)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from yanjax.config import ConfigError, ModelConfig
+from yanjax.model.counting import param_count
+
+VARIANTS = ("", "selective", "attention")
+SELECTIVE_DEFAULTS = {"router": True, "groups": 16, "top_k": 4, "dispatch": "capacity"}
+
+
+def matched_attention(cfg: ModelConfig, multiple: int = 8) -> ModelConfig:
+  """The attention baseline of `cfg`'s width, depth and vocabulary with the closest total parameter count.
+
+  Only the FFN width changes (rounded to `multiple`); heads of width 64 (or D / 2 for very narrow models).
+  """
+  heads = max(cfg.width // 64, 2)
+  base = cfg.replace(arch="attention", heads=heads, router=False)
+  per_unit = 3 * cfg.width * cfg.layers  # parameters per unit of FFN width
+  gap = param_count(cfg).total - param_count(base).total
+  mlp_width = max(multiple, base.mlp_width + round(gap / per_unit / multiple) * multiple)
+  return base.replace(mlp_width=mlp_width)
+
+
+def model_variant(model: dict[str, Any], variant: str) -> ModelConfig:
+  """The ModelConfig of `variant` of the Yan model given as a dict."""
+  if variant not in VARIANTS:
+    raise ConfigError(f"unknown config variant {variant!r}; choose one of {VARIANTS}")
+  cfg = ModelConfig.from_dict(model)
+  if variant == "selective":
+    return cfg.replace(**SELECTIVE_DEFAULTS)
+  if variant == "attention":
+    return matched_attention(cfg)
+  return cfg
+
+
+def build_config(model: dict[str, Any], variant: str | None, **sections):
+  """The run config (ml_collections.ConfigDict): the model of `variant` plus trainer `sections` overrides."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+
+  cfg = model_variant(model, variant or "")
+  return ml_collections.ConfigDict({"model": cfg.to_dict(), **sections})
