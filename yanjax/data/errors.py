@@ -1,0 +1,21 @@
+"""Errors of the data pipeline: each message says what was wrong and how to fix it."""
+
+
+class DataError(ValueError):
+  """Base class of every data-pipeline error."""
+
+
+class CorpusError(DataError):
+  """The input corpus is empty, unreadable, or lacks the configured text field."""
+
+
+class StoreError(DataError):
+  """A token store is missing, unfinished, or inconsistent with its metadata."""
+
+
+class TokenizerMismatchError(DataError):
+  """A tokenizer or vocabulary differs from the one the run asks for."""
+
+
+class SequenceLengthError(DataError):
+  """A split holds too little data for the requested sequence length and batch."""

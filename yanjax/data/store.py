@@ -1,0 +1,191 @@
+"""Reading a prepared token store: metadata, tokenizer, and the token arrays of each split.
+
+A store is the directory `python -m data_pipelines.prepare` publishes (layout in docs/data.md):
+
+  <store>/metadata.json        written last; without it (complete and consistent) the store is not trusted
+  <store>/tokenizer.model      sentencepiece model; its sha256 is in the metadata
+  <store>/<split>/tokens       zarr3 array [n_tokens] of uint16 or uint32 token ids
+  <store>/<split>/doc_offsets  zarr3 array [n_docs + 1] int64; document i is tokens[offsets[i]:offsets[i+1]]
+
+Every document is stored as `bos_id, <tokens of its text>, eos_id`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import pathlib
+from typing import Any, Callable
+
+import numpy as np
+import sentencepiece as spm
+import tensorstore as ts
+
+from yanjax.data.errors import StoreError
+
+FORMAT_NAME = "yanjax-token-store"
+FORMAT_VERSION = 1
+METADATA_FILE = "metadata.json"
+TOKENIZER_FILE = "tokenizer.model"
+TOKENS_ARRAY = "tokens"
+OFFSETS_ARRAY = "doc_offsets"
+SPLITS = ("train", "validation")
+TEMP_MARKER = ".tmp-"  # a directory whose name holds this is an unfinished preparation
+_REQUIRED_KEYS = ("format", "format_version", "fingerprint", "tokenizer", "token_dtype", "splits")
+_CACHE_BYTES = 256 << 20  # tensorstore chunk cache shared by the arrays of one store
+
+
+def _file_sha256(path: str | pathlib.Path) -> str:
+  """Hex sha256 of a file's bytes."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+  """The narrowest unsigned dtype that holds every id of a `vocab_size` vocabulary."""
+  return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+def _open_array(path: pathlib.Path, context: ts.Context | None = None) -> ts.TensorStore:
+  """Opens an existing 1-D zarr3 array for reading."""
+  spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
+  return ts.open(spec, read=True, open=True, context=context).result()
+
+
+class StoreSplit:
+  """One split (train or validation) of a store: its token array and document offsets."""
+
+  def __init__(self, name: str, directory: pathlib.Path, num_tokens: int, num_documents: int,
+               context: ts.Context):
+    self.name = name
+    self.num_tokens = num_tokens
+    self.num_documents = num_documents
+    try:
+      self.tokens = _open_array(directory / TOKENS_ARRAY, context)
+      self._offsets = _open_array(directory / OFFSETS_ARRAY, context)
+    except ValueError as e:
+      raise StoreError(f"split {name!r} at {directory} cannot be opened ({e}); the store is corrupt: "
+                       "re-run data_pipelines.prepare with --overwrite") from e
+    if self.tokens.shape != (num_tokens,) or self._offsets.shape != (num_documents + 1,):
+      raise StoreError(
+          f"split {name!r} at {directory} has arrays of shape {self.tokens.shape} and "
+          f"{self._offsets.shape} but metadata says {num_tokens} tokens and {num_documents} documents; "
+          "the store is corrupt: re-run data_pipelines.prepare with --overwrite")
+
+  @functools.cached_property
+  def doc_offsets(self) -> np.ndarray:
+    """[n_docs + 1] int64 document boundaries into `tokens`."""
+    return self._offsets.read().result()
+
+  def document(self, index: int) -> np.ndarray:
+    """Tokens [n] int32 of document `index`, bos and eos included."""
+    start, stop = self.doc_offsets[index:index + 2]
+    return self.tokens[start:stop].read().result().astype(np.int32)
+
+  def reader(self, max_in_memory_bytes: int) -> Callable[[np.ndarray], np.ndarray]:
+    """A function mapping token positions (any shape, int64) to token ids (same shape, int32).
+
+    The split is read into memory once when its tokens take at most `max_in_memory_bytes`; larger
+    splits are read window by window through tensorstore's chunk cache.
+    """
+    if self.num_tokens * self.tokens.dtype.numpy_dtype.itemsize <= max_in_memory_bytes:
+      in_memory = self.tokens.read().result()
+      return lambda positions: in_memory[positions].astype(np.int32)
+    return lambda positions: self.tokens.vindex[positions].read().result().astype(np.int32)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Store:
+  """A prepared, verified token store."""
+
+  path: pathlib.Path
+  metadata: dict[str, Any]
+  splits: dict[str, StoreSplit]
+
+  @property
+  def vocab_size(self) -> int:
+    return self.metadata["tokenizer"]["vocab_size"]
+
+  @property
+  def tokenizer_path(self) -> pathlib.Path:
+    return self.path / TOKENIZER_FILE
+
+  @property
+  def tokenizer_sha256(self) -> str:
+    return self.metadata["tokenizer"]["sha256"]
+
+  @property
+  def bos_id(self) -> int:
+    return self.metadata["tokenizer"]["bos_id"]
+
+  @property
+  def eos_id(self) -> int:
+    return self.metadata["tokenizer"]["eos_id"]
+
+  @property
+  def num_tokens(self) -> dict[str, int]:
+    return {name: split.num_tokens for name, split in self.splits.items()}
+
+  @property
+  def num_documents(self) -> dict[str, int]:
+    return {name: split.num_documents for name, split in self.splits.items()}
+
+  def split(self, name: str) -> StoreSplit:
+    """The `name` split ("train" or "validation")."""
+    if name not in self.splits:
+      raise StoreError(f"unknown split {name!r}; a store has splits {tuple(self.splits)}")
+    return self.splits[name]
+
+  def tokenizer(self) -> spm.SentencePieceProcessor:
+    """The store's sentencepiece tokenizer."""
+    return spm.SentencePieceProcessor(model_file=str(self.tokenizer_path))
+
+
+def _read_metadata(path: str | pathlib.Path) -> dict[str, Any]:
+  """The metadata of a finished store at `path`; StoreError when it is absent, unfinished or incomplete."""
+  path = pathlib.Path(path)
+  rerun = f"re-run `python -m data_pipelines.prepare --output {path} ...`"
+  if TEMP_MARKER in path.name:
+    raise StoreError(f"{path} is the temporary directory of an unfinished preparation and is never "
+                     f"trusted; delete it and open the published store instead")
+  if not path.is_dir():
+    raise StoreError(f"no prepared store at {path}; {rerun}")
+  try:
+    metadata = json.loads((path / METADATA_FILE).read_text(encoding="utf-8"))
+  except (OSError, ValueError) as e:
+    raise StoreError(f"{path} has no complete {METADATA_FILE} ({e}), so it is not trusted; "
+                     f"{rerun} with --overwrite") from e
+  if not isinstance(metadata, dict):
+    raise StoreError(f"{path}/{METADATA_FILE} is not a JSON object; {rerun} with --overwrite")
+  missing = [key for key in _REQUIRED_KEYS if key not in metadata]
+  if missing:
+    raise StoreError(f"{path}/{METADATA_FILE} lacks {missing}; {rerun} with --overwrite")
+  if (metadata["format"], metadata["format_version"]) != (FORMAT_NAME, FORMAT_VERSION):
+    raise StoreError(
+        f"{path} holds format {metadata['format']!r} version {metadata['format_version']}, this "
+        f"library reads {FORMAT_NAME!r} version {FORMAT_VERSION}; {rerun} with --overwrite")
+  return metadata
+
+
+def open_store(path: str | pathlib.Path) -> Store:
+  """Opens and verifies the store at `path` (metadata, tokenizer hash, array shapes)."""
+  path = pathlib.Path(path)
+  metadata = _read_metadata(path)
+  tokenizer_file = path / TOKENIZER_FILE
+  if not tokenizer_file.is_file() or _file_sha256(tokenizer_file) != metadata["tokenizer"]["sha256"]:
+    raise StoreError(f"{tokenizer_file} is missing or its sha256 differs from the metadata's; the store "
+                     f"is corrupt: re-run data_pipelines.prepare with --overwrite")
+  context = ts.Context({"cache_pool": {"total_bytes_limit": _CACHE_BYTES}})
+  splits = {
+      name: StoreSplit(name, path / name, info["num_tokens"], info["num_documents"], context)
+      for name, info in metadata["splits"].items()
+  }
+  if sorted(splits) != sorted(SPLITS):
+    raise StoreError(f"{path} has splits {sorted(splits)}, expected {sorted(SPLITS)}; re-run "
+                     "data_pipelines.prepare with --overwrite")
+  return Store(path, metadata, splits)
