@@ -45,8 +45,8 @@ def model_variant(model: dict[str, Any], variant: str) -> ModelConfig:
 
 
 def build_config(model: dict[str, Any], variant: str | None, **sections):
-  """The run config (ml_collections.ConfigDict): the model of `variant` plus trainer `sections` overrides."""
-  import ml_collections  # pylint: disable=import-outside-toplevel
+  """The run config (a locked ml_collections.ConfigDict): the model of `variant`, trainer defaults updated by
+  `sections` (see yanjax.run_config.DEFAULTS)."""
+  from yanjax.run_config import build_run_config  # pylint: disable=import-outside-toplevel
 
-  cfg = model_variant(model, variant or "")
-  return ml_collections.ConfigDict({"model": cfg.to_dict(), **sections})
+  return build_run_config(model_variant(model, variant or ""), **sections)

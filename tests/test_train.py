@@ -1,0 +1,202 @@
+"""Trainer: sharded == single device, FSDP placement, kill/resume bitwise, SIGTERM, corrupt checkpoints, config errors."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from yanjax import sharding
+from yanjax.config import ConfigError, ModelConfig, load_config_file
+from yanjax.model.lm import LanguageModel
+from yanjax.optim import decay_mask, learning_rate_schedule, make_optimizer
+from yanjax.run_config import validate_run_config
+from yanjax.train import PREEMPTED_EXIT_CODE, init_train_state, train_state_shardings
+from yanjax.train_step import make_train_step
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+MODEL = dict(vocab_size=512, width=32, channels=2, mlp_width=64, layers=2)
+
+
+def tiny_flags(store, steps=12, **train):
+  flags = [f"--config={REPO / 'configs/yan_tiny.py'}", f"--config.data.stores=('{store}',)",
+           "--config.data.prepare_default=False", f"--config.train.steps={steps}", "--config.train.global_batch=8",
+           "--config.train.seq_len=32", "--config.train.log_every=1", "--config.train.eval_every=6",
+           "--config.train.eval_batches=1", "--config.train.sample_tokens=0", "--config.optimizer.warmup_steps=2",
+           "--config.checkpoint.every_steps=4"]
+  flags += [f"--config.model.{k}={v}" for k, v in MODEL.items()]
+  return flags + [f"--config.train.{k}={v}" for k, v in train.items()]
+
+
+def start_train(workdir, flags, **kwargs):
+  env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+  return subprocess.Popen([sys.executable, "-m", "yanjax.train", f"--workdir={workdir}", *flags], cwd=REPO,
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def run_train(workdir, flags, timeout=300):
+  proc = start_train(workdir, flags)
+  out, err = proc.communicate(timeout=timeout)
+  return proc.returncode, out, err
+
+
+def losses(workdir) -> dict[int, float]:
+  """Step -> training loss, the last record of each step (a resumed run rewrites the steps it redoes)."""
+  out = {}
+  for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
+    record = json.loads(line)
+    if "loss" in record:
+      out[record["step"]] = record["loss"]
+  return out
+
+
+def final_params(workdir):
+  from yanjax.checkpointing import load_inference_model  # pylint: disable=import-outside-toplevel
+  model, _, _ = load_inference_model(workdir)
+  return {".".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+# ---- in-process: placement and sharded equivalence -------------------------------------------------------
+
+def _setup(mesh_cfg, model=None, grad_accum=1):
+  cfg = load_config_file(REPO / "configs/yan_tiny.py")
+  cfg.model.update(model or MODEL)
+  cfg.mesh.update(mesh_cfg)
+  cfg.train.grad_accum = grad_accum
+  model_cfg = validate_run_config(cfg)
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:int(np.prod(list(cfg.mesh.values())))])
+  rules = {name: tuple(axes) for name, axes in cfg.rules}
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: LanguageModel(model_cfg, rngs=nnx.Rngs(0))))
+  optimizer = make_optimizer(cfg.optimizer, cfg.train.steps, decay_mask(abstract))
+  shardings = train_state_shardings(abstract, optimizer, rules, mesh)
+  state = jax.jit(lambda: init_train_state(model_cfg, optimizer, 0), out_shardings=shardings)()
+  step = jax.jit(make_train_step(graphdef, optimizer, learning_rate_schedule(cfg.optimizer, cfg.train.steps),
+                                 grad_accum, cfg.train.z_loss_weight),
+                 in_shardings=(shardings, sharding.batch_sharding(mesh, rules)), out_shardings=(shardings, None))
+  return state, step, shardings, mesh, rules
+
+
+def _batch(seed, b=8, t=16):
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, 512, (b, t + 1), dtype=np.int32)
+  segments = np.repeat(np.array([[1] * 9 + [2] * 8]), b, 0)[:, :t].astype(np.int32)
+  positions = np.concatenate([np.arange(9), np.arange(7)])[None].repeat(b, 0).astype(np.int32)
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": segments, "positions": positions,
+          "loss_mask": np.ones((b, t), np.float32)}
+
+
+def test_fsdp_over_8_devices_holds_an_eighth_per_device():
+  state, _, shardings, mesh, _ = _setup({"data": 1, "fsdp": 8}, model=dict(MODEL, width=64, mlp_width=128, channels=4))
+  report = sharding.replication_report(state["params"], shardings["params"])
+  print(report)
+  assert mesh.shape["fsdp"] == 8
+  assert 1 / 8 <= report["fraction_per_device"] < 1 / 8 * 1.1
+  embedding = state["params"]["embed"]["embedding"]
+  assert embedding.addressable_shards[0].data.shape == (512, 64 // 8)
+
+
+@pytest.mark.parametrize("mesh_cfg,grad_accum", [({"data": 2, "fsdp": 2, "tensor": 2}, 1),
+                                                 ({"data": 4, "fsdp": 2}, 2)])
+def test_sharded_run_equals_single_device_run(mesh_cfg, grad_accum):
+  single_state, single_step, *_ = _setup({"data": 1}, grad_accum=1)
+  state, step, *_ = _setup(mesh_cfg, grad_accum=grad_accum)
+  one = jax.devices()[:1]
+  assert single_state["params"]["embed"]["embedding"].sharding.device_set == set(one)
+  for i in range(3):
+    batch = _batch(i)
+    single_state, single_metrics = single_step(single_state, batch)
+    state, metrics = step(state, batch)
+    print(i, float(single_metrics["loss"]), float(metrics["loss"]))
+    np.testing.assert_allclose(float(metrics["loss"]), float(single_metrics["loss"]), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(single_state["params"])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+
+
+def test_mesh_and_batch_errors_are_clear():
+  with pytest.raises(ConfigError, match="needs 6 devices but 8"):
+    sharding.make_mesh({"data": 3, "fsdp": 2, "tensor": 1, "expert": 1})
+  with pytest.raises(ConfigError, match="do not divide"):
+    sharding.make_mesh({"data": -1, "fsdp": 3, "tensor": 1, "expert": 1})
+  mesh = sharding.make_mesh({"data": 8, "fsdp": 1, "tensor": 1, "expert": 1})
+  with pytest.raises(ConfigError, match="global_batch=12"):
+    sharding.check_batch_divides(12, 1, mesh, {"batch": ("data",)})
+
+
+def test_unknown_and_invalid_config_keys_are_rejected(small_store, tmp_path):
+  cfg = load_config_file(REPO / "configs/yan_tiny.py")
+  with pytest.raises(AttributeError):
+    cfg.train.stepz = 3  # locked ConfigDict
+  code, _, err = run_train(tmp_path / "w", tiny_flags(small_store) + ["--config.train.stepz=3"])
+  assert code != 0 and "stepz" in err
+  code, _, err = run_train(tmp_path / "w", tiny_flags(small_store) + ["--config.model.channels=5"])
+  assert code != 0 and "model.channels=5" in err
+
+
+# ---- end to end through the command line ---------------------------------------------------------------
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_uninterrupted_run(small_store, tmp_path):
+  flags = tiny_flags(small_store, steps=40, eval_every=100) + ["--config.checkpoint.every_steps=8"]
+  code, out, err = run_train(tmp_path / "straight", flags)
+  assert code == 0, err[-3000:]
+  proc = start_train(tmp_path / "killed", flags)
+  deadline = time.time() + 240
+  while not (tmp_path / "killed/checkpoints/8").exists():
+    assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (tmp_path / "killed/checkpoints/40").exists(), "the run finished before it could be killed"
+  code, out, err = run_train(tmp_path / "killed", flags)
+  assert code == 0, err[-3000:]
+  assert "resumed from the checkpoint at step" in out
+  straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "killed")
+  assert sorted(straight) == sorted(resumed) == list(range(1, 41))
+  assert straight == resumed  # bitwise: every step's loss
+  a, b = final_params(tmp_path / "straight"), final_params(tmp_path / "killed")
+  assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_with_requeue_code(small_store, tmp_path):
+  proc = start_train(tmp_path / "w", tiny_flags(small_store, steps=100000, eval_every=100000) +
+                     ["--config.checkpoint.every_steps=100000"])
+  deadline = time.time() + 240
+  while not (tmp_path / "w/metrics.jsonl").exists() or len((tmp_path / "w/metrics.jsonl").read_text().splitlines()) < 3:
+    assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
+  steps = sorted(int(p.name) for p in (tmp_path / "w/checkpoints").iterdir() if p.name.isdigit())
+  assert len(steps) == 1 and 3 <= steps[0] < 100000
+
+
+@pytest.mark.slow
+def test_corrupt_latest_checkpoint_falls_back_to_previous(small_store, tmp_path):
+  workdir = tmp_path / "w"
+  code, _, err = run_train(workdir, tiny_flags(small_store, steps=12))
+  assert code == 0, err[-3000:]
+  for path in (workdir / "checkpoints/12/state").rglob("*"):
+    if path.is_file():
+      path.write_bytes(b"corrupt")
+  code, out, err = run_train(workdir, tiny_flags(small_store, steps=16))
+  assert code == 0, err[-3000:]
+  assert "checkpoint at step 12 is unreadable" in err
+  assert "resumed from the checkpoint at step 8" in out
+
+
+@pytest.mark.slow
+def test_resume_with_changed_parameter_shapes_is_refused(small_store, tmp_path):
+  workdir = tmp_path / "w"
+  code, _, err = run_train(workdir, tiny_flags(small_store, steps=4))
+  assert code == 0, err[-3000:]
+  code, _, err = run_train(workdir, tiny_flags(small_store, steps=8) + ["--config.model.mlp_width=96"])
+  assert code != 0 and "parameter shapes differ" in err and "ffn.gate_up" in err

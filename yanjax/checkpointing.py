@@ -1,0 +1,125 @@
+"""Checkpoints with orbax `CheckpointManager`: train state + metadata (step, data position, resolved config).
+
+Layout: <workdir>/checkpoints/<step>/{state, meta}. Orbax writes each step into a temporary directory and
+renames it when complete, so a save cut short (SIGKILL, preemption) is never listed; a listed step that cannot
+be read (corrupted files) is skipped with a warning and the one before it is used.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import time
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import nnx
+
+from yanjax.config import ConfigError, ModelConfig
+from yanjax.model.lm import LanguageModel
+
+TOKENIZER_FILE = "tokenizer.model"
+
+
+class Checkpointer:
+  """Saves and restores {"state": train-state pytree, "meta": JSON dict} by step."""
+
+  def __init__(self, workdir: str | pathlib.Path, keep: int = 3, async_save: bool = True):
+    self.workdir = pathlib.Path(workdir).resolve()
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                           cleanup_tmp_directories=True)
+    self.manager = ocp.CheckpointManager(self.workdir / "checkpoints", options=options,
+                                         item_names=("state", "meta"))
+
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def save(self, step: int, state: Any, meta: dict[str, Any]):
+    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                    meta=ocp.args.JsonSave(meta)), force=True)
+
+  def read_meta(self, step: int) -> dict[str, Any]:
+    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict[str, Any]] | None:
+    """(step, state, meta) of the newest readable checkpoint, or None when there is none.
+
+    Unreadable newer checkpoints are moved to <workdir>/corrupt_checkpoints/ (kept for inspection, and out of
+    the way of the run that now redoes those steps).
+    """
+    unreadable = []
+    restored = None
+    for step in reversed(self.steps()):
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+      except Exception as error:  # pylint: disable=broad-except  # any unreadable checkpoint: try older
+        logging.warning("checkpoint at step %d is unreadable (%s: %s); trying the previous one", step,
+                        type(error).__name__, (str(error).splitlines() or [""])[0][:300])
+        unreadable.append(step)
+        continue
+      restored = (step, restored["state"], restored["meta"])
+      break
+    if unreadable and jax.process_index() == 0:
+      quarantine = self.workdir / "corrupt_checkpoints"
+      quarantine.mkdir(exist_ok=True)
+      for step in unreadable:
+        (self.workdir / "checkpoints" / str(step)).rename(quarantine / f"{step}-{time.time_ns()}")
+      logging.warning("moved unreadable checkpoints %s to %s", unreadable, quarantine)
+    if unreadable:
+      self.manager.reload()
+    return restored
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.close()
+
+
+def parameter_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+  """Dotted parameter name -> shape, without allocating the model."""
+  abstract = nnx.eval_shape(lambda: LanguageModel(cfg, rngs=nnx.Rngs(0)))
+  return {".".join(map(str, path)): tuple(var.shape)
+          for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
+
+
+def check_same_shapes(saved: ModelConfig, current: ModelConfig):
+  """Refuses to resume when the config changes any parameter's shape (or the set of parameters)."""
+  before, after = parameter_shapes(saved), parameter_shapes(current)
+  changed = [f"{name}: checkpoint {before.get(name)} vs config {after.get(name)}"
+             for name in sorted(set(before) | set(after)) if before.get(name) != after.get(name)]
+  if changed:
+    raise ConfigError(
+        "the workdir's checkpoints were written with a model config whose parameter shapes differ from this "
+        "config's; resume with the original model settings or start a new --workdir. Differences: "
+        + "; ".join(changed[:8]) + (f" (+{len(changed) - 8} more)" if len(changed) > 8 else ""))
+
+
+def load_inference_model(workdir: str | pathlib.Path) -> tuple[LanguageModel, ModelConfig, str | None]:
+  """(model with the latest checkpoint's parameters, its ModelConfig, the run's tokenizer path or None)."""
+  workdir = pathlib.Path(workdir)
+  checkpointer = Checkpointer(workdir, async_save=False)
+  steps = checkpointer.steps()
+  if not steps:
+    raise FileNotFoundError(f"no checkpoint under {workdir / 'checkpoints'}; train first with "
+                            f"python -m yanjax.train --workdir {workdir}")
+  for step in reversed(steps):
+    try:
+      meta = checkpointer.read_meta(step)
+      cfg = ModelConfig.from_dict(meta["config"]["model"])
+      abstract = nnx.eval_shape(lambda: LanguageModel(cfg, rngs=nnx.Rngs(0)))  # pylint: disable=cell-var-from-loop
+      graphdef, params = nnx.split(abstract)
+      device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                            nnx.to_pure_dict(params))
+      item = {"params": target}
+      restored = checkpointer.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
+    except Exception as error:  # pylint: disable=broad-except
+      logging.warning("checkpoint at step %d is unreadable (%s); trying the previous one", step, error)
+      continue
+    tokenizer = workdir / TOKENIZER_FILE
+    return nnx.merge(graphdef, restored["state"]["params"]), cfg, str(tokenizer) if tokenizer.exists() else None
+  raise FileNotFoundError(f"no readable checkpoint under {workdir / 'checkpoints'}")

@@ -1,0 +1,73 @@
+"""Training metrics: MFU from the model's FLOPs formula, and a writer to JSONL + TensorBoard (process 0 only)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+from typing import Any
+
+import jax
+
+# Dense bfloat16 peak FLOP/s per device, from vendor data sheets (no sparsity). MFU divides by these.
+PEAK_FLOPS = {
+    "H100": 989e12,  # H100 SXM
+    "H200": 989e12,
+    "A100": 312e12,
+    "L4": 121e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,  # v5e
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,  # v6e (Trillium)
+    "TPU v6e": 918e12,
+}
+
+
+def peak_flops(device_kind: str) -> float | None:
+  """Peak of the longest table key contained in the device kind (e.g. 'NVIDIA H100 80GB HBM3'), else None."""
+  matches = [key for key in PEAK_FLOPS if key.lower() in device_kind.lower()]
+  return PEAK_FLOPS[max(matches, key=len)] if matches else None
+
+
+def mfu(flops_per_token: float, tokens_per_second: float, num_devices: int, device_kind: str) -> float | None:
+  """Model FLOPs utilisation: achieved training FLOP/s over the devices' summed peak; None when unknown."""
+  peak = peak_flops(device_kind)
+  if peak is None:
+    return None
+  return flops_per_token * tokens_per_second / (peak * num_devices)
+
+
+class MetricsWriter:
+  """Writes scalars to <workdir>/metrics.jsonl and TensorBoard events under <workdir>/tensorboard."""
+
+  def __init__(self, workdir: str | pathlib.Path, enabled: bool = True):
+    self.enabled = enabled
+    if not enabled:
+      return
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+    workdir = pathlib.Path(workdir)
+    self.jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")  # pylint: disable=consider-using-with
+    self.tensorboard = SummaryWriter(str(workdir / "tensorboard"))
+
+  def write(self, step: int, scalars: dict[str, Any]):
+    if not self.enabled:
+      return
+    record = {"step": step, "time": time.time()}
+    for name, value in scalars.items():
+      value = value if value is None or isinstance(value, str) else float(value)
+      record[name] = value
+      if isinstance(value, float):
+        self.tensorboard.add_scalar(name, value, step)
+    self.jsonl.write(json.dumps(record) + "\n")
+    self.jsonl.flush()
+
+  def close(self):
+    if self.enabled:
+      self.jsonl.close()
+      self.tensorboard.close()
+
+
+def process_zero() -> bool:
+  return jax.process_index() == 0

@@ -1,0 +1,146 @@
+"""The run config: every section a training run reads, with defaults, validated before anything compiles.
+
+A config file's `get_config()` returns `build_run_config(model=..., **section_overrides)`. Command-line
+overrides (`--config.train.steps=300`) act on the resulting locked ConfigDict, so an unknown key fails at
+parse time; `validate_run_config` then checks values and combinations and names the offending key.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import ml_collections
+
+from yanjax.config import ConfigError, ModelConfig
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+
+DEFAULTS: dict[str, Any] = {
+    "train": {
+        "seed": 0,
+        "steps": 500,
+        "global_batch": 16,
+        "seq_len": 128,
+        "grad_accum": 1,  # micro-batches per step; global_batch must divide by it
+        "z_loss_weight": 1e-4,  # logit z-loss: mean(logsumexp(logits)^2)
+        "nan_policy": "skip",  # "skip": drop the update and log it; "stop": save and stop
+        "log_every": 10,
+        "eval_every": 100,
+        "eval_batches": 4,
+        "sample_tokens": 64,  # a generated sample at the end (0: none)
+        "sample_prompt": "def ",
+        "transfer_guard": True,  # jax_transfer_guard="disallow" around the step (catches silent host copies)
+    },
+    "optimizer": {
+        "lr": 3e-3,
+        "schedule": "cosine",  # "cosine" (warmup + cosine) or "wsd" (warmup-stable-decay)
+        "warmup_steps": 50,
+        "decay_fraction": 0.2,  # wsd: last fraction of steps that decays linearly to min_lr
+        "min_lr_ratio": 0.1,
+        "b1": 0.9,
+        "b2": 0.95,
+        "eps": 1e-8,
+        "weight_decay": 0.1,  # not applied to norms, biases, rates (parameters with fewer than 2 dims)
+        "clip_norm": 1.0,
+    },
+    "data": {
+        "stores": ("data/stdlib",),  # tuples: ml_collections overrides them as --config.data.stores="('a', 'b')"
+        "weights": (),  # mixing weights, one per store; empty: equal weights
+        "prepare_default": True,  # prepare data/stdlib from the standard library when it is missing
+        "packing": True,
+        "validation_fraction": 0.05,  # used when preparing the default store
+    },
+    "mesh": {"data": -1, "fsdp": 1, "tensor": 1, "expert": 1},
+    # Logical axis -> mesh axes. Sharding strategy is data: FSDP puts "embed" on "fsdp"; tensor parallelism
+    # puts "mlp", "heads", "channels", "vocab" on "tensor"; "experts" go to "expert".
+    "rules": (
+        ("batch", ("data", "fsdp", "expert")),
+        ("embed", ("fsdp",)),
+        ("vocab", ("tensor",)),
+        ("mlp", ("tensor",)),
+        ("heads", ("tensor",)),
+        ("channels", ("tensor",)),
+        ("experts", ("expert",)),
+        ("layers", ()),
+    ),
+    "checkpoint": {
+        "every_steps": 100,
+        "every_minutes": 0.0,  # also save when this much wall time passed since the last save (0: off)
+        "keep": 3,
+        "async_save": True,
+    },
+}
+
+
+def build_run_config(model: ModelConfig, **sections) -> ml_collections.ConfigDict:
+  """Defaults updated by `sections` (dicts of overrides), with `model` as a dict; locked against new keys."""
+  values = copy.deepcopy(DEFAULTS)
+  for name, overrides in sections.items():
+    if name not in values:
+      raise ConfigError(f"unknown config section {name!r}; sections are {sorted(values) + ['model']}")
+    unknown = sorted(set(overrides) - set(values[name])) if isinstance(values[name], dict) else []
+    if unknown:
+      raise ConfigError(f"unknown key(s) {unknown} in config section {name!r}")
+    values[name] = {**values[name], **overrides} if isinstance(values[name], dict) else overrides
+  cfg = ml_collections.ConfigDict({"model": model.to_dict(), **values})
+  cfg.lock()
+  return cfg
+
+
+def validate_run_config(cfg: ml_collections.ConfigDict) -> ModelConfig:
+  """Checks every section; returns the ModelConfig. Raises ConfigError naming the key."""
+  for section in cfg.keys():
+    if section != "model" and section not in DEFAULTS:
+      raise ConfigError(f"unknown config section {section!r}")
+  for section, defaults in DEFAULTS.items():
+    if isinstance(defaults, dict):
+      unknown = sorted(set(cfg[section].keys()) - set(defaults))
+      if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in config section {section!r}")
+  model = ModelConfig.from_dict(cfg.model)
+  train, opt = cfg.train, cfg.optimizer
+
+  def fail(key, why):
+    raise ConfigError(f"{key}={eval_key(cfg, key)!r}: {why}")
+
+  for key in ("train.steps", "train.global_batch", "train.seq_len", "train.grad_accum", "train.log_every",
+              "train.eval_every", "checkpoint.every_steps", "checkpoint.keep"):
+    value = eval_key(cfg, key)
+    if not isinstance(value, int) or value <= 0:
+      fail(key, "must be a positive integer")
+  if train.global_batch % train.grad_accum:
+    fail("train.grad_accum", f"train.global_batch={train.global_batch} must divide by it")
+  if train.nan_policy not in ("skip", "stop"):
+    fail("train.nan_policy", "must be 'skip' or 'stop'")
+  if opt.schedule not in ("cosine", "wsd"):
+    fail("optimizer.schedule", "must be 'cosine' or 'wsd'")
+  if not 0 <= opt.warmup_steps < train.steps:
+    fail("optimizer.warmup_steps", f"must be in [0, train.steps={train.steps})")
+  if not 0 < opt.decay_fraction <= 1:
+    fail("optimizer.decay_fraction", "must be in (0, 1]")
+  if opt.lr <= 0:
+    fail("optimizer.lr", "must be positive")
+  if model.arch == "attention" and train.seq_len > model.max_decode_len:
+    fail("model.max_decode_len", f"must be >= train.seq_len={train.seq_len}")
+  for axis in MESH_AXES:
+    size = cfg.mesh[axis]
+    if not isinstance(size, int) or (size < 1 and size != -1):
+      fail(f"mesh.{axis}", "must be a positive integer or -1 (fill the remaining devices)")
+  if sum(cfg.mesh[a] == -1 for a in MESH_AXES) > 1:
+    raise ConfigError(f"mesh: at most one axis may be -1, got {dict(cfg.mesh)}")
+  for rule in cfg.rules:
+    if len(rule) != 2 or any(axis not in MESH_AXES for axis in rule[1]):
+      raise ConfigError(f"rules: {rule!r} must be (logical_name, (mesh axes from {MESH_AXES}))")
+  if not cfg.data.stores:
+    fail("data.stores", "name at least one token store")
+  if cfg.data.weights and len(cfg.data.weights) != len(cfg.data.stores):
+    fail("data.weights", f"needs one weight per store ({len(cfg.data.stores)})")
+  return model
+
+
+def eval_key(cfg: ml_collections.ConfigDict, dotted: str):
+  value = cfg
+  for part in dotted.split("."):
+    value = value[part]
+  return value

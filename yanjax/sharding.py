@@ -1,0 +1,101 @@
+"""Mesh from the config, logical-axis rules held as data, and the placement of parameters and batches.
+
+A parameter's logical names (its `out_sharding` metadata, e.g. ("embed", "mlp")) map through the rules table
+to mesh axes; a mesh axis that does not divide the dimension, or is already used by an earlier dimension, is
+dropped (that dimension is replicated over it), and the start-up report says how many bytes stay replicated.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from yanjax.config import ConfigError
+from yanjax.run_config import MESH_AXES
+
+
+def mesh_shape(mesh_cfg: dict[str, int], num_devices: int) -> tuple[int, ...]:
+  """Axis sizes in MESH_AXES order, with -1 filled; raises ConfigError if they do not match the devices."""
+  sizes = [mesh_cfg[a] for a in MESH_AXES]
+  fixed = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % fixed:
+      raise ConfigError(f"mesh {dict(mesh_cfg)}: the fixed axes ({fixed} devices) do not divide the "
+                        f"{num_devices} devices; change mesh.* so their product divides {num_devices}")
+    sizes[sizes.index(-1)] = num_devices // fixed
+  if math.prod(sizes) != num_devices:
+    raise ConfigError(f"mesh {dict(mesh_cfg)} needs {math.prod(sizes)} devices but {num_devices} are "
+                      f"present; set one axis to -1 or make the product {num_devices}")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_cfg: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(mesh_cfg, len(devices))
+  # Auto axes: XLA's sharding propagation places activations; parameters and batches are placed explicitly.
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+
+
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], rules: dict[str, Sequence[str]],
+                    mesh: Mesh) -> PartitionSpec:
+  """PartitionSpec of an array of `shape` whose dimensions carry logical `axes`."""
+  used: set[str] = set()
+  spec = []
+  for name, size in zip(axes, shape):
+    chosen = []
+    for axis in rules.get(name, ()) if name else ():
+      if axis not in used and mesh.shape[axis] > 1 and size % (math.prod(mesh.shape[a] for a in chosen)
+                                                                 * mesh.shape[axis]) == 0:
+        chosen.append(axis)
+    used.update(chosen)
+    spec.append(tuple(chosen) if len(chosen) > 1 else (chosen[0] if chosen else None))
+  return PartitionSpec(*spec)
+
+
+def state_shardings(state: nnx.State, rules: dict[str, Sequence[str]], mesh: Mesh) -> Any:
+  """NamedShardings for every array of an NNX state, from each variable's logical axes."""
+  def one(var):
+    axes = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
+    return NamedSharding(mesh, logical_to_spec(axes, var.shape, rules, mesh))
+
+  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, rules: dict[str, Sequence[str]]) -> NamedSharding:
+  """Sharding of [batch, length] arrays: batch over the rule's mesh axes."""
+  axes = tuple(a for a in rules.get("batch", ()) if mesh.shape[a] > 1)
+  return NamedSharding(mesh, PartitionSpec(axes or None, None))
+
+
+def check_batch_divides(global_batch: int, grad_accum: int, mesh: Mesh, rules: dict[str, Sequence[str]]):
+  ways = math.prod(mesh.shape[a] for a in rules.get("batch", ()))
+  if (global_batch // grad_accum) % ways:
+    raise ConfigError(f"train.global_batch={global_batch} (/ grad_accum {grad_accum}) does not divide over "
+                      f"the {ways} devices of the batch mesh axes {tuple(rules.get('batch', ()))}; use a "
+                      f"multiple of {ways * grad_accum}")
+
+
+def replication_report(abstract: Any, shardings: Any) -> dict[str, float]:
+  """Bytes of parameters per device vs total: how much of the model each device holds."""
+  total = per_device = replicated = 0
+  for arr, sharding in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)):
+    nbytes = int(np.prod(arr.shape)) * np.dtype(arr.dtype).itemsize
+    shard = int(np.prod(sharding.shard_shape(arr.shape))) * np.dtype(arr.dtype).itemsize
+    total += nbytes
+    per_device += shard
+    if shard == nbytes:
+      replicated += nbytes
+  return {"param_bytes": total, "param_bytes_per_device": per_device, "fully_replicated_bytes": replicated,
+          "fraction_per_device": per_device / max(total, 1)}
+
+
+def global_batch_array(local: dict[str, np.ndarray], sharding: NamedSharding, global_batch: int):
+  """Process-local rows [B / P, T] -> global jax.Arrays [B, T] placed by `sharding`."""
+  return {k: jax.make_array_from_process_local_data(sharding, v, (global_batch,) + v.shape[1:])
+          for k, v in local.items()}

@@ -1,0 +1,284 @@
+"""Pretrains a Yan (MCSD) or attention-baseline language model; the product's main job.
+
+Run:  python -m yanjax.train --config configs/yan_tiny.py --workdir runs/yan_tiny [--config.train.steps=300]
+Multi-host: the same command on every process (see launch/README.md). Re-running it on a workdir with
+checkpoints resumes from the latest complete one. SIGTERM / SIGINT: save at the next step boundary, exit 42.
+
+First-time readers: `main` reads top to bottom in banner sections (distributed, config, data, mesh and state,
+checkpoint, loop, end). The step itself is in train_step.py; placement rules in sharding.py.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import shutil
+import signal
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags, logging
+from flax import nnx
+from jax.experimental import multihost_utils
+from ml_collections import config_flags
+
+from yanjax import distributed, sharding
+from yanjax.checkpointing import TOKENIZER_FILE, Checkpointer, check_same_shapes
+from yanjax.config import ModelConfig
+from yanjax.metrics import MetricsWriter, mfu, process_zero
+from yanjax.model.counting import flops_per_token, param_count
+from yanjax.model.lm import LanguageModel
+from yanjax.optim import decay_mask, learning_rate_schedule, make_optimizer
+from yanjax.run_config import validate_run_config
+from yanjax.train_step import make_eval_step, make_train_step
+
+PREEMPTED_EXIT_CODE = 42  # saved after SIGTERM/SIGINT: a scheduler should requeue the job
+NONFINITE_EXIT_CODE = 3  # nan_policy="stop": saved and stopped on a non-finite loss
+
+config_flags.DEFINE_config_file("config", "configs/yan_tiny.py", "Python config file (path[:variant]).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", "runs/yan_tiny", "Run directory: checkpoints, metrics, tokenizer, samples.")
+FLAGS = flags.FLAGS
+
+
+class StopRequest:
+  """Set by SIGTERM / SIGINT; the loop saves and exits at the next step boundary."""
+
+  def __init__(self):
+    self.signal = None
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      signal.signal(sig, self._handle)
+
+  def _handle(self, signum, _frame):
+    self.signal = signum
+    logging.warning("received %s: saving at the next step boundary", signal.Signals(signum).name)
+
+  def agreed(self) -> bool:
+    """True on every process if any process was signalled (a collective: call at the same steps everywhere)."""
+    local = self.signal is not None
+    if jax.process_count() == 1:
+      return local
+    return bool(np.any(multihost_utils.process_allgather(np.array(local))))
+
+
+def prepare_data(cfg, workdir: pathlib.Path):
+  """Opens the train and validation loaders, preparing the default store first when it is missing."""
+  from yanjax.data import make_loader  # pylint: disable=import-outside-toplevel  # grain only where data is read
+  store = pathlib.Path(cfg.data.stores[0])
+  if cfg.data.prepare_default and not (store / "metadata.json").exists():
+    if process_zero():
+      from data_pipelines import prepare  # pylint: disable=import-outside-toplevel
+      _say(f"preparing the default corpus (the Python standard library) into {store}")
+      prepare.main(["--output", str(store), "--vocab_size", str(cfg.model.vocab_size),
+                    "--validation_fraction", str(cfg.data.validation_fraction)])
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("default corpus prepared")
+  common = dict(weights=list(cfg.data.weights) or None, seq_len=cfg.train.seq_len,
+                global_batch=cfg.train.global_batch, seed=cfg.train.seed, process_index=jax.process_index(),
+                process_count=jax.process_count(), packing=cfg.data.packing,
+                expected_vocab_size=cfg.model.vocab_size)
+  train = make_loader(list(cfg.data.stores), split="train", **common)
+  validation = make_loader(list(cfg.data.stores), split="validation", **common)
+  if process_zero() and not (workdir / TOKENIZER_FILE).exists():
+    shutil.copyfile(train.tokenizer_path, workdir / TOKENIZER_FILE)
+  return train, validation
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # orbax and grain log every file at INFO; ours go through _say
+  # ---- distributed -------------------------------------------------------------------------------------
+  distributed.initialize_from_flags()
+  cfg = FLAGS.config
+  model_cfg = validate_run_config(cfg)
+  workdir = pathlib.Path(FLAGS.workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  if process_zero():
+    (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
+
+  # ---- data ----------------------------------------------------------------------------------------------
+  train_loader, val_loader = prepare_data(cfg, workdir)
+
+  # ---- mesh and state --------------------------------------------------------------------------------
+  mesh = sharding.make_mesh(cfg.mesh)
+  rules = {name: tuple(axes) for name, axes in cfg.rules}
+  sharding.check_batch_divides(cfg.train.global_batch, cfg.train.grad_accum, mesh, rules)
+  abstract_model = nnx.eval_shape(lambda: LanguageModel(model_cfg, rngs=nnx.Rngs(0)))
+  graphdef, abstract_params = nnx.split(abstract_model)
+  schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
+  optimizer = make_optimizer(cfg.optimizer, cfg.train.steps, decay_mask(abstract_params))
+  state_sharding = train_state_shardings(abstract_params, optimizer, rules, mesh)
+  init = jax.jit(lambda: init_train_state(model_cfg, optimizer, cfg.train.seed), out_shardings=state_sharding)
+  report = sharding.replication_report(jax.eval_shape(init)["params"], state_sharding["params"])
+  count = param_count(model_cfg)
+  _say(f"mesh {dict(mesh.shape)}; parameters {count.total:,} total, {count.active:,} active per token; each "
+       f"device holds {100 * report['fraction_per_device']:.1f}% of the parameter bytes "
+       f"({report['fully_replicated_bytes']:,} bytes fully replicated)")
+
+  # ---- checkpoint: resume or start ------------------------------------------------------------------
+  checkpointer = Checkpointer(workdir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
+  if checkpointer.steps():
+    check_same_shapes(ModelConfig.from_dict(checkpointer.read_meta(checkpointer.steps()[-1])["config"]["model"]),
+                      model_cfg)
+  restored = checkpointer.restore_latest(jax.eval_shape(init))
+  if restored is None:
+    state, start = init(), 0
+  else:
+    start, state, _ = restored
+    _say(f"resumed from the checkpoint at step {start} in {workdir}")
+
+  # ---- loop ----------------------------------------------------------------------------------------
+  batch_shard = sharding.batch_sharding(mesh, rules)
+  train_step = jax.jit(make_train_step(graphdef, optimizer, schedule, cfg.train.grad_accum,
+                                       cfg.train.z_loss_weight),
+                       in_shardings=(state_sharding, batch_shard), out_shardings=(state_sharding, None),
+                       donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(state_sharding["params"], batch_shard))
+  writer = MetricsWriter(workdir, enabled=process_zero())
+  stop = StopRequest()
+  flops = flops_per_token(model_cfg, cfg.train.seq_len)
+  device_kind = jax.devices()[0].device_kind
+
+  def save(step):
+    meta = {"step": step, "data": {"next_step": step, "seed": cfg.train.seed, "stores": list(cfg.data.stores)},
+            "config": cfg.to_dict()}
+    checkpointer.save(step, state, meta)
+
+  def evaluate():
+    sums = [jax.device_get(eval_step(state["params"], to_global(val_loader.batch(i))))
+            for i in range(cfg.train.eval_batches)]
+    return sum(s["nll_sum"] for s in sums) / max(sum(s["tokens"] for s in sums), 1.0)
+
+  def to_global(batch):
+    return sharding.global_batch_array(batch, batch_shard, cfg.train.global_batch)
+
+  progress = _progress_bar(start, cfg.train.steps)
+  batches = iter(train_loader.iterate(start))
+  pending, last_save = None, time.monotonic()
+  exit_code = 0
+  step = start
+  with jax.transfer_guard("disallow" if cfg.train.transfer_guard else "allow"):
+    while step < cfg.train.steps:
+      with jax.transfer_guard("allow"):
+        batch = to_global(next(batches))
+      state, metrics = train_step(state, batch)
+      step += 1
+      if pending is not None:  # metrics of the previous step: the host never waits on the step it dispatched
+        exit_code = _after_step(pending, cfg, writer, progress, flops, device_kind)
+      pending = (step, metrics)
+      at_log = step % cfg.train.log_every == 0 or step == cfg.train.steps
+      with jax.transfer_guard("allow"):
+        if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+          val_loss = float(evaluate())
+          writer.write(step, {"val_loss": val_loss, "val_perplexity": float(np.exp(min(val_loss, 50.0)))})
+          progress.write(f"step {step}: validation loss {val_loss:.4f}")
+        timed_save = at_log and cfg.checkpoint.every_minutes > 0 and _agree(
+            time.monotonic() - last_save > 60 * cfg.checkpoint.every_minutes)
+        if step % cfg.checkpoint.every_steps == 0 or timed_save or step == cfg.train.steps:
+          save(step)
+          last_save = time.monotonic()
+        if exit_code == NONFINITE_EXIT_CODE or ((at_log or jax.process_count() == 1) and stop.agreed()):
+          save(step)
+          exit_code = exit_code or PREEMPTED_EXIT_CODE
+          break
+  with jax.transfer_guard("allow"):
+    if pending is not None and exit_code == 0:
+      exit_code = _after_step(pending, cfg, writer, progress, flops, device_kind, force=True)
+    progress.close()
+    if exit_code == 0 and cfg.train.sample_tokens > 0:
+      write_sample(graphdef, state["params"], cfg.train, workdir)
+    checkpointer.wait()
+    checkpointer.close()
+    writer.close()
+  if exit_code:
+    logging.warning("stopped at step %d (exit code %d); re-run the same command to resume", step, exit_code)
+    sys.exit(exit_code)
+
+
+def write_sample(graphdef, params, train_cfg, workdir: pathlib.Path):
+  """Generates a continuation of train.sample_prompt (sampled, seeded), prints it and writes sample.txt."""
+  import sentencepiece  # pylint: disable=import-outside-toplevel
+  from yanjax.generate import generate  # pylint: disable=import-outside-toplevel
+  from yanjax.sampling import Sampling  # pylint: disable=import-outside-toplevel
+  if jax.process_count() > 1:
+    params = multihost_utils.process_allgather(params, tiled=True)
+  if not process_zero():
+    return
+  tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(workdir / TOKENIZER_FILE))
+  prompt = [tokenizer.bos_id()] + tokenizer.encode(train_cfg.sample_prompt)
+  model = nnx.merge(graphdef, jax.device_get(params))
+  completion = generate(model, [prompt], max_new_tokens=train_cfg.sample_tokens,
+                        sampling=Sampling(temperature=0.7, top_p=0.9), eos_id=tokenizer.eos_id(),
+                        seed=train_cfg.seed)[0]
+  text = tokenizer.decode(prompt[1:] + completion.tokens)
+  (workdir / "sample.txt").write_text(text + "\n")
+  print(f"---- sample ({train_cfg.sample_tokens} tokens, temperature 0.7, top-p 0.9) ----\n{text}\n----",
+        flush=True)
+
+
+def _after_step(pending, cfg, writer, progress, flops, device_kind, force=False) -> int:
+  """Logs the metrics of a finished step; returns NONFINITE_EXIT_CODE when nan_policy says stop."""
+  step, metrics = pending
+  with jax.transfer_guard("allow"):
+    skipped = float(jax.device_get(metrics["skipped"]))
+    now = time.perf_counter()
+    progress.update(step - progress.n)
+    if skipped:
+      logging.warning("step %d: non-finite loss or gradients, update skipped", step)
+      if cfg.train.nan_policy == "stop":
+        return NONFINITE_EXIT_CODE
+    if step % cfg.train.log_every and not force:
+      return 0
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    elapsed = now - getattr(progress, "last_log_time", progress.start_t)
+    steps_done = step - getattr(progress, "last_log_step", progress.initial)
+    tokens_per_s = values["tokens"] * steps_done / max(elapsed, 1e-9)
+    progress.last_log_time, progress.last_log_step = now, step
+    utilisation = mfu(flops, tokens_per_s, jax.device_count(), device_kind)
+    values.update({"perplexity": float(np.exp(min(values["loss"], 50.0))), "tokens_per_s": tokens_per_s,
+                   "step_time_s": elapsed / max(steps_done, 1), "mfu": "n/a" if utilisation is None else utilisation})
+    writer.write(step, values)
+    progress.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+  return 0
+
+
+def _say(message: str):
+  if process_zero():
+    print(message, flush=True)
+
+
+def _agree(local: bool) -> bool:
+  """Process 0's decision, on every process."""
+  if jax.process_count() == 1:
+    return local
+  return bool(multihost_utils.broadcast_one_to_all(np.array(local)))
+
+
+def _progress_bar(start: int, total: int):
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not process_zero(), dynamic_ncols=True)
+  bar.last_log_time, bar.last_log_step = time.perf_counter(), start
+  return bar
+
+
+def init_train_state(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, seed: int) -> dict:
+  params = nnx.to_pure_dict(nnx.state(LanguageModel(model_cfg, rngs=nnx.Rngs(seed)), nnx.Param))
+  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params),
+          "rng": jax.random.key_data(jax.random.PRNGKey(seed))}
+
+
+def train_state_shardings(abstract_params: nnx.State, optimizer, rules, mesh) -> dict:
+  """Shardings of the train state: parameters by their logical axes; optimizer moments like their parameters."""
+  params = nnx.to_pure_dict(sharding.state_shardings(abstract_params, rules, mesh))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  abstract_opt = jax.eval_shape(optimizer.init, jax.tree.map(lambda v: v, nnx.to_pure_dict(abstract_params)))
+  opt_state = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, params,
+                                    transform_non_params=lambda _: replicated)
+  return {"step": replicated, "params": params, "opt_state": opt_state, "rng": replicated}
+
+
+if __name__ == "__main__":
+  app.run(main)

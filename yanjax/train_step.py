@@ -1,0 +1,94 @@
+"""The jitted train and eval steps over a train state that is one pytree of arrays.
+
+Train state: {"step": int32 [], "params": pure dict of float32 arrays, "opt_state": optax state,
+"rng": uint32 [2] base key}. The step's randomness (router exploration) is fold_in(rng, step), so a run is a
+pure function of (seed, step), like its data.
+
+Batch: {"inputs", "targets", "segment_ids", "positions": int32 [B, T], "loss_mask": float32 [B, T]}.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+
+def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """logits [B, T, V] float32, targets [B, T] -> (negative log-likelihood [B, T], logsumexp [B, T])."""
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return logz - picked, logz
+
+
+def _objective(params, graphdef, batch, step, key, z_loss_weight):
+  """Summed (not averaged) loss of one micro-batch, and its metrics; divided by the token count later."""
+  model = nnx.merge(graphdef, params)
+  logits, aux = model(batch["inputs"], batch["segment_ids"], batch["positions"], step=step, key=key)
+  nll, logz = token_losses(logits, batch["targets"])
+  mask = batch["loss_mask"].astype(jnp.float32)
+  tokens = jnp.sum(mask)
+  nll_sum, z_sum = jnp.sum(nll * mask), jnp.sum(logz ** 2 * mask)
+  objective = nll_sum + z_loss_weight * z_sum + aux["aux_loss"] * tokens
+  metrics = {"nll_sum": nll_sum, "z_loss_sum": z_sum, "aux_loss_sum": aux["aux_loss"] * tokens, "tokens": tokens}
+  if aux["router"] is not None:
+    stats = aux["router"]
+    metrics.update({"router_dropped_sum": jnp.mean(stats.dropped_fraction) * tokens,
+                    "router_entropy_sum": jnp.mean(stats.entropy) * tokens,
+                    "router_max_load_sum": jnp.mean(jnp.max(stats.load, axis=-1)) * tokens,
+                    "router_explore_sum": jnp.mean(stats.explore) * tokens})
+  return objective, metrics
+
+
+def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+                    grad_accum: int, z_loss_weight: float) -> Callable[[Any, dict], tuple[Any, dict]]:
+  """(state, batch) -> (state, metrics). Skips the update (keeping params and optimizer state) when the loss
+  or the gradients are not finite; metrics["skipped"] says so."""
+  grad_fn = jax.grad(_objective, has_aux=True)
+
+  def train_step(state, batch):
+    step = state["step"]
+    key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
+    micro = jax.tree.map(lambda x: x.reshape((grad_accum, -1) + x.shape[1:]), batch)
+
+    def accumulate(carry, micro_batch):
+      grads, metrics = grad_fn(state["params"], graphdef, micro_batch, step, key, z_loss_weight)
+      return jax.tree.map(jnp.add, carry, (grads, metrics)), None
+
+    zero_metrics = jax.eval_shape(lambda: grad_fn(state["params"], graphdef, jax.tree.map(lambda x: x[0], micro),
+                                                  step, key, z_loss_weight)[1])
+    init = (jax.tree.map(jnp.zeros_like, state["params"]),
+            jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_metrics))
+    (grads, sums), _ = jax.lax.scan(accumulate, init, micro)
+    tokens = jnp.maximum(sums["tokens"], 1.0)
+    grads = jax.tree.map(lambda g: g / tokens, grads)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    loss = sums["nll_sum"] / tokens
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = {"step": step + 1, "params": keep(params, state["params"]),
+                 "opt_state": keep(opt_state, state["opt_state"]), "rng": state["rng"]}
+    metrics = {name[:-4]: value / tokens for name, value in sums.items() if name.endswith("_sum")}
+    metrics.update({"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(step),
+                    "tokens": sums["tokens"], "skipped": 1.0 - finite.astype(jnp.float32)})
+    del metrics["nll"]
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(graphdef) -> Callable[[Any, dict], dict]:
+  """(params, batch) -> {"nll_sum", "tokens"}: validation loss pieces, no router exploration."""
+  def eval_step(params, batch):
+    model = nnx.merge(graphdef, params)
+    logits, _ = model(batch["inputs"], batch["segment_ids"], batch["positions"])
+    nll, _ = token_losses(logits, batch["targets"])
+    mask = batch["loss_mask"].astype(jnp.float32)
+    return {"nll_sum": jnp.sum(nll * mask), "tokens": jnp.sum(mask)}
+
+  return eval_step
