@@ -200,3 +200,21 @@ def test_resume_with_changed_parameter_shapes_is_refused(small_store, tmp_path):
   assert code == 0, err[-3000:]
   code, _, err = run_train(workdir, tiny_flags(small_store, steps=8) + ["--config.model.mlp_width=96"])
   assert code != 0 and "parameter shapes differ" in err and "ffn.gate_up" in err
+
+
+@pytest.mark.slow
+def test_two_processes_of_two_devices_equal_one_process_of_four(small_store, tmp_path):
+  """Same losses within 1e-5 (relative): only the reduction order across devices may differ."""
+  sys.path.insert(0, str(REPO / "launch"))
+  import local  # pylint: disable=import-outside-toplevel
+  flags = tiny_flags(small_store, steps=6, eval_every=3) + ["--config.mesh.data=2", "--config.mesh.fsdp=2"]
+  command = [sys.executable, "-m", "yanjax.train", f"--workdir={tmp_path / 'two'}", *flags]
+  codes = local.launch_local(command, num_processes=2, devices_per_process=2, log_dir=str(tmp_path / "logs"),
+                             timeout=400)
+  assert codes == [0, 0], (tmp_path / "logs/process_1.log").read_text()[-3000:]
+  code, _, err = run_train(tmp_path / "one", flags + ["--local_device_count=4"])
+  assert code == 0, err[-3000:]
+  two, one = losses(tmp_path / "two"), losses(tmp_path / "one")
+  print("2x2:", two, "\n1x4:", one)
+  assert sorted(two) == sorted(one) == list(range(1, 7))
+  np.testing.assert_allclose([two[s] for s in sorted(two)], [one[s] for s in sorted(one)], rtol=1e-5)

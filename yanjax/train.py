@@ -174,7 +174,7 @@ def main(argv):
         if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
           val_loss = float(evaluate())
           writer.write(step, {"val_loss": val_loss, "val_perplexity": float(np.exp(min(val_loss, 50.0)))})
-          progress.write(f"step {step}: validation loss {val_loss:.4f}")
+          _say(f"step {step}: validation loss {val_loss:.4f}")
         timed_save = at_log and cfg.checkpoint.every_minutes > 0 and _agree(
             time.monotonic() - last_save > 60 * cfg.checkpoint.every_minutes)
         if step % cfg.checkpoint.every_steps == 0 or timed_save or step == cfg.train.steps:
@@ -233,8 +233,8 @@ def _after_step(pending, cfg, writer, progress, flops, device_kind, force=False)
     if step % cfg.train.log_every and not force:
       return 0
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    elapsed = now - getattr(progress, "last_log_time", progress.start_t)
-    steps_done = step - getattr(progress, "last_log_step", progress.initial)
+    elapsed = now - progress.last_log_time
+    steps_done = step - progress.last_log_step
     tokens_per_s = values["tokens"] * steps_done / max(elapsed, 1e-9)
     progress.last_log_time, progress.last_log_step = now, step
     utilisation = mfu(flops, tokens_per_s, jax.device_count(), device_kind)
@@ -246,8 +246,10 @@ def _after_step(pending, cfg, writer, progress, flops, device_kind, force=False)
 
 
 def _say(message: str):
+  """Prints on process 0 without breaking the progress bar."""
   if process_zero():
-    print(message, flush=True)
+    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+    tqdm.write(message)
 
 
 def _agree(local: bool) -> bool:
