@@ -39,8 +39,9 @@ def measure(cfg, steps: int) -> float:
   shardings = train_state_shardings(abstract, optimizer, rules, mesh)
   state = jax.jit(lambda: init_train_state(model_cfg, optimizer, 0), out_shardings=shardings)()
   batch_shard = sharding.batch_sharding(mesh, rules)
-  step = jax.jit(make_train_step(graphdef, optimizer, learning_rate_schedule(cfg.optimizer, cfg.train.steps),
-                                 cfg.train.grad_accum, cfg.train.z_loss_weight),
+  step = jax.jit(sharding.with_activation_rules(make_train_step(
+      graphdef, optimizer, learning_rate_schedule(cfg.optimizer, cfg.train.steps), cfg.train.grad_accum,
+      cfg.train.z_loss_weight), mesh, rules),
                  in_shardings=(shardings, batch_shard), out_shardings=(shardings, None), donate_argnums=0)
   b, t = cfg.train.global_batch, cfg.train.seq_len
   tokens = np.random.default_rng(0).integers(0, model_cfg.vocab_size, (b, t + 1), dtype=np.int32)

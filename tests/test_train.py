@@ -77,8 +77,9 @@ def _setup(mesh_cfg, model=None, grad_accum=1):
   optimizer = make_optimizer(cfg.optimizer, cfg.train.steps, decay_mask(abstract))
   shardings = train_state_shardings(abstract, optimizer, rules, mesh)
   state = jax.jit(lambda: init_train_state(model_cfg, optimizer, 0), out_shardings=shardings)()
-  step = jax.jit(make_train_step(graphdef, optimizer, learning_rate_schedule(cfg.optimizer, cfg.train.steps),
-                                 grad_accum, cfg.train.z_loss_weight),
+  step = jax.jit(sharding.with_activation_rules(make_train_step(
+      graphdef, optimizer, learning_rate_schedule(cfg.optimizer, cfg.train.steps), grad_accum,
+      cfg.train.z_loss_weight), mesh, rules),
                  in_shardings=(shardings, sharding.batch_sharding(mesh, rules)), out_shardings=(shardings, None))
   return state, step, shardings, mesh, rules
 
@@ -117,6 +118,14 @@ def test_sharded_run_equals_single_device_run(mesh_cfg, grad_accum):
     np.testing.assert_allclose(float(metrics["loss"]), float(single_metrics["loss"]), rtol=1e-5)
   for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(single_state["params"])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+
+
+def test_activations_are_constrained_by_the_rules():
+  state, step, *_ = _setup({"data": 2, "fsdp": 2, "tensor": 2})
+  text = step.lower(state, _batch(0)).as_text()
+  constraints = text.count("sharding_constraint") + text.count("@Sharding")
+  print("activation constraints in the lowered step:", constraints)
+  assert constraints >= 2 * MODEL["layers"] + 2  # embedding, each layer's output, logits (x grad_accum scan)
 
 
 def test_mesh_and_batch_errors_are_clear():

@@ -16,6 +16,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from yanjax.config import ConfigError
+from yanjax.model.partitioning import activation_sharding
 from yanjax.run_config import MESH_AXES
 
 
@@ -65,6 +66,18 @@ def state_shardings(state: nnx.State, rules: dict[str, Sequence[str]], mesh: Mes
     return NamedSharding(mesh, logical_to_spec(axes, var.shape, rules, mesh))
 
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def with_activation_rules(fn, mesh: Mesh, rules: dict[str, Sequence[str]]):
+  """`fn` tracing under the activation constraints of `rules` (the model's `constrain` calls)."""
+  def to_spec(axes, shape):
+    return logical_to_spec(axes, shape, rules, mesh)
+
+  def traced(*args):
+    with activation_sharding(mesh, to_spec):
+      return fn(*args)
+
+  return traced
 
 
 def batch_sharding(mesh: Mesh, rules: dict[str, Sequence[str]]) -> NamedSharding:

@@ -132,11 +132,12 @@ def main(argv):
 
   # ---- loop ----------------------------------------------------------------------------------------
   batch_shard = sharding.batch_sharding(mesh, rules)
-  train_step = jax.jit(make_train_step(graphdef, optimizer, schedule, cfg.train.grad_accum,
-                                       cfg.train.z_loss_weight),
+  train_step = jax.jit(sharding.with_activation_rules(make_train_step(
+      graphdef, optimizer, schedule, cfg.train.grad_accum, cfg.train.z_loss_weight), mesh, rules),
                        in_shardings=(state_sharding, batch_shard), out_shardings=(state_sharding, None),
                        donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(state_sharding["params"], batch_shard))
+  eval_step = jax.jit(sharding.with_activation_rules(make_eval_step(graphdef), mesh, rules),
+                      in_shardings=(state_sharding["params"], batch_shard))
   writer = MetricsWriter(workdir, enabled=process_zero())
   stop = StopRequest()
   flops = flops_per_token(model_cfg, cfg.train.seq_len)

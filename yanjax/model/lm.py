@@ -20,12 +20,16 @@ from yanjax.config import ModelConfig
 from yanjax.model import layers
 from yanjax.model.attention import Attention
 from yanjax.model.mcsd import MCSD
+from yanjax.model.partitioning import constrain
 from yanjax.model.selective import SelectiveFFN
 
 REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole block
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+ACTIVATION_AXES = ("batch", "length", "embed")  # logical names of the residual stream [b, t, D]
 
 
 class ModelCache(NamedTuple):
@@ -74,7 +78,7 @@ class Block(nnx.Module):
       aux_loss = self.cfg.lb_loss_weight * stats.lb_loss + self.cfg.router_z_loss_weight * stats.z_loss
     else:
       h, stats, aux_loss = self.ffn(h), None, jnp.zeros((), jnp.float32)
-    return x + h, cache, aux_loss, stats
+    return constrain(x + h, ACTIVATION_AXES), cache, aux_loss, stats
 
 
 def _apply(block: Block, x, inputs, cache, key):
@@ -145,7 +149,7 @@ class LanguageModel(nnx.Module):
 
   def _run(self, tokens, segment_ids, positions, caches, step, key):
     cfg = self.cfg
-    x = self.embed(tokens, jnp.dtype(cfg.dtype))
+    x = constrain(self.embed(tokens, jnp.dtype(cfg.dtype)), ACTIVATION_AXES)
     reset = jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], ((0, 0), (1, 0)))
     inputs = BlockInputs(reset, segment_ids, positions, step)
     keys = jax.random.split(key, cfg.layers) if key is not None else None
@@ -170,6 +174,7 @@ class LanguageModel(nnx.Module):
     else:
       logits = jnp.einsum("btd,dv->btv", x, layers.cast(self.head[...], x.dtype),
                           preferred_element_type=jnp.float32)
+    logits = constrain(logits, ("batch", "length", "vocab"))
     return logits, {"aux_loss": aux_loss, "router": stats}, caches
 
   def _scan(self, apply, x, inputs, caches, keys):
