@@ -21,9 +21,10 @@ import jax
 import jax.numpy as jnp
 
 FORMS = ("reference", "associative", "chunked")
-# Chosen from benchmarks/mixer.py measurements (benchmarks/RESULTS.md); backends not yet measured use
-# "chunked", whose matmuls suit tensor cores.
-AUTO_FORM = {"cpu": "associative", "gpu": "chunked", "tpu": "chunked"}
+# CPU: from benchmarks/mixer.py (benchmarks/RESULTS.md), where the sequential scan was fastest or within noise
+# at every length. GPU and TPU are not measured yet (no accelerator was lent): "chunked", whose matmuls suit
+# tensor cores, until a measurement says otherwise.
+AUTO_FORM = {"cpu": "reference", "gpu": "chunked", "tpu": "chunked"}
 
 
 def resolve_form(form: str) -> str:
