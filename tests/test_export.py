@@ -1,0 +1,325 @@
+"""Export and the NumPy runtime: stable names, manifest checksums, npz == safetensors == the model's
+parameters, bfloat16 bit patterns, NumPy logits equal to the JAX model's within TOLERANCE (forward and
+recurrent decode, every config switch), greedy completions equal token for token, and clear errors naming
+the file or array for missing, corrupt or mismatched exports."""
+
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+import types
+import zipfile
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import safetensors.numpy
+from flax import nnx
+
+from yanjax import export as export_module
+from yanjax.config import ModelConfig
+from yanjax.export import export_model, parameter_arrays
+from yanjax.generate import generate
+from yanjax.model.lm import LanguageModel
+from yanjax.model.mcsd import paper_log_rates
+from yanjax.numpy_runtime import (ExportError, Model, array_sha256, bf16_bits_to_float32, expected_shapes,
+                                  float32_to_bf16_bits, load_export, read_safetensors)
+from yanjax.numpy_runtime import generate as np_generate
+
+# Max abs logit difference, NumPy runtime vs JAX model, float32 weights and compute (logits here are O(10)).
+TOLERANCE = 1e-4
+
+MODELS = {
+    "yan": dict(arch="yan"),
+    "yan_sum_current_learned_rates": dict(arch="yan", combine="sum", include_current=True, learnable_rates=True),
+    "yan_scan_untied_learned_rates": dict(arch="yan", scan_layers=True, tie_embeddings=False,
+                                          learnable_rates=True, recurrence="chunked", chunk_size=4),
+    "yan_selective_dropless": dict(arch="yan", router=True, groups=4, top_k=2, dispatch="dropless"),
+    "attention": dict(arch="attention"),
+    "attention_scan_untied": dict(arch="attention", scan_layers=True, tie_embeddings=False),
+}
+
+
+def _config(name, **changes):
+  base = dict(vocab_size=97, width=32, layers=2, channels=4, heads=2, mlp_width=64, max_decode_len=48)
+  return ModelConfig(**{**base, **MODELS[name], **changes})
+
+
+def random_model(cfg, seed=1, scale=0.3):
+  """A model of `cfg` with random parameters drawn in NumPy (no per-shape init compiles): norm scales
+  1 + N(0, scale), learned rates at the paper's values + N(0, scale), every other weight N(0, scale), so that
+  norm scales and rates differ from their defaults and the logits are decisive."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: LanguageModel(cfg, rngs=nnx.Rngs(0))))
+  rng = np.random.default_rng(seed)
+  flat = nnx.to_flat_state(state)
+  for path, variable in flat:
+    base = {"scale": 1.0, "rate_logits": np.log(-paper_log_rates(cfg.channels))}.get(path[-1], 0.0)
+    variable.set_value(jnp.asarray(base + scale * rng.standard_normal(variable.get_value().shape), jnp.float32))
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _model(name, **changes):
+  cfg = _config(name, **changes)
+  return random_model(cfg), cfg
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+  """name -> (model, cfg, export dir) for every model in MODELS."""
+  out = {}
+  for name in MODELS:
+    model, cfg = _model(name)
+    path = tmp_path_factory.mktemp(name)
+    export_model(model, cfg, path)
+    out[name] = (model, cfg, path)
+  return out
+
+
+def _fresh_export(exported, tmp_path, name="yan"):
+  path = tmp_path / "export"
+  shutil.copytree(exported[name][2], path)
+  return path
+
+
+# ---- format -----------------------------------------------------------------------------------------
+
+def test_export_writes_named_arrays_with_checksums(exported):
+  model, cfg, path = exported["yan_selective_dropless"]
+  manifest = json.loads((path / "manifest.json").read_text())
+  names = [a["name"] for a in manifest["arrays"]]
+  assert names == list(expected_shapes(cfg.to_dict()))
+  assert names[:4] == ["embed.embedding", "blocks.0.mixer_norm.scale", "blocks.0.mixer.proj",
+                       "blocks.0.mixer.decay_norm.scale"]
+  assert manifest["format_version"] == 1 and manifest["config"] == cfg.to_dict()
+  assert json.loads((path / "config.json").read_text()) == cfg.to_dict()
+  params = parameter_arrays(model, cfg)
+  np.testing.assert_array_equal(params["blocks.1.ffn.router_in"], np.asarray(model.blocks[1].ffn.router_in[...]))
+  npz = np.load(path / "weights.npz")
+  st = safetensors.numpy.load_file(str(path / "weights.safetensors"))  # the reference reader
+  ours = read_safetensors(path / "weights.safetensors")  # the runtime's pure-NumPy reader
+  for entry in manifest["arrays"]:
+    n = entry["name"]
+    for arrays in (npz, st, ours):
+      assert arrays[n].dtype == np.float32 and list(arrays[n].shape) == entry["shape"], n
+      np.testing.assert_array_equal(arrays[n], params[n], err_msg=n)
+    assert array_sha256(npz[n]) == entry["sha256"]
+  assert sorted(npz.files) == sorted(st) == sorted(names)
+
+
+def test_scanned_layers_are_exported_per_layer_under_the_unscanned_names(exported):
+  model, cfg, path = exported["yan_scan_untied_learned_rates"]
+  unscanned = _config("yan_scan_untied_learned_rates", scan_layers=False)
+  arrays = load_export(path).arrays
+  assert list(arrays) == list(expected_shapes(unscanned.to_dict()))
+  stacked = np.asarray(model.blocks.mixer.proj[...])  # [layers, C, Dc, 4, Dc]
+  for i in range(cfg.layers):
+    np.testing.assert_array_equal(arrays[f"blocks.{i}.mixer.proj"], stacked[i])
+  assert "head" in arrays and "blocks.1.mixer.rate_logits" in arrays
+
+
+# ---- the NumPy runtime against the JAX model ---------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_numpy_runtime_matches_jax(exported, name):
+  model, cfg, path = exported[name]
+  runtime = Model(load_export(path))
+  forward = nnx.jit(lambda m, *a: m(*a)[0])  # every call below is [3, 17]: one compile
+  tokens = jax.random.randint(jax.random.PRNGKey(2), (3, 17), 0, cfg.vocab_size)
+  segment_ids = jnp.array([[1] * 6 + [2] * 11] + [[1] * 17] * 2)  # row 0 packs two documents
+  positions = jnp.array([list(range(6)) + list(range(11))] + [list(range(17))] * 2)
+  want = np.asarray(forward(model, tokens, segment_ids, positions))
+  got = runtime.forward(np.asarray(tokens), np.asarray(segment_ids), np.asarray(positions))
+  err_forward = np.max(np.abs(got - want))
+  # The recurrent decode: prefill 5 tokens of row 1, then one token at a time, vs JAX's one pass.
+  row = np.asarray(tokens[1:2])
+  logits, state = runtime.prefill(row[:, :5], runtime.init_state(1))
+  steps = [logits]
+  for t in range(5, 17):
+    logits, state = runtime.decode_step(state, row[:, t])
+    steps.append(logits[:, None])
+  err_decode = np.max(np.abs(np.concatenate(steps, 1) - want[1:2]))
+  print(f"{name}: numpy vs jax max abs logit diff: forward {err_forward:.2e}, decode {err_decode:.2e} "
+        f"(logits up to {np.abs(want).max():.1f})")
+  assert err_forward < TOLERANCE and err_decode < TOLERANCE
+
+  # Greedy generation: every NumPy token is the JAX model's argmax given the tokens before it.
+  prompts = [[1, 5, 9, 3, 7], [1, 22], [4, 5, 6]]
+  completions = [c.tokens for c in np_generate(runtime, prompts, max_new_tokens=12)]
+  sequences = np.zeros((3, 17), np.int32)  # prompt + completion, zero-padded at the end (causal: harmless)
+  for r, (p, c) in enumerate(zip(prompts, completions)):
+    sequences[r, :len(p) + len(c)] = p + c
+  argmax = np.argmax(np.asarray(forward(model, jnp.asarray(sequences), jnp.ones((3, 17), jnp.int32),
+                                        jnp.broadcast_to(jnp.arange(17), (3, 17)))), -1)
+  for r, (p, c) in enumerate(zip(prompts, completions)):
+    assert len(c) == 12 and list(argmax[r, len(p) - 1:len(p) + 11]) == c, (name, r)
+  if name in ("yan", "yan_selective_dropless", "attention"):  # and the JAX decode loop itself agrees
+    assert [c.tokens for c in generate(model, prompts, max_new_tokens=12)] == completions
+  assert load_export(path, weights="safetensors").arrays.keys() == runtime.w.keys()
+
+
+def test_bfloat16_export_stores_bit_patterns_and_runs(exported, tmp_path):
+  model, cfg, _ = exported["yan"]
+  manifest = export_model(model, cfg, tmp_path, dtype="bfloat16")
+  assert manifest["weights_dtype"] == "bfloat16" and manifest["arrays"][0]["npz_dtype"] == "uint16"
+  npz = np.load(tmp_path / "weights.npz")
+  st = safetensors.numpy.load_file(str(tmp_path / "weights.safetensors"))
+  params = parameter_arrays(model, cfg)
+  export = load_export(tmp_path)
+  for n, value in params.items():
+    rounded = value.astype(ml_dtypes.bfloat16)  # an independent rounding (jax's bfloat16 type)
+    assert npz[n].dtype == np.uint16 and str(st[n].dtype) == "bfloat16", n
+    np.testing.assert_array_equal(npz[n], rounded.view(np.uint16))
+    np.testing.assert_array_equal(st[n].view(np.uint16), npz[n])
+    np.testing.assert_array_equal(float32_to_bf16_bits(value), npz[n])  # the documented rounding
+    np.testing.assert_array_equal(export.arrays[n], rounded.astype(np.float32))
+  np.testing.assert_array_equal(load_export(tmp_path, weights="safetensors").arrays["head" if "head" in params
+                                                                                  else "embed.embedding"],
+                                export.arrays["head" if "head" in params else "embed.embedding"])
+  # Against the JAX model with the same bf16-rounded weights, the float32 tolerance holds.
+  graphdef, state = nnx.split(model)
+  rounded_model = nnx.merge(graphdef, jax.tree.map(
+      lambda x: jnp.asarray(np.asarray(x).astype(ml_dtypes.bfloat16).astype(np.float32)), state))
+  tokens = np.arange(12)[None] % cfg.vocab_size
+  err = np.max(np.abs(Model(export).forward(tokens) - np.asarray(nnx.jit(lambda m, t: m(t)[0])(rounded_model, jnp.asarray(tokens)))))
+  print(f"bfloat16 export: numpy vs jax (bf16-rounded weights) max abs logit diff {err:.2e}")
+  assert err < TOLERANCE
+
+
+def test_bf16_rounding_edge_cases():
+  x = np.array([0.0, -0.0, 1.0, 1.00390625, 1.01171875, -3.3e38, 3.4e38, 1e-40, np.inf, -np.inf, np.nan,
+                1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8], np.float32)  # ties round to even
+  x = np.concatenate([x, np.random.default_rng(0).standard_normal(1000).astype(np.float32) * 100])
+  want = np.asarray(jnp.asarray(x).astype(jnp.bfloat16)).view(np.uint16)
+  got = float32_to_bf16_bits(x)
+  finite = ~np.isnan(x)
+  np.testing.assert_array_equal(got[finite], want[finite])
+  assert np.all(np.isnan(bf16_bits_to_float32(got[~finite])))
+
+
+def test_runtime_imports_neither_jax_nor_flax(exported):
+  path = exported["attention"][2]
+  code = (f"import sys; from yanjax.numpy_runtime import Model, load_export, generate\n"
+          f"m = Model(load_export({str(path)!r}))\n"
+          f"print(generate(m, [[1, 2, 3]], max_new_tokens=3)[0].tokens)\n"
+          f"bad = sorted(k for k in sys.modules if k.split('.')[0] in "
+          f"('jax', 'jaxlib', 'flax', 'safetensors', 'ml_dtypes', 'optax', 'orbax'))\n"
+          f"assert not bad, bad\n")
+  root = pathlib.Path(__file__).resolve().parents[1]
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
+  assert result.returncode == 0, result.stderr
+
+
+# ---- bad input ---------------------------------------------------------------------------------------
+
+def _rewrite_npz(path, change):
+  arrays = dict(np.load(path / "weights.npz"))
+  change(arrays)
+  with open(path / "weights.npz", "wb") as f:
+    np.savez(f, **arrays)
+
+
+def _rewrite_config(path, **changes):
+  """Edits config.json and the manifest alike (with its checksum): a config that claims other shapes."""
+  manifest = json.loads((path / "manifest.json").read_text())
+  manifest["config"].update(changes)
+  (path / "config.json").write_text(json.dumps(manifest["config"]))
+  manifest["files"]["config.json"]["sha256"] = export_module.fmt.sha256_file(path / "config.json")
+  (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _flip_byte(path, offset_from_end):
+  data = bytearray(path.read_bytes())
+  data[-offset_from_end] ^= 0xFF
+  path.write_bytes(bytes(data))
+
+
+CORRUPTIONS = {
+    "missing manifest": (lambda p: (p / "manifest.json").unlink(), r"manifest\.json: file missing"),
+    "missing weights": (lambda p: (p / "weights.npz").unlink(), r"weights\.npz: file missing"),
+    "missing config": (lambda p: (p / "config.json").unlink(), r"config\.json: file missing"),
+    "truncated weights": (lambda p: (p / "weights.npz").write_bytes((p / "weights.npz").read_bytes()[:3000]),
+                          r"weights\.npz: not a readable \.npz"),
+    "garbage manifest": (lambda p: (p / "manifest.json").write_text("{not json"), r"manifest\.json: not readable"),
+    "changed array": (lambda p: _rewrite_npz(p, lambda a: a["blocks.1.mixer.proj"].__setitem__((0, 0, 0, 0), 9.0)),
+                      r"array 'blocks\.1\.mixer\.proj' fails its sha256 check"),
+    "missing array": (lambda p: _rewrite_npz(p, lambda a: a.pop("blocks.0.ffn.down")),
+                      r"weights\.npz: array 'blocks\.0\.ffn\.down' missing"),
+    "extra array": (lambda p: _rewrite_npz(p, lambda a: a.__setitem__("blocks.9.x", np.zeros(2, np.float32))),
+                    r"weights\.npz: array\(s\) \['blocks\.9\.x'\] not listed"),
+    "edited config": (lambda p: (p / "config.json").write_text((p / "config.json").read_text().replace(
+        '"layers": 2', '"layers": 3')), r"config\.json: sha256 does not match"),
+    "config, more layers": (lambda p: _rewrite_config(p, layers=3),
+                            r"array 'blocks\.2\.mixer_norm\.scale' \[32\] is implied by the config .*layers"),
+    "config, other width": (lambda p: _rewrite_config(p, width=64, channels=8),
+                            r"array 'embed\.embedding' has shape \[97, 32\] but the config .* implies \[97, 64\]"),
+    "config, untied head": (lambda p: _rewrite_config(p, tie_embeddings=False),
+                            r"array 'head' \[32, 97\] is implied by the config"),
+    "config, bad value": (lambda p: _rewrite_config(p, combine="product"), r"config\.json: config combine="),
+}
+
+
+@pytest.mark.parametrize("case", list(CORRUPTIONS))
+def test_bad_exports_raise_errors_naming_the_file_or_array(exported, tmp_path, case):
+  corrupt, message = CORRUPTIONS[case]
+  path = _fresh_export(exported, tmp_path)
+  corrupt(path)
+  with pytest.raises(ExportError, match=message) as info:
+    load_export(path)
+  print(f"{case}: {info.value}")
+
+
+def test_corrupt_array_bytes_are_caught_by_the_archive_or_the_checksum(exported, tmp_path):
+  path = _fresh_export(exported, tmp_path)
+  with zipfile.ZipFile(path / "weights.npz") as z:
+    info = z.getinfo("blocks.0.mixer.out.npy")
+  data = bytearray((path / "weights.npz").read_bytes())
+  data[info.header_offset + 200] ^= 0xFF  # inside that member's stored data
+  (path / "weights.npz").write_bytes(bytes(data))
+  with pytest.raises(ExportError, match=r"weights\.npz: (array 'blocks\.0\.mixer\.out'|sha256)"):
+    load_export(path)
+  path = _fresh_export(exported, tmp_path / "st")
+  _flip_byte(path / "weights.safetensors", 10)
+  with pytest.raises(ExportError, match=r"weights\.safetensors: array 'final_norm\.scale' fails its sha256"):
+    load_export(path, weights="safetensors")
+  (path / "weights.safetensors").write_bytes((path / "weights.safetensors").read_bytes()[:-50])
+  with pytest.raises(ExportError, match=r"weights\.safetensors: array '.*' data lies outside the file"):
+    load_export(path, weights="safetensors")
+
+
+def test_export_refuses_a_config_that_is_not_the_models(exported, tmp_path):
+  model, cfg, _ = exported["yan"]
+  with pytest.raises(ValueError, match="not the config the model was built with"):
+    export_model(model, cfg.replace(layers=3), tmp_path)
+
+
+def test_export_cli_with_tokenizer_and_numpy_cli(exported, tmp_path, monkeypatch, capsys):
+  import sentencepiece as spm  # pylint: disable=import-outside-toplevel
+  text = "".join(f"the state of channel {i} decays slowly, café {i % 7}.\n" for i in range(300))
+  (tmp_path / "corpus.txt").write_text(text, encoding="utf-8")
+  spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "tok"),
+                                 vocab_size=300, byte_fallback=True, model_type="bpe", unk_id=0, bos_id=1,
+                                 eos_id=2, pad_id=-1, minloglevel=2, num_threads=1)
+  model, cfg = _model("yan", vocab_size=320)
+  fake = types.ModuleType("yanjax.checkpointing")
+  fake.load_inference_model = lambda workdir: (model, cfg, str(tmp_path / "tok.model"))
+  monkeypatch.setitem(sys.modules, "yanjax.checkpointing", fake)
+  export_module.main(["--workdir", "run", "--out", str(tmp_path / "out")])
+  assert "exported 16 arrays" in capsys.readouterr().out
+  export = load_export(tmp_path / "out")
+  assert export.tokenizer_path == tmp_path / "out" / "tokenizer.model"
+  assert export.manifest["tokenizer"]["eos_id"] == 2 and export.manifest["tokenizer"]["vocab_size"] == 300
+  _flip_byte(tmp_path / "out" / "tokenizer.model", 5)
+  with pytest.raises(ExportError, match=r"tokenizer\.model: sha256 does not match"):
+    load_export(tmp_path / "out")
+  export_module.main(["--workdir", "run", "--out", str(tmp_path / "out")])  # re-export over the old one
+  capsys.readouterr()
+  from yanjax.numpy_runtime.__main__ import main as numpy_main  # pylint: disable=import-outside-toplevel
+  numpy_main(["--export", str(tmp_path / "out"), "--prompt", "the state", "--max_new_tokens", "6"])
+  processor = spm.SentencePieceProcessor(model_file=str(tmp_path / "tok.model"))
+  (c,) = generate(model, [[1] + processor.encode("the state")], max_new_tokens=6, eos_id=2, vocab_limit=300)
+  assert capsys.readouterr().out == processor.decode(c.tokens) + "\n"
+  with pytest.raises(ValueError, match="tokenizer has 300 pieces but the model's vocab_size is 97"):
+    export_model(*_model("yan"), tmp_path / "small", tokenizer_path=tmp_path / "tok.model")

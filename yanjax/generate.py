@@ -1,0 +1,321 @@
+"""Text generation: prompts -> completions with the model's O(1) MCSD state or the attention KV cache.
+
+Run (a training run's work directory; the latest checkpoint and the run's tokenizer are used):
+
+    python -m yanjax.generate --workdir runs/tiny --prompt "Once upon a time" --max_new_tokens 64
+    python -m yanjax.generate --workdir runs/tiny --prompts_file prompts.txt --temperature 0.8 --top_p 0.95
+
+A single prompt is streamed to stdout as it is produced; a file (one prompt per line) gives one JSON line per
+prompt, in file order (add --stream to see the text appear on stderr).
+
+How a batch runs (`generate`), in one jitted loop:
+  1. `prefill` the first m tokens of every prompt in one parallel pass (m: the shortest prompt's length,
+     rounded down to a power of two below 64 or a multiple of 64 above, so few shapes are compiled);
+  2. a `jax.lax.while_loop` of `decode_step`s: a row whose prompt is not used up is fed its next prompt token,
+     the others are fed the token sampled from their last logits; it ends when every row has stopped (end of
+     sequence, or `max_new_tokens`).
+Each row sees exactly its own tokens, so a batched completion equals the same prompt generated alone (up to
+float rounding of prefill vs step-by-step; greedy tokens are equal in the tests). Sampling is seeded per row
+and per position: row r draws the token at position n with fold_in(fold_in(PRNGKey(seed), row_seed_r), n),
+so it does not depend on which other prompts share the batch. Long prompts of very different lengths waste
+steps on the longer ones; the CLI groups prompts of similar length into each batch, and pads a short last
+batch with copies of its first prompt, so every batch runs the same compiled loop where lengths allow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import threading
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import io_callback
+
+from yanjax.sampling import Sampling, sample
+
+
+class Completion(NamedTuple):
+  """One prompt's generated tokens."""
+  tokens: list[int]  # generated ids; the end-of-sequence id itself is not included
+  stop_reason: str  # "eos" (the model produced eos_id) or "length" (max_new_tokens reached)
+
+
+# ---- streaming: the jitted loop calls back into the host through one module-level function -------------
+
+# The callback runs on a runtime thread, so the active listener is a module global; the lock keeps two
+# concurrent `generate` calls from streaming into each other's listener.
+_listener: dict[str, Callable | None] = {"callback": None}
+_listener_lock = threading.Lock()
+
+
+def _emit(tokens, emitted):
+  """Host side of the loop's io_callback: forwards ([b] tokens, [b] bool emitted) to the active listener."""
+  callback = _listener["callback"]
+  if callback is not None:
+    callback(np.asarray(tokens), np.asarray(emitted))
+
+
+class TextStreamer:
+  """Turns a stream of token ids per row into the newly decodable text of each row.
+
+  Decodes each row's ids so far and returns what is new; text ending in an incomplete UTF-8 sequence
+  (byte-fallback pieces still to come) is held back until it completes or `flush` is called.
+  """
+
+  def __init__(self, processor, rows: int):
+    self.processor = processor
+    self.ids = [[] for _ in range(rows)]
+    self.shown = ["" for _ in range(rows)]
+
+  def push(self, row: int, token: int) -> str:
+    self.ids[row].append(int(token))
+    text = self.processor.decode(self.ids[row])
+    if text.endswith("\ufffd") or not text.startswith(self.shown[row]):
+      return ""
+    new, self.shown[row] = text[len(self.shown[row]):], text
+    return new
+
+  def flush(self, row: int) -> str:
+    text = self.processor.decode(self.ids[row])
+    new = text[len(self.shown[row]):] if text.startswith(self.shown[row]) else text
+    self.shown[row] = text
+    return new
+
+
+# ---- the library entry point ------------------------------------------------------------------------
+
+def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             sampling: Sampling = Sampling(), eos_id: int | None = None, seed: int = 0,
+             row_seeds: Sequence[int] | None = None, vocab_limit: int | None = None,
+             on_tokens: Callable[[np.ndarray, np.ndarray], None] | None = None) -> list[Completion]:
+  """Generates a completion for each prompt (token ids), all rows in one batch.
+
+  Args:
+    model: a `LanguageModel`.
+    prompts: b prompts of token ids, each of length >= 1 (lengths may differ).
+    max_new_tokens: at most this many tokens per prompt (N).
+    sampling: greedy (default), temperature, top-k, top-p.
+    eos_id: a row stops when it produces this id (not included in its tokens); None: only N stops a row.
+    seed, row_seeds: row r samples with fold_in(PRNGKey(seed), row_seeds[r]) (default row_seeds: 0..b-1).
+    vocab_limit: ids >= vocab_limit are never produced (a model vocabulary padded past the tokenizer's).
+    on_tokens: called as each step's tokens are produced, with ([b] int tokens, [b] bool emitted): row r
+      produced tokens[r] iff emitted[r]. Called in order from inside the jitted loop.
+  Returns:
+    b `Completion`s in prompt order.
+  """
+  cfg = model.cfg
+  prompts = [list(map(int, p)) for p in prompts]
+  if not prompts:
+    return []
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+  for i, p in enumerate(prompts):
+    if not p:
+      raise ValueError(f"prompt {i} is empty: give at least one token (e.g. the tokenizer's bos id)")
+    bad = [t for t in p if not 0 <= t < cfg.vocab_size]
+    if bad:
+      raise ValueError(f"prompt {i} has token ids {bad[:5]} outside the vocabulary [0, {cfg.vocab_size})")
+  lengths = np.array([len(p) for p in prompts], np.int32)
+  if cfg.arch == "attention" and int(lengths.max()) + max_new_tokens - 1 > cfg.max_decode_len:
+    raise ValueError(
+        f"the longest prompt ({int(lengths.max())} tokens) plus max_new_tokens={max_new_tokens} needs "
+        f"{int(lengths.max()) + max_new_tokens - 1} KV-cache slots but model.max_decode_len="
+        f"{cfg.max_decode_len}")
+  if vocab_limit is not None and not 0 < vocab_limit <= cfg.vocab_size:
+    raise ValueError(f"vocab_limit={vocab_limit}: must be in [1, {cfg.vocab_size}]")
+  if row_seeds is None:
+    row_seeds = range(len(prompts))
+  if len(row_seeds) != len(prompts):
+    raise ValueError(f"row_seeds has {len(row_seeds)} entries for {len(prompts)} prompts")
+  width = -(-int(lengths.max()) // _BUCKET) * _BUCKET  # padded so that batches share compiled loops
+  tokens = np.zeros((len(prompts), width), np.int32)
+  for i, p in enumerate(prompts):
+    tokens[i, :len(p)] = p
+  base = jax.random.PRNGKey(seed)
+  row_keys = jax.vmap(lambda s: jax.random.fold_in(base, s))(jnp.asarray(list(row_seeds), jnp.uint32))
+
+  graphdef, state = nnx.split(model)
+  with _listener_lock:
+    _listener["callback"] = on_tokens
+    try:
+      out, count, hit_eos = _decode_loop(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), row_keys,
+                                         prefix=prefill_length(int(lengths.min())), max_new_tokens=max_new_tokens,
+                                         sampling=sampling, eos_id=eos_id, vocab_limit=vocab_limit,
+                                         stream=on_tokens is not None)
+      out, count, hit_eos = jax.device_get((out, count, hit_eos))
+      if on_tokens is not None:
+        jax.effects_barrier()  # every ordered callback has run before we return
+    finally:
+      _listener["callback"] = None
+  return [Completion(out[i, :count[i]].tolist(), "eos" if hit_eos[i] else "length")
+          for i in range(len(prompts))]
+
+
+_BUCKET = 64
+
+
+def prefill_length(shortest: int) -> int:
+  """Tokens prefilled in parallel for a batch whose shortest prompt has `shortest` tokens: the largest of
+  1, 2, 4, ..., 32, 64, 128, 192, ... (powers of two, then multiples of 64) that fits, so that few lengths
+  are compiled; at most 63 prompt tokens per row go through decode steps instead."""
+  if shortest >= _BUCKET:
+    return shortest // _BUCKET * _BUCKET
+  return 1 << (shortest.bit_length() - 1)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "prefix", "max_new_tokens", "sampling", "eos_id",
+                                             "vocab_limit", "stream"))
+def _decode_loop(graphdef, state, tokens, lengths, row_keys, *, prefix, max_new_tokens, sampling, eos_id,
+                 vocab_limit, stream):
+  """tokens [b, P] right-padded prompts, lengths [b] -> (out [b, N], count [b], hit_eos [b])."""
+  b, width = tokens.shape
+  rows = jnp.arange(b)
+
+  def choose(pos, logits, out, count, done, hit_eos):
+    """Picks the token at position `pos` of every row from the logits after positions < pos."""
+    forced = pos < lengths  # still inside the prompt: the next token is given
+    prompt_token = tokens[:, jnp.minimum(pos, width - 1)]
+    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, pos)
+    if vocab_limit is not None:
+      logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
+    sampled = jax.vmap(lambda l, k: sample(l, k, sampling))(logits, keys)
+    emit = ~forced & ~done
+    stop = emit & (sampled == eos_id) if eos_id is not None else jnp.zeros_like(emit)
+    write = emit & ~stop
+    slot = jnp.minimum(count, max_new_tokens - 1)
+    out = out.at[rows, slot].set(jnp.where(write, sampled, out[rows, slot]))
+    count = count + write
+    hit_eos = hit_eos | stop
+    done = done | stop | (count >= max_new_tokens)
+    if stream:
+      io_callback(_emit, None, sampled, write, ordered=True)
+    return jnp.where(forced, prompt_token, sampled), out, count, done, hit_eos
+
+  model = nnx.merge(graphdef, state, copy=True)
+  logits, cache = model.prefill(tokens[:, :prefix], model.init_cache(b))
+  zeros = jnp.zeros((b,), jnp.int32)
+  falses = jnp.zeros((b,), bool)
+  out = jnp.zeros((b, max_new_tokens), jnp.int32)
+  carry = (jnp.asarray(prefix, jnp.int32), cache, logits[:, -1], out, zeros, falses, falses)
+
+  def feed(cache, nxt):
+    # NNX modules must not cross trace levels: merge a fresh copy inside the traced function.
+    return nnx.merge(graphdef, state, copy=True).decode_step(cache, nxt)
+
+  def step(carry):
+    pos, cache, logits, out, count, done, hit_eos = carry
+    nxt, out, count, done, hit_eos = choose(pos, logits, out, count, done, hit_eos)
+    logits, cache = jax.lax.cond(jnp.all(done), lambda c, n: (logits, c), feed, cache, nxt)
+    return pos + 1, cache, logits, out, count, done, hit_eos
+
+  _, _, _, out, count, _, hit_eos = jax.lax.while_loop(lambda c: ~jnp.all(c[5]), step, carry)
+  return out, count, hit_eos
+
+
+# ---- command line -----------------------------------------------------------------------------------
+
+def _parse(argv):
+  parser = argparse.ArgumentParser(prog="python -m yanjax.generate", description=__doc__.splitlines()[0])
+  parser.add_argument("--workdir", required=True, help="training run directory (latest checkpoint is used)")
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument("--prompt", help="one prompt, streamed to stdout")
+  source.add_argument("--prompts_file", help="a text file with one prompt per line; JSON lines out")
+  source.add_argument("--prompt_ids", help="one prompt as comma-separated token ids (no tokenizer needed)")
+  parser.add_argument("--max_new_tokens", type=int, default=128)
+  parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+  parser.add_argument("--top_k", type=int, default=0, help="0 = off")
+  parser.add_argument("--top_p", type=float, default=1.0, help="1 = off")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--batch_size", type=int, default=8, help="prompts per batch (--prompts_file)")
+  parser.add_argument("--no_bos", action="store_true", help="do not start prompts with the bos id")
+  parser.add_argument("--stream", action="store_true", help="with --prompts_file: stream text to stderr")
+  return parser.parse_args(argv)
+
+
+def run(model, tokenizer_path: str | None, args, out=None, err=None) -> None:
+  """The CLI after loading: generates for `args` (parsed flags) and writes the results to `out` (stdout)."""
+  out = sys.stdout if out is None else out
+  err = sys.stderr if err is None else err
+  sampling = Sampling(args.temperature, args.top_k, args.top_p)
+  if args.prompt_ids is not None:
+    prompt = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+    eos = limit = None
+    if tokenizer_path is not None:
+      processor = _load_tokenizer(tokenizer_path)
+      eos, limit = processor.eos_id(), processor.vocab_size()
+    stream = lambda tokens, emitted: out.write("".join(f"{t} " for t in tokens[emitted]))
+    (completion,) = generate(model, [prompt], max_new_tokens=args.max_new_tokens, sampling=sampling,
+                             eos_id=eos if eos is not None and eos >= 0 else None, seed=args.seed,
+                             vocab_limit=limit, on_tokens=stream)
+    out.write(f"\n[{completion.stop_reason}]\n")
+    return
+  if tokenizer_path is None:
+    raise SystemExit(f"{args.workdir} has no tokenizer.model: give --prompt_ids instead of text")
+  processor = _load_tokenizer(tokenizer_path)
+  eos = processor.eos_id() if processor.eos_id() >= 0 else None
+  limit = processor.vocab_size()  # the model's vocabulary may be padded past the tokenizer's
+
+  def encode(text):
+    ids = processor.encode(text)
+    return ([processor.bos_id()] if processor.bos_id() >= 0 and not args.no_bos else []) + ids
+
+  if args.prompt is not None:
+    streamer = TextStreamer(processor, 1)
+
+    def stream(tokens, emitted):
+      if emitted[0]:
+        out.write(streamer.push(0, tokens[0]))
+        out.flush()
+
+    (completion,) = generate(model, [encode(args.prompt)], max_new_tokens=args.max_new_tokens,
+                             sampling=sampling, eos_id=eos, seed=args.seed, vocab_limit=limit,
+                             on_tokens=stream)
+    out.write(streamer.flush(0) + "\n")
+    return
+
+  with open(args.prompts_file, encoding="utf-8") as f:
+    texts = [line.rstrip("\n") for line in f]
+  encoded = [encode(t) for t in texts]
+  order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
+  results = {}
+  for start in range(0, len(order), args.batch_size):
+    batch = order[start:start + args.batch_size]
+    streamer = TextStreamer(processor, len(batch))
+
+    def stream(tokens, emitted, batch=batch, streamer=streamer):
+      for row in np.flatnonzero(emitted[:len(batch)]):
+        piece = streamer.push(row, tokens[row])
+        if piece:
+          err.write(f"[{batch[row]}] {piece!r}\n")
+
+    filler = [batch[0]] * (args.batch_size - len(batch))  # same shapes as the full batches; dropped below
+    completions = generate(model, [encoded[i] for i in batch + filler], max_new_tokens=args.max_new_tokens,
+                           sampling=sampling, eos_id=eos, seed=args.seed, row_seeds=batch + filler,
+                           vocab_limit=limit, on_tokens=stream if args.stream else None)
+    results.update(zip(batch, completions))
+  for i, text in enumerate(texts):
+    c = results[i]
+    out.write(json.dumps({"index": i, "prompt": text, "completion": processor.decode(c.tokens),
+                          "tokens": c.tokens, "stop_reason": c.stop_reason}, ensure_ascii=False) + "\n")
+
+
+def _load_tokenizer(path):
+  import sentencepiece as spm  # pylint: disable=import-outside-toplevel
+  return spm.SentencePieceProcessor(model_file=str(path))
+
+
+def main(argv=None) -> None:
+  args = _parse(argv)
+  from yanjax.checkpointing import load_inference_model  # pylint: disable=import-outside-toplevel
+  model, _, tokenizer_path = load_inference_model(args.workdir)
+  run(model, tokenizer_path, args)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,60 @@
+"""Generate text from an export with NumPy only.
+
+    python -m yanjax.numpy_runtime --export exports/tiny --prompt "Once upon a time" --max_new_tokens 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .format import ExportError, load_export
+from .generate import generate
+from .model import Model, config_summary
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(prog="python -m yanjax.numpy_runtime", description=__doc__.splitlines()[0])
+  parser.add_argument("--export", required=True, help="export directory (python -m yanjax.export)")
+  parser.add_argument("--prompt", required=True)
+  parser.add_argument("--max_new_tokens", type=int, default=64)
+  parser.add_argument("--temperature", type=float, default=0.0)
+  parser.add_argument("--top_k", type=int, default=0)
+  parser.add_argument("--top_p", type=float, default=1.0)
+  parser.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args(argv)
+
+  import sentencepiece as spm  # pylint: disable=import-outside-toplevel
+
+  try:
+    export = load_export(args.export)
+  except ExportError as e:
+    raise SystemExit(f"error: {e}") from e
+  if export.tokenizer_path is None:
+    raise SystemExit(f"{args.export} has no tokenizer.model")
+  model = Model(export)
+  print(config_summary(export.config), file=sys.stderr)
+  processor = spm.SentencePieceProcessor(model_file=str(export.tokenizer_path))
+  prompt = ([processor.bos_id()] if processor.bos_id() >= 0 else []) + processor.encode(args.prompt)
+  ids, shown = [], ""
+
+  def stream(tokens, emitted):
+    nonlocal shown
+    if emitted[0]:
+      ids.append(int(tokens[0]))
+      text = processor.decode(ids)
+      if not text.endswith("\ufffd") and text.startswith(shown):
+        sys.stdout.write(text[len(shown):])
+        sys.stdout.flush()
+        shown = text
+
+  eos = processor.eos_id() if processor.eos_id() >= 0 else None
+  generate(model, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+           top_p=args.top_p, eos_id=eos, seed=args.seed,
+           vocab_limit=processor.vocab_size(), on_tokens=stream)
+  text = processor.decode(ids)
+  sys.stdout.write((text[len(shown):] if text.startswith(shown) else "") + "\n")
+
+
+if __name__ == "__main__":
+  main()

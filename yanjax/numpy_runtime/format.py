@@ -1,0 +1,310 @@
+"""The export format: file names, array names and shapes, and a checked loader (NumPy and the stdlib only).
+
+An export directory holds (docs/export.md describes each array and the order of operations):
+
+    manifest.json        format version, config, every array's name / shape / dtype / sha256, file checksums
+    config.json          the model config (the same mapping as manifest["config"])
+    weights.npz          one array per name; float32, or bfloat16 stored as its uint16 bit pattern
+    weights.safetensors  the same arrays (F32, or BF16)
+    tokenizer.model      the sentencepiece model (optional)
+
+`load_export` checks everything it reads and raises `ExportError` naming the file, the array or the config
+key at fault: a missing or unreadable file, a checksum that does not match, an array that is missing,
+unexpected or of the wrong shape, and a config whose implied shapes differ from the weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pathlib
+import zipfile
+from typing import Any, NamedTuple
+
+import numpy as np
+
+FORMAT = "yanjax-export"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+CONFIG = "config.json"
+NPZ = "weights.npz"
+SAFETENSORS = "weights.safetensors"
+TOKENIZER = "tokenizer.model"
+WEIGHT_DTYPES = ("float32", "bfloat16")
+# Config keys the runtime reads; the others (training and kernel choices) do not change inference results.
+RUNTIME_KEYS = ("arch", "vocab_size", "width", "layers", "mlp_width", "channels", "combine", "learnable_rates",
+                "include_current", "heads", "rope_theta", "max_decode_len", "router", "groups", "top_k",
+                "router_hidden", "tie_embeddings", "norm_eps")
+
+
+class ExportError(ValueError):
+  """An export directory is missing a file, holds a corrupt one, or its config does not fit its weights."""
+
+
+class Export(NamedTuple):
+  """A loaded, checked export."""
+  path: pathlib.Path
+  config: dict[str, Any]
+  arrays: dict[str, np.ndarray]  # name -> float32 array, in the canonical order of `expected_shapes`
+  manifest: dict[str, Any]
+  tokenizer_path: pathlib.Path | None
+
+
+def sha256_bytes(data: bytes) -> str:
+  return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def array_sha256(stored: np.ndarray) -> str:
+  """sha256 of an array's bytes as stored: C order, little endian (float32, or uint16 bf16 bit patterns)."""
+  return sha256_bytes(np.ascontiguousarray(stored).astype(stored.dtype.newbyteorder("<"), copy=False).tobytes())
+
+
+def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
+  """uint16 bfloat16 bit patterns -> float32 (exact: bf16 is the top half of a float32)."""
+  return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def float32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
+  """float32 -> uint16 bfloat16 bit patterns, rounding to nearest even (NaN stays NaN)."""
+  bits = np.ascontiguousarray(x, np.float32).view(np.uint32)
+  rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+  return np.where(np.isnan(x), (bits >> 16) | 0x40, rounded).astype(np.uint16)
+
+
+# ---- names and shapes -------------------------------------------------------------------------------
+
+def check_config(config: dict[str, Any], where: str = CONFIG) -> dict[str, Any]:
+  """The config restricted to the keys the runtime reads, with types checked; errors name the key."""
+  if not isinstance(config, dict):
+    raise ExportError(f"{where}: the config must be a JSON object, got {type(config).__name__}")
+  missing = [k for k in RUNTIME_KEYS if k not in config]
+  if missing:
+    raise ExportError(f"{where}: config key(s) {missing} missing")
+  c = {k: config[k] for k in RUNTIME_KEYS}
+  allowed = {"arch": ("yan", "attention"), "combine": ("concat", "sum")}
+  for key, values in allowed.items():
+    if c[key] not in values:
+      raise ExportError(f"{where}: config {key}={c[key]!r} must be one of {values}")
+  for key in ("vocab_size", "width", "layers", "mlp_width", "channels", "heads", "max_decode_len", "groups",
+              "top_k", "router_hidden"):
+    if not isinstance(c[key], int) or isinstance(c[key], bool) or c[key] <= 0:
+      raise ExportError(f"{where}: config {key}={c[key]!r} must be a positive integer")
+  for key in ("learnable_rates", "include_current", "router", "tie_embeddings"):
+    if not isinstance(c[key], bool):
+      raise ExportError(f"{where}: config {key}={c[key]!r} must be true or false")
+  for key in ("rope_theta", "norm_eps"):
+    if not isinstance(c[key], (int, float)) or not c[key] > 0:
+      raise ExportError(f"{where}: config {key}={c[key]!r} must be a positive number")
+  if c["arch"] == "yan" and c["width"] % c["channels"]:
+    raise ExportError(f"{where}: config width={c['width']} is not divisible by channels={c['channels']}")
+  if c["arch"] == "attention" and (c["width"] % c["heads"] or (c["width"] // c["heads"]) % 2):
+    raise ExportError(f"{where}: config width={c['width']} / heads={c['heads']} must be an even integer")
+  if c["router"] and (c["mlp_width"] % c["groups"] or c["top_k"] > c["groups"]):
+    raise ExportError(f"{where}: config router needs mlp_width % groups == 0 and top_k <= groups "
+                      f"(mlp_width={c['mlp_width']}, groups={c['groups']}, top_k={c['top_k']})")
+  return c
+
+
+def expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+  """Every array a config implies, name -> shape, in canonical order (the order the forward pass uses them).
+
+  D = width, V = vocab_size, C = channels, Dc = D / C, H = heads, E = D / H, F = mlp_width, G = groups,
+  R = router_hidden.
+  """
+  c = check_config(config)
+  d, v = c["width"], c["vocab_size"]
+  shapes: dict[str, tuple[int, ...]] = {"embed.embedding": (v, d)}
+  for i in range(c["layers"]):
+    p = f"blocks.{i}."
+    shapes[p + "mixer_norm.scale"] = (d,)
+    if c["arch"] == "yan":
+      ch, dc = c["channels"], d // c["channels"]
+      shapes[p + "mixer.proj"] = (ch, dc, 4, dc)
+      if c["learnable_rates"]:
+        shapes[p + "mixer.rate_logits"] = (2, ch)
+      shapes[p + "mixer.decay_norm.scale"] = (ch, dc)
+      if c["combine"] == "concat":
+        shapes[p + "mixer.out"] = (2, ch, dc, d)
+    else:
+      h, e = c["heads"], d // c["heads"]
+      shapes[p + "mixer.qkv"] = (d, 3, h, e)
+      shapes[p + "mixer.out"] = (h, e, d)
+    shapes[p + "ffn_norm.scale"] = (d,)
+    if c["router"]:
+      g, f = c["groups"], c["mlp_width"] // c["groups"]
+      shapes[p + "ffn.router_in"] = (d, c["router_hidden"])
+      shapes[p + "ffn.router_out"] = (c["router_hidden"], g)
+      shapes[p + "ffn.gate_up"] = (g, d, 2, f)
+      shapes[p + "ffn.down"] = (g, f, d)
+    else:
+      shapes[p + "ffn.gate_up"] = (d, 2, c["mlp_width"])
+      shapes[p + "ffn.down"] = (c["mlp_width"], d)
+  shapes["final_norm.scale"] = (d,)
+  if not c["tie_embeddings"]:
+    shapes["head"] = (d, v)
+  return shapes
+
+
+def check_arrays_fit_config(shapes: dict[str, tuple[int, ...]], config: dict[str, Any],
+                            where: str) -> None:
+  """Raises ExportError naming the first array that the config does not imply or implies differently."""
+  expected = expected_shapes(config)
+  summary = ", ".join(f"{k}={config[k]}" for k in ("arch", "width", "layers", "vocab_size"))
+  for name, shape in expected.items():
+    if name not in shapes:
+      raise ExportError(f"{where}: array '{name}' {list(shape)} is implied by the config ({summary}) but "
+                        f"missing from the weights; the config does not match the weights")
+    if tuple(shapes[name]) != shape:
+      raise ExportError(f"{where}: array '{name}' has shape {list(shapes[name])} but the config ({summary}) "
+                        f"implies {list(shape)}; the config does not match the weights")
+  extra = [n for n in shapes if n not in expected]
+  if extra:
+    raise ExportError(f"{where}: array(s) {extra} are not implied by the config ({summary}); the config "
+                      f"does not match the weights")
+
+
+# ---- reading ----------------------------------------------------------------------------------------
+
+def _read_json(path: pathlib.Path) -> Any:
+  if not path.is_file():
+    raise ExportError(f"{path}: file missing")
+  try:
+    return json.loads(path.read_text(encoding="utf-8"))
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ExportError(f"{path}: not readable JSON ({e})") from e
+
+
+def _check_file(path: pathlib.Path, entry: dict[str, Any]) -> None:
+  if not path.is_file():
+    raise ExportError(f"{path}: file missing (listed in {MANIFEST})")
+  if sha256_file(path) != entry["sha256"]:
+    raise ExportError(f"{path}: sha256 does not match {MANIFEST}: the file is corrupt or was changed")
+
+
+def read_npz(path: pathlib.Path) -> dict[str, np.ndarray]:
+  """Every array of an .npz file as stored; errors name the file and, where known, the array."""
+  if not path.is_file():
+    raise ExportError(f"{path}: file missing")
+  try:
+    archive = np.load(path, allow_pickle=False)
+  except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+    raise ExportError(f"{path}: not a readable .npz file ({e})") from e
+  arrays = {}
+  with archive:
+    for name in archive.files:
+      try:
+        arrays[name] = archive[name]
+      except Exception as e:  # zip CRC errors, truncated members, bad .npy headers
+        raise ExportError(f"{path}: array '{name}' is unreadable ({type(e).__name__}: {e})") from e
+  return arrays
+
+
+_SAFETENSORS_DTYPES = {"F32": np.dtype("<f4"), "BF16": np.dtype("<u2")}
+
+
+def read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
+  """Every array of a .safetensors file (F32, or BF16 returned as uint16 bit patterns), in pure NumPy.
+
+  Layout: 8 bytes little-endian header length n, n bytes of JSON {name: {dtype, shape, data_offsets}},
+  then the data; offsets are relative to the end of the header.
+  """
+  if not path.is_file():
+    raise ExportError(f"{path}: file missing")
+  data = path.read_bytes()
+  try:
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n].decode("utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ExportError(f"{path}: unreadable safetensors header ({e})") from e
+  body = memoryview(data)[8 + n:]
+  arrays = {}
+  for name, info in header.items():
+    if name == "__metadata__":
+      continue
+    if info.get("dtype") not in _SAFETENSORS_DTYPES:
+      raise ExportError(f"{path}: array '{name}' has dtype {info.get('dtype')!r}; expected F32 or BF16")
+    start, end = info["data_offsets"]
+    dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+    if end > len(body) or end - start != dtype.itemsize * int(np.prod(info["shape"], dtype=np.int64)):
+      raise ExportError(f"{path}: array '{name}' data lies outside the file or has the wrong size "
+                        f"(file truncated or corrupt)")
+    arrays[name] = np.frombuffer(body[start:end], dtype).reshape(info["shape"]).copy()
+  return arrays
+
+
+def load_export(path, *, weights: str = "npz", verify: bool = True) -> Export:
+  """Loads an export directory and checks it; returns float32 arrays whatever the stored dtype.
+
+  Args:
+    path: the export directory.
+    weights: "npz" (default) or "safetensors": which weights file to read.
+    verify: check the sha256 of the config, the tokenizer and every array against the manifest.
+  Raises:
+    ExportError naming the file, array or config key at fault.
+  """
+  root = pathlib.Path(path)
+  if not root.is_dir():
+    raise ExportError(f"{root}: export directory missing")
+  manifest = _read_json(root / MANIFEST)
+  if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    raise ExportError(f"{root / MANIFEST}: not a {FORMAT} manifest")
+  if manifest.get("format_version") != FORMAT_VERSION:
+    raise ExportError(f"{root / MANIFEST}: format_version {manifest.get('format_version')!r} is not the "
+                      f"supported {FORMAT_VERSION}")
+  for key in ("config", "weights_dtype", "arrays", "files"):
+    if key not in manifest:
+      raise ExportError(f"{root / MANIFEST}: key '{key}' missing")
+  if manifest["weights_dtype"] not in WEIGHT_DTYPES:
+    raise ExportError(f"{root / MANIFEST}: weights_dtype {manifest['weights_dtype']!r} not in {WEIGHT_DTYPES}")
+
+  config = _read_json(root / CONFIG)
+  if verify and CONFIG in manifest["files"]:
+    _check_file(root / CONFIG, manifest["files"][CONFIG])
+  if config != manifest["config"]:
+    differ = sorted(k for k in set(config) | set(manifest["config"]) if config.get(k) != manifest["config"].get(k))
+    raise ExportError(f"{root / CONFIG}: differs from the config in {MANIFEST} in key(s) {differ}")
+  check_config(config, str(root / CONFIG))
+  listed = {a["name"]: a for a in manifest["arrays"]}
+  check_arrays_fit_config({n: a["shape"] for n, a in listed.items()}, config,
+                          f"{root / CONFIG} vs {root / MANIFEST}")
+
+  if weights not in ("npz", "safetensors"):
+    raise ValueError(f"weights={weights!r}: choose 'npz' or 'safetensors'")
+  file = root / (NPZ if weights == "npz" else SAFETENSORS)
+  stored = read_npz(file) if weights == "npz" else read_safetensors(file)
+  bf16 = manifest["weights_dtype"] == "bfloat16"
+  want_dtype = np.dtype("<u2") if bf16 else np.dtype("<f4")
+  arrays = {}
+  for name, entry in listed.items():
+    if name not in stored:
+      raise ExportError(f"{file}: array '{name}' missing (listed in {MANIFEST})")
+    a = stored[name]
+    if a.dtype != want_dtype or list(a.shape) != list(entry["shape"]):
+      raise ExportError(f"{file}: array '{name}' is {a.dtype} {list(a.shape)} but {MANIFEST} says "
+                        f"{entry['dtype']} {entry['shape']} (stored as {want_dtype})")
+    if verify and array_sha256(a) != entry["sha256"]:
+      raise ExportError(f"{file}: array '{name}' fails its sha256 check: the file is corrupt or was changed")
+    arrays[name] = bf16_bits_to_float32(a) if bf16 else a.astype(np.float32)
+  extra = sorted(set(stored) - set(listed))
+  if extra:
+    raise ExportError(f"{file}: array(s) {extra} not listed in {MANIFEST}")
+  check_arrays_fit_config({n: a.shape for n, a in arrays.items()}, config, f"{root / CONFIG} vs {file}")
+  order = expected_shapes(config)
+  arrays = {name: arrays[name] for name in order}
+
+  tokenizer = None
+  if manifest.get("tokenizer"):
+    tokenizer = root / manifest["tokenizer"]["file"]
+    if verify:
+      _check_file(tokenizer, manifest["tokenizer"])
+    elif not tokenizer.is_file():
+      raise ExportError(f"{tokenizer}: file missing (listed in {MANIFEST})")
+  return Export(root, config, arrays, manifest, tokenizer)
