@@ -23,11 +23,10 @@ from yanjax import export as export_module
 from yanjax.config import ModelConfig
 from yanjax.export import export_model, parameter_arrays
 from yanjax.generate import generate
-from yanjax.model.lm import LanguageModel
-from yanjax.model.mcsd import paper_log_rates
 from yanjax.numpy_runtime import (ExportError, Model, array_sha256, bf16_bits_to_float32, expected_shapes,
                                   float32_to_bf16_bits, load_export, read_safetensors)
 from yanjax.numpy_runtime import generate as np_generate
+from model_helpers import random_model
 
 # Max abs logit difference, NumPy runtime vs JAX model, float32 weights and compute (logits here are O(10)).
 TOLERANCE = 1e-4
@@ -46,19 +45,6 @@ MODELS = {
 def _config(name, **changes):
   base = dict(vocab_size=97, width=32, layers=2, channels=4, heads=2, mlp_width=64, max_decode_len=48)
   return ModelConfig(**{**base, **MODELS[name], **changes})
-
-
-def random_model(cfg, seed=1, scale=0.3):
-  """A model of `cfg` with random parameters drawn in NumPy (no per-shape init compiles): norm scales
-  1 + N(0, scale), learned rates at the paper's values + N(0, scale), every other weight N(0, scale), so that
-  norm scales and rates differ from their defaults and the logits are decisive."""
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: LanguageModel(cfg, rngs=nnx.Rngs(0))))
-  rng = np.random.default_rng(seed)
-  flat = nnx.to_flat_state(state)
-  for path, variable in flat:
-    base = {"scale": 1.0, "rate_logits": np.log(-paper_log_rates(cfg.channels))}.get(path[-1], 0.0)
-    variable.set_value(jnp.asarray(base + scale * rng.standard_normal(variable.get_value().shape), jnp.float32))
-  return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def _model(name, **changes):

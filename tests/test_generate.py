@@ -9,35 +9,19 @@ import random
 import sys
 import types
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import sentencepiece as spm
-from flax import nnx
 
 from yanjax import generate as generate_module
 from yanjax.config import ModelConfig
 from yanjax.generate import Completion, TextStreamer, generate
-from yanjax.model.lm import LanguageModel
-from yanjax.model.mcsd import paper_log_rates
 from yanjax.sampling import Sampling
+from model_helpers import random_model
 
 VOCAB = 320  # > the test tokenizer's 300 pieces
 PROMPTS = [[1, 17, 40, 9, 250], [1, 33], [1, 5, 6]]
-
-
-def random_model(cfg, seed=1, scale=0.3):
-  """A model of `cfg` with random parameters drawn in NumPy (no per-shape init compiles): norm scales
-  1 + N(0, scale), learned rates at the paper's values + N(0, scale), every other weight N(0, scale), so that
-  norm scales and rates differ from their defaults and the logits are decisive."""
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: LanguageModel(cfg, rngs=nnx.Rngs(0))))
-  rng = np.random.default_rng(seed)
-  flat = nnx.to_flat_state(state)
-  for path, variable in flat:
-    base = {"scale": 1.0, "rate_logits": np.log(-paper_log_rates(cfg.channels))}.get(path[-1], 0.0)
-    variable.set_value(jnp.asarray(base + scale * rng.standard_normal(variable.get_value().shape), jnp.float32))
-  return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def _model(arch, **changes):
