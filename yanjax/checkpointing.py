@@ -33,6 +33,7 @@ class Checkpointer:
                                          item_names=("state", "meta"))
 
   def steps(self) -> list[int]:
+    """Steps of the complete checkpoints, and of saves still being written asynchronously."""
     return sorted(self.manager.all_steps())
 
   def save(self, step: int, state: Any, meta: dict[str, Any]):

@@ -144,6 +144,8 @@ def main(argv):
   device_kind = jax.devices()[0].device_kind
 
   def save(step):
+    if step in checkpointer.steps():  # already saved at this step (a stop request on a checkpoint step)
+      return
     meta = {"step": step, "data": {"next_step": step, "seed": cfg.train.seed, "stores": list(cfg.data.stores)},
             "config": cfg.to_dict()}
     checkpointer.save(step, state, meta)
