@@ -1,10 +1,15 @@
-"""Test session set-up: 8 simulated CPU devices (sharding tests), and a small prepared token store."""
+"""Test session set-up: 8 simulated CPU devices (sharding tests), a small prepared token store, and an S3
+server (moto's, on 127.0.0.1) started once per session."""
 
+import os
 import pathlib
+import re
 import sysconfig
 
 import jax
 import pytest
+
+import s3_server
 
 jax.config.update("jax_num_cpu_devices", 8)  # before any backend starts; single-device code uses device 0
 
@@ -18,3 +23,21 @@ def small_store(tmp_path_factory) -> pathlib.Path:
   out = tmp_path_factory.mktemp("store") / "stdlib40"
   assert prepare.main(["--output", str(out), "--vocab_size", "512", "--validation_fraction", "0.2", *files]) == 0
   return out
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+  """The URL of a real S3-compatible server (moto) on 127.0.0.1; this process's AWS_* variables point at it."""
+  with s3_server.moto_server() as endpoint:
+    saved = dict(os.environ)
+    s3_server.apply_environment(endpoint)
+    yield endpoint
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint, request) -> str:
+  """A new, empty bucket for one test: its s3:// URL."""
+  name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + os.urandom(3).hex()
+  return s3_server.create_bucket(s3_endpoint, name)

@@ -1,21 +1,27 @@
 """Checkpoints with orbax `CheckpointManager`: train state + metadata (step, data position, resolved config).
 
-Layout: <workdir>/checkpoints/<step>/{state, meta}. Orbax writes each step into a temporary directory and
-renames it when complete, so a save cut short (SIGKILL, preemption) is never listed; a listed step that cannot
-be read (corrupted files) is skipped with a warning and the one before it is used.
+Layout: <workdir>/checkpoints/<step>/{state, meta}. The workdir may be local or a bucket (gs://, s3://). On
+local disk orbax writes each step into a temporary directory and renames it when complete; on object stores,
+which cannot rename, it writes in place and commits with a `commit_success.txt` written last. Either way a
+save cut short (SIGKILL, preemption) is never listed; a listed step that cannot be read (corrupted files) is
+skipped with a warning and the one before it is used.
+
+Restoring into a different mesh or device count works: the abstract state given to `restore_latest`
+carries the new run's shardings, and orbax (tensorstore) reads each device's slice straight into place.
 """
 
 from __future__ import annotations
 
-import pathlib
+import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
+from yanjax import storage
 from yanjax.config import ConfigError, ModelConfig
 from yanjax.model.lm import LanguageModel
 
@@ -25,10 +31,11 @@ TOKENIZER_FILE = "tokenizer.model"
 class Checkpointer:
   """Saves and restores {"state": train-state pytree, "meta": JSON dict} by step."""
 
-  def __init__(self, workdir: str | pathlib.Path, keep: int = 3, async_save: bool = True):
-    self.workdir = pathlib.Path(workdir).resolve()
+  def __init__(self, workdir: str | os.PathLike, keep: int = 3, async_save: bool = True):
+    self.workdir = storage.as_path(workdir)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                           cleanup_tmp_directories=True)
+                                           cleanup_tmp_directories=True,
+                                           atomicity_options=storage.orbax_atomicity(self.workdir))
     self.manager = ocp.CheckpointManager(self.workdir / "checkpoints", options=options,
                                          item_names=("state", "meta"))
 
@@ -43,15 +50,27 @@ class Checkpointer:
   def read_meta(self, step: int) -> dict[str, Any]:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-  def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict[str, Any]] | None:
+  def restore_latest(self, abstract_state: Any, check_meta: Callable[[dict[str, Any]], None] = lambda _: None
+                     ) -> tuple[int, Any, dict[str, Any]] | None:
     """(step, state, meta) of the newest readable checkpoint, or None when there is none.
 
-    Unreadable newer checkpoints are moved to <workdir>/corrupt_checkpoints/ (kept for inspection, and out of
-    the way of the run that now redoes those steps).
+    `abstract_state`: ShapeDtypeStructs with the target shardings (any mesh). `check_meta(meta)` runs on a
+    checkpoint's metadata before its state is read and may raise (e.g. ConfigError for another model's
+    checkpoint); that error propagates. Unreadable newer checkpoints (state or metadata) are moved to
+    <workdir>/corrupt_checkpoints/ (kept for inspection, and out of the way of the run that now redoes
+    those steps).
     """
     unreadable = []
     restored = None
     for step in reversed(self.steps()):
+      try:
+        meta = self.read_meta(step)
+      except Exception as error:  # pylint: disable=broad-except  # unreadable metadata: try older
+        logging.warning("checkpoint at step %d has unreadable metadata (%s: %s); trying the previous one", step,
+                        type(error).__name__, (str(error).splitlines() or [""])[0][:300])
+        unreadable.append(step)
+        continue
+      check_meta(meta)
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
@@ -64,7 +83,7 @@ class Checkpointer:
       break
     if unreadable and jax.process_index() == 0:
       quarantine = self.workdir / "corrupt_checkpoints"
-      quarantine.mkdir(exist_ok=True)
+      quarantine.mkdir(parents=True, exist_ok=True)
       for step in unreadable:
         (self.workdir / "checkpoints" / str(step)).rename(quarantine / f"{step}-{time.time_ns()}")
       logging.warning("moved unreadable checkpoints %s to %s", unreadable, quarantine)

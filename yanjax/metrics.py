@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-import pathlib
 import time
 from typing import Any
 
 import jax
+
+from yanjax import storage
 
 # Dense bfloat16 peak FLOP/s per device, from vendor data sheets (no sparsity). MFU divides by these.
 PEAK_FLOPS = {
@@ -40,16 +41,34 @@ def mfu(flops_per_token: float, tokens_per_second: float, num_devices: int, devi
 
 
 class MetricsWriter:
-  """Writes scalars to <workdir>/metrics.jsonl and TensorBoard events under <workdir>/tensorboard."""
+  """Writes scalars to <workdir>/metrics.jsonl and TensorBoard events under <workdir>/tensorboard.
 
-  def __init__(self, workdir: str | pathlib.Path, enabled: bool = True):
+  The workdir may be local or a bucket. Local files are appended and flushed at every record; an object
+  store has no append, so there the whole file is rewritten (one upload) at most every `flush_seconds`
+  and at `close`. Opening with `resume_step` drops the records of steps after it (a run killed after its
+  last checkpoint logged steps that the resumed run does again), so each step is in the file once.
+  """
+
+  def __init__(self, workdir, enabled: bool = True, resume_step: int = 0, flush_seconds: float = 30.0):
     self.enabled = enabled
     if not enabled:
       return
     from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-    workdir = pathlib.Path(workdir)
-    self.jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")  # pylint: disable=consider-using-with
+    workdir = storage.as_path(workdir)
+    self.path = workdir / "metrics.jsonl"
+    self.remote = storage.is_remote(workdir)
+    self.flush_seconds = flush_seconds
+    self.last_flush = time.monotonic()
+    kept = [line for line in (self.path.read_text().splitlines() if self.path.exists() else [])
+            if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+    self.lines = kept
+    self._rewrite()
+    self.jsonl = None if self.remote else self.path.open("a")
     self.tensorboard = SummaryWriter(str(workdir / "tensorboard"))
+
+  def _rewrite(self):
+    self.path.write_text("".join(line + "\n" for line in self.lines))
+    self.last_flush = time.monotonic()
 
   def write(self, step: int, scalars: dict[str, Any]):
     if not self.enabled:
@@ -60,12 +79,20 @@ class MetricsWriter:
       record[name] = value
       if isinstance(value, float):
         self.tensorboard.add_scalar(name, value, step)
-    self.jsonl.write(json.dumps(record) + "\n")
-    self.jsonl.flush()
+    line = json.dumps(record)
+    self.lines.append(line)
+    if self.jsonl is not None:
+      self.jsonl.write(line + "\n")
+      self.jsonl.flush()
+    elif time.monotonic() - self.last_flush > self.flush_seconds:
+      self._rewrite()
 
   def close(self):
     if self.enabled:
-      self.jsonl.close()
+      if self.jsonl is not None:
+        self.jsonl.close()
+      else:
+        self._rewrite()
       self.tensorboard.close()
 
 

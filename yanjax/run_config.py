@@ -12,6 +12,7 @@ from typing import Any
 
 import ml_collections
 
+from yanjax import storage
 from yanjax.config import ConfigError, ModelConfig
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
@@ -31,6 +32,8 @@ DEFAULTS: dict[str, Any] = {
         "sample_tokens": 64,  # a generated sample at the end (0: none)
         "sample_prompt": "def ",
         "transfer_guard": True,  # jax_transfer_guard="disallow" around the step (catches silent host copies)
+        # JAX's persistent compilation cache, local or gs:// / s3:// ("" turns it off); {workdir}: the run's
+        "compilation_cache": "{workdir}/compilation_cache",
     },
     "optimizer": {
         "lr": 3e-3,
@@ -45,9 +48,11 @@ DEFAULTS: dict[str, Any] = {
         "clip_norm": 1.0,
     },
     "data": {
-        "stores": ("data/stdlib",),  # tuples: ml_collections overrides them as --config.data.stores="('a', 'b')"
+        # Token stores, local or gs:// / s3://; {workdir} is the run's work directory. Tuples: ml_collections
+        # overrides them as --config.data.stores="('a', 'b')".
+        "stores": ("{workdir}/data/stdlib",),
         "weights": (),  # mixing weights, one per store; empty: equal weights
-        "prepare_default": True,  # prepare data/stdlib from the standard library when it is missing
+        "prepare_default": True,  # prepare the first store from the standard library when it is missing
         "packing": True,
         "validation_fraction": 0.05,  # used when preparing the default store
     },
@@ -134,6 +139,12 @@ def validate_run_config(cfg: ml_collections.ConfigDict) -> ModelConfig:
       raise ConfigError(f"rules: {rule!r} must be (logical_name, (mesh axes from {MESH_AXES}))")
   if not cfg.data.stores:
     fail("data.stores", "name at least one token store")
+  for key, path in [("data.stores", p) for p in cfg.data.stores] + [("train.compilation_cache",
+                                                                     cfg.train.compilation_cache)]:
+    try:
+      storage.check_url(path.replace("{workdir}", "workdir"))
+    except ConfigError as e:
+      raise ConfigError(f"{key}: {e}") from None
   if cfg.data.weights and len(cfg.data.weights) != len(cfg.data.stores):
     fail("data.weights", f"needs one weight per store ({len(cfg.data.stores)})")
   return model

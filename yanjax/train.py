@@ -1,8 +1,10 @@
 """Pretrains a Yan (MCSD) or attention-baseline language model; the product's main job.
 
 Run:  python -m yanjax.train --config configs/yan_tiny.py --workdir runs/yan_tiny [--config.train.steps=300]
-Multi-host: the same command on every process (see launch/README.md). Re-running it on a workdir with
-checkpoints resumes from the latest complete one. SIGTERM / SIGINT: save at the next step boundary, exit 42.
+Multi-host: the same command on every process (see launch/README.md). The workdir (and the data stores) may
+be local or in a bucket (gs://, s3://). Re-running it on a workdir with checkpoints resumes from the latest
+complete one, on any number of devices or hosts. SIGTERM / SIGINT, or JAX's preemption notice on multi-host
+runs: save at the next step boundary, exit 42. User errors (config, paths, storage) are one line, exit 2.
 
 First-time readers: `main` reads top to bottom in banner sections (distributed, config, data, mesh and state,
 checkpoint, loop, end). The step itself is in train_step.py; placement rules in sharding.py.
@@ -10,8 +12,6 @@ checkpoint, loop, end). The step itself is in train_step.py; placement rules in 
 
 from __future__ import annotations
 
-import pathlib
-import shutil
 import signal
 import sys
 import time
@@ -25,9 +25,10 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from yanjax import distributed, sharding
+from yanjax import compilation_cache, distributed, sharding, storage
 from yanjax.checkpointing import TOKENIZER_FILE, Checkpointer, check_same_shapes
-from yanjax.config import ModelConfig
+from yanjax.config import ConfigError, ModelConfig
+from yanjax.data.errors import DataError
 from yanjax.metrics import MetricsWriter, mfu, process_zero
 from yanjax.model.counting import flops_per_token, param_count
 from yanjax.model.lm import LanguageModel
@@ -37,20 +38,35 @@ from yanjax.train_step import make_eval_step, make_train_step
 
 PREEMPTED_EXIT_CODE = 42  # saved after SIGTERM/SIGINT: a scheduler should requeue the job
 NONFINITE_EXIT_CODE = 3  # nan_policy="stop": saved and stopped on a non-finite loss
+USAGE_EXIT_CODE = 2  # a user error (config, path, storage, data store): one line on stderr
+WORKDIR_PLACEHOLDER = "{workdir}"  # in data.stores and train.compilation_cache: the run's work directory
 
 config_flags.DEFINE_config_file("config", "configs/yan_tiny.py", "Python config file (path[:variant]).",
                                 lock_config=True)
-flags.DEFINE_string("workdir", "runs/yan_tiny", "Run directory: checkpoints, metrics, tokenizer, samples.")
+flags.DEFINE_string("workdir", "runs/yan_tiny", "Run directory, local or gs:// / s3://: checkpoints, metrics, "
+                    "tokenizer, samples, compilation cache.")
+flags.DEFINE_bool("verbose", False, "Show the full traceback of user errors too.")
 FLAGS = flags.FLAGS
 
 
 class StopRequest:
-  """Set by SIGTERM / SIGINT; the loop saves and exits at the next step boundary."""
+  """Set by SIGTERM / SIGINT, or JAX's preemption notice; the loop saves and exits at the next step boundary.
+
+  On a multi-process run with JAX's preemption service (on by default), JAX owns SIGTERM: its notifier
+  tells every host, and `multihost_utils.reached_preemption_sync_point` names one step at which all of them
+  save. The service's other notifiers (where the platform has them) reach the same sync point.
+  """
 
   def __init__(self):
     self.signal = None
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    self.preemption_service = (jax.process_count() > 1 and
+                               jax._src.distributed.global_state.preemption_sync_manager is not None)  # pylint: disable=protected-access
+    for sig in (signal.SIGINT,) if self.preemption_service else (signal.SIGTERM, signal.SIGINT):
       signal.signal(sig, self._handle)
+
+  def preempted(self, step: int) -> bool:
+    """True on every process at the step JAX's preemption service chose (call it at every step)."""
+    return self.preemption_service and multihost_utils.reached_preemption_sync_point(step)
 
   def _handle(self, signum, _frame):
     self.signal = signum
@@ -64,38 +80,66 @@ class StopRequest:
     return bool(np.any(multihost_utils.process_allgather(np.array(local))))
 
 
-def prepare_data(cfg, workdir: pathlib.Path):
-  """Opens the train and validation loaders, preparing the default store first when it is missing."""
+def store_paths(cfg, workdir: str) -> list[str]:
+  """The data stores of the run, with {workdir} replaced by the work directory."""
+  return [store.replace(WORKDIR_PLACEHOLDER, workdir.rstrip("/")) for store in cfg.data.stores]
+
+
+def prepare_data(cfg, workdir):
+  """Opens the train and validation loaders, preparing the default store first when it is missing.
+
+  The default store lives under the work directory, which every host sees (a shared filesystem or a
+  bucket), so process 0 prepares it once and the others wait, then read it.
+  """
   from yanjax.data import make_loader  # pylint: disable=import-outside-toplevel  # grain only where data is read
-  store = pathlib.Path(cfg.data.stores[0])
-  if cfg.data.prepare_default and not (store / "metadata.json").exists():
+  stores = store_paths(cfg, str(workdir))
+  store = storage.as_path(stores[0])
+  if cfg.data.prepare_default and not storage.check_readable(store / "metadata.json", "data store",
+                                                             "check data.stores and the credentials"):
+    failed = 0
     if process_zero():
       from data_pipelines import prepare  # pylint: disable=import-outside-toplevel
       _say(f"preparing the default corpus (the Python standard library) into {store}")
-      prepare.main(["--output", str(store), "--vocab_size", str(cfg.model.vocab_size),
-                    "--validation_fraction", str(cfg.data.validation_fraction)])
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices("default corpus prepared")
+      failed = prepare.main(["--output", str(store), "--vocab_size", str(cfg.model.vocab_size),
+                             "--validation_fraction", str(cfg.data.validation_fraction)])
+    if _agree(bool(failed)):
+      raise DataError(f"preparing the default corpus into {store} failed (see the message above)")
   common = dict(weights=list(cfg.data.weights) or None, seq_len=cfg.train.seq_len,
                 global_batch=cfg.train.global_batch, seed=cfg.train.seed, process_index=jax.process_index(),
                 process_count=jax.process_count(), packing=cfg.data.packing,
                 expected_vocab_size=cfg.model.vocab_size)
-  train = make_loader(list(cfg.data.stores), split="train", **common)
-  validation = make_loader(list(cfg.data.stores), split="validation", **common)
+  train = make_loader(stores, split="train", **common)
+  validation = make_loader(stores, split="validation", **common)
   if process_zero() and not (workdir / TOKENIZER_FILE).exists():
-    shutil.copyfile(train.tokenizer_path, workdir / TOKENIZER_FILE)
+    (workdir / TOKENIZER_FILE).write_bytes(storage.as_path(train.tokenizer_path).read_bytes())
   return train, validation
 
 
 def main(argv):
+  """Runs `train`; a user error (bad config, path, storage or data store) is one line on stderr, exit 2."""
   del argv
+  try:
+    train()
+  except (ConfigError, DataError) as error:
+    if FLAGS.verbose:
+      raise
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    sys.exit(USAGE_EXIT_CODE)
+
+
+def train():
   logging.set_verbosity(logging.WARNING)  # orbax and grain log every file at INFO; ours go through _say
   # ---- distributed -------------------------------------------------------------------------------------
   distributed.initialize_from_flags()
   cfg = FLAGS.config
   model_cfg = validate_run_config(cfg)
-  workdir = pathlib.Path(FLAGS.workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  workdir = storage.as_path(FLAGS.workdir)
+  if process_zero():
+    storage.check_writable(workdir, "workdir", "give a --workdir this job can write to")
+  else:
+    storage.check_readable(workdir, "workdir", "every host must reach the --workdir")
+  if cfg.train.compilation_cache:
+    compilation_cache.enable(cfg.train.compilation_cache.replace(WORKDIR_PLACEHOLDER, str(workdir)))
   if process_zero():
     (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
 
@@ -120,15 +164,15 @@ def main(argv):
 
   # ---- checkpoint: resume or start ------------------------------------------------------------------
   checkpointer = Checkpointer(workdir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
-  if checkpointer.steps():
-    check_same_shapes(ModelConfig.from_dict(checkpointer.read_meta(checkpointer.steps()[-1])["config"]["model"]),
-                      model_cfg)
-  restored = checkpointer.restore_latest(jax.eval_shape(init))
+  restored = checkpointer.restore_latest(
+      jax.eval_shape(init), lambda meta: check_same_shapes(ModelConfig.from_dict(meta["config"]["model"]), model_cfg))
   if restored is None:
     state, start = init(), 0
   else:
-    start, state, _ = restored
-    _say(f"resumed from the checkpoint at step {start} in {workdir}")
+    start, state, meta = restored
+    saved_mesh = meta.get("mesh", dict(mesh.shape))
+    _say(f"resumed from the checkpoint at step {start} in {workdir}" +
+         (f" (saved on mesh {saved_mesh}, restored onto {dict(mesh.shape)})" if saved_mesh != dict(mesh.shape) else ""))
 
   # ---- loop ----------------------------------------------------------------------------------------
   batch_shard = sharding.batch_sharding(mesh, rules)
@@ -138,7 +182,7 @@ def main(argv):
                        donate_argnums=0)
   eval_step = jax.jit(sharding.with_activation_rules(make_eval_step(graphdef), mesh, rules),
                       in_shardings=(state_sharding["params"], batch_shard))
-  writer = MetricsWriter(workdir, enabled=process_zero())
+  writer = MetricsWriter(workdir, enabled=process_zero(), resume_step=start)
   stop = StopRequest()
   flops = flops_per_token(model_cfg, cfg.train.seq_len)
   device_kind = jax.devices()[0].device_kind
@@ -146,8 +190,8 @@ def main(argv):
   def save(step):
     if step in checkpointer.steps():  # already saved at this step (a stop request on a checkpoint step)
       return
-    meta = {"step": step, "data": {"next_step": step, "seed": cfg.train.seed, "stores": list(cfg.data.stores)},
-            "config": cfg.to_dict()}
+    meta = {"step": step, "data": {"next_step": step, "seed": cfg.train.seed, "stores": store_paths(cfg, str(workdir))},
+            "config": cfg.to_dict(), "mesh": dict(mesh.shape), "process_count": jax.process_count()}
     checkpointer.save(step, state, meta)
 
   def evaluate():
@@ -169,6 +213,8 @@ def main(argv):
         batch = to_global(next(batches))
       state, metrics = train_step(state, batch)
       step += 1
+      if step == start + 1:  # compiled by now: say whether the persistent cache had the step
+        compilation_cache.report(_say)
       if pending is not None:  # metrics of the previous step: the host never waits on the step it dispatched
         exit_code = _after_step(pending, cfg, writer, progress, flops, device_kind)
       pending = (step, metrics)
@@ -183,7 +229,8 @@ def main(argv):
         if step % cfg.checkpoint.every_steps == 0 or timed_save or step == cfg.train.steps:
           save(step)
           last_save = time.monotonic()
-        if exit_code == NONFINITE_EXIT_CODE or ((at_log or jax.process_count() == 1) and stop.agreed()):
+        if (exit_code == NONFINITE_EXIT_CODE or stop.preempted(step) or
+            ((at_log or jax.process_count() == 1) and stop.agreed())):
           save(step)
           exit_code = exit_code or PREEMPTED_EXIT_CODE
           break
@@ -193,6 +240,7 @@ def main(argv):
     progress.close()
     if exit_code == 0 and cfg.train.sample_tokens > 0:
       write_sample(graphdef, state["params"], cfg.train, workdir)
+    compilation_cache.report(_say)
     checkpointer.wait()
     checkpointer.close()
     writer.close()
@@ -201,21 +249,23 @@ def main(argv):
     sys.exit(exit_code)
 
 
-def write_sample(graphdef, params, train_cfg, workdir: pathlib.Path):
-  """Generates a continuation of train.sample_prompt (sampled, seeded), prints it and writes sample.txt."""
+def write_sample(graphdef, params, train_cfg, workdir):
+  """Generates a continuation of train.sample_prompt (sampled, seeded), prints it and writes sample.txt.
+
+  Generation runs on the sharded parameters as they are (every process takes part in the jitted loop);
+  nothing is gathered onto one host.
+  """
   import sentencepiece  # pylint: disable=import-outside-toplevel
   from yanjax.generate import generate  # pylint: disable=import-outside-toplevel
   from yanjax.sampling import Sampling  # pylint: disable=import-outside-toplevel
-  if jax.process_count() > 1:
-    params = multihost_utils.process_allgather(params, tiled=True)
-  if not process_zero():
-    return
-  tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(workdir / TOKENIZER_FILE))
+  tokenizer = sentencepiece.SentencePieceProcessor(model_proto=(workdir / TOKENIZER_FILE).read_bytes())
   prompt = [tokenizer.bos_id()] + tokenizer.encode(train_cfg.sample_prompt)
-  model = nnx.merge(graphdef, jax.device_get(params))
+  model = nnx.merge(graphdef, params)
   completion = generate(model, [prompt], max_new_tokens=train_cfg.sample_tokens,
                         sampling=Sampling(temperature=0.7, top_p=0.9), eos_id=tokenizer.eos_id(),
                         seed=train_cfg.seed)[0]
+  if not process_zero():
+    return
   text = tokenizer.decode(prompt[1:] + completion.tokens)
   (workdir / "sample.txt").write_text(text + "\n")
   print(f"---- sample ({train_cfg.sample_tokens} tokens, temperature 0.7, top-p 0.9) ----\n{text}\n----",
