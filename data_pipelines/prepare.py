@@ -2,9 +2,11 @@
 
   python -m data_pipelines.prepare --output data/stdlib --vocab_size 2048            # Python stdlib
   python -m data_pipelines.prepare --output data/web --vocab_size 32000 'shards/*.jsonl.gz'
+  python -m data_pipelines.prepare --output s3://bucket/stores/stdlib --vocab_size 2048  # or gs://
 
 With no inputs it reads the running Python's standard-library sources. Re-running with the same inputs
-(paths, sizes, mtimes) and settings is a no-op; the store is published atomically. See docs/data.md.
+(paths, sizes, mtimes) and settings is a no-op; the store is published atomically (on object stores:
+metadata.json last). See docs/data.md.
 """
 
 from __future__ import annotations
@@ -17,13 +19,17 @@ import json
 import os
 import pathlib
 import random
+import secrets
 import sys
 import time
 from typing import Any, Iterable, Iterator, Sequence
 
+from etils import epath
 import tqdm
 
 from data_pipelines import sources, store_writer, tokenizer
+from yanjax import storage
+from yanjax.config import ConfigError
 from yanjax.data import store as store_format
 from yanjax.data.errors import CorpusError, DataError, StoreError, TokenizerMismatchError
 
@@ -40,13 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
       formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("inputs", nargs="*", help="text files, directories, globs, .jsonl[.gz], .parquet "
                       "(default: the .py files of the running Python's standard library)")
-  parser.add_argument("--output", required=True, help="directory of the store to publish")
+  parser.add_argument("--output", required=True, help="directory of the store to publish: a local path, "
+                      "gs://bucket/path or s3://bucket/path")
   parser.add_argument("--vocab_size", type=int, default=None,
                       help=f"pieces of the trained tokenizer (default {DEFAULT_VOCAB_SIZE}); with "
                       "--tokenizer_model it must equal that model's size")
   parser.add_argument("--tokenizer_type", choices=tokenizer.MODEL_TYPES, default="bpe")
   parser.add_argument("--tokenizer_model", default=None,
-                      help="reuse this sentencepiece .model instead of training one")
+                      help="reuse this sentencepiece .model (local, gs:// or s3://) instead of training one")
   parser.add_argument("--tokenizer_sample_bytes", type=int, default=4_000_000,
                       help="bytes of text (from files in seeded random order) the tokenizer trains on")
   parser.add_argument("--text_field", default="text", help="JSONL field / Parquet column with the text")
@@ -76,9 +83,14 @@ def fingerprint(files: Sequence[sources.SourceFile], settings: dict[str, Any]) -
   return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
 
 
-def run(args: argparse.Namespace) -> pathlib.Path:
+def run(args: argparse.Namespace) -> epath.Path:
   """Prepares the store `args` describe, or does nothing when it is already up to date."""
   _check_args(args)
+  out = store_format.store_path(args.output)
+  urls = [spec for spec in args.inputs if "://" in spec]
+  if urls:
+    raise CorpusError(f"input {urls[0]}: inputs are read from local files only (the output and "
+                      "--tokenizer_model may be gs:// or s3:// URLs); copy the corpus to local disk")
   files = sources.list_files(args.inputs) if args.inputs else sources.stdlib_files()
   if not files:
     raise CorpusError("no input files: name text, JSONL or Parquet files, directories or globs")
@@ -88,10 +100,10 @@ def run(args: argparse.Namespace) -> pathlib.Path:
   settings = {**{k: getattr(args, k) for k in _DATA_SETTINGS}, "vocab_size": vocab_size,
               "tokenizer_model_sha256": given_model and hashlib.sha256(given_model).hexdigest()}
   data_fingerprint = fingerprint(files, settings)
-  out = pathlib.Path(args.output)
   if _up_to_date(out, data_fingerprint, args.overwrite):
     print(f"{out} is up to date (fingerprint {data_fingerprint[:12]}); nothing to do")
     return out
+  _check_writable(out)
   for leftover in sorted(out.parent.glob(f"{out.name}{store_format.TEMP_MARKER}*")):
     print(f"warning: {leftover} is left from an interrupted preparation and is never read; delete it",
           file=sys.stderr)
@@ -128,10 +140,11 @@ def _given_tokenizer(args: argparse.Namespace) -> bytes | None:
   """The bytes of --tokenizer_model, checked against --vocab_size; None when none is given."""
   if not args.tokenizer_model:
     return None
-  path = pathlib.Path(args.tokenizer_model)
-  if not path.is_file():
+  path = storage.as_path(args.tokenizer_model)
+  fix = "check --tokenizer_model, the bucket and the credentials"
+  if not storage.run_with_deadline(path.is_file, path, "--tokenizer_model", fix):
     raise DataError(f"--tokenizer_model {path} is not a file")
-  model = path.read_bytes()
+  model = storage.run_with_deadline(path.read_bytes, path, "--tokenizer_model", fix)
   vocab_size = tokenizer.load(model).vocab_size()
   if args.vocab_size not in (None, vocab_size):
     raise TokenizerMismatchError(
@@ -153,9 +166,10 @@ def _train_tokenizer(args: argparse.Namespace, files: Sequence[sources.SourceFil
   return tokenizer.train(sentences, vocab_size, args.tokenizer_type, args.num_threads)
 
 
-def _up_to_date(out: pathlib.Path, expected_fingerprint: str, overwrite: bool) -> bool:
+def _up_to_date(out: epath.Path, expected_fingerprint: str, overwrite: bool) -> bool:
   """True when `out` is a trusted store of this fingerprint; an error when it is another and may not go."""
-  if not out.exists():
+  store_format.forget_listings(out)
+  if not storage.check_readable(out, "--output", "check the path, the bucket and the credentials"):
     return False
   try:
     existing = store_format.open_store(out).metadata["fingerprint"]
@@ -168,6 +182,22 @@ def _up_to_date(out: pathlib.Path, expected_fingerprint: str, overwrite: bool) -
   if not overwrite:
     raise StoreError(f"{out} {why}; pass --overwrite to replace it, or choose another --output")
   return False
+
+
+def _check_writable(out: epath.Path):
+  """ConfigError naming `out` unless a probe object can be written next to it (a missing bucket,
+  rejected credentials or an unreachable endpoint fail here, before the tokenizer is trained)."""
+  if not storage.is_remote(out):
+    storage.check_writable(out.parent, "--output", "choose a writable --output")
+    return
+  probe = out.parent / f".yanjax-write-probe-{secrets.token_hex(4)}"
+
+  def write_and_delete():  # no mkdir: on object stores it would create a missing bucket
+    probe.write_text("probe")
+    probe.unlink()
+
+  storage.run_with_deadline(write_and_delete, out, "--output",
+                            "check the bucket name, the credentials and (for s3://) AWS_ENDPOINT_URL")
 
 
 def _batches(documents: Iterable[sources.Document], max_chars: int) -> Iterator[list[sources.Document]]:
@@ -229,7 +259,7 @@ def _metadata(args, files, settings, data_fingerprint, report) -> dict[str, Any]
   }
 
 
-def _print_summary(out: pathlib.Path, report: sources.ReadReport, seconds: float):
+def _print_summary(out: epath.Path, report: sources.ReadReport, seconds: float):
   metadata = store_format.open_store(out).metadata
   splits = ", ".join(f"{name}: {s['num_documents']} documents, {s['num_tokens']} tokens"
                      for name, s in metadata["splits"].items())
@@ -246,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   try:
     run(args)
-  except DataError as e:
+  except (DataError, ConfigError) as e:  # ConfigError: a bad URL or unreachable storage
     print(f"error: {e}", file=sys.stderr)
     return 1
   return 0

@@ -1,4 +1,9 @@
-"""Writing a token store atomically: build it in `<out>.tmp-<random>`, rename it into place last.
+"""Writing a token store atomically: build it in `<out>.tmp-<random>`, publish it with metadata.json last.
+
+`<out>` is a local directory or an object-store prefix (gs://, s3://). On local disk the finished
+temporary directory is renamed into place in one `os.replace`. Object stores have no directory rename:
+the objects are copied server-side to `<out>`, metadata.json last (a store without it is never trusted),
+then the temporary prefix is deleted. Replacing a store deletes its metadata.json first.
 
 The layout and metadata fields are those `yanjax.data.store` reads (see docs/data.md). Token arrays are
 zarr3 with the sharding codec: shards of 2^23 tokens keep the file count low at terabyte scale, and
@@ -10,15 +15,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pathlib
 import secrets
 import shutil
 from typing import Any
 
+from etils import epath
 import numpy as np
 import tensorstore as ts
 
 from data_pipelines import tokenizer
+from yanjax import storage
 from yanjax.data import store as store_format
 from yanjax.data.errors import StoreError
 
@@ -26,11 +32,11 @@ _TOKEN_SHARD, _TOKEN_CHUNK = 1 << 23, 1 << 15
 _OFFSET_SHARD, _OFFSET_CHUNK = 1 << 20, 1 << 14
 
 
-def _zarr3_spec(path: pathlib.Path, dtype: np.dtype, shard: int, chunk: int) -> dict[str, Any]:
+def _zarr3_spec(path: epath.Path, dtype: np.dtype, shard: int, chunk: int) -> dict[str, Any]:
   """A resizable 1-D zarr3 array of `dtype`, sharded, zstd-compressed inner chunks."""
   return {
       "driver": "zarr3",
-      "kvstore": {"driver": "file", "path": str(path)},
+      "kvstore": storage.kvstore(path),
       "metadata": {
           "shape": [0],
           "data_type": dtype.name,
@@ -52,7 +58,7 @@ def _zarr3_spec(path: pathlib.Path, dtype: np.dtype, shard: int, chunk: int) -> 
 class ArrayAppender:
   """Grows a 1-D zarr3 array by appends, writing only whole shards until `finish`."""
 
-  def __init__(self, path: pathlib.Path, dtype: np.dtype, shard: int, chunk: int):
+  def __init__(self, path: epath.Path, dtype: np.dtype, shard: int, chunk: int):
     self._array = ts.open(_zarr3_spec(path, dtype, shard, chunk), create=True).result()
     self._dtype = dtype
     self._shard = shard
@@ -86,8 +92,9 @@ class ArrayAppender:
 class SplitWriter:
   """The token array and document offsets of one split."""
 
-  def __init__(self, directory: pathlib.Path, dtype: np.dtype):
-    directory.mkdir()
+  def __init__(self, directory: epath.Path, dtype: np.dtype):
+    if not storage.is_remote(directory):  # object stores have no directories
+      directory.mkdir()
     self._tokens = ArrayAppender(directory / store_format.TOKENS_ARRAY, dtype, _TOKEN_SHARD,
                                  _TOKEN_CHUNK)
     self._offsets = ArrayAppender(directory / store_format.OFFSETS_ARRAY, np.dtype(np.int64),
@@ -114,13 +121,14 @@ class SplitWriter:
 
 
 class StoreBuilder:
-  """Builds a store in a temporary sibling directory of `out` and publishes it with one rename.
+  """Builds a store in a temporary sibling `<out>.tmp-<random>` of `out` and publishes it (see above).
 
-  Use as a context manager: leaving the block by an exception removes the temporary directory. A
-  process killed outright leaves `<out>.tmp-<random>` behind, which `open_store` never trusts.
+  `out` is a local path or a gs:// / s3:// URL. Use as a context manager: leaving the block by an
+  exception removes the temporary directory. A process killed outright leaves `<out>.tmp-<random>`
+  behind, which `open_store` never trusts.
   """
 
-  def __init__(self, out: pathlib.Path, tokenizer_model: bytes):
+  def __init__(self, out: str | os.PathLike, tokenizer_model: bytes):
     processor = tokenizer.load(tokenizer_model)
     self.tokenizer_metadata = {
         "file": store_format.TOKENIZER_FILE,
@@ -131,10 +139,13 @@ class StoreBuilder:
         "eos_id": processor.eos_id(),
     }
     self.dtype = store_format.token_dtype(processor.vocab_size())
-    self.out = out
+    self.out = out = store_format.store_path(out)
+    if storage.is_remote(out) and "/" not in _key(out):
+      raise StoreError(f"{out} is a bucket; a store needs a path inside it, such as {out}/stores/name")
     self.temp_dir = out.parent / f"{out.name}{store_format.TEMP_MARKER}{secrets.token_hex(4)}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    self.temp_dir.mkdir()
+    if not storage.is_remote(out):  # on object stores mkdir would create a missing bucket
+      out.parent.mkdir(parents=True, exist_ok=True)
+      self.temp_dir.mkdir()
     (self.temp_dir / store_format.TOKENIZER_FILE).write_bytes(tokenizer_model)
     self.splits = {name: SplitWriter(self.temp_dir / name, self.dtype) for name in store_format.SPLITS}
 
@@ -143,10 +154,10 @@ class StoreBuilder:
 
   def __exit__(self, exc_type, exc, traceback):
     if exc_type is not None:
-      shutil.rmtree(self.temp_dir, ignore_errors=True)
+      remove_tree(self.temp_dir, missing_ok=True)
 
   def publish(self, metadata: dict[str, Any], overwrite: bool):
-    """Completes `metadata` (format, tokenizer, token dtype, split sizes), writes it last, renames the
+    """Completes `metadata` (format, tokenizer, token dtype, split sizes), writes it last, moves the
     store into place."""
     metadata = {
         **metadata,
@@ -156,18 +167,35 @@ class StoreBuilder:
         "token_dtype": self.dtype.name,
         "splits": {name: writer.finish() for name, writer in self.splits.items()},
     }
-    partial = self.temp_dir / f"{store_format.METADATA_FILE}.partial"
-    with open(partial, "w", encoding="utf-8") as f:
-      json.dump(metadata, f, indent=2, sort_keys=True)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(partial, self.temp_dir / store_format.METADATA_FILE)
+    text = json.dumps(metadata, indent=2, sort_keys=True)
+    if storage.is_remote(self.temp_dir):
+      (self.temp_dir / store_format.METADATA_FILE).write_text(text)  # one PUT: never half-visible
+    else:
+      partial = self.temp_dir / f"{store_format.METADATA_FILE}.partial"
+      with open(partial, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(partial, self.temp_dir / store_format.METADATA_FILE)
     replace_directory(self.temp_dir, self.out, overwrite)
 
 
-def replace_directory(source: pathlib.Path, target: pathlib.Path, overwrite: bool):
-  """Renames `source` to `target`; an existing `target` is moved aside first and removed when `overwrite`."""
-  if target.exists():
+def replace_directory(source: epath.Path, target: epath.Path, overwrite: bool):
+  """Moves the finished store `source` to `target`; an existing `target` is replaced when `overwrite`.
+
+  Local: renames (an old `target` is renamed aside first, removed after). Object stores: copies each
+  object server-side, metadata.json last, then deletes `source`; an old `target` loses its metadata.json
+  before anything else, so no reader trusts it while it is replaced.
+  """
+  if storage.is_remote(target):
+    try:
+      _move_objects(source, target, overwrite)
+    except StoreError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  # gcsfs and botocore errors are not all OSErrors
+      raise StoreError(f"publishing {target} failed: {storage.describe_storage_error(e, target)}; "
+                       "re-run data_pipelines.prepare with --overwrite") from e
+  elif target.exists():
     if not overwrite:
       raise StoreError(f"{target} exists; pass --overwrite to replace it")
     old = target.parent / f"{target.name}.old-{secrets.token_hex(4)}"
@@ -176,3 +204,63 @@ def replace_directory(source: pathlib.Path, target: pathlib.Path, overwrite: boo
     shutil.rmtree(old)
   else:
     os.replace(source, target)
+
+
+def _move_objects(source: epath.Path, target: epath.Path, overwrite: bool):
+  """`replace_directory` on an object store."""
+  fs = _filesystem(target)
+  old = _find(fs, target)
+  if old:
+    if not overwrite:
+      raise StoreError(f"{target} exists; pass --overwrite to replace it")
+    metadata = f"{_key(target)}/{store_format.METADATA_FILE}"
+    if metadata in old:
+      fs.rm_file(metadata)
+    rest = [key for key in old if key != metadata]
+    if rest:
+      fs.rm(rest)
+  objects = _find(fs, source)
+  last = f"{_key(source)}/{store_format.METADATA_FILE}"
+  if last not in objects:
+    raise StoreError(f"{source} has no {store_format.METADATA_FILE}; it is not a finished store")
+  rest = [key for key in objects if key != last]
+  fs.copy(rest, [_retarget(key, source, target) for key in rest])  # server-side, concurrent
+  fs.copy(last, _retarget(last, source, target))
+  fs.rm(objects)
+
+
+def remove_tree(path: epath.Path, missing_ok: bool = False):
+  """Deletes a local directory or every object under a remote prefix."""
+  if not storage.is_remote(path):
+    shutil.rmtree(path, ignore_errors=missing_ok)
+    return
+  try:
+    fs = _filesystem(path)
+    objects = _find(fs, path)
+    if objects:
+      fs.rm(objects)
+  except OSError:
+    if not missing_ok:
+      raise
+
+
+def _filesystem(path: epath.Path):
+  """The fsspec filesystem of a remote path, its cached listings dropped (tensorstore writes behind
+  its back)."""
+  store_format.forget_listings(path)
+  return epath.backend.fsspec_backend.fs(os.fspath(path))
+
+
+def _key(path: epath.Path) -> str:
+  """`bucket/key` of a remote path, as fsspec names objects."""
+  return os.fspath(path).split("://", 1)[1].rstrip("/")
+
+
+def _find(fs, prefix: epath.Path) -> list[str]:
+  """Every object under the remote directory `prefix` (not its siblings that share the name's start)."""
+  return sorted(fs.find(_key(prefix) + "/"))
+
+
+def _retarget(key: str, source: epath.Path, target: epath.Path) -> str:
+  """The object `key` under `source` renamed to its place under `target`."""
+  return _key(target) + key[len(_key(source)):]

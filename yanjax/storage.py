@@ -75,6 +75,8 @@ def kvstore(path: str | os.PathLike) -> dict[str, Any]:
   if endpoint:
     spec["endpoint"] = endpoint
     spec["aws_region"] = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+  if os.environ.get("AWS_ACCESS_KEY_ID"):  # the keys boto3 uses; skips tensorstore's noisy profile-file search
+    spec["aws_credentials"] = {"type": "environment"}
   return spec
 
 
@@ -85,7 +87,8 @@ def check_writable(directory: epath.Path, what: str, fix: str) -> None:
   instead of retrying for minutes.
   """
   def probe():
-    directory.mkdir(parents=True, exist_ok=True)
+    if not is_remote(directory):  # object stores have no directories (and s3fs's mkdir creates buckets)
+      directory.mkdir(parents=True, exist_ok=True)
     marker = directory / f".yanjax-write-probe-{secrets.token_hex(4)}"
     marker.write_text("probe")
     marker.unlink()
@@ -114,8 +117,12 @@ def run_with_deadline(fn, path, what: str, fix: str):
 
 def describe_storage_error(error: BaseException, path) -> str:
   """A one-line reason for a storage failure: missing bucket, credentials, permission, endpoint."""
-  text = f"{type(error).__name__}: {error}"
-  lowered = text.lower()
+  chain, cause = [], error
+  while cause is not None and len(chain) < 8:  # s3fs and gcsfs wrap the service's own error
+    chain.append(f"{type(cause).__name__}: {cause}")
+    cause = cause.__cause__ or cause.__context__
+  text = chain[0]
+  lowered = " | ".join(chain).lower()
   bucket = os.fspath(path).split("://", 1)[-1].split("/")[0]
   if "nosuchbucket" in lowered or ("bucket" in lowered and "not exist" in lowered):
     return f"the bucket {bucket!r} does not exist (create it, or correct the bucket name)"
@@ -124,7 +131,8 @@ def describe_storage_error(error: BaseException, path) -> str:
     return ("no credentials found (set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for s3://, or "
             "`gcloud auth application-default login` / GOOGLE_APPLICATION_CREDENTIALS for gs://)")
   if any(s in lowered for s in ("invalidaccesskeyid", "signaturedoesnotmatch", "invalid_grant",
-                                 "invalidtoken", "expiredtoken")):
+                                 "invalidtoken", "expiredtoken", "access key id you provided does not exist",
+                                 "signature we calculated does not match", "security token included")):
     return "the credentials were rejected (check the access key and secret, or refresh the token)"
   if isinstance(error, PermissionError) or any(s in lowered for s in ("accessdenied", "access denied",
                                                                        "forbidden", "403")):

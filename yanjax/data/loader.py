@@ -41,7 +41,12 @@ class Loader:
 
   @property
   def tokenizer_path(self) -> os.PathLike:
+    """The first store's tokenizer.model (an epath: local, gs:// or s3://)."""
     return self.stores[0].tokenizer_path
+
+  def tokenizer_bytes(self) -> bytes:
+    """The serialized sentencepiece model all the stores share (verified against its sha256)."""
+    return self.stores[0].tokenizer_bytes()
 
   @property
   def tokenizer_sha256(self) -> str:
@@ -69,8 +74,8 @@ def make_loader(stores: Sequence[str | os.PathLike | Store], weights: Sequence[f
                 process_index: int = 0, process_count: int = 1, packing: bool = True,
                 expected_vocab_size: int | None = None, expected_tokenizer_sha256: str | None = None,
                 max_in_memory_bytes: int = DEFAULT_MAX_IN_MEMORY_BYTES) -> Loader:
-  """A loader over `split` of `stores`, mixed by `weights` (default equal) in grain's deterministic
-  interleaving.
+  """A loader over `split` of `stores` (opened stores, local paths or gs:// / s3:// URLs), mixed by
+  `weights` (default equal) in grain's deterministic interleaving.
 
   packing=True packs shuffled documents into windows of T + 1 tokens (`PackedSequences`);
   packing=False gives one padded document prefix per row (`DocumentRows`). The expected_* arguments

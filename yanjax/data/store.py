@@ -1,13 +1,15 @@
 """Reading a prepared token store: metadata, tokenizer, and the token arrays of each split.
 
-A store is the directory `python -m data_pipelines.prepare` publishes (layout in docs/data.md):
+A store is the directory (or object-store prefix: gs://bucket/..., s3://bucket/...) that
+`python -m data_pipelines.prepare` publishes (layout in docs/data.md):
 
   <store>/metadata.json        written last; without it (complete and consistent) the store is not trusted
   <store>/tokenizer.model      sentencepiece model; its sha256 is in the metadata
   <store>/<split>/tokens       zarr3 array [n_tokens] of uint16 or uint32 token ids
   <store>/<split>/doc_offsets  zarr3 array [n_docs + 1] int64; document i is tokens[offsets[i]:offsets[i+1]]
 
-Every document is stored as `bos_id, <tokens of its text>, eos_id`.
+Every document is stored as `bos_id, <tokens of its text>, eos_id`. Files are read through
+`yanjax.storage` (epath), arrays through tensorstore's file, gcs or s3 kvstore.
 """
 
 from __future__ import annotations
@@ -16,13 +18,16 @@ import dataclasses
 import functools
 import hashlib
 import json
-import pathlib
+import os
 from typing import Any, Callable
 
+from etils import epath
 import numpy as np
 import sentencepiece as spm
 import tensorstore as ts
 
+from yanjax import storage
+from yanjax.config import ConfigError
 from yanjax.data.errors import StoreError
 
 FORMAT_NAME = "yanjax-token-store"
@@ -37,30 +42,36 @@ _REQUIRED_KEYS = ("format", "format_version", "fingerprint", "tokenizer", "token
 _CACHE_BYTES = 256 << 20  # tensorstore chunk cache shared by the arrays of one store
 
 
-def _file_sha256(path: str | pathlib.Path) -> str:
-  """Hex sha256 of a file's bytes."""
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
-
-
 def token_dtype(vocab_size: int) -> np.dtype:
   """The narrowest unsigned dtype that holds every id of a `vocab_size` vocabulary."""
   return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
-def _open_array(path: pathlib.Path, context: ts.Context | None = None) -> ts.TensorStore:
+def store_path(path: str | os.PathLike) -> epath.Path:
+  """The epath of a store given as a local path or gs:// / s3:// URL; StoreError for a bad URL."""
+  try:
+    return storage.as_path(path)
+  except ConfigError as e:
+    raise StoreError(str(e)) from e
+
+
+def forget_listings(path: epath.Path) -> None:
+  """Drops fsspec's cached listings of a remote `path`: tensorstore and other processes write there
+  behind its back, so a cached listing may deny an object that exists (or show a deleted one)."""
+  if storage.is_remote(path):
+    epath.backend.fsspec_backend.fs(os.fspath(path)).invalidate_cache()
+
+
+def _open_array(path: epath.Path, context: ts.Context | None = None) -> ts.TensorStore:
   """Opens an existing 1-D zarr3 array for reading."""
-  spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
+  spec = {"driver": "zarr3", "kvstore": storage.kvstore(path)}
   return ts.open(spec, read=True, open=True, context=context).result()
 
 
 class StoreSplit:
   """One split (train or validation) of a store: its token array and document offsets."""
 
-  def __init__(self, name: str, directory: pathlib.Path, num_tokens: int, num_documents: int,
+  def __init__(self, name: str, directory: epath.Path, num_tokens: int, num_documents: int,
                context: ts.Context):
     self.name = name
     self.num_tokens = num_tokens
@@ -101,18 +112,19 @@ class StoreSplit:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Store:
-  """A prepared, verified token store."""
+  """A prepared, verified token store (a local directory or an object-store prefix)."""
 
-  path: pathlib.Path
+  path: epath.Path
   metadata: dict[str, Any]
   splits: dict[str, StoreSplit]
+  tokenizer_model: bytes = dataclasses.field(repr=False)  # the verified bytes of tokenizer.model
 
   @property
   def vocab_size(self) -> int:
     return self.metadata["tokenizer"]["vocab_size"]
 
   @property
-  def tokenizer_path(self) -> pathlib.Path:
+  def tokenizer_path(self) -> epath.Path:
     return self.path / TOKENIZER_FILE
 
   @property
@@ -141,23 +153,57 @@ class Store:
       raise StoreError(f"unknown split {name!r}; a store has splits {tuple(self.splits)}")
     return self.splits[name]
 
+  def tokenizer_bytes(self) -> bytes:
+    """The serialized sentencepiece model (its sha256 is `tokenizer_sha256`); write it anywhere with
+    `storage.as_path(dest).write_bytes(...)`."""
+    return self.tokenizer_model
+
   def tokenizer(self) -> spm.SentencePieceProcessor:
     """The store's sentencepiece tokenizer."""
-    return spm.SentencePieceProcessor(model_file=str(self.tokenizer_path))
+    return spm.SentencePieceProcessor(model_proto=self.tokenizer_model)
 
 
-def _read_metadata(path: str | pathlib.Path) -> dict[str, Any]:
+def _storage_call(fn: Callable[[], Any], path: epath.Path, what: str) -> Any:
+  """fn() within storage's deadline; a StoreError naming `path` when its storage cannot be reached or
+  read (missing bucket, credentials, endpoint)."""
+  try:
+    return storage.run_with_deadline(fn, path, what, "check the store path, the bucket and the credentials")
+  except ConfigError as e:
+    raise StoreError(str(e)) from e
+
+
+def _read_file(store: epath.Path, name: str) -> bytes | None:
+  """The bytes of file `name` of `store`, or None when it does not exist (its bucket does)."""
+  file = store / name
+
+  def read():
+    try:
+      return file.read_bytes()
+    except FileNotFoundError as e:
+      if storage.is_remote(file) and "bucket" in str(e).lower():
+        raise  # a missing bucket is a storage error, not a missing store
+      return None
+
+  return _storage_call(read, store, "token store")
+
+
+def _read_metadata(path: epath.Path) -> dict[str, Any]:
   """The metadata of a finished store at `path`; StoreError when it is absent, unfinished or incomplete."""
-  path = pathlib.Path(path)
   rerun = f"re-run `python -m data_pipelines.prepare --output {path} ...`"
   if TEMP_MARKER in path.name:
     raise StoreError(f"{path} is the temporary directory of an unfinished preparation and is never "
                      f"trusted; delete it and open the published store instead")
-  if not path.is_dir():
+  if not storage.is_remote(path) and not path.is_dir():
     raise StoreError(f"no prepared store at {path}; {rerun}")
+  forget_listings(path)
+  text = _read_file(path, METADATA_FILE)
+  if text is None and storage.is_remote(path) and not _storage_call(path.exists, path, "token store"):
+    raise StoreError(f"no prepared store at {path} (no object under it); {rerun}")
   try:
-    metadata = json.loads((path / METADATA_FILE).read_text(encoding="utf-8"))
-  except (OSError, ValueError) as e:
+    if text is None:
+      raise ValueError("it is missing")
+    metadata = json.loads(text.decode("utf-8"))
+  except ValueError as e:  # UnicodeDecodeError and JSONDecodeError included
     raise StoreError(f"{path} has no complete {METADATA_FILE} ({e}), so it is not trusted; "
                      f"{rerun} with --overwrite") from e
   if not isinstance(metadata, dict):
@@ -172,12 +218,14 @@ def _read_metadata(path: str | pathlib.Path) -> dict[str, Any]:
   return metadata
 
 
-def open_store(path: str | pathlib.Path) -> Store:
-  """Opens and verifies the store at `path` (metadata, tokenizer hash, array shapes)."""
-  path = pathlib.Path(path)
+def open_store(path: str | os.PathLike) -> Store:
+  """Opens and verifies the store at `path`, local or gs:// / s3:// (metadata, tokenizer hash, array
+  shapes)."""
+  path = store_path(path)
   metadata = _read_metadata(path)
   tokenizer_file = path / TOKENIZER_FILE
-  if not tokenizer_file.is_file() or _file_sha256(tokenizer_file) != metadata["tokenizer"]["sha256"]:
+  model = _read_file(path, TOKENIZER_FILE)
+  if model is None or hashlib.sha256(model).hexdigest() != metadata["tokenizer"]["sha256"]:
     raise StoreError(f"{tokenizer_file} is missing or its sha256 differs from the metadata's; the store "
                      f"is corrupt: re-run data_pipelines.prepare with --overwrite")
   context = ts.Context({"cache_pool": {"total_bytes_limit": _CACHE_BYTES}})
@@ -188,4 +236,4 @@ def open_store(path: str | pathlib.Path) -> Store:
   if sorted(splits) != sorted(SPLITS):
     raise StoreError(f"{path} has splits {sorted(splits)}, expected {sorted(SPLITS)}; re-run "
                      "data_pipelines.prepare with --overwrite")
-  return Store(path, metadata, splits)
+  return Store(path, metadata, splits, model)
