@@ -1,11 +1,17 @@
-"""Sweep runner: a tiny real sweep on the default corpus runs end to end, skips finished points, fits and plots."""
+"""Sweep runner: a tiny real sweep on the default corpus runs end to end, skips finished points, fits and plots;
+the Slurm array script requeues preempted points; a sweep directory may be in a bucket."""
 
 import json
+import math
+import os
 import pathlib
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 
-from yanjax import sweep
+from yanjax import storage, sweep
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -77,3 +83,127 @@ def get_sweep():
   assert "yan-bad_vocab-D2.05e+03: FAILED" in printed and "failed: ['yan-bad_vocab-D2.05e+03']" in printed
   records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
   assert sorted(r["size"] for r in records) == ["ok", "ok2"]  # the point after the failure ran too
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The Slurm array script: preemption requeues the task through the piece slurm.sbatch shares.
+
+FAKE_SLURM = {
+    "srun": '#!/bin/bash\necho "$@" >> "$FAKE_LOG.srun"\nexit "${FAKE_SRUN_EXIT}"\n',
+    "scontrol": '#!/bin/bash\necho "$@" >> "$FAKE_LOG.scontrol"\n',
+}
+
+
+def run_with_fake_slurm(tmp_path, command, srun_exit, env, cwd=None):
+  """Runs `command` with stub srun/scontrol on PATH; returns (exit code, output, srun args, scontrol args)."""
+  bin_dir = tmp_path / "fake_bin"
+  bin_dir.mkdir(exist_ok=True)
+  for name, text in FAKE_SLURM.items():
+    (bin_dir / name).write_text(text)
+    (bin_dir / name).chmod(0o755)
+  log = tmp_path / f"fake_{os.urandom(4).hex()}"  # this call's record
+  env = {**os.environ, **env, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_LOG": str(log),
+         "FAKE_SRUN_EXIT": str(srun_exit)}
+  proc = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=60, check=False)
+  calls = [(pathlib.Path(f"{log}.{name}").read_text() if pathlib.Path(f"{log}.{name}").exists() else "")
+           for name in ("srun", "scontrol")]
+  return proc.returncode, proc.stdout + proc.stderr, *calls
+
+
+def test_array_script_requeues_on_preempted_exit(tmp_path, monkeypatch):
+  spec = tmp_path / "spec.py"
+  spec.write_text(SPEC.format(repo=REPO, store=tmp_path / "stdlib"))
+  out = tmp_path / "sweep"
+  monkeypatch.chdir(tmp_path)
+  assert sweep.main(["launch", "--spec", str(spec), "--out", str(out)]) == 0
+  script = out / "sweep.sbatch"
+  text = script.read_text()
+  print(text)
+  for line in ("#SBATCH --array=0-11", "#SBATCH --requeue", "#SBATCH --signal=TERM@120",
+               "#SBATCH --open-mode=append", f"#SBATCH --output={out}/slurm-%A_%a.log",
+               f"source {REPO}/launch/requeue_on_preempt.sh",
+               'requeue_on_preempt $? "${task}"', 'task="${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"'):
+    assert line in text, line
+  assert "$$" not in text and "${spec}" not in text
+  assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
+
+  slurm_env = {"SLURM_ARRAY_JOB_ID": "77", "SLURM_ARRAY_TASK_ID": "3"}
+  code, output, srun, scontrol = run_with_fake_slurm(tmp_path, ["bash", str(script)], 42, slurm_env, cwd="/")
+  print(output)
+  assert code == 0 and scontrol == "requeue 77_3\n"
+  assert srun == f"python -m yanjax.sweep run --spec {spec} --out {out} --only 3\n"
+  code, _, _, scontrol = run_with_fake_slurm(tmp_path, ["bash", str(script)], 1, slurm_env, cwd="/")
+  assert code == 1 and scontrol == ""
+
+  # The trainer's script shares the same piece, and its exit code is the trainer's.
+  from yanjax.train import PREEMPTED_EXIT_CODE  # pylint: disable=import-outside-toplevel
+  assert f"PREEMPTED_EXIT_CODE={PREEMPTED_EXIT_CODE} " in (REPO / "launch/requeue_on_preempt.sh").read_text()
+  job_env = {"SLURM_SUBMIT_DIR": str(REPO), "SLURM_JOB_ID": "9", "SLURM_GPUS_ON_NODE": "2",
+             "SLURM_JOB_NUM_NODES": "1"}
+  command = ["bash", str(REPO / "launch/slurm.sbatch"), "configs/yan_tiny.py", "/tmp/wd"]
+  code, output, srun, scontrol = run_with_fake_slurm(tmp_path, command, 42, job_env, cwd=tmp_path)
+  print(output)
+  assert code == 0 and scontrol == "requeue 9\n" and "yanjax.train --config configs/yan_tiny.py" in srun
+  code, _, _, scontrol = run_with_fake_slurm(tmp_path, command, 3, job_env, cwd=tmp_path)
+  assert code == 3 and scontrol == ""
+
+
+def test_launch_with_bucket_out_writes_script_here(tmp_path, monkeypatch, s3_bucket):
+  spec = tmp_path / "spec.py"
+  spec.write_text(SPEC.format(repo=REPO, store=tmp_path / "stdlib"))
+  monkeypatch.chdir(tmp_path)
+  assert sweep.main(["launch", "--spec", str(spec), "--out", f"{s3_bucket}/sweep"]) == 0
+  text = (tmp_path / "sweep.sbatch").read_text()
+  assert f"--out {s3_bucket}/sweep --only" in text and f"#SBATCH --output={tmp_path}/slurm-%A_%a.log" in text
+
+
+FAKE_TRAINER = '''#!/bin/bash
+echo started >> "{calls}"
+trap 'echo "trainer: saved"; exit 42' TERM
+kill -TERM "$PPID"  # the sweep's process, as Slurm's --signal would; the sweep passes it on to us
+sleep 5 & wait $!
+'''
+
+
+def test_signal_is_passed_to_trainer_and_exit_code_42_propagates(tmp_path, monkeypatch):
+  spec = tmp_path / "spec.py"
+  spec.write_text(SPEC.format(repo=REPO, store=tmp_path / "stdlib"))
+  calls = tmp_path / "calls"
+  trainer = tmp_path / "fake_trainer"
+  trainer.write_text(FAKE_TRAINER.format(calls=calls))
+  trainer.chmod(0o755)
+  monkeypatch.setattr(sys, "executable", str(trainer))  # run_point starts `sys.executable -m yanjax.train`
+  out = tmp_path / "sweep"
+  assert sweep.main(["run", "--spec", str(spec), "--out", str(out)]) == 42
+  assert calls.read_text() == "started\n"  # no further point started
+  logs = list(out.glob("points/*/train.log"))
+  assert len(logs) == 1 and "trainer: saved" in logs[0].read_text()
+  assert sweep.main(["run", "--spec", str(spec), "--out", str(out), "--only", "4"]) == 42
+  assert (out / "results.jsonl").read_text() == ""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A sweep directory in a bucket.
+
+
+def test_fit_reads_and_writes_sweep_in_s3(tmp_path, monkeypatch, s3_bucket):
+  """Synthetic points of a 4 x 4 grid (Chinchilla's law, 1% noise) in s3://; `sweep fit` writes its fits there."""
+  monkeypatch.chdir(tmp_path)
+  out = f"{s3_bucket}/sweep"
+  rng = np.random.default_rng(0)
+  for n in np.geomspace(1e6, 1e9, 4):
+    for d in np.geomspace(1e8, 1e11, 4):
+      loss = (1.69 + 406.4 / n**0.34 + 410.7 / d**0.28) * math.exp(0.01 * rng.standard_normal())
+      record = {"id": f"yan-N{n:.3g}-D{d:.3g}", "family": "yan", "params": n, "tokens": d, "flops": 6 * n * d,
+                "val_loss": loss, "flop_budget": None}
+      (storage.as_path(out) / "points" / record["id"] / "result.json").write_text(json.dumps(record))
+  assert sweep.main(["fit", "--out", out, "--bootstrap", "5"]) == 0
+  remote = storage.as_path(out)
+  assert len(remote.joinpath("results.jsonl").read_text().splitlines()) == 16
+  fits = json.loads(remote.joinpath("fits/fit.json").read_text())
+  assert fits["yan"]["runs"] == 16 and fits["yan"]["approach2"] is None
+  assert 0.3 < fits["yan"]["approach3"]["params"]["a"] < 0.6
+  for png in ("loss_vs_flops.png", "frontier.png"):
+    assert remote.joinpath("fits", png).read_bytes()[:4] == b"\x89PNG"
+  assert not remote.joinpath("fits/isoflop.png").exists()
+  assert list(tmp_path.iterdir()) == []  # nothing written locally (no "s3:" directory)

@@ -87,12 +87,18 @@ class MetricsWriter:
     elif time.monotonic() - self.last_flush > self.flush_seconds:
       self._rewrite()
 
+  def flush(self):
+    """Makes every record so far durable (an upload on object stores)."""
+    if self.enabled:
+      if self.jsonl is None:
+        self._rewrite()
+      self.tensorboard.flush()
+
   def close(self):
     if self.enabled:
+      self.flush()
       if self.jsonl is not None:
         self.jsonl.close()
-      else:
-        self._rewrite()
       self.tensorboard.close()
 
 

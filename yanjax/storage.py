@@ -80,6 +80,15 @@ def kvstore(path: str | os.PathLike) -> dict[str, Any]:
   return spec
 
 
+def write_atomic(path: epath.Path, data: str | bytes) -> None:
+  """Writes `path` whole or not at all: one upload on an object store, a renamed temporary file locally."""
+  path = as_path(path)
+  target = path if is_remote(path) else path.parent / f".{path.name}.tmp-{secrets.token_hex(4)}"
+  (target.write_bytes if isinstance(data, bytes) else target.write_text)(data)
+  if target != path:
+    target.replace(path)
+
+
 def check_writable(directory: epath.Path, what: str, fix: str) -> None:
   """Creates `directory` and writes and deletes a probe object in it; ConfigError naming the path if not.
 

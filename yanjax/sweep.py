@@ -13,21 +13,38 @@ A spec is a Python file whose `get_sweep()` returns a dict:
   config    {section: {key: value}} shared by every point (train, optimizer, data, ...)
 Each point trains in its own workdir <out>/points/<id> (re-running resumes or skips it) and writes result.json;
 <out>/results.jsonl is rebuilt from those, one record per finished point (the format docs/scaling.md reads).
+--out (and --spec) may be local paths or gs:// / s3:// URLs. SIGTERM / SIGINT: passed on to the running trainer,
+which saves; the sweep starts no further point and exits with the trainer's PREEMPTED_EXIT_CODE.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import pathlib
+import shlex
+import signal
+import string
 import subprocess
 import sys
+import tempfile
+import types
 from typing import Any, NamedTuple
 
+from etils import epath
+
+from yanjax import storage
 from yanjax.config import ConfigError, load_config_file
 from yanjax.model.counting import flops_per_token, param_count
 from yanjax.presets import model_variant
+
+# The job-array template (repo-internal, not a user path): `launch` fills it in.
+LAUNCH_DIR = pathlib.Path(__file__).resolve().parents[1] / "launch"
+ARRAY_TEMPLATE = LAUNCH_DIR / "sweep_array.sbatch"
+FAILED_EXIT_CODE = 1
 
 
 class Point(NamedTuple):
@@ -42,11 +59,12 @@ class Point(NamedTuple):
   flop_budget: float | None
 
 
-def load_spec(path: str | pathlib.Path) -> dict[str, Any]:
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  spec = importlib.util.spec_from_file_location("yanjax_sweep_spec", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+def load_spec(path: str | os.PathLike) -> dict[str, Any]:
+  """Runs a spec file (local or gs:// / s3://) and returns its checked `get_sweep()`."""
+  path = storage.as_path(path)
+  module = types.ModuleType("yanjax_sweep_spec")
+  module.__file__ = os.fspath(path)
+  exec(compile(path.read_text(), os.fspath(path), "exec"), module.__dict__)  # pylint: disable=exec-used
   sweep = module.get_sweep()
   unknown = set(sweep) - {"families", "sizes", "tokens", "isoflop", "config"}
   if unknown:
@@ -91,99 +109,181 @@ def _section_flags(config: dict[str, dict[str, Any]]) -> list[str]:
           f"--config.{section}.{key}={value}" for section, values in config.items() for key, value in values.items()]
 
 
-def run_point(point: Point, out: pathlib.Path) -> bool:
-  """Trains one point (resuming its workdir) and writes its result.json; True on success."""
+class StopRequest:
+  """SIGTERM / SIGINT while points run: recorded, and passed on to the running trainer (which saves)."""
+
+  def __init__(self):
+    self.signal = None
+    self.trainer: subprocess.Popen | None = None
+
+  def _handle(self, signum, _frame):
+    self.signal = signum
+    if self.trainer is not None and self.trainer.poll() is None:
+      self.trainer.send_signal(signum)
+
+  @contextlib.contextmanager
+  def installed(self):
+    previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+      yield self
+    finally:
+      for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+def run_point(point: Point, out: epath.Path, stop: StopRequest | None = None) -> int:
+  """Trains one point (resuming its workdir) and writes its result.json.
+
+  Returns 0 when the point has its result, the trainer's PREEMPTED_EXIT_CODE when a signal stopped it (it
+  saved; a re-run resumes), FAILED_EXIT_CODE otherwise.
+  """
+  from yanjax.train import PREEMPTED_EXIT_CODE  # pylint: disable=import-outside-toplevel
+  stop = stop or StopRequest()
   workdir = out / "points" / point.id
   result_file = workdir / "result.json"
   if result_file.exists():
     print(f"[sweep] {point.id}: done already, skipped", flush=True)
-    return True
+    return 0
   print(f"[sweep] {point.id}: training {point.tokens:,} tokens, {point.params:,} parameters", flush=True)
   workdir.mkdir(parents=True, exist_ok=True)
-  with open(workdir / "train.log", "a", encoding="utf-8") as log:
-    code = subprocess.call([sys.executable, "-m", "yanjax.train", f"--workdir={workdir}", *point.flags],
-                           stdout=log, stderr=subprocess.STDOUT)
+  with _train_log(workdir / "train.log") as log:
+    stop.trainer = subprocess.Popen([sys.executable, "-m", "yanjax.train", f"--workdir={workdir}", *point.flags],
+                                    stdout=log, stderr=subprocess.STDOUT)
+    if stop.signal is not None:  # arrived while the trainer was starting
+      stop.trainer.send_signal(stop.signal)
+    try:
+      code = stop.trainer.wait()
+    finally:
+      stop.trainer = None
+  if code == PREEMPTED_EXIT_CODE or (stop.signal is not None and code != 0):
+    print(f"[sweep] {point.id}: stopped by a signal (exit code {code}); a re-run resumes it", flush=True)
+    return PREEMPTED_EXIT_CODE
   val_loss = _final_val_loss(workdir / "metrics.jsonl")
   if code != 0 or val_loss is None or not math.isfinite(val_loss):
     print(f"[sweep] {point.id}: FAILED (exit code {code}, validation loss {val_loss}); see {workdir}/train.log",
           flush=True)
-    return False
+    return FAILED_EXIT_CODE
   record = {"id": point.id, "family": point.family, "size": point.size, "params": point.params,
             "active_params": point.active_params, "tokens": point.tokens, "flops": point.flops,
             "val_loss": val_loss, "flop_budget": point.flop_budget}
-  result_file.write_text(json.dumps(record))
+  storage.write_atomic(result_file, json.dumps(record))
   print(f"[sweep] {point.id}: validation loss {val_loss:.4f}", flush=True)
-  return True
+  return 0
 
 
-def _final_val_loss(metrics: pathlib.Path) -> float | None:
+@contextlib.contextmanager
+def _train_log(path: epath.Path):
+  """A local file for the trainer's output, appended to `path` (at exit, in one upload, when `path` is remote)."""
+  if not storage.is_remote(path):
+    with open(path, "a", encoding="utf-8") as log:
+      yield log
+    return
+  with tempfile.TemporaryFile("w+", encoding="utf-8") as log:
+    try:
+      yield log
+    finally:
+      log.seek(0)
+      path.write_text((path.read_text() if path.exists() else "") + log.read())
+
+
+def _final_val_loss(metrics: epath.Path) -> float | None:
   if not metrics.exists():
     return None
   losses = [json.loads(line)["val_loss"] for line in metrics.read_text().splitlines() if '"val_loss"' in line]
   return losses[-1] if losses else None
 
 
-def collect(out: pathlib.Path) -> pathlib.Path:
+def collect(out: epath.Path) -> epath.Path:
   """Rebuilds <out>/results.jsonl from every finished point's result.json."""
   records = [p.read_text() for p in sorted((out / "points").glob("*/result.json"))]
   path = out / "results.jsonl"
-  path.write_text("".join(r + "\n" for r in records))
+  storage.write_atomic(path, "".join(r + "\n" for r in records))
   return path
 
 
-def write_slurm_array(spec: pathlib.Path, out: pathlib.Path, count: int) -> pathlib.Path:
-  """A SLURM job array, one task per point, each running `sweep run --only <index>`."""
-  script = out / "sweep.sbatch"
-  script.write_text(f"""#!/bin/bash
-#SBATCH --job-name=yanjax-sweep
-#SBATCH --array=0-{count - 1}
-#SBATCH --nodes=1
-#SBATCH --ntasks=1
-#SBATCH --gpus-per-task=1
-#SBATCH --output={out}/slurm-%A_%a.log
-#SBATCH --requeue
-# Submit: sbatch {script}     Then fit: python -m yanjax.sweep fit --out {out}
-set -euo pipefail
-cd {pathlib.Path.cwd()}
-python -m yanjax.sweep run --spec {spec} --out {out} --only "$SLURM_ARRAY_TASK_ID"
-""")
+def write_slurm_array(spec: epath.Path, out: epath.Path, count: int, script: epath.Path) -> epath.Path:
+  """Fills launch/sweep_array.sbatch: a Slurm job array, task i running `sweep run --only i`; writes `script`.
+
+  `script` and its task logs (slurm-<job>_<task>.log beside it) are local: sbatch reads the one and Slurm
+  writes the others. Paths in it are absolute (or URLs).
+  """
+  text = string.Template(ARRAY_TEMPLATE.read_text()).substitute(
+      last_index=count - 1, log_dir=script.parent, script=shlex.quote(os.fspath(script)),
+      spec=shlex.quote(os.fspath(spec)), out=shlex.quote(os.fspath(out)), cwd=shlex.quote(os.getcwd()),
+      launch_dir=shlex.quote(os.fspath(LAUNCH_DIR)))
+  script.parent.mkdir(parents=True, exist_ok=True)
+  script.write_text(text)
   return script
 
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   commands = parser.add_subparsers(dest="command", required=True)
+  out_help = "sweep directory: a local path, gs://bucket/... or s3://bucket/..."
   for name in ("run", "launch"):
     sub = commands.add_parser(name)
-    sub.add_argument("--spec", required=True)
-    sub.add_argument("--out", required=True)
+    sub.add_argument("--spec", required=True, help="sweep spec file (local or a bucket URL)")
+    sub.add_argument("--out", required=True, help=out_help)
     if name == "run":
       sub.add_argument("--only", type=int, default=None, help="run only the point of this index")
+    else:
+      sub.add_argument("--script", default=None, help="where to write the (local) sbatch script; default "
+                       "<out>/sweep.sbatch, or ./sweep.sbatch when --out is a bucket URL")
   fit = commands.add_parser("fit")
-  fit.add_argument("--out", required=True)
+  fit.add_argument("--out", required=True, help=out_help)
   fit.add_argument("--grid", default="coarse", choices=("full", "coarse"))
   fit.add_argument("--bootstrap", type=int, default=100)
   args = parser.parse_args(argv)
-  out = pathlib.Path(args.out)
+  out = storage.as_path(args.out)
+  storage.check_writable(out, "sweep --out", "give a directory (or bucket URL) this machine can write")
 
   if args.command == "fit":
     from yanjax.scaling import fit as scaling_fit  # pylint: disable=import-outside-toplevel
     results = collect(out)
-    scaling_fit.main(["--results", str(results), "--out", str(out / "fits"), "--grid", args.grid,
+    scaling_fit.main(["--results", os.fspath(results), "--out", os.fspath(out / "fits"), "--grid", args.grid,
                       "--bootstrap", str(args.bootstrap)])
     return 0
-  grid = points(load_spec(args.spec))
+  spec = storage.as_path(args.spec)
+  grid = points(load_spec(spec))
   if args.command == "launch":
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"wrote {write_slurm_array(pathlib.Path(args.spec).resolve(), out.resolve(), len(grid))} "
-          f"({len(grid)} points)")
-    return 0
+    return _launch(args, spec, out, len(grid))
   chosen = grid if args.only is None else [grid[args.only]]
-  failed = [p.id for p in chosen if not run_point(p, out)]
-  results = collect(out)
-  print(f"[sweep] {len(chosen) - len(failed)}/{len(chosen)} points finished; results in {results}"
-        + (f"; failed: {failed}" if failed else ""))
-  return 1 if failed else 0
+  done, failed, preempted = 0, [], False
+  with StopRequest().installed() as stop:
+    for point in chosen:
+      if stop.signal is not None:
+        preempted = True
+        break
+      code = run_point(point, out, stop)
+      done += code == 0
+      if code == FAILED_EXIT_CODE:
+        failed.append(point.id)
+      elif code != 0:
+        preempted = True
+        break
+    results = collect(out)
+  print(f"[sweep] {done}/{len(chosen)} points finished; results in {results}"
+        + (f"; failed: {failed}" if failed else "") + ("; stopped by a signal" if preempted else ""))
+  if preempted:
+    from yanjax.train import PREEMPTED_EXIT_CODE  # pylint: disable=import-outside-toplevel
+    return PREEMPTED_EXIT_CODE
+  return FAILED_EXIT_CODE if failed else 0
+
+
+def _launch(args: argparse.Namespace, spec: epath.Path, out: epath.Path, count: int) -> int:
+  if args.script is not None:
+    if storage.is_remote(args.script):
+      raise ConfigError(f"--script {args.script}: sbatch reads a local file; give a local path")
+    script = storage.as_path(args.script)
+  elif storage.is_remote(out):
+    script = storage.as_path("sweep.sbatch")
+  else:
+    script = out / "sweep.sbatch"
+  write_slurm_array(spec, out, count, script)
+  where = f" (--out {out} is a bucket, so the script and its logs are local)" if storage.is_remote(out) else ""
+  print(f"wrote {script}{where}: {count} points; submit with `sbatch {script}`, "
+        f"then `python -m yanjax.sweep fit --out {out}`")
+  return 0
 
 
 if __name__ == "__main__":

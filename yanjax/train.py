@@ -111,7 +111,7 @@ def prepare_data(cfg, workdir):
   train = make_loader(stores, split="train", **common)
   validation = make_loader(stores, split="validation", **common)
   if process_zero() and not (workdir / TOKENIZER_FILE).exists():
-    (workdir / TOKENIZER_FILE).write_bytes(storage.as_path(train.tokenizer_path).read_bytes())
+    (workdir / TOKENIZER_FILE).write_bytes(train.tokenizer_bytes())
   return train, validation
 
 
@@ -226,12 +226,16 @@ def train():
           _say(f"step {step}: validation loss {val_loss:.4f}")
         timed_save = at_log and cfg.checkpoint.every_minutes > 0 and _agree(
             time.monotonic() - last_save > 60 * cfg.checkpoint.every_minutes)
-        if step % cfg.checkpoint.every_steps == 0 or timed_save or step == cfg.train.steps:
+        stopping = (exit_code == NONFINITE_EXIT_CODE or stop.preempted(step) or
+                    ((at_log or jax.process_count() == 1) and stop.agreed()))
+        if stopping or step % cfg.checkpoint.every_steps == 0 or timed_save or step == cfg.train.steps:
+          # The saved step's metrics go out with it: a run resumed from this checkpoint logs from step + 1.
+          exit_code = _after_step(pending, cfg, writer, progress, flops, device_kind, force=True) or exit_code
+          pending = None
+          writer.flush()
           save(step)
           last_save = time.monotonic()
-        if (exit_code == NONFINITE_EXIT_CODE or stop.preempted(step) or
-            ((at_log or jax.process_count() == 1) and stop.agreed())):
-          save(step)
+        if stopping:
           exit_code = exit_code or PREEMPTED_EXIT_CODE
           break
   with jax.transfer_guard("allow"):

@@ -6,7 +6,7 @@ gives the formulas, the fitting details and how to read the figures.
 
   python -m yanjax.scaling.fit --results results.jsonl --out fits/
 
-Shapes: `n` = runs, `s` = starting points, `k` = FLOP budgets.
+Both paths may be local or gs:// / s3:// URLs. Shapes: `n` = runs, `s` = starting points, `k` = FLOP budgets.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import io
 import itertools
 import json
 import logging
 import math
 import os
-import pathlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,6 +30,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 from scipy import optimize
 
+from yanjax import storage
 from yanjax.scaling import plot
 
 REQUIRED_KEYS = ("family", "params", "tokens", "flops", "val_loss")
@@ -77,13 +78,13 @@ def _number(value: Any) -> float:
   return math.nan if value is None or value == "" else float(value)
 
 
-def read_records(path: str | pathlib.Path) -> list[dict[str, Any]]:
-  """Reads result records from JSONL (one object a line) or CSV (a header row)."""
-  path = pathlib.Path(path)
-  with path.open(newline="") as f:
-    if path.suffix == ".csv":
-      return list(csv.DictReader(f))
-    return [json.loads(line) for line in f if line.strip()]
+def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
+  """Reads result records from JSONL (one object a line) or CSV (a header row), local or in a bucket."""
+  path = storage.as_path(path)
+  text = path.read_text()
+  if path.suffix == ".csv":
+    return list(csv.DictReader(io.StringIO(text, newline="")))
+  return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def group_by_family(records: Sequence[dict[str, Any]]) -> dict[str, Runs]:
@@ -96,7 +97,7 @@ def group_by_family(records: Sequence[dict[str, Any]]) -> dict[str, Runs]:
   return {name: Runs.from_records(rs) for name, rs in families.items()}
 
 
-def load_results(path: str | pathlib.Path) -> dict[str, Runs]:
+def load_results(path: str | os.PathLike) -> dict[str, Runs]:
   """Reads a sweep's JSONL or CSV results file into runs per family."""
   return group_by_family(read_records(path))
 
@@ -367,8 +368,8 @@ def summary(name: str, fit: FamilyFit) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--results", required=True, help="sweep results, JSONL or CSV")
-  parser.add_argument("--out", required=True, help="directory for fit.json and the PNGs")
+  parser.add_argument("--results", required=True, help="sweep results, JSONL or CSV (local or a bucket URL)")
+  parser.add_argument("--out", required=True, help="directory for fit.json and the PNGs (local or a bucket URL)")
   parser.add_argument("--grid", choices=("full", "coarse"), default="full",
                       help="approach-3 starting points: Chinchilla's 4,500 or a coarse 243")
   parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples")
@@ -378,9 +379,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
   fits = {name: fit_family(runs, args.grid, args.bootstrap, args.level, args.seed)
           for name, runs in load_results(args.results).items()}
-  out = pathlib.Path(args.out)
+  out = storage.as_path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  (out / "fit.json").write_text(json.dumps({k: f.to_json() for k, f in fits.items()}, indent=2) + "\n")
+  storage.write_atomic(out / "fit.json", json.dumps({k: f.to_json() for k, f in fits.items()}, indent=2) + "\n")
   figures = [plot.plot_loss_vs_flops(fits, out / "loss_vs_flops.png"),
              plot.plot_isoflop(fits, out / "isoflop.png"),
              plot.plot_frontier(fits, out / "frontier.png")]

@@ -1,13 +1,14 @@
 """Figures of scaling-law fits: loss against FLOPs, IsoFLOP profiles and the compute-optimal frontier.
 
 Each function draws every family in `fits` (name -> `FamilyFit`, see fit.py) on one figure, with its own
-colour map and marker, and writes a PNG through matplotlib's Agg canvas (no pyplot, no global backend).
-docs/scaling.md says how to read them.
+colour map and marker, and writes a PNG through matplotlib's Agg canvas (no pyplot, no global backend) to a
+local path or a gs:// / s3:// URL. docs/scaling.md says how to read them.
 """
 
 from __future__ import annotations
 
-import pathlib
+import io
+import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -19,7 +20,11 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from yanjax import storage
+
 if TYPE_CHECKING:
+  from etils import epath
+
   from yanjax.scaling.fit import FamilyFit
 
 _STYLES = (("Blues", "o"), ("Oranges", "s"), ("Greens", "^"), ("Purples", "D"), ("Reds", "v"))
@@ -39,12 +44,16 @@ def _shader(cmap: mcolors.Colormap, values: np.ndarray, ax, label: str):
   return lambda v: cmap(norm(v))
 
 
-def _save(fig: Figure, path: str | pathlib.Path) -> pathlib.Path:
-  fig.savefig(path, dpi=130, bbox_inches="tight")
-  return pathlib.Path(path)
+def _save(fig: Figure, path: str | os.PathLike) -> epath.Path:
+  """Writes `fig` as a PNG whole or not at all (one upload to a bucket, a renamed file locally)."""
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=130, bbox_inches="tight")
+  path = storage.as_path(path)
+  storage.write_atomic(path, png.getvalue())
+  return path
 
 
-def plot_loss_vs_flops(fits: Mapping[str, FamilyFit], path: str | pathlib.Path) -> pathlib.Path:
+def plot_loss_vs_flops(fits: Mapping[str, FamilyFit], path: str | os.PathLike) -> epath.Path:
   """Loss against FLOPs: runs (points) and the approach-3 law (a line per model size), plus L*(C) dashed.
 
   A size's line follows L(N, D) over its runs' token range widened 3x each way, placed at that size's FLOPs
@@ -77,7 +86,7 @@ def plot_loss_vs_flops(fits: Mapping[str, FamilyFit], path: str | pathlib.Path) 
   return _save(fig, path)
 
 
-def plot_isoflop(fits: Mapping[str, FamilyFit], path: str | pathlib.Path) -> pathlib.Path | None:
+def plot_isoflop(fits: Mapping[str, FamilyFit], path: str | os.PathLike) -> epath.Path | None:
   """Loss against N per FLOP budget with the approach-2 parabolas and their minima (stars).
 
   Returns None, writing nothing, when no family has IsoFLOP runs.
@@ -116,7 +125,7 @@ def _exp(value: float, ci: tuple[float, float] | None) -> str:
   return f"{value:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
 
-def plot_frontier(fits: Mapping[str, FamilyFit], path: str | pathlib.Path) -> pathlib.Path:
+def plot_frontier(fits: Mapping[str, FamilyFit], path: str | os.PathLike) -> epath.Path:
   """N*(C) and D*(C) against C: approach 3 (solid), approach-2 minima (points) and their power law (dashed).
 
   Legends give each exponent with its bootstrap interval.
