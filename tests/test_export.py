@@ -20,6 +20,7 @@ import safetensors.numpy
 from flax import nnx
 
 from yanjax import export as export_module
+from yanjax import inference
 from yanjax.config import ModelConfig
 from yanjax.export import export_model, parameter_arrays
 from yanjax.generate import generate
@@ -281,17 +282,24 @@ def test_export_refuses_a_config_that_is_not_the_models(exported, tmp_path):
     export_model(model, cfg.replace(layers=3), tmp_path)
 
 
-def test_export_cli_with_tokenizer_and_numpy_cli(exported, tmp_path, monkeypatch, capsys):
+@pytest.fixture(scope="module")
+def tokenizer_model(tmp_path_factory):
+  """A 300-piece byte-fallback BPE sentencepiece model (bos 1, eos 2)."""
   import sentencepiece as spm  # pylint: disable=import-outside-toplevel
+  path = tmp_path_factory.mktemp("tok")
   text = "".join(f"the state of channel {i} decays slowly, café {i % 7}.\n" for i in range(300))
-  (tmp_path / "corpus.txt").write_text(text, encoding="utf-8")
-  spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "tok"),
+  (path / "corpus.txt").write_text(text, encoding="utf-8")
+  spm.SentencePieceTrainer.train(input=str(path / "corpus.txt"), model_prefix=str(path / "tok"),
                                  vocab_size=300, byte_fallback=True, model_type="bpe", unk_id=0, bos_id=1,
                                  eos_id=2, pad_id=-1, minloglevel=2, num_threads=1)
+  return path / "tok.model"
+
+
+def test_export_cli_with_tokenizer_and_numpy_cli(tokenizer_model, tmp_path, monkeypatch, capsys):
+  import sentencepiece as spm  # pylint: disable=import-outside-toplevel
   model, cfg = _model("yan", vocab_size=320)
-  fake = types.ModuleType("yanjax.checkpointing")
-  fake.load_inference_model = lambda workdir: (model, cfg, str(tmp_path / "tok.model"))
-  monkeypatch.setitem(sys.modules, "yanjax.checkpointing", fake)
+  monkeypatch.setattr(inference, "load_inference_model",
+                      lambda workdir, mesh_spec=None: (model, cfg, str(tokenizer_model)))
   export_module.main(["--workdir", "run", "--out", str(tmp_path / "out")])
   assert "exported 16 arrays" in capsys.readouterr().out
   export = load_export(tmp_path / "out")
@@ -302,10 +310,84 @@ def test_export_cli_with_tokenizer_and_numpy_cli(exported, tmp_path, monkeypatch
     load_export(tmp_path / "out")
   export_module.main(["--workdir", "run", "--out", str(tmp_path / "out")])  # re-export over the old one
   capsys.readouterr()
+  assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+      ["config.json", "manifest.json", "tokenizer.model", "weights.npz", "weights.safetensors"])  # no .tmp
   from yanjax.numpy_runtime.__main__ import main as numpy_main  # pylint: disable=import-outside-toplevel
   numpy_main(["--export", str(tmp_path / "out"), "--prompt", "the state", "--max_new_tokens", "6"])
-  processor = spm.SentencePieceProcessor(model_file=str(tmp_path / "tok.model"))
+  processor = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
   (c,) = generate(model, [[1] + processor.encode("the state")], max_new_tokens=6, eos_id=2, vocab_limit=300)
   assert capsys.readouterr().out == processor.decode(c.tokens) + "\n"
   with pytest.raises(ValueError, match="tokenizer has 300 pieces but the model's vocab_size is 97"):
-    export_model(*_model("yan"), tmp_path / "small", tokenizer_path=tmp_path / "tok.model")
+    export_model(*_model("yan"), tmp_path / "small", tokenizer_path=tokenizer_model)
+
+
+# ---- streaming writers and buckets ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_streamed_safetensors_is_what_safetensors_writes(exported, tmp_path, dtype):
+  """The header computed from shapes alone, then the arrays in its order: the file safetensors.numpy.save_file
+  writes for the same arrays, byte for byte (up to the order of the metadata keys, which safetensors writes
+  in hash order)."""
+  model, cfg, _ = exported["yan_scan_untied_learned_rates"]
+  export_model(model, cfg, tmp_path / "ours", dtype=dtype)
+  params = parameter_arrays(model, cfg)
+  typed = params if dtype == "float32" else {n: a.astype(ml_dtypes.bfloat16) for n, a in params.items()}
+  metadata = {"format": "yanjax-export", "format_version": "1", "weights_dtype": dtype}
+  safetensors.numpy.save_file(typed, str(tmp_path / "reference.safetensors"), metadata)
+  ours = (tmp_path / "ours" / "weights.safetensors").read_bytes()
+  reference = (tmp_path / "reference.safetensors").read_bytes()
+  n = int.from_bytes(reference[:8], "little")
+  assert len(ours) == len(reference) and ours[:8] == reference[:8]
+  assert ours[8 + n:] == reference[8 + n:]  # the data, in the same order
+  ours_header, reference_header = json.loads(ours[8:8 + n]), json.loads(reference[8:8 + n])
+  assert list(ours_header.items())[1:] == list(reference_header.items())[1:]  # entries, in order
+  assert list(ours_header)[0] == "__metadata__" and ours_header["__metadata__"] == metadata
+  assert len(ours[8:8 + n].rstrip(b" ")) == len(reference[8:8 + n].rstrip(b" "))  # the same padding
+  loaded = safetensors.numpy.load_file(str(tmp_path / "ours" / "weights.safetensors"))
+  assert list(loaded) == sorted(params) and all(np.array_equal(loaded[k], typed[k]) for k in typed)
+
+
+def test_export_is_deterministic(exported, tmp_path):
+  model, cfg, path = exported["attention_scan_untied"]
+  again = export_model(model, cfg, tmp_path)
+  assert again["files"] == json.loads((path / "manifest.json").read_text())["files"]
+  for name in ("weights.npz", "weights.safetensors", "config.json"):
+    assert (tmp_path / name).read_bytes() == (path / name).read_bytes(), name
+
+
+def test_export_to_a_bucket_and_run_it_from_there(tokenizer_model, tmp_path, s3_bucket, monkeypatch, capsys):
+  """--out s3://...: written there directly; the NumPy runtime and yanjax.generate read it (and the run's
+  tokenizer) from the bucket."""
+  from etils import epath  # pylint: disable=import-outside-toplevel
+  from yanjax import generate as generate_module  # pylint: disable=import-outside-toplevel
+  from yanjax.numpy_runtime.__main__ import main as numpy_main  # pylint: disable=import-outside-toplevel
+  model, cfg = _model("yan", vocab_size=320, scan_layers=True)
+  remote_tokenizer = epath.Path(f"{s3_bucket}/run/tokenizer.model")
+  remote_tokenizer.write_bytes(tokenizer_model.read_bytes())
+  monkeypatch.setattr(inference, "load_inference_model",
+                      lambda workdir, mesh_spec=None: (model, cfg, remote_tokenizer))
+  url = f"{s3_bucket}/exports/tiny"
+  export_module.main(["--workdir", f"{s3_bucket}/run", "--out", url])
+  assert "exported 16 arrays" in capsys.readouterr().out
+  assert sorted(p.name for p in epath.Path(url).iterdir()) == sorted(
+      ["config.json", "manifest.json", "tokenizer.model", "weights.npz", "weights.safetensors"])
+  local = export_model(model, cfg, tmp_path / "local", tokenizer_path=tokenizer_model)
+  remote = load_export(url)
+  assert remote.manifest["files"] == local["files"] and remote.manifest["arrays"] == local["arrays"]
+  assert str(remote.tokenizer_path) == f"{url}/tokenizer.model"
+  for name, value in load_export(tmp_path / "local", weights="safetensors").arrays.items():
+    np.testing.assert_array_equal(remote.arrays[name], value, err_msg=name)
+  assert load_export(url, weights="safetensors").arrays.keys() == remote.arrays.keys()
+
+  numpy_main(["--export", url, "--prompt", "the state", "--max_new_tokens", "6"])
+  from_bucket = capsys.readouterr().out
+  numpy_main(["--export", str(tmp_path / "local"), "--prompt", "the state", "--max_new_tokens", "6"])
+  assert from_bucket == capsys.readouterr().out and len(from_bucket) > 1
+  args = types.SimpleNamespace(prompt="the state", prompt_ids=None, prompts_file=None, max_new_tokens=6,
+                               temperature=0.0, top_k=0, top_p=1.0, seed=0, no_bos=False, workdir="run")
+  generate_module.run(model, f"{s3_bucket}/run/tokenizer.model", args)
+  assert capsys.readouterr().out == from_bucket
+
+  (epath.Path(url) / "weights.npz").write_bytes(b"not a zip")
+  with pytest.raises(ExportError, match=r"s3://.*weights\.npz: (not a readable|sha256)"):
+    load_export(url)

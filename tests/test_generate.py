@@ -7,7 +7,6 @@ import io
 import json
 import random
 import sys
-import types
 
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +14,7 @@ import pytest
 import sentencepiece as spm
 
 from yanjax import generate as generate_module
+from yanjax import inference
 from yanjax.config import ModelConfig
 from yanjax.generate import Completion, TextStreamer, generate
 from yanjax.sampling import Sampling
@@ -146,9 +146,8 @@ def test_cli_streams_one_prompt_and_writes_json_lines_for_a_file(tokenizer, tmp_
   silent = [i for i in range(VOCAB) if i >= processor.vocab_size() or processor.is_byte(i)
             or processor.is_control(i) or processor.is_unknown(i)]
   model.head[...] = model.head[...].at[:, jnp.asarray(silent)].set(0.0)
-  fake = types.ModuleType("yanjax.checkpointing")
-  fake.load_inference_model = lambda workdir: (model, model.cfg, str(tokenizer))
-  monkeypatch.setitem(sys.modules, "yanjax.checkpointing", fake)
+  monkeypatch.setattr(inference, "load_inference_model",
+                      lambda workdir, mesh_spec=None: (model, model.cfg, str(tokenizer)))
 
   texts = ["the quick", "the lazy dog jumps over", "日本 café"]
   # Rows are seeded by their line number, so one batch of all the prompts is the reference for every path.

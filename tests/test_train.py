@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from yanjax import sharding
-from yanjax.config import ConfigError, ModelConfig, load_config_file
+from yanjax.config import ConfigError, load_config_file
 from yanjax.model.lm import LanguageModel
 from yanjax.optim import decay_mask, learning_rate_schedule, make_optimizer
 from yanjax.run_config import validate_run_config
@@ -58,7 +58,7 @@ def losses(workdir) -> dict[int, float]:
 
 
 def final_params(workdir):
-  from yanjax.checkpointing import load_inference_model  # pylint: disable=import-outside-toplevel
+  from yanjax.inference import load_inference_model  # pylint: disable=import-outside-toplevel
   model, _, _ = load_inference_model(workdir)
   return {".".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 

@@ -115,31 +115,3 @@ def check_same_shapes(saved: ModelConfig, current: ModelConfig):
         "the workdir's checkpoints were written with a model config whose parameter shapes differ from this "
         "config's; resume with the original model settings or start a new --workdir. Differences: "
         + "; ".join(changed[:8]) + (f" (+{len(changed) - 8} more)" if len(changed) > 8 else ""))
-
-
-def load_inference_model(workdir: str | pathlib.Path) -> tuple[LanguageModel, ModelConfig, str | None]:
-  """(model with the latest checkpoint's parameters, its ModelConfig, the run's tokenizer path or None)."""
-  workdir = pathlib.Path(workdir)
-  checkpointer = Checkpointer(workdir, async_save=False)
-  steps = checkpointer.steps()
-  if not steps:
-    raise FileNotFoundError(f"no checkpoint under {workdir / 'checkpoints'}; train first with "
-                            f"python -m yanjax.train --workdir {workdir}")
-  for step in reversed(steps):
-    try:
-      meta = checkpointer.read_meta(step)
-      cfg = ModelConfig.from_dict(meta["config"]["model"])
-      abstract = nnx.eval_shape(lambda: LanguageModel(cfg, rngs=nnx.Rngs(0)))  # pylint: disable=cell-var-from-loop
-      graphdef, params = nnx.split(abstract)
-      device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-      target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                            nnx.to_pure_dict(params))
-      item = {"params": target}
-      restored = checkpointer.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-          item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
-    except Exception as error:  # pylint: disable=broad-except
-      logging.warning("checkpoint at step %d is unreadable (%s); trying the previous one", step, error)
-      continue
-    tokenizer = workdir / TOKENIZER_FILE
-    return nnx.merge(graphdef, restored["state"]["params"]), cfg, str(tokenizer) if tokenizer.exists() else None
-  raise FileNotFoundError(f"no readable checkpoint under {workdir / 'checkpoints'}")

@@ -1,15 +1,22 @@
 """Export a model as plain arrays for other runtimes (docs/export.md is the format's specification).
 
-Run (a training run's work directory; its latest checkpoint and tokenizer are exported):
+Run (a training run's work directory; its latest checkpoint and tokenizer are exported; either path may be
+local or a bucket URL, gs:// or s3://):
 
-    python -m yanjax.export --workdir runs/tiny --out exports/tiny [--dtype bfloat16]
+    python -m yanjax.export --workdir runs/tiny --out exports/tiny [--dtype bfloat16] [--mesh fsdp=4]
 
 writes `weights.npz`, `weights.safetensors`, `config.json`, `tokenizer.model` (when the run has one) and
 `manifest.json` (format version, config, every array's shape / dtype / sha256, file checksums). Array names
 are the model's parameter paths joined with dots (`embed.embedding`, `blocks.0.mixer.proj`); parameters of
 scanned layers (`scan_layers=True`, stacked over a leading layers axis) are written per layer, so the names
 and shapes do not depend on `scan_layers`. The manifest is written last: a directory without one is an
-unfinished export. `yanjax.numpy_runtime` loads and runs the result with NumPy only.
+unfinished export.
+
+The export streams: the checkpoint is restored onto a device mesh (yanjax.inference; --mesh), and each array
+is fetched to the host on its own (one layer's slice of a scanned parameter), converted, hashed, written and
+dropped, so host memory is bounded by the largest array, not the model. The weights files are written
+straight to their destination, a bucket included (no local copy first). `yanjax.numpy_runtime` loads and
+runs the result with NumPy only.
 
 bfloat16 (`--dtype bfloat16`): values are rounded to nearest even; safetensors stores them as BF16, and the
 .npz, since NumPy has no bfloat16, as their uint16 bit patterns (the float32's upper 16 bits). Readers
@@ -19,94 +26,237 @@ upcast to float32 by shifting the bits left by 16.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import hashlib
 import json
-import os
-import pathlib
-import shutil
-from typing import Any
+import math
+import zipfile
+from typing import Any, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors.numpy
+from etils import epath
 from flax import nnx
 
 import yanjax
-from yanjax.config import ModelConfig
+from yanjax import storage
+from yanjax.config import ConfigError, ModelConfig
 from yanjax.numpy_runtime import format as fmt
 
+_STORED = {"float32": np.dtype("<f4"), "bfloat16": np.dtype("<u2")}  # as written: bf16 as its bit pattern
+_SAFETENSORS_DTYPE = {"float32": "F32", "bfloat16": "BF16"}
 
-def parameter_arrays(model, cfg: ModelConfig) -> dict[str, np.ndarray]:
-  """The model's parameters as float32 NumPy arrays under their export names, in canonical order.
+
+# ---- parameters, one at a time ----------------------------------------------------------------------
+
+class Source(NamedTuple):
+  """Where one exported array's values are: a model parameter, or one layer of a stacked one."""
+  value: Any  # the parameter as the model holds it (a jax.Array, possibly sharded, possibly [layers, ...])
+  layer: int | None  # index into the leading layers axis of a scanned parameter; None: the whole value
+  shape: tuple[int, ...]  # the exported array's shape
+
+
+def parameter_sources(model, cfg: ModelConfig) -> dict[str, Source]:
+  """Export name -> `Source`, in canonical order; nothing is copied.
 
   Raises ValueError if the model holds state other than parameters, or arrays the config does not imply.
   """
-  flat = {}
+  sources = {}
   for path, variable in nnx.to_flat_state(nnx.state(model)):
     if not isinstance(variable, nnx.Param):
       raise ValueError(f"model state {'.'.join(map(str, path))} is a {type(variable).__name__}, not a "
                        f"parameter; the export format holds parameters only")
-    value = np.asarray(jax.device_get(variable.get_value()), np.float32)
+    value = variable.get_value()
     names = [str(p) for p in path]
     if cfg.scan_layers and names[0] == "blocks":  # stacked over layers: one array per layer
       for i in range(cfg.layers):
-        flat[".".join(["blocks", str(i)] + names[1:])] = value[i]
+        sources[".".join(["blocks", str(i)] + names[1:])] = Source(value, i, tuple(value.shape[1:]))
     else:
-      flat[".".join(names)] = value
-  expected = fmt.expected_shapes(cfg.to_dict())
-  fmt.check_arrays_fit_config({n: a.shape for n, a in flat.items()}, cfg.to_dict(), "model")
-  return {name: flat[name] for name in expected}
+      sources[".".join(names)] = Source(value, None, tuple(value.shape))
+  fmt.check_arrays_fit_config({n: s.shape for n, s in sources.items()}, cfg.to_dict(), "model")
+  return {name: sources[name] for name in fmt.expected_shapes(cfg.to_dict())}
 
 
-def _write_atomic(path: pathlib.Path, write) -> None:
-  tmp = path.with_name(path.name + ".tmp")
-  write(tmp)
-  os.replace(tmp, path)
+@functools.partial(jax.jit, static_argnames="dtype")
+def _convert(value, dtype: str):
+  return value.astype(jnp.float32).astype(dtype)
 
 
-def _file_entry(path: pathlib.Path) -> dict[str, Any]:
-  return {"sha256": fmt.sha256_file(path), "bytes": path.stat().st_size}
+@functools.partial(jax.jit, static_argnames="dtype")
+def _convert_layer(value, layer, dtype: str):
+  return jax.lax.dynamic_index_in_dim(value, layer, keepdims=False).astype(jnp.float32).astype(dtype)
 
+
+def fetch(source: Source, dtype: str = "float32") -> np.ndarray:
+  """One array on the host as stored: C-order little-endian float32, or bfloat16 bit patterns as uint16.
+
+  Only this array leaves the devices (a scanned parameter is sliced on device first).
+  """
+  if source.layer is not None:
+    piece = _convert_layer(source.value, np.int32(source.layer), dtype=dtype)
+  elif dtype == "float32" and source.value.dtype == np.float32:
+    piece = source.value
+  else:
+    piece = _convert(source.value, dtype=dtype)
+  host = np.asarray(jax.device_get(piece))
+  if dtype == "bfloat16":
+    host = host.view(np.uint16)
+  return np.ascontiguousarray(host, _STORED[dtype])
+
+
+def parameter_arrays(model, cfg: ModelConfig) -> dict[str, np.ndarray]:
+  """Every parameter as a float32 NumPy array under its export name, in canonical order (the whole model on
+  the host: for tests and small models; `export_model` streams instead)."""
+  return {name: fetch(source) for name, source in parameter_sources(model, cfg).items()}
+
+
+def _sha256(stored: np.ndarray) -> str:
+  """`fmt.array_sha256` without a copy (the array is already C-order little-endian)."""
+  return hashlib.sha256(memoryview(stored).cast("B")).hexdigest()
+
+
+# ---- streams ----------------------------------------------------------------------------------------
+
+class _HashingWriter:
+  """A write-only, unseekable stream that counts and hashes the bytes it passes on to `raw`."""
+
+  def __init__(self, raw):
+    self.raw = raw
+    self.digest = hashlib.sha256()
+    self.bytes = 0
+
+  def write(self, data) -> int:
+    view = memoryview(data).cast("B")
+    self.raw.write(view)
+    self.digest.update(view)
+    self.bytes += len(view)
+    return len(view)
+
+  def tell(self) -> int:  # zipfile asks; it cannot seek, so it writes data descriptors after each member
+    return self.bytes
+
+  def flush(self) -> None:
+    self.raw.flush()
+
+  def entry(self) -> dict[str, Any]:
+    return {"sha256": self.digest.hexdigest(), "bytes": self.bytes}
+
+
+@contextlib.contextmanager
+def _create(path: epath.Path) -> Iterator[_HashingWriter]:
+  """A hashing stream that becomes the file `path` once the block completes.
+
+  Local files are written under `<name>.tmp` and renamed; an object in a bucket appears, whole, when its
+  upload completes (object stores have no rename).
+  """
+  part = path if storage.is_remote(path) else path.with_name(path.name + ".tmp")
+  try:
+    with part.open("wb") as raw:
+      yield _HashingWriter(raw)
+  except BaseException:
+    if part != path:
+      part.unlink(missing_ok=True)
+    raise
+  if part != path:
+    part.replace(path)
+
+
+def _write_npz(path: epath.Path, sources: dict[str, Source], dtype: str) -> tuple[dict, dict[str, str]]:
+  """Writes the .npz one member at a time (as np.savez lays it out); returns (file entry, name -> sha256)."""
+  digests = {}
+  with _create(path) as stream:
+    with zipfile.ZipFile(stream, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+      for name, source in sources.items():
+        stored = fetch(source, dtype)
+        digests[name] = _sha256(stored)
+        with archive.open(name + ".npy", "w", force_zip64=True) as member:
+          np.lib.format.write_array(member, stored, allow_pickle=False)
+        del stored
+  return stream.entry(), digests
+
+
+def safetensors_header(shapes: dict[str, tuple[int, ...]], dtype: str, metadata: dict[str, str]
+                       ) -> tuple[bytes, list[str]]:
+  """(the first bytes of the .safetensors file, the order of the arrays' data), from shapes alone.
+
+  The layout `safetensors.numpy.save_file` writes: 8-byte little-endian length n, then n bytes of compact
+  JSON ({"__metadata__": ..., name: {dtype, shape, data_offsets}, ...}, padded with spaces to a multiple of
+  8); the data follows in the header's order, names sorted (bytewise; one dtype), offsets counted from the
+  end of the header.
+  """
+  order = sorted(shapes, key=lambda n: n.encode("utf-8"))
+  header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+  offset = 0
+  for name in order:
+    size = _STORED[dtype].itemsize * math.prod(shapes[name])
+    header[name] = {"dtype": _SAFETENSORS_DTYPE[dtype], "shape": list(shapes[name]),
+                    "data_offsets": [offset, offset + size]}
+    offset += size
+  text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+  text += b" " * (-len(text) % 8)
+  return len(text).to_bytes(8, "little") + text, order
+
+
+def _write_safetensors(path: epath.Path, sources: dict[str, Source], dtype: str, digests: dict[str, str],
+                       metadata: dict[str, str]) -> dict[str, Any]:
+  """Writes the header, then each array's bytes in the header's order; returns the file entry."""
+  header, order = safetensors_header({n: s.shape for n, s in sources.items()}, dtype, metadata)
+  with _create(path) as stream:
+    stream.write(header)
+    for name in order:
+      stored = fetch(sources[name], dtype)
+      if _sha256(stored) != digests[name]:
+        raise RuntimeError(f"parameter {name} changed while it was being exported")
+      stream.write(stored)
+      del stored
+  return stream.entry()
+
+
+def _write_bytes(path: epath.Path, data: bytes) -> dict[str, Any]:
+  with _create(path) as stream:
+    stream.write(data)
+  return stream.entry()
+
+
+# ---- the export -------------------------------------------------------------------------------------
 
 def export_model(model, cfg: ModelConfig, out_dir, tokenizer_path=None, dtype: str = "float32"
                  ) -> dict[str, Any]:
-  """Writes the export of `model` (with config `cfg`) to `out_dir`; returns the manifest.
+  """Writes the export of `model` (with config `cfg`) to `out_dir`, one array at a time; returns the manifest.
 
   Args:
-    model: a `LanguageModel` built from `cfg`.
+    model: a `LanguageModel` built from `cfg` (its parameters on any devices, sharded or not).
     cfg: its `ModelConfig`.
-    out_dir: directory to write (created; files of an earlier export there are replaced).
-    tokenizer_path: the sentencepiece model to ship with the weights, or None.
+    out_dir: directory to write, local or gs:// / s3:// (created; files of an earlier export are replaced).
+    tokenizer_path: the sentencepiece model to ship with the weights (local or a URL), or None.
     dtype: "float32" (default) or "bfloat16" (see the module docstring).
   """
   if dtype not in fmt.WEIGHT_DTYPES:
     raise ValueError(f"dtype={dtype!r}: choose one of {fmt.WEIGHT_DTYPES}")
   if getattr(model, "cfg", cfg) != cfg:
     raise ValueError("export_model: cfg is not the config the model was built with")
-  arrays = parameter_arrays(model, cfg)
-  out = pathlib.Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
+  sources = parameter_sources(model, cfg)
+  tokenizer_bytes = tokenizer = None
+  if tokenizer_path is not None:
+    tokenizer_bytes = storage.as_path(tokenizer_path).read_bytes()
+    tokenizer = _tokenizer_entry(tokenizer_bytes, tokenizer_path, cfg)
+  out = storage.as_path(out_dir)
+  if not storage.is_remote(out):  # object stores have no directories (and s3fs's mkdir creates buckets)
+    out.mkdir(parents=True, exist_ok=True)
   (out / fmt.MANIFEST).unlink(missing_ok=True)  # the directory is an unfinished export until the end
 
-  if dtype == "bfloat16":
-    typed = {n: np.asarray(jnp.asarray(a).astype(jnp.bfloat16)) for n, a in arrays.items()}  # ml_dtypes
-    stored = {n: a.view(np.uint16) for n, a in typed.items()}
-  else:
-    typed = stored = arrays
   metadata = {"format": fmt.FORMAT, "format_version": str(fmt.FORMAT_VERSION), "weights_dtype": dtype}
-  _write_atomic(out / fmt.NPZ, lambda p: _savez(p, stored))
-  _write_atomic(out / fmt.SAFETENSORS, lambda p: safetensors.numpy.save_file(typed, str(p), metadata))
+  files = {}
+  files[fmt.NPZ], digests = _write_npz(out / fmt.NPZ, sources, dtype)
+  files[fmt.SAFETENSORS] = _write_safetensors(out / fmt.SAFETENSORS, sources, dtype, digests, metadata)
   config = cfg.to_dict()
-  _write_atomic(out / fmt.CONFIG, lambda p: p.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8"))
-  files = {name: _file_entry(out / name) for name in (fmt.NPZ, fmt.SAFETENSORS, fmt.CONFIG)}
-
-  tokenizer = None
+  files[fmt.CONFIG] = _write_bytes(out / fmt.CONFIG, (json.dumps(config, indent=2) + "\n").encode("utf-8"))
   (out / fmt.TOKENIZER).unlink(missing_ok=True)
-  if tokenizer_path is not None:
-    tokenizer = _tokenizer_entry(tokenizer_path, cfg)
-    _write_atomic(out / fmt.TOKENIZER, lambda p: shutil.copyfile(tokenizer_path, p))
-    tokenizer.update(file=fmt.TOKENIZER, **_file_entry(out / fmt.TOKENIZER))
-    files[fmt.TOKENIZER] = _file_entry(out / fmt.TOKENIZER)
+  if tokenizer_bytes is not None:
+    files[fmt.TOKENIZER] = _write_bytes(out / fmt.TOKENIZER, tokenizer_bytes)
+    tokenizer.update(file=fmt.TOKENIZER, **files[fmt.TOKENIZER])
 
   manifest = {
       "format": fmt.FORMAT,
@@ -114,26 +264,20 @@ def export_model(model, cfg: ModelConfig, out_dir, tokenizer_path=None, dtype: s
       "created_by": f"yanjax {yanjax.__version__}",
       "weights_dtype": dtype,
       "config": config,
-      "arrays": [{"name": n, "shape": list(a.shape), "dtype": dtype,
+      "arrays": [{"name": n, "shape": list(s.shape), "dtype": dtype,
                   "npz_dtype": "uint16" if dtype == "bfloat16" else "float32",
-                  "sha256": fmt.array_sha256(stored[n])} for n, a in stored.items()],
+                  "sha256": digests[n]} for n, s in sources.items()],
       "files": files,
       "tokenizer": tokenizer,
   }
-  _write_atomic(out / fmt.MANIFEST,
-                lambda p: p.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8"))
+  _write_bytes(out / fmt.MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
   return manifest
 
 
-def _savez(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
-  with open(path, "wb") as f:  # a file object: np.savez would append ".npz" to a bare path
-    np.savez(f, **arrays)
-
-
-def _tokenizer_entry(path, cfg: ModelConfig) -> dict[str, Any]:
+def _tokenizer_entry(data: bytes, path, cfg: ModelConfig) -> dict[str, Any]:
   import sentencepiece as spm  # pylint: disable=import-outside-toplevel
   try:
-    processor = spm.SentencePieceProcessor(model_file=str(path))
+    processor = spm.SentencePieceProcessor(model_proto=data)
   except (OSError, RuntimeError) as e:
     raise ValueError(f"{path}: not a readable sentencepiece model ({e})") from e
   if processor.vocab_size() > cfg.vocab_size:
@@ -145,12 +289,20 @@ def _tokenizer_entry(path, cfg: ModelConfig) -> dict[str, Any]:
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(prog="python -m yanjax.export", description=__doc__.splitlines()[0])
-  parser.add_argument("--workdir", required=True, help="training run directory (latest checkpoint)")
-  parser.add_argument("--out", required=True, help="export directory to write")
+  parser.add_argument("--workdir", required=True,
+                      help="training run directory, local or gs:// / s3:// (latest checkpoint)")
+  parser.add_argument("--out", required=True, help="export directory to write, local or gs:// / s3://")
   parser.add_argument("--dtype", default="float32", choices=fmt.WEIGHT_DTYPES)
+  parser.add_argument("--mesh", default=None, help="mesh to restore onto, e.g. fsdp=4 (default: the run's "
+                      "training mesh, or FSDP over all devices when it does not fit)")
   args = parser.parse_args(argv)
-  from yanjax.checkpointing import load_inference_model  # pylint: disable=import-outside-toplevel
-  model, cfg, tokenizer_path = load_inference_model(args.workdir)
+  try:
+    storage.check_writable(storage.as_path(args.out), "export directory --out",
+                           "give a directory (or bucket URL) these credentials may write")
+  except ConfigError as e:
+    raise SystemExit(f"error: {e}") from e
+  from yanjax.inference import load_inference_model  # pylint: disable=import-outside-toplevel
+  model, cfg, tokenizer_path = load_inference_model(args.workdir, mesh_spec=args.mesh)
   manifest = export_model(model, cfg, args.out, tokenizer_path=tokenizer_path, dtype=args.dtype)
   total = sum(int(np.prod(a["shape"])) for a in manifest["arrays"])
   print(f"exported {len(manifest['arrays'])} arrays ({total:,} parameters, {args.dtype}) to {args.out}")

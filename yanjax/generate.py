@@ -1,9 +1,11 @@
 """Text generation: prompts -> completions with the model's O(1) MCSD state or the attention KV cache.
 
-Run (a training run's work directory; the latest checkpoint and the run's tokenizer are used):
+Run (a training run's work directory, local or gs:// / s3://; the latest checkpoint and the run's tokenizer
+are used; the parameters are restored onto the run's mesh, or the one --mesh names, see yanjax.inference):
 
     python -m yanjax.generate --workdir runs/tiny --prompt "Once upon a time" --max_new_tokens 64
     python -m yanjax.generate --workdir runs/tiny --prompts_file prompts.txt --temperature 0.8 --top_p 0.95
+    python -m yanjax.generate --workdir gs://bucket/runs/big --mesh fsdp=-1 --prompt "def main("
 
 A single prompt is streamed to stdout as it is produced; a file (one prompt per line) gives one JSON line per
 prompt, in file order (add --stream to see the text appear on stderr).
@@ -37,6 +39,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import io_callback
 
+from yanjax import storage
 from yanjax.sampling import Sampling, sample
 
 
@@ -222,7 +225,10 @@ def _decode_loop(graphdef, state, tokens, lengths, row_keys, *, prefix, max_new_
 
 def _parse(argv):
   parser = argparse.ArgumentParser(prog="python -m yanjax.generate", description=__doc__.splitlines()[0])
-  parser.add_argument("--workdir", required=True, help="training run directory (latest checkpoint is used)")
+  parser.add_argument("--workdir", required=True, help="training run directory, local or gs:// / s3:// "
+                      "(latest checkpoint is used)")
+  parser.add_argument("--mesh", default=None, help="mesh to restore onto, e.g. fsdp=4 or data=1,fsdp=-1 "
+                      "(default: the run's training mesh, or FSDP over all devices when it does not fit)")
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument("--prompt", help="one prompt, streamed to stdout")
   source.add_argument("--prompts_file", help="a text file with one prompt per line; JSON lines out")
@@ -238,8 +244,11 @@ def _parse(argv):
   return parser.parse_args(argv)
 
 
-def run(model, tokenizer_path: str | None, args, out=None, err=None) -> None:
-  """The CLI after loading: generates for `args` (parsed flags) and writes the results to `out` (stdout)."""
+def run(model, tokenizer_path, args, out=None, err=None) -> None:
+  """The CLI after loading: generates for `args` (parsed flags) and writes the results to `out` (stdout).
+
+  `tokenizer_path`: the run's sentencepiece model (a path, a gs:// / s3:// URL, or an epath), or None.
+  """
   out = sys.stdout if out is None else out
   err = sys.stderr if err is None else err
   sampling = Sampling(args.temperature, args.top_k, args.top_p)
@@ -279,8 +288,8 @@ def run(model, tokenizer_path: str | None, args, out=None, err=None) -> None:
     out.write(streamer.flush(0) + "\n")
     return
 
-  with open(args.prompts_file, encoding="utf-8") as f:
-    texts = [line.rstrip("\n") for line in f]
+  text = storage.as_path(args.prompts_file).read_text(encoding="utf-8").replace("\r\n", "\n")
+  texts = text.split("\n")[:-1] if text.endswith("\n") or not text else text.split("\n")
   encoded = [encode(t) for t in texts]
   order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
   results = {}
@@ -306,14 +315,15 @@ def run(model, tokenizer_path: str | None, args, out=None, err=None) -> None:
 
 
 def _load_tokenizer(path):
+  """The sentencepiece model at `path` (local, gs:// or s3://), read through epath."""
   import sentencepiece as spm  # pylint: disable=import-outside-toplevel
-  return spm.SentencePieceProcessor(model_file=str(path))
+  return spm.SentencePieceProcessor(model_proto=storage.as_path(path).read_bytes())
 
 
 def main(argv=None) -> None:
   args = _parse(argv)
-  from yanjax.checkpointing import load_inference_model  # pylint: disable=import-outside-toplevel
-  model, _, tokenizer_path = load_inference_model(args.workdir)
+  from yanjax.inference import load_inference_model  # pylint: disable=import-outside-toplevel
+  model, _, tokenizer_path = load_inference_model(args.workdir, mesh_spec=args.mesh)
   run(model, tokenizer_path, args)
 
 

@@ -1,6 +1,7 @@
 """Generate text from an export with NumPy only.
 
     python -m yanjax.numpy_runtime --export exports/tiny --prompt "Once upon a time" --max_new_tokens 64
+    python -m yanjax.numpy_runtime --export s3://bucket/exports/tiny --prompt "def main("   # needs etils, s3fs
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from .model import Model, config_summary
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(prog="python -m yanjax.numpy_runtime", description=__doc__.splitlines()[0])
-  parser.add_argument("--export", required=True, help="export directory (python -m yanjax.export)")
+  parser.add_argument("--export", required=True, help="export directory (python -m yanjax.export): a path, "
+                      "or a gs:// or s3:// URL")
   parser.add_argument("--prompt", required=True)
   parser.add_argument("--max_new_tokens", type=int, default=64)
   parser.add_argument("--temperature", type=float, default=0.0)
@@ -34,7 +36,7 @@ def main(argv=None) -> None:
     raise SystemExit(f"{args.export} has no tokenizer.model")
   model = Model(export)
   print(config_summary(export.config), file=sys.stderr)
-  processor = spm.SentencePieceProcessor(model_file=str(export.tokenizer_path))
+  processor = spm.SentencePieceProcessor(model_proto=export.tokenizer_path.read_bytes())  # a path or a URL
   prompt = ([processor.bos_id()] if processor.bos_id() >= 0 else []) + processor.encode(args.prompt)
   ids, shown = [], ""
 

@@ -11,6 +11,9 @@ An export directory holds (docs/export.md describes each array and the order of 
 `load_export` checks everything it reads and raises `ExportError` naming the file, the array or the config
 key at fault: a missing or unreadable file, a checksum that does not match, an array that is missing,
 unexpected or of the wrong shape, and a config whose implied shapes differ from the weights.
+
+The directory may be local or in a bucket (`gs://bucket/...`, `s3://bucket/...`); URLs are read through
+`etils.epath` (imported only for them, so local use needs NumPy alone).
 """
 
 from __future__ import annotations
@@ -42,12 +45,24 @@ class ExportError(ValueError):
 
 
 class Export(NamedTuple):
-  """A loaded, checked export."""
-  path: pathlib.Path
+  """A loaded, checked export (paths: pathlib.Path, or etils.epath.Path for a URL)."""
+  path: Any
   config: dict[str, Any]
   arrays: dict[str, np.ndarray]  # name -> float32 array, in the canonical order of `expected_shapes`
   manifest: dict[str, Any]
-  tokenizer_path: pathlib.Path | None
+  tokenizer_path: Any  # None when the export has no tokenizer
+
+
+URL_SCHEMES = ("gs://", "s3://")
+
+
+def as_path(path) -> Any:
+  """pathlib.Path of a local path; etils.epath.Path of a gs:// or s3:// URL (or of an epath given)."""
+  text = str(path)
+  if text.startswith(URL_SCHEMES):
+    from etils import epath  # pylint: disable=import-outside-toplevel  # only for buckets
+    return path if isinstance(path, epath.Path) else epath.Path(text)
+  return pathlib.Path(path)
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -56,7 +71,7 @@ def sha256_bytes(data: bytes) -> str:
 
 def sha256_file(path) -> str:
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
+  with as_path(path).open("rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
       digest.update(block)
   return digest.hexdigest()
@@ -173,7 +188,7 @@ def check_arrays_fit_config(shapes: dict[str, tuple[int, ...]], config: dict[str
 
 # ---- reading ----------------------------------------------------------------------------------------
 
-def _read_json(path: pathlib.Path) -> Any:
+def _read_json(path) -> Any:
   if not path.is_file():
     raise ExportError(f"{path}: file missing")
   try:
@@ -182,23 +197,27 @@ def _read_json(path: pathlib.Path) -> Any:
     raise ExportError(f"{path}: not readable JSON ({e})") from e
 
 
-def _check_file(path: pathlib.Path, entry: dict[str, Any]) -> None:
+def _check_file(path, entry: dict[str, Any]) -> None:
   if not path.is_file():
     raise ExportError(f"{path}: file missing (listed in {MANIFEST})")
   if sha256_file(path) != entry["sha256"]:
     raise ExportError(f"{path}: sha256 does not match {MANIFEST}: the file is corrupt or was changed")
 
 
-def read_npz(path: pathlib.Path) -> dict[str, np.ndarray]:
-  """Every array of an .npz file as stored; errors name the file and, where known, the array."""
+def read_npz(path) -> dict[str, np.ndarray]:
+  """Every array of an .npz file (local path or URL) as stored; errors name the file and, where known, the
+  array."""
+  path = as_path(path)
   if not path.is_file():
     raise ExportError(f"{path}: file missing")
+  stream = path.open("rb")
   try:
-    archive = np.load(path, allow_pickle=False)
+    archive = np.load(stream, allow_pickle=False)
   except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+    stream.close()
     raise ExportError(f"{path}: not a readable .npz file ({e})") from e
   arrays = {}
-  with archive:
+  with stream, archive:
     for name in archive.files:
       try:
         arrays[name] = archive[name]
@@ -210,12 +229,14 @@ def read_npz(path: pathlib.Path) -> dict[str, np.ndarray]:
 _SAFETENSORS_DTYPES = {"F32": np.dtype("<f4"), "BF16": np.dtype("<u2")}
 
 
-def read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
-  """Every array of a .safetensors file (F32, or BF16 returned as uint16 bit patterns), in pure NumPy.
+def read_safetensors(path) -> dict[str, np.ndarray]:
+  """Every array of a .safetensors file (local path or URL; F32, or BF16 returned as uint16 bit patterns),
+  in pure NumPy.
 
   Layout: 8 bytes little-endian header length n, n bytes of JSON {name: {dtype, shape, data_offsets}},
   then the data; offsets are relative to the end of the header.
   """
+  path = as_path(path)
   if not path.is_file():
     raise ExportError(f"{path}: file missing")
   data = path.read_bytes()
@@ -244,13 +265,13 @@ def load_export(path, *, weights: str = "npz", verify: bool = True) -> Export:
   """Loads an export directory and checks it; returns float32 arrays whatever the stored dtype.
 
   Args:
-    path: the export directory.
+    path: the export directory: a local path, or a gs:// or s3:// URL.
     weights: "npz" (default) or "safetensors": which weights file to read.
     verify: check the sha256 of the config, the tokenizer and every array against the manifest.
   Raises:
     ExportError naming the file, array or config key at fault.
   """
-  root = pathlib.Path(path)
+  root = as_path(path)
   if not root.is_dir():
     raise ExportError(f"{root}: export directory missing")
   manifest = _read_json(root / MANIFEST)
