@@ -92,9 +92,10 @@ def test_resume_on_two_processes_of_two_devices(eight_device_run, tmp_path):
   flags, reference = eight_device_run
   workdir = _from_step_six(reference, tmp_path / "resumed")
   command = [sys.executable, "-m", "yanjax.train", f"--workdir={workdir}", *flags, "--config.mesh.data=1",
-             "--config.mesh.fsdp=4"]
+             "--config.mesh.fsdp=4", "--config.train.sample_tokens=8"]
   codes = local.launch_local(command, num_processes=2, devices_per_process=2, log_dir=str(tmp_path / "logs"),
                              timeout=400)
   assert codes == [0, 0], (tmp_path / "logs/process_0.log").read_text()[-3000:]
   assert f"resumed from the checkpoint at step {SAVED}" in (tmp_path / "logs/process_0.log").read_text()
   _assert_same_losses(reference, workdir)
+  assert (workdir / "sample.txt").read_text().startswith("def")  # generated on the sharded params, no gather
