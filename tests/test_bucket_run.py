@@ -6,6 +6,7 @@ NumPy runtime reading it from the bucket.
 """
 
 import json
+import re
 import subprocess
 import sys
 import sysconfig
@@ -64,6 +65,7 @@ def test_a_run_that_lives_in_a_bucket(s3_bucket, tmp_path):
   proc.wait()
   resumed_out = _run(["yanjax.train", f"--workdir={killed}", *flags])
   assert "resumed from the checkpoint at step" in resumed_out
+  assert re.search(r"compilation cache s3://\S+: [1-9]\d* hits", resumed_out), resumed_out[-2000:]
 
   assert _losses(straight) == _losses(killed)  # bitwise, each of the 24 steps once
   assert sorted(_losses(killed)) == list(range(1, 25))

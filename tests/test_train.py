@@ -207,8 +207,10 @@ def test_resume_with_changed_parameter_shapes_is_refused(small_store, tmp_path):
   workdir = tmp_path / "w"
   code, _, err = run_train(workdir, tiny_flags(small_store, steps=4))
   assert code == 0, err[-3000:]
-  code, _, err = run_train(workdir, tiny_flags(small_store, steps=8) + ["--config.model.mlp_width=96"])
-  assert code != 0 and "parameter shapes differ" in err and "ffn.gate_up" in err
+  code, out, err = run_train(workdir, tiny_flags(small_store, steps=8) + ["--config.model.mlp_width=96"])
+  assert code == 2 and "parameter shapes differ" in err and "ffn.gate_up" in err
+  assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: ")
+  assert "train:" not in err  # refused before the loop (and its compile) started
 
 
 @pytest.mark.slow
