@@ -29,15 +29,15 @@ from yanjax.train import init_train_state, train_state_shardings
 from yanjax.train_step import make_train_step
 
 
-def measure(cfg, steps: int) -> float:
-  """Median seconds per train step of `cfg` (a run config) after one compile step."""
+def build(cfg):
+  """(train state, jitted train step, a random batch, abstract state) of run config `cfg` on its mesh."""
   model_cfg = validate_run_config(cfg)
   mesh = sharding.make_mesh(cfg.mesh)
   rules = {name: tuple(axes) for name, axes in cfg.rules}
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: LanguageModel(model_cfg, rngs=nnx.Rngs(0))))
   optimizer = make_optimizer(cfg.optimizer, cfg.train.steps, decay_mask(abstract))
   shardings = train_state_shardings(abstract, optimizer, rules, mesh)
-  state = jax.jit(lambda: init_train_state(model_cfg, optimizer, 0), out_shardings=shardings)()
+  init = jax.jit(lambda: init_train_state(model_cfg, optimizer, 0), out_shardings=shardings)
   batch_shard = sharding.batch_sharding(mesh, rules)
   step = jax.jit(sharding.with_activation_rules(make_train_step(
       graphdef, optimizer, learning_rate_schedule(cfg.optimizer, cfg.train.steps), cfg.train.grad_accum,
@@ -49,6 +49,12 @@ def measure(cfg, steps: int) -> float:
                           "segment_ids": np.ones((b, t), np.int32),
                           "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
                           "loss_mask": np.ones((b, t), np.float32)}, batch_shard)
+  return init(), step, batch, jax.eval_shape(init)
+
+
+def measure(cfg, steps: int) -> float:
+  """Median seconds per train step of `cfg` (a run config) after one compile step."""
+  state, step, batch, _ = build(cfg)
   state, metrics = step(state, batch)
   jax.block_until_ready(metrics)
   times = []
