@@ -1,5 +1,15 @@
 """~350M-parameter Yan model (scaling-sweep size).
 
+Run (a token store you prepared: see docs/data.md; the plan first):
+
+    python -m data_pipelines.prepare --output gs://BUCKET/stores/web --vocab_size 32000 'shards/*.jsonl.gz'
+    python -m yanjax.plan --config configs/yan_350m.py --devices 8 --device_kind "H100 80GB"
+    python -m yanjax.train --config configs/yan_350m.py --workdir gs://BUCKET/runs/yan_350m \
+        --config.data.stores="('gs://BUCKET/stores/web',)"
+
+Training: about 20 tokens per parameter (7,000,000,000 tokens), 2048-token sequences x 256
+(524,288 tokens per step), AdamW with warmup and cosine decay.
+
 Variants: `configs/yan_350m.py` (dense FFN), `configs/yan_350m.py:selective` (selective activation),
 `configs/yan_350m.py:attention` (the parameter-matched attention baseline).
 Print every config's size: python -m yanjax.config_table
@@ -19,4 +29,9 @@ def get_config(variant=None):
           dtype='bfloat16',
       ),
       variant=variant,
+      train=dict(steps=0, tokens=7_000_000_000, global_batch=256, seq_len=2048, eval_every=500),
+      optimizer=dict(lr=1e-3, warmup_steps=1000),
+      data=dict(stores=("data/web",)),
+      mesh=dict(data=1, fsdp=-1, tensor=1, expert=1),
+      checkpoint=dict(every_steps=1000, every_minutes=30.0),
   )

@@ -41,6 +41,11 @@ def _config(**changes):
   return ModelConfig(**{**base, **changes})
 
 
+# The size-dependent run keys a checkpoint's saved config needs (the values do not matter here).
+RUN = dict(train=dict(steps=10, global_batch=8, seq_len=32), optimizer=dict(lr=1e-3, warmup_steps=1),
+           data=dict(stores=("unused",)), checkpoint=dict(every_steps=10))
+
+
 def _key_name(path) -> str:
   return "/".join(str(getattr(p, "key", p)) for p in path)
 
@@ -53,7 +58,7 @@ def _param_values(model) -> dict[str, jax.Array]:
 def write_checkpoint(workdir, model, step=1, mesh=None, saved_mesh=None):
   """Saves `model`'s parameters (+ optimizer state, step, rng) sharded over `mesh` (default FSDP over 8
   devices) with Checkpointer, as the trainer does; meta's run config claims `saved_mesh` if given."""
-  run_cfg = build_run_config(model.cfg, mesh=mesh or FSDP8)
+  run_cfg = build_run_config(model.cfg, mesh=mesh or FSDP8, **RUN)
   device_mesh = sharding.make_mesh(run_cfg.mesh)
   rules = {name: tuple(axes) for name, axes in run_cfg.rules}
   _, abstract = nnx.split(nnx.eval_shape(lambda: LanguageModel(model.cfg, rngs=nnx.Rngs(0))))
@@ -197,7 +202,7 @@ def test_streaming_export_of_a_many_layer_model_keeps_host_memory_far_below_the_
   single = random_model(cfg, scale=0.1)
   graphdef, state = nnx.split(single)
   mesh = sharding.make_mesh(FSDP8)
-  rules = {name: tuple(axes) for name, axes in build_run_config(cfg).rules}
+  rules = {name: tuple(axes) for name, axes in build_run_config(cfg, mesh=FSDP8, **RUN).rules}
   _, abstract = nnx.split(nnx.eval_shape(lambda: LanguageModel(cfg, rngs=nnx.Rngs(0))))
   model = nnx.merge(graphdef, jax.device_put(state, sharding.state_shardings(abstract, rules, mesh)))
   leaves = jax.tree.leaves(nnx.state(model, nnx.Param))

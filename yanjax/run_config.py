@@ -1,8 +1,11 @@
 """The run config: every section a training run reads, with defaults, validated before anything compiles.
 
-A config file's `get_config()` returns `build_run_config(model=..., **section_overrides)`. Command-line
-overrides (`--config.train.steps=300`) act on the resulting locked ConfigDict, so an unknown key fails at
-parse time; `validate_run_config` then checks values and combinations and names the offending key.
+A config file's `get_config()` returns `build_run_config(model=..., **section_overrides)`: a whole run. Keys
+whose right value depends on the model's size (batch and sequence length, steps or token budget, learning
+rate and warmup, mesh, data stores, checkpoint cadence) have no default (`REQUIRED`): every config file sets
+them, so none inherits a tiny run's values. Command-line overrides (`--config.train.steps=300`) act on the
+resulting locked ConfigDict, so an unknown key fails at parse time; `validate_run_config` then checks values
+and combinations and names the offending key.
 """
 
 from __future__ import annotations
@@ -16,13 +19,16 @@ from yanjax import storage
 from yanjax.config import ConfigError, ModelConfig
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
+REQUIRED = None  # a key every config file sets
 
 DEFAULTS: dict[str, Any] = {
     "train": {
         "seed": 0,
-        "steps": 500,
-        "global_batch": 16,
-        "seq_len": 128,
+        "steps": REQUIRED,  # optimizer steps; 0 when `tokens` sets them
+        "tokens": 0,  # token budget: steps = tokens // (global_batch * seq_len) when > 0
+        "global_batch": REQUIRED,  # sequences per step, over all devices
+        "seq_len": REQUIRED,
+        "default_workdir": "",  # --workdir when none is given ("": --workdir is required)
         "grad_accum": 1,  # micro-batches per step; global_batch must divide by it
         "z_loss_weight": 1e-4,  # logit z-loss: mean(logsumexp(logits)^2)
         "nan_policy": "skip",  # "skip": drop the update and log it; "stop": save and stop
@@ -36,9 +42,9 @@ DEFAULTS: dict[str, Any] = {
         "compilation_cache": "{workdir}/compilation_cache",
     },
     "optimizer": {
-        "lr": 3e-3,
+        "lr": REQUIRED,  # peak learning rate
         "schedule": "cosine",  # "cosine" (warmup + cosine) or "wsd" (warmup-stable-decay)
-        "warmup_steps": 50,
+        "warmup_steps": REQUIRED,
         "decay_fraction": 0.2,  # wsd: last fraction of steps that decays linearly to min_lr
         "min_lr_ratio": 0.1,
         "b1": 0.9,
@@ -50,13 +56,13 @@ DEFAULTS: dict[str, Any] = {
     "data": {
         # Token stores, local or gs:// / s3://; {workdir} is the run's work directory. Tuples: ml_collections
         # overrides them as --config.data.stores="('a', 'b')".
-        "stores": ("{workdir}/data/stdlib",),
+        "stores": REQUIRED,
         "weights": (),  # mixing weights, one per store; empty: equal weights
-        "prepare_default": True,  # prepare the first store from the standard library when it is missing
+        "prepare_default": False,  # prepare the first store from the standard library when it is missing
         "packing": True,
         "validation_fraction": 0.05,  # used when preparing the default store
     },
-    "mesh": {"data": -1, "fsdp": 1, "tensor": 1, "expert": 1},
+    "mesh": {"data": REQUIRED, "fsdp": REQUIRED, "tensor": REQUIRED, "expert": REQUIRED},
     # Logical axis -> mesh axes. Sharding strategy is data: FSDP puts "embed" on "fsdp"; tensor parallelism
     # puts "mlp", "heads", "channels", "vocab" on "tensor"; "experts" go to "expert".
     "rules": (
@@ -70,7 +76,7 @@ DEFAULTS: dict[str, Any] = {
         ("layers", ()),
     ),
     "checkpoint": {
-        "every_steps": 100,
+        "every_steps": REQUIRED,
         "every_minutes": 0.0,  # also save when this much wall time passed since the last save (0: off)
         "keep": 3,
         "async_save": True,
@@ -88,9 +94,18 @@ def build_run_config(model: ModelConfig, **sections) -> ml_collections.ConfigDic
     if unknown:
       raise ConfigError(f"unknown key(s) {unknown} in config section {name!r}")
     values[name] = {**values[name], **overrides} if isinstance(values[name], dict) else overrides
+  missing = [f"{section}.{key}" for section, keys in values.items() if isinstance(keys, dict)
+             for key, value in keys.items() if value is REQUIRED]
+  if missing:
+    raise ConfigError(f"the config does not set {missing}: a config file is a whole run and sets every "
+                      "size-dependent key (see yanjax/run_config.py: DEFAULTS and configs/yan_tiny.py)")
   cfg = ml_collections.ConfigDict({"model": model.to_dict(), **values})
   cfg.lock()
   return cfg
+
+
+def tokens_per_step(cfg: ml_collections.ConfigDict) -> int:
+  return cfg.train.global_batch * cfg.train.seq_len
 
 
 def validate_run_config(cfg: ml_collections.ConfigDict) -> ModelConfig:
@@ -109,6 +124,18 @@ def validate_run_config(cfg: ml_collections.ConfigDict) -> ModelConfig:
   def fail(key, why):
     raise ConfigError(f"{key}={eval_key(cfg, key)!r}: {why}")
 
+  for key in ("train.global_batch", "train.seq_len"):
+    if not isinstance(eval_key(cfg, key), int) or eval_key(cfg, key) <= 0:
+      fail(key, "must be a positive integer")
+  if not isinstance(train.tokens, int) or train.tokens < 0:
+    fail("train.tokens", "must be a token budget >= 0 (0: train.steps sets the length)")
+  if train.tokens:
+    if train.steps not in (0, train.tokens // tokens_per_step(cfg)):
+      fail("train.steps", f"set either train.steps or train.tokens={train.tokens}; set the other to 0")
+    if train.tokens < tokens_per_step(cfg):
+      fail("train.tokens", f"is smaller than one step (global_batch x seq_len = {tokens_per_step(cfg):,} "
+           "tokens); raise it or lower train.global_batch")
+    train.steps = train.tokens // tokens_per_step(cfg)
   for key in ("train.steps", "train.global_batch", "train.seq_len", "train.grad_accum", "train.log_every",
               "train.eval_every", "checkpoint.every_steps", "checkpoint.keep"):
     value = eval_key(cfg, key)

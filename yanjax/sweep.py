@@ -94,7 +94,7 @@ def points(sweep: dict[str, Any]) -> list[Point]:
         point_id = f"{family}-{size}-" + (f"C{budget:.3g}" if budget else f"D{tokens:.3g}")
         flags = [f"--config={path}"] + _section_flags(sweep.get("config", {})) + [
             f"--config.model.{k}={v}" for k, v in model.to_dict().items()] + [
-            f"--config.train.steps={steps}",
+            f"--config.train.steps={steps}", "--config.train.tokens=0",
             f"--config.optimizer.warmup_steps={min(base.optimizer.warmup_steps, steps // 10)}",
             f"--config.train.eval_every={steps}", f"--config.checkpoint.every_steps={steps}",
             "--config.train.sample_tokens=0"]

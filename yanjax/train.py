@@ -43,8 +43,8 @@ WORKDIR_PLACEHOLDER = "{workdir}"  # in data.stores and train.compilation_cache:
 
 config_flags.DEFINE_config_file("config", "configs/yan_tiny.py", "Python config file (path[:variant]).",
                                 lock_config=True)
-flags.DEFINE_string("workdir", "runs/yan_tiny", "Run directory, local or gs:// / s3://: checkpoints, metrics, "
-                    "tokenizer, samples, compilation cache.")
+flags.DEFINE_string("workdir", None, "Run directory, local or gs:// / s3://: checkpoints, metrics, tokenizer, "
+                    "samples, compilation cache. Required unless the config sets train.default_workdir (yan_tiny).")
 flags.DEFINE_bool("verbose", False, "Show the full traceback of user errors too.")
 FLAGS = flags.FLAGS
 
@@ -133,7 +133,10 @@ def train():
   distributed.initialize_from_flags()
   cfg = FLAGS.config
   model_cfg = validate_run_config(cfg)
-  workdir = storage.as_path(FLAGS.workdir)
+  if not (FLAGS.workdir or cfg.train.default_workdir):
+    raise ConfigError("--workdir is required for this config (only configs that set train.default_workdir, "
+                      "like configs/yan_tiny.py, have one): give --workdir=<local path, gs:// or s3:// URL>")
+  workdir = storage.as_path(FLAGS.workdir or cfg.train.default_workdir)
   if process_zero():
     storage.check_writable(workdir, "workdir", "give a --workdir this job can write to")
   else:
@@ -339,5 +342,39 @@ def train_state_shardings(abstract_params: nnx.State, optimizer, rules, mesh) ->
   return {"step": replicated, "params": params, "opt_state": opt_state, "rng": replicated}
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a bad --config or --config.<key> override as one line (exit 2)."""
+  try:
+    remaining = FLAGS(argv)
+    FLAGS.config.keys()  # config_flags defers a config file's load error to the first access
+    return remaining
+  except Exception as error:  # pylint: disable=broad-except  # config_flags raises what the override hit
+    print(f"error: {_describe_flag_error(argv, error)}", file=sys.stderr, flush=True)
+    sys.exit(USAGE_EXIT_CODE)
+
+
+def _describe_flag_error(argv: list[str], error: Exception) -> str:
+  """Names the --config.<key> override whose key the config does not have, else restates `error`."""
+  from yanjax.config import load_config_file  # pylint: disable=import-outside-toplevel
+  config = ([a.split("=", 1)[1] for a in argv if a.startswith("--config=")] or ["configs/yan_tiny.py"])[-1]
+  try:
+    base = load_config_file(config)
+  except Exception as load_error:  # pylint: disable=broad-except
+    return f"--config={config}: {load_error}"
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    node = base
+    keys = arg[len("--config."):].split("=", 1)[0].split(".")
+    for depth, key in enumerate(keys):
+      if not hasattr(node, "keys") or key not in node.keys():
+        section = ".".join(keys[:depth]) or "the config"
+        known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "none (not a section)"
+        return f"{arg}: {section} has no key {key!r}; its keys are {known}"
+      node = node[key]
+  reason = " ".join(str(error).split())
+  return f"{type(error).__name__}: {reason}; check the flags (python -m yanjax.train --helpfull)"
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
