@@ -86,3 +86,16 @@ def test_bad_storage_is_one_clear_line(case, s3_endpoint, auth_server, small_sto
   line = _last_line(err)
   assert line.startswith("error: ") and fragment in line and workdir in line, line
   assert "compil" not in out  # refused before anything was compiled
+
+
+@pytest.mark.parametrize("command,fragment", [
+    (["yanjax.generate", "--workdir=gcs://bucket/run", "--prompt=a"], "unknown storage scheme gcs://"),
+    (["yanjax.export", "--workdir=s3:/bucket/run", "--out=/tmp/unused-export"], "malformed URL"),
+    (["yanjax.export", "--workdir=/nonexistent/run", "--out=/tmp/unused-export"], "no checkpoint under"),
+    (["yanjax.numpy_runtime", "--export=/nonexistent/export", "--prompt=a"], "export directory missing"),
+])
+def test_other_entry_points_report_bad_paths_in_one_line(command, fragment):
+  proc = subprocess.run([sys.executable, "-m", *command], cwd=REPO, env=_environment({}), capture_output=True,
+                        text=True, timeout=120, check=False)
+  assert proc.returncode == USAGE_EXIT_CODE and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert _last_line(proc.stderr).startswith("error: ") and fragment in _last_line(proc.stderr)

@@ -41,6 +41,7 @@ from etils import epath
 from flax import nnx
 
 import yanjax
+from yanjax import cli
 from yanjax import storage
 from yanjax.config import ConfigError, ModelConfig
 from yanjax.numpy_runtime import format as fmt
@@ -309,4 +310,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)

@@ -39,7 +39,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import io_callback
 
-from yanjax import storage
+from yanjax import cli, storage
 from yanjax.sampling import Sampling, sample
 
 
@@ -328,4 +328,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)

@@ -26,6 +26,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from yanjax import compilation_cache, distributed, sharding, storage
+from yanjax.cli import USAGE_EXIT_CODE
 from yanjax.checkpointing import TOKENIZER_FILE, Checkpointer, check_same_shapes
 from yanjax.config import ConfigError, ModelConfig
 from yanjax.data.errors import DataError
@@ -38,7 +39,6 @@ from yanjax.train_step import make_eval_step, make_train_step
 
 PREEMPTED_EXIT_CODE = 42  # saved after SIGTERM/SIGINT: a scheduler should requeue the job
 NONFINITE_EXIT_CODE = 3  # nan_policy="stop": saved and stopped on a non-finite loss
-USAGE_EXIT_CODE = 2  # a user error (config, path, storage, data store): one line on stderr
 WORKDIR_PLACEHOLDER = "{workdir}"  # in data.stores and train.compilation_cache: the run's work directory
 
 config_flags.DEFINE_config_file("config", "configs/yan_tiny.py", "Python config file (path[:variant]).",

@@ -28,12 +28,9 @@ def main(argv=None) -> None:
 
   import sentencepiece as spm  # pylint: disable=import-outside-toplevel
 
-  try:
-    export = load_export(args.export)
-  except ExportError as e:
-    raise SystemExit(f"error: {e}") from e
+  export = load_export(args.export)
   if export.tokenizer_path is None:
-    raise SystemExit(f"{args.export} has no tokenizer.model")
+    raise ExportError(f"{args.export} has no tokenizer.model: export from a run that has one")
   model = Model(export)
   print(config_summary(export.config), file=sys.stderr)
   processor = spm.SentencePieceProcessor(model_proto=export.tokenizer_path.read_bytes())  # a path or a URL
@@ -59,4 +56,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  from yanjax import cli  # pylint: disable=import-outside-toplevel  # the runtime itself needs NumPy only
+  cli.run(main, (ExportError,))
