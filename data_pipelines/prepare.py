@@ -100,6 +100,9 @@ def run(args: argparse.Namespace) -> epath.Path:
   settings = {**{k: getattr(args, k) for k in _DATA_SETTINGS}, "vocab_size": vocab_size,
               "tokenizer_model_sha256": given_model and hashlib.sha256(given_model).hexdigest()}
   data_fingerprint = fingerprint(files, settings)
+  inside = [str(f.path) for f in files if _is_within(f.path, out)]
+  if inside:
+    raise StoreError(f"--output {out} contains the input {inside[0]}; choose an --output outside the inputs")
   if _up_to_date(out, data_fingerprint, args.overwrite):
     print(f"{out} is up to date (fingerprint {data_fingerprint[:12]}); nothing to do")
     return out
@@ -166,6 +169,13 @@ def _train_tokenizer(args: argparse.Namespace, files: Sequence[sources.SourceFil
   return tokenizer.train(sentences, vocab_size, args.tokenizer_type, args.num_threads)
 
 
+def _is_within(path, directory: epath.Path) -> bool:
+  """Whether local `path` is `directory` or inside it (False for a bucket `directory`)."""
+  if storage.is_remote(directory):
+    return False
+  return os.path.commonpath([os.path.abspath(path), os.fspath(directory)]) == os.fspath(directory)
+
+
 def _up_to_date(out: epath.Path, expected_fingerprint: str, overwrite: bool) -> bool:
   """True when `out` is a trusted store of this fingerprint; an error when it is another and may not go."""
   store_format.forget_listings(out)
@@ -179,6 +189,10 @@ def _up_to_date(out: epath.Path, expected_fingerprint: str, overwrite: bool) -> 
     why = "was prepared from other inputs or settings"
   if existing == expected_fingerprint:
     return True
+  foreign = store_writer.foreign_entries(out)
+  if foreign:  # never replace what yanjax did not write, --overwrite or not
+    raise StoreError(f"{out} holds files that are not part of a token store ({', '.join(foreign[:5])}"
+                     f"{' ...' if len(foreign) > 5 else ''}); it is never replaced: choose another --output")
   if not overwrite:
     raise StoreError(f"{out} {why}; pass --overwrite to replace it, or choose another --output")
   return False

@@ -180,6 +180,19 @@ class StoreBuilder:
     replace_directory(self.temp_dir, self.out, overwrite)
 
 
+STORE_ENTRIES = (store_format.METADATA_FILE, f"{store_format.METADATA_FILE}.partial", store_format.TOKENIZER_FILE,
+                 *store_format.SPLITS)  # the top level of a store, finished or not
+
+
+def foreign_entries(directory: epath.Path) -> list[str]:
+  """Names at the top of `directory` that a token store does not have (empty: yanjax may replace it)."""
+  if not directory.exists():
+    return []
+  if not directory.is_dir():
+    return [directory.name]
+  return sorted(p.name for p in directory.iterdir() if p.name not in STORE_ENTRIES)
+
+
 def replace_directory(source: epath.Path, target: epath.Path, overwrite: bool):
   """Moves the finished store `source` to `target`; an existing `target` is replaced when `overwrite`.
 
@@ -198,6 +211,8 @@ def replace_directory(source: epath.Path, target: epath.Path, overwrite: bool):
   elif target.exists():
     if not overwrite:
       raise StoreError(f"{target} exists; pass --overwrite to replace it")
+    if foreign_entries(target):
+      raise StoreError(f"{target} holds files that are not part of a token store; it is never replaced")
     old = target.parent / f"{target.name}.old-{secrets.token_hex(4)}"
     os.replace(target, old)
     os.replace(source, target)
@@ -213,6 +228,8 @@ def _move_objects(source: epath.Path, target: epath.Path, overwrite: bool):
   if old:
     if not overwrite:
       raise StoreError(f"{target} exists; pass --overwrite to replace it")
+    if foreign_entries(target):
+      raise StoreError(f"{target} holds objects that are not part of a token store; it is never replaced")
     metadata = f"{_key(target)}/{store_format.METADATA_FILE}"
     if metadata in old:
       fs.rm_file(metadata)

@@ -137,10 +137,30 @@ def validate_run_config(cfg: ml_collections.ConfigDict) -> ModelConfig:
            "tokens); raise it or lower train.global_batch")
     train.steps = train.tokens // tokens_per_step(cfg)
   for key in ("train.steps", "train.global_batch", "train.seq_len", "train.grad_accum", "train.log_every",
-              "train.eval_every", "checkpoint.every_steps", "checkpoint.keep"):
+              "checkpoint.every_steps", "checkpoint.keep"):
     value = eval_key(cfg, key)
     if not isinstance(value, int) or value <= 0:
       fail(key, "must be a positive integer")
+  if not isinstance(train.eval_every, int) or train.eval_every < 0:
+    fail("train.eval_every", "must be a positive integer, or 0 to turn evaluation off")
+  if train.eval_every and (not isinstance(train.eval_batches, int) or train.eval_batches < 1):
+    fail("train.eval_batches", "must be >= 1 while evaluation is on (train.eval_every=0 turns it off)")
+  for key, low, high, closed in (("optimizer.b1", 0, 1, False), ("optimizer.b2", 0, 1, False),
+                                 ("optimizer.min_lr_ratio", 0, 1, True)):
+    value = eval_key(cfg, key)
+    if not (low <= value <= high if closed else low <= value < high):
+      fail(key, f"must be in [{low}, {high}{']' if closed else ')'}")
+  if not 0 < cfg.data.validation_fraction < 1:
+    fail("data.validation_fraction", "must be in (0, 1)")
+  for key in ("optimizer.clip_norm", "optimizer.eps"):
+    if not eval_key(cfg, key) > 0:
+      fail(key, "must be > 0")
+  for key in ("optimizer.weight_decay", "train.z_loss_weight", "train.sample_tokens", "train.seed",
+              "checkpoint.every_minutes"):
+    if not eval_key(cfg, key) >= 0:
+      fail(key, "must be >= 0")
+  if any(not w > 0 for w in cfg.data.weights):
+    fail("data.weights", "every mixing weight must be > 0")
   if train.global_batch % train.grad_accum:
     fail("train.grad_accum", f"train.global_batch={train.global_batch} must divide by it")
   if train.nan_policy not in ("skip", "stop"):
