@@ -25,7 +25,7 @@ from yanjax.model.counting import flops_per_token
 from yanjax.model.lm import LanguageModel
 from yanjax.optim import decay_mask, learning_rate_schedule, make_optimizer
 from yanjax.run_config import validate_run_config
-from yanjax.train import init_train_state, train_state_shardings
+from yanjax.train_state import init_train_state, train_state_shardings
 from yanjax.train_step import make_train_step
 
 

@@ -13,7 +13,8 @@ submit on Slurm (or the TPU / Kubernetes recipes in launch/):
 Training as the paper: AdamW, peak lr 8e-4, 4096-token sequences x 1152 (4.7M tokens per step), warmup and
 cosine decay; 200B tokens (about 20 per parameter; the paper does not state its budget). FSDP
 over all devices with tensor=2 (so that the batch of 1152 divides over the batch-parallel devices at 8, 64
-and 256 GPUs); bfloat16 compute, float32 parameters, remat save_dots.
+and 256 GPUs); bfloat16 compute, float32 parameters, remat full (save_dots keeps each
+layer's [b, t, 2F] FFN input: 108 GB per device at 256 H100s, per `python -m yanjax.plan`).
 
 Variants: `configs/yan_10b.py` (dense FFN), `configs/yan_10b.py:selective` (selective activation),
 `configs/yan_10b.py:attention` (the parameter-matched attention baseline).
@@ -33,7 +34,7 @@ def get_config(variant=None):
           mlp_width=15360,
           dtype='bfloat16',
           scan_layers=True,
-          remat='save_dots',
+          remat='full',
           max_decode_len=4096,
       ),
       variant=variant,

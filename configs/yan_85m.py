@@ -8,7 +8,8 @@ Run (a token store you prepared: see docs/data.md; the plan first):
         --config.data.stores="('gs://BUCKET/stores/web',)"
 
 Training: about 20 tokens per parameter (1,700,000,000 tokens), 2048-token sequences x 256
-(524,288 tokens per step), AdamW with warmup and cosine decay.
+(524,288 tokens per step) in 4 micro-batches (gradient accumulation: what fits 8 H100s,
+per `python -m yanjax.plan`), AdamW with warmup and cosine decay.
 
 Variants: `configs/yan_85m.py` (dense FFN), `configs/yan_85m.py:selective` (selective activation),
 `configs/yan_85m.py:attention` (the parameter-matched attention baseline).
@@ -29,7 +30,7 @@ def get_config(variant=None):
           dtype='bfloat16',
       ),
       variant=variant,
-      train=dict(steps=0, tokens=1_700_000_000, global_batch=256, seq_len=2048, eval_every=500),
+      train=dict(steps=0, tokens=1_700_000_000, global_batch=256, grad_accum=4, seq_len=2048, eval_every=500),
       optimizer=dict(lr=1.5e-3, warmup_steps=300),
       data=dict(stores=("data/web",)),
       mesh=dict(data=-1, fsdp=1, tensor=1, expert=1),

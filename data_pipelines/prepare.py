@@ -28,7 +28,8 @@ from etils import epath
 import tqdm
 
 from data_pipelines import sources, store_writer, tokenizer
-from yanjax import storage
+from yanjax import cli, storage
+from yanjax.cli import USAGE_EXIT_CODE
 from yanjax.config import ConfigError
 from yanjax.data import store as store_format
 from yanjax.data.errors import CorpusError, DataError, StoreError, TokenizerMismatchError
@@ -292,9 +293,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     run(args)
   except (DataError, ConfigError) as e:  # ConfigError: a bad URL or unreachable storage
     print(f"error: {e}", file=sys.stderr)
-    return 1
+    return USAGE_EXIT_CODE
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)

@@ -216,7 +216,7 @@ def test_help_and_cli_error_exit(tmp_path, capsys):
   shown = subprocess.run([sys.executable, "-m", "data_pipelines.prepare", "--help"], cwd=REPO,
                          capture_output=True, text=True)
   assert shown.returncode == 0 and "--output" in shown.stdout and "--on_bad_input" in shown.stdout
-  assert prepare.main(["--output", str(tmp_path / "store"), str(tmp_path / "missing/*.txt")]) == 1
+  assert prepare.main(["--output", str(tmp_path / "store"), str(tmp_path / "missing/*.txt")]) == 2
   assert "error: input" in capsys.readouterr().err
 
 

@@ -70,7 +70,7 @@ def test_overwrite_replaces_s3_store_metadata_first(s3_bucket, capsys, monkeypat
   url = f"{s3_bucket}/stores/x"
   assert prepare_store(url) == 0
   capsys.readouterr()
-  assert prepare_store(url, "--seed", "1") == 1
+  assert prepare_store(url, "--seed", "1") == 2
   assert "--overwrite" in capsys.readouterr().err
   copied, old_metadata_seen = [], []
   retarget = store_writer._retarget  # pylint: disable=protected-access
@@ -96,7 +96,7 @@ def test_s3_store_without_metadata_is_refused(s3_bucket, capsys):
   with pytest.raises(StoreError, match="no complete metadata.json"):
     make_loader([url], seq_len=8, global_batch=2)
   capsys.readouterr()
-  assert prepare_store(url) == 1 and "not a trusted store" in capsys.readouterr().err
+  assert prepare_store(url) == 2 and "not a trusted store" in capsys.readouterr().err
   with pytest.raises(StoreError, match="no prepared store"):
     open_store(f"{s3_bucket}/stores/never")
 
@@ -109,7 +109,7 @@ def test_missing_bucket_and_bad_urls_are_one_clear_line(s3_endpoint, capsys):
   for output, reason in ((url, "does not exist"), ("gcs://b/x", "unknown storage scheme"),
                          ("s3:/b/x", "malformed URL")):
     capsys.readouterr()
-    assert prepare_store(output) == 1
+    assert prepare_store(output) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"error: --output {output}" if reason == "does not exist" else "error: ")
     assert output in line and reason in line

@@ -18,7 +18,8 @@ from yanjax.config import ConfigError, load_config_file
 from yanjax.model.lm import LanguageModel
 from yanjax.optim import decay_mask, learning_rate_schedule, make_optimizer
 from yanjax.run_config import validate_run_config
-from yanjax.train import PREEMPTED_EXIT_CODE, init_train_state, train_state_shardings
+from yanjax.train import PREEMPTED_EXIT_CODE
+from yanjax.train_state import init_train_state, train_state_shardings
 from yanjax.train_step import make_train_step
 
 REPO = pathlib.Path(__file__).resolve().parent.parent

@@ -6,6 +6,10 @@ which cannot rename, it writes in place and commits with a `commit_success.txt` 
 save cut short (SIGKILL, preemption) is never listed; a listed step that cannot be read (corrupted files) is
 skipped with a warning and the one before it is used.
 
+Integrity: every save records a checksum of each array of the state (a position-weighted sum of its bit
+patterns, computed on the devices where the array lives, so nothing is gathered); a restore recomputes them
+and treats a mismatch (a flipped bit, a truncated or swapped chunk) like an unreadable checkpoint.
+
 Restoring into a different mesh or device count works: the abstract state given to `restore_latest`
 carries the new run's shardings, and orbax (tensorstore) reads each device's slice straight into place.
 """
@@ -17,6 +21,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
@@ -44,6 +49,8 @@ class Checkpointer:
     return sorted(self.manager.all_steps())
 
   def save(self, step: int, state: Any, meta: dict[str, Any]):
+    """Saves `state` and `meta` (plus the state's checksums) as checkpoint `step` (asynchronously)."""
+    meta = {**meta, "checksums": state_checksums(state)}
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                     meta=ocp.args.JsonSave(meta)), force=True)
 
@@ -74,6 +81,7 @@ class Checkpointer:
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        verify_checksums(restored["state"], restored["meta"].get("checksums"))
       except Exception as error:  # pylint: disable=broad-except  # any unreadable checkpoint: try older
         logging.warning("checkpoint at step %d is unreadable (%s: %s); trying the previous one", step,
                         type(error).__name__, (str(error).splitlines() or [""])[0][:300])
@@ -96,6 +104,35 @@ class Checkpointer:
 
   def close(self):
     self.manager.close()
+
+
+@jax.jit
+def _checksums(state):
+  def checksum(x):
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+      x = jax.random.key_data(x)
+    bits = x.view(jnp.uint16).astype(jnp.uint32) if x.dtype.itemsize == 2 else x.astype(jnp.float32).view(
+        jnp.uint32) if x.dtype.itemsize != 4 else x.view(jnp.uint32)
+    weights = jnp.arange(bits.size, dtype=jnp.uint32).reshape(bits.shape) * jnp.uint32(2654435761) + 1
+    return jnp.sum(bits * weights, dtype=jnp.uint32)  # wraps mod 2^32: any one flipped bit changes it
+  return jax.tree.map(checksum, state)
+
+
+def state_checksums(state: Any) -> dict[str, int]:
+  """{leaf path: uint32 checksum} of a state pytree, computed where its arrays live."""
+  sums = jax.device_get(_checksums(state))
+  return {jax.tree_util.keystr(path): int(value) for path, value in jax.tree_util.tree_flatten_with_path(sums)[0]}
+
+
+def verify_checksums(state: Any, expected: dict[str, int] | None):
+  """Raises ValueError naming the arrays whose checksum differs from the one saved (None: not recorded)."""
+  if expected is None:
+    return
+  actual = state_checksums(state)
+  bad = sorted(k for k in set(actual) | set(expected) if actual.get(k) != expected.get(k))
+  if bad:
+    raise ValueError(f"checksums differ from the ones saved for {len(bad)} arrays, e.g. {bad[:3]}: the data "
+                     "is damaged")
 
 
 def parameter_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -12,40 +12,51 @@ checkpoint, loop, end). The step itself is in train_step.py; placement rules in 
 
 from __future__ import annotations
 
+import atexit
 import signal
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
+# A SIGTERM / SIGINT that arrives while the imports below load (seconds) is kept for StopRequest, which
+# then exits with the requeue code instead of the default handler's 143.
+_EARLY_SIGNALS: list[int] = []
+if __name__ == "__main__":
+  for _signal in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(_signal, lambda signum, _frame: _EARLY_SIGNALS.append(signum))
+
+import jax  # pylint: disable=wrong-import-position
 import numpy as np
-import optax
 from absl import app, flags, logging
 from flax import nnx
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from yanjax import compilation_cache, distributed, sharding, storage
+from yanjax import compilation_cache, distributed, plan, sharding, storage
 from yanjax.cli import USAGE_EXIT_CODE
 from yanjax.checkpointing import TOKENIZER_FILE, Checkpointer, check_same_shapes
 from yanjax.config import ConfigError, ModelConfig
 from yanjax.data.errors import DataError
+from yanjax.lease import Lease
 from yanjax.metrics import MetricsWriter, mfu, process_zero
 from yanjax.model.counting import flops_per_token, param_count
 from yanjax.model.lm import LanguageModel
 from yanjax.optim import decay_mask, learning_rate_schedule, make_optimizer
 from yanjax.run_config import validate_run_config
+from yanjax.train_state import init_train_state, train_state_shardings
 from yanjax.train_step import make_eval_step, make_train_step
 
 PREEMPTED_EXIT_CODE = 42  # saved after SIGTERM/SIGINT: a scheduler should requeue the job
 NONFINITE_EXIT_CODE = 3  # nan_policy="stop": saved and stopped on a non-finite loss
 WORKDIR_PLACEHOLDER = "{workdir}"  # in data.stores and train.compilation_cache: the run's work directory
+DEFAULT_CORPUS = "{workdir}/data/stdlib"  # the one store data.prepare_default may create
 
 config_flags.DEFINE_config_file("config", "configs/yan_tiny.py", "Python config file (path[:variant]).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory, local or gs:// / s3://: checkpoints, metrics, tokenizer, "
                     "samples, compilation cache. Required unless the config sets train.default_workdir (yan_tiny).")
 flags.DEFINE_bool("verbose", False, "Show the full traceback of user errors too.")
+flags.DEFINE_bool("allow_data_change", False, "Resume although the data stores, tokenizer, seed, global batch or "
+                  "sequence length differ from the checkpoint's (logged); otherwise such a resume is refused.")
 FLAGS = flags.FLAGS
 
 
@@ -58,11 +69,22 @@ class StopRequest:
   """
 
   def __init__(self):
-    self.signal = None
+    """Installed first thing, so a signal during start-up is not lost (see `exit_if_requested`)."""
+    self.signal = _EARLY_SIGNALS[0] if _EARLY_SIGNALS else None
+    self.preemption_service = False
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      signal.signal(sig, self._handle)
+
+  def join_cluster(self):
+    """After `jax.distributed.initialize`: with JAX's preemption service, its notifier now owns SIGTERM."""
     self.preemption_service = (jax.process_count() > 1 and
                                jax._src.distributed.global_state.preemption_sync_manager is not None)  # pylint: disable=protected-access
-    for sig in (signal.SIGINT,) if self.preemption_service else (signal.SIGTERM, signal.SIGINT):
-      signal.signal(sig, self._handle)
+
+  def exit_if_requested(self, where: str):
+    """Before the first step there is nothing to save: exit at once with the requeue code."""
+    if self.signal is not None:
+      _say(f"stopped by {signal.Signals(self.signal).name} {where}: nothing to save yet")
+      sys.exit(PREEMPTED_EXIT_CODE)
 
   def preempted(self, step: int) -> bool:
     """True on every process at the step JAX's preemption service chose (call it at every step)."""
@@ -80,6 +102,24 @@ class StopRequest:
     return bool(np.any(multihost_utils.process_allgather(np.array(local))))
 
 
+def take_lease(workdir) -> Lease | None:
+  """Process 0 takes the workdir's lease (one trainer per workdir); every process refuses when it is held."""
+  lease, refusal = None, None
+  if process_zero():
+    lease = Lease(workdir)
+    try:
+      note = lease.acquire()
+    except ConfigError as error:
+      lease, refusal = None, str(error)
+    else:
+      atexit.register(lease.release)
+      if note:
+        _say(note)
+  if _agree(refusal is not None):
+    raise ConfigError(refusal or "process 0 could not take the work directory's lease (see its log)")
+  return lease
+
+
 def store_paths(cfg, workdir: str) -> list[str]:
   """The data stores of the run, with {workdir} replaced by the work directory."""
   return [store.replace(WORKDIR_PLACEHOLDER, workdir.rstrip("/")) for store in cfg.data.stores]
@@ -94,8 +134,9 @@ def prepare_data(cfg, workdir):
   from yanjax.data import make_loader  # pylint: disable=import-outside-toplevel  # grain only where data is read
   stores = store_paths(cfg, str(workdir))
   store = storage.as_path(stores[0])
-  if cfg.data.prepare_default and not storage.check_readable(store / "metadata.json", "data store",
-                                                             "check data.stores and the credentials"):
+  default_corpus = cfg.data.prepare_default and cfg.data.stores[0] == DEFAULT_CORPUS  # never a mistyped store
+  if default_corpus and not storage.check_readable(store / "metadata.json", "data store",
+                                                   "check data.stores and the credentials"):
     failed = 0
     if process_zero():
       from data_pipelines import prepare  # pylint: disable=import-outside-toplevel
@@ -110,9 +151,38 @@ def prepare_data(cfg, workdir):
                 expected_vocab_size=cfg.model.vocab_size)
   train = make_loader(stores, split="train", **common)
   validation = make_loader(stores, split="validation", **common)
-  if process_zero() and not (workdir / TOKENIZER_FILE).exists():
-    (workdir / TOKENIZER_FILE).write_bytes(train.tokenizer_bytes())
   return train, validation
+
+
+def data_identity(cfg, loader) -> dict:
+  """What decides the batches a run sees: the stores' fingerprints, the tokenizer, seed, batch, length."""
+  return {"store_fingerprints": [store.metadata["fingerprint"] for store in loader.stores],
+          "tokenizer_sha256": loader.stores[0].tokenizer_sha256, "seed": cfg.train.seed,
+          "global_batch": cfg.train.global_batch, "seq_len": cfg.train.seq_len}
+
+
+def check_resume(meta: dict, model_cfg: ModelConfig, identity: dict):
+  """Refuses to resume a checkpoint of another model shape, or (unless --allow_data_change) other data."""
+  check_same_shapes(ModelConfig.from_dict(meta["config"]["model"]), model_cfg)
+  saved = meta.get("data", {}).get("identity")
+  changed = [f"{key}: {saved[key]!r} -> {value!r}" for key, value in identity.items()
+             if saved is not None and saved.get(key) != value]
+  if not changed:
+    return
+  what = "; ".join(c if len(c) < 120 else c[:117] + "..." for c in changed)
+  if not FLAGS.allow_data_change:
+    raise ConfigError(f"the checkpoint at step {meta['step']} was trained on other data ({what}): the resumed run "
+                      "would see other batches. Resume with the original data settings, start a new --workdir, or "
+                      "pass --allow_data_change to continue on the new data on purpose")
+  logging.warning("resuming step %d on changed data (--allow_data_change): %s", meta["step"], what)
+  _say(f"warning: resuming on changed data (--allow_data_change): {what}")
+
+
+def write_tokenizer(workdir, loader):
+  """The workdir's tokenizer.model is the one its checkpoints were trained with (replaced with the data)."""
+  path = workdir / TOKENIZER_FILE
+  if process_zero() and (not path.exists() or path.read_bytes() != loader.tokenizer_bytes()):
+    storage.write_atomic(path, loader.tokenizer_bytes())
 
 
 def main(argv):
@@ -129,8 +199,10 @@ def main(argv):
 
 def train():
   logging.set_verbosity(logging.WARNING)  # orbax and grain log every file at INFO; ours go through _say
+  stop = StopRequest()
   # ---- distributed -------------------------------------------------------------------------------------
   distributed.initialize_from_flags()
+  stop.join_cluster()
   cfg = FLAGS.config
   model_cfg = validate_run_config(cfg)
   if not (FLAGS.workdir or cfg.train.default_workdir):
@@ -141,6 +213,7 @@ def train():
     storage.check_writable(workdir, "workdir", "give a --workdir this job can write to")
   else:
     storage.check_readable(workdir, "workdir", "every host must reach the --workdir")
+  lease = take_lease(workdir)
   if cfg.train.compilation_cache:
     compilation_cache.enable(cfg.train.compilation_cache.replace(WORKDIR_PLACEHOLDER, str(workdir)))
   if process_zero():
@@ -148,11 +221,14 @@ def train():
 
   # ---- data ----------------------------------------------------------------------------------------------
   train_loader, val_loader = prepare_data(cfg, workdir)
+  stop.exit_if_requested("while the data was prepared")
 
   # ---- mesh and state --------------------------------------------------------------------------------
   mesh = sharding.make_mesh(cfg.mesh)
   rules = {name: tuple(axes) for name, axes in cfg.rules}
   sharding.check_batch_divides(cfg.train.global_batch, cfg.train.grad_accum, mesh, rules)
+  # Refuses, before anything compiles, a run predicted not to fit in a device's memory (yanjax/plan.py).
+  plan.check_fits(cfg, jax.device_count(), jax.devices()[0].device_kind)
   abstract_model = nnx.eval_shape(lambda: LanguageModel(model_cfg, rngs=nnx.Rngs(0)))
   graphdef, abstract_params = nnx.split(abstract_model)
   schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
@@ -167,8 +243,9 @@ def train():
 
   # ---- checkpoint: resume or start ------------------------------------------------------------------
   checkpointer = Checkpointer(workdir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
-  restored = checkpointer.restore_latest(
-      jax.eval_shape(init), lambda meta: check_same_shapes(ModelConfig.from_dict(meta["config"]["model"]), model_cfg))
+  identity = data_identity(cfg, train_loader)
+  restored = checkpointer.restore_latest(jax.eval_shape(init), lambda meta: check_resume(meta, model_cfg, identity))
+  write_tokenizer(workdir, train_loader)
   if restored is None:
     state, start = init(), 0
   else:
@@ -186,14 +263,13 @@ def train():
   eval_step = jax.jit(sharding.with_activation_rules(make_eval_step(graphdef), mesh, rules),
                       in_shardings=(state_sharding["params"], batch_shard))
   writer = MetricsWriter(workdir, enabled=process_zero(), resume_step=start)
-  stop = StopRequest()
   flops = flops_per_token(model_cfg, cfg.train.seq_len)
   device_kind = jax.devices()[0].device_kind
 
   def save(step):
     if step in checkpointer.steps():  # already saved at this step (a stop request on a checkpoint step)
       return
-    meta = {"step": step, "data": {"next_step": step, "seed": cfg.train.seed, "stores": store_paths(cfg, str(workdir))},
+    meta = {"step": step, "data": {"next_step": step, "stores": store_paths(cfg, str(workdir)), "identity": identity},
             "config": cfg.to_dict(), "mesh": dict(mesh.shape), "process_count": jax.process_count()}
     checkpointer.save(step, state, meta)
 
@@ -205,6 +281,7 @@ def train():
   def to_global(batch):
     return sharding.global_batch_array(batch, batch_shard, cfg.train.global_batch)
 
+  stop.exit_if_requested("before the first step")
   progress = _progress_bar(start, cfg.train.steps)
   batches = iter(train_loader.iterate(start))
   pending, last_save = None, time.monotonic()
@@ -216,6 +293,8 @@ def train():
         batch = to_global(next(batches))
       state, metrics = train_step(state, batch)
       step += 1
+      if lease is not None:
+        lease.renew()
       if step == start + 1:  # compiled by now: say whether the persistent cache had the step
         compilation_cache.report(_say)
       if pending is not None:  # metrics of the previous step: the host never waits on the step it dispatched
@@ -223,7 +302,7 @@ def train():
       pending = (step, metrics)
       at_log = step % cfg.train.log_every == 0 or step == cfg.train.steps
       with jax.transfer_guard("allow"):
-        if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+        if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
           val_loss = float(evaluate())
           writer.write(step, {"val_loss": val_loss, "val_perplexity": float(np.exp(min(val_loss, 50.0)))})
           _say(f"step {step}: validation loss {val_loss:.4f}")
@@ -324,22 +403,6 @@ def _progress_bar(start: int, total: int):
   bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not process_zero(), dynamic_ncols=True)
   bar.last_log_time, bar.last_log_step = time.perf_counter(), start
   return bar
-
-
-def init_train_state(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, seed: int) -> dict:
-  params = nnx.to_pure_dict(nnx.state(LanguageModel(model_cfg, rngs=nnx.Rngs(seed)), nnx.Param))
-  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params),
-          "rng": jax.random.key_data(jax.random.PRNGKey(seed))}
-
-
-def train_state_shardings(abstract_params: nnx.State, optimizer, rules, mesh) -> dict:
-  """Shardings of the train state: parameters by their logical axes; optimizer moments like their parameters."""
-  params = nnx.to_pure_dict(sharding.state_shardings(abstract_params, rules, mesh))
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  abstract_opt = jax.eval_shape(optimizer.init, jax.tree.map(lambda v: v, nnx.to_pure_dict(abstract_params)))
-  opt_state = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, params,
-                                    transform_non_params=lambda _: replicated)
-  return {"step": replicated, "params": params, "opt_state": opt_state, "rng": replicated}
 
 
 def parse_flags(argv: list[str]) -> list[str]:

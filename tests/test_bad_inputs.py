@@ -1,0 +1,241 @@
+"""Bad inputs, faults and interruptions, one row each: the command, the exit code, a fragment of its message, and
+what must still be intact afterwards. The row count is reported in docs/training.md ("Errors").
+
+Each row runs real commands in subprocesses on a copy of one small trained run (checkpoints at steps 4 and 8).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from typing import Callable
+
+import pytest
+
+from test_train import REPO, losses, tiny_flags
+
+PREEMPTED, USAGE = 42, 2
+
+
+@dataclasses.dataclass
+class Row:
+  """One case: `run(ctx)` -> (exit code, stdout + stderr); `intact(ctx)` asserts what must survive."""
+  name: str
+  run: Callable[[dict], tuple[int, str]]
+  code: int
+  fragment: str
+  intact: Callable[[dict], None] = lambda ctx: None
+
+
+def _command(module: str, *args, env=None, timeout=240) -> tuple[int, str]:
+  proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                        timeout=timeout, check=False, env={**os.environ, **(env or {})})
+  return proc.returncode, proc.stdout + proc.stderr
+
+
+def _train(ctx, *extra, steps=8):
+  return _command("yanjax.train", f"--workdir={ctx['workdir']}", *tiny_flags(ctx["store"], steps=steps),
+                  "--config.checkpoint.every_steps=4", *extra)
+
+
+def _snapshot(directory) -> dict[str, bytes]:
+  return {os.path.relpath(p, directory): open(p, "rb").read()
+          for p in glob.glob(f"{directory}/**/*", recursive=True) if os.path.isfile(p)}
+
+
+def _checkpoints_intact(ctx):
+  assert _snapshot(ctx["workdir"] / "checkpoints") == ctx["checkpoints"]
+
+
+def _prepare_into_input(ctx):
+  victim = ctx["tmp"] / "corpus"
+  victim.mkdir()
+  (victim / "notes.txt").write_text("my notes")
+  (victim / "module.py").write_text("x = 1\n" * 200)
+  ctx["victim"] = _snapshot(victim)
+  return _command("data_pipelines.prepare", "--output", victim, "--overwrite", "--vocab_size", "300", victim)
+
+
+def _prepare_over_user_files(ctx):
+  target = ctx["tmp"] / "downloads"
+  (target / "other_store").mkdir(parents=True)
+  (target / "other_store" / "file.bin").write_bytes(b"123")
+  ctx["victim"] = _snapshot(target)
+  ctx["victim_dir"] = target
+  return _command("data_pipelines.prepare", "--output", target, "--overwrite", *ctx["stdlib"])
+
+
+def _second_trainer(ctx):
+  first = subprocess.Popen([sys.executable, "-m", "yanjax.train", f"--workdir={ctx['workdir']}",
+                            *tiny_flags(ctx["store"], steps=100000, eval_every=100000),
+                            "--config.checkpoint.every_steps=100000"], cwd=REPO, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + 120
+    while not (ctx["workdir"] / "lease.json").exists() or json.loads(
+        (ctx["workdir"] / "lease.json").read_text()).get("pid") != first.pid:
+      assert first.poll() is None and time.time() < deadline
+      time.sleep(0.1)
+    return _train(ctx, steps=12)
+  finally:
+    first.kill()
+    first.wait()
+
+
+def _stale_lease(ctx):
+  (ctx["workdir"] / "lease.json").write_text(json.dumps({"host": os.uname().nodename, "pid": 2 ** 22 - 3,
+                                                         "started": 0, "heartbeat": 0}))
+  return _train(ctx, steps=10)
+
+
+def _damage_meta(how: str):
+  def run(ctx):
+    meta = ctx["workdir"] / "checkpoints/8/meta/metadata"
+    if how == "missing":
+      meta.unlink()
+    else:
+      meta.write_text(meta.read_text()[:20])
+    return _train(ctx, steps=10)
+  return run
+
+
+def _flip_state_bit(ctx):
+  files = [p for p in glob.glob(f"{ctx['workdir']}/checkpoints/8/state/**/d/*", recursive=True)]
+  largest = max(files, key=os.path.getsize)
+  data = bytearray(open(largest, "rb").read())
+  data[len(data) // 2] ^= 1
+  open(largest, "wb").write(bytes(data))
+  return _train(ctx, steps=10)
+
+
+def _other_tokenizer_store(ctx):
+  other = ctx["tmp"] / "other_store"
+  code, out = _command("data_pipelines.prepare", "--output", other, "--vocab_size", "512", "--seed", "7",
+                       "--validation_fraction", "0.3",
+                       "--tokenizer_type", "unigram", *ctx["stdlib"])
+  assert code == 0, out
+  ctx["store"] = other
+  return _train(ctx, steps=10)
+
+
+def _sigterm_at_start_up(ctx):
+  proc = subprocess.Popen([sys.executable, "-m", "yanjax.train", f"--workdir={ctx['tmp'] / 'fresh'}",
+                           *tiny_flags(ctx["store"], steps=8)], cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  time.sleep(1.5)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  return proc.returncode, out
+
+
+def _kill_then_resume(ctx):
+  proc = subprocess.Popen([sys.executable, "-m", "yanjax.train", f"--workdir={ctx['tmp'] / 'killed'}",
+                           *tiny_flags(ctx["store"], steps=16), "--config.checkpoint.every_steps=4"], cwd=REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 120
+  while not (ctx["tmp"] / "killed/checkpoints/8").exists():
+    assert proc.poll() is None and time.time() < deadline
+    time.sleep(0.02)
+  time.sleep(0.5)  # a few more steps logged after the checkpoint, then lost
+  proc.kill()
+  proc.wait()
+  ctx["workdir"] = ctx["tmp"] / "killed"
+  return _train(ctx, steps=16)
+
+
+def _each_step_once(ctx):
+  records = [json.loads(line) for line in (ctx["workdir"] / "metrics.jsonl").read_text().splitlines()]
+  steps = [r["step"] for r in records if "loss" in r]
+  assert steps == sorted(set(steps)) and sorted(losses(ctx["workdir"])) == list(range(1, 17)), steps
+
+
+def _victim_intact(ctx):
+  directory = ctx.get("victim_dir", ctx["tmp"] / "corpus")
+  assert _snapshot(directory) == ctx["victim"]
+
+
+def _tokenizer_matches_checkpoints(ctx):
+  assert (ctx["workdir"] / "tokenizer.model").read_bytes() == ctx["tokenizer"]
+
+
+ROWS = [
+    Row("prepare --overwrite onto its own input directory", _prepare_into_input, USAGE,
+        "contains the input", _victim_intact),
+    Row("prepare --overwrite onto a directory of other files", _prepare_over_user_files, USAGE,
+        "is never replaced", _victim_intact),
+    Row("a second trainer on a workdir in use", _second_trainer, USAGE, "is in use by another trainer",
+        _checkpoints_intact),
+    Row("a lease left by a killed trainer is taken over", _stale_lease, 0, "took over the stale lease"),
+    Row("resume with another seed", lambda ctx: _train(ctx, "--config.train.seed=5", steps=10), USAGE,
+        "seed: 0 -> 5", _checkpoints_intact),
+    Row("resume with another global batch", lambda ctx: _train(ctx, "--config.train.global_batch=4", steps=10),
+        USAGE, "global_batch: 8 -> 4", _checkpoints_intact),
+    Row("resume on a store with another tokenizer of the same size", _other_tokenizer_store, USAGE,
+        "tokenizer_sha256", lambda ctx: (_checkpoints_intact(ctx), _tokenizer_matches_checkpoints(ctx))),
+    Row("resume with another seed, overridden on purpose",
+        lambda ctx: _train(ctx, "--config.train.seed=5", "--allow_data_change", steps=10), 0,
+        "resuming on changed data (--allow_data_change): seed: 0 -> 5"),
+    Row("latest checkpoint's metadata missing", _damage_meta("missing"), 0, "resumed from the checkpoint at step 4"),
+    Row("latest checkpoint's metadata truncated", _damage_meta("truncated"), 0,
+        "resumed from the checkpoint at step 4"),
+    Row("one flipped bit in the latest checkpoint's data", _flip_state_bit, 0, "checksums differ"),
+    Row("a mistyped data store next to prepare_default",
+        lambda ctx: _train(ctx, "--config.data.stores=('/nonexistent/stdlib',)", "--config.data.prepare_default=True"),
+        USAGE, "no prepared store at /nonexistent/stdlib"),
+    Row("eval_batches=0 while evaluating", lambda ctx: _train(ctx, "--config.train.eval_batches=0"), USAGE,
+        "train.eval_batches=0: must be >= 1"),
+    Row("b1=1.5", lambda ctx: _train(ctx, "--config.optimizer.b1=1.5"), USAGE, "optimizer.b1=1.5: must be in [0, 1)"),
+    Row("clip_norm=-1", lambda ctx: _train(ctx, "--config.optimizer.clip_norm=-1"), USAGE,
+        "optimizer.clip_norm=-1.0: must be > 0"),
+    Row("min_lr_ratio=5", lambda ctx: _train(ctx, "--config.optimizer.min_lr_ratio=5"), USAGE,
+        "optimizer.min_lr_ratio=5.0: must be in [0, 1]"),
+    Row("SIGTERM during start-up", _sigterm_at_start_up, PREEMPTED, "nothing to save yet"),
+    Row("SIGKILL after a checkpoint, then resume: each step logged once", _kill_then_resume, 0,
+        "resumed from the checkpoint at step", _each_step_once),
+    Row("a workdir URL with a typo'd scheme", lambda ctx: _command("yanjax.train", "--workdir=gcs://b/run",
+                                                                   *tiny_flags(ctx["store"])), USAGE,
+        "unknown storage scheme gcs://"),
+    Row("generate from a workdir without checkpoints",
+        lambda ctx: _command("yanjax.generate", f"--workdir={ctx['tmp'] / 'empty'}", "--prompt=a"), USAGE,
+        "no checkpoint under"),
+    Row("the NumPy runtime on a missing export",
+        lambda ctx: _command("yanjax.numpy_runtime", f"--export={ctx['tmp'] / 'none'}", "--prompt=a"), USAGE,
+        "export directory missing"),
+]
+
+
+@pytest.fixture(scope="module")
+def trained(small_store, tmp_path_factory):
+  """A workdir trained 8 steps (checkpoints 4 and 8) on the small store, and 20 standard-library files."""
+  workdir = tmp_path_factory.mktemp("bad_inputs") / "run"
+  code, out = _command("yanjax.train", f"--workdir={workdir}", *tiny_flags(small_store, steps=8),
+                       "--config.checkpoint.every_steps=4")
+  assert code == 0, out[-3000:]
+  stdlib = sorted(glob.glob(f"{sysconfig.get_paths()['stdlib']}/*.py"))[:20]
+  return workdir, small_store, stdlib
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("row", ROWS, ids=[r.name for r in ROWS])
+def test_bad_input(row, trained, tmp_path):
+  source, store, stdlib = trained
+  workdir = tmp_path / "run"
+  shutil.copytree(source, workdir)
+  ctx = {"workdir": workdir, "store": store, "stdlib": stdlib, "tmp": tmp_path,
+         "checkpoints": _snapshot(workdir / "checkpoints"), "tokenizer": (workdir / "tokenizer.model").read_bytes()}
+  code, out = row.run(ctx)
+  print(out[-3000:])
+  assert code == row.code, out[-3000:]
+  assert row.fragment in out
+  if code == USAGE:
+    assert "Traceback" not in out
+    assert [line for line in out.splitlines() if line.strip()][-1].startswith("error: ")
+  row.intact(ctx)

@@ -1,0 +1,536 @@
+"""The plan of a run before its launch: mesh, per-device memory, tokens, steps, FLOPs and step time.
+
+    python -m yanjax.plan --config configs/yan_1p6b.py --devices 256 --device_kind "H100 80GB"
+        [--mfu 0.4] [--json] [--compile] [--config.train.grad_accum=2 ...]
+
+Nothing is allocated. Parameter and optimizer-state shapes come from `jax.eval_shape`; their per-device bytes
+from the trainer's placement (`yanjax.train_state.train_state_shardings`) on an `AbstractMesh` of the
+requested size; activations from the formula below, whose [b, t, ...] terms are placed by the same rules table (a term on "mlp" is split over "tensor" where it divides, and so on).
+`--compile` also compiles the sharded train step on the local devices (when there are exactly --devices of
+them: on the target machine, or on CPU with --local_device_count) and prints XLA's memory analysis beside
+the prediction. The trainer calls `check_fits` at start-up, before compiling anything.
+
+Memory per device. P = parameter bytes per device (float32); n = tokens per device per micro-batch
+(global_batch / grad_accum / batch-parallel devices x seq_len); a = bytes of model.dtype; D width, F FFN
+width, L layers, V vocabulary, c channels, h heads, t seq_len, E groups, k top_k, C = group capacity
+(`selective.group_capacity`, ~ 1.25 t k / E), R router hidden, g = F / E.
+
+  total       = state + max(activation phase, update phase)
+  state       = P + 2 P (AdamW moments) + the batch (20 bytes per token of the whole step)
+  update      = 3 P: gradient accumulator, one micro-batch's gradients, the update (measured on CPU)
+  activation  = 2 P + gathered + n (L saved + max(working, logits))
+  saved       per layer and token, what autodiff keeps at model.remat (counted from JAX's saved residuals):
+                full       D a                                            the layer input
+                save_dots  2 D a + dense 2 F a | selective (R + E) 4      matmul outputs without batch dims
+                none       everything: norms 4 D 4; MCSD 10 D 4 + 2 D a | attention 6 D a + h t (4 + a);
+                           dense FFN 8 F a | selective: router (6 R + 2 E + k (E + C + 2)) 4
+                           + capacity dispatch and combine 2 E C a + dispatched rows E C (2 D + 8 g) a / t
+  working     one layer's backward: its `none` residuals recomputed, plus the cotangents of the quadratic
+              terms: attention logits h t 4, selective capacity E C 3 x 4 (f32 dispatch, combine, cotangent)
+  logits      2 V 4 (float32 logits and their cotangent) + 4 D 4
+  gathered    FSDP all-gathers: float32 weights of 2 layers (scanned) or every layer (unscanned; the CPU
+              compiler keeps them all), plus the embedding; with remat none, every layer's weights cast to a
+
+The selective capacity terms are quadratic in t per row (C grows with t): at the paper's 4096 tokens a
+selective layer's backward needs several times its dense twin's memory, though it saves less.
+XLA's memory analysis of the compiled step agrees within 0.76-1.28x on CPU (benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from yanjax import sharding
+from yanjax.config import ConfigError, ModelConfig, load_config_file
+from yanjax.metrics import peak_flops
+from yanjax.model.counting import flops_per_token, param_count
+from yanjax.model.lm import LanguageModel
+from yanjax.model.selective import group_capacity
+from yanjax.optim import decay_mask, make_optimizer
+from yanjax.run_config import MESH_AXES, tokens_per_step, validate_run_config
+from yanjax.train_state import init_train_state, train_state_shardings
+
+# HBM per device from vendor data sheets, in bytes (GB = 1e9). Matched by the most specific key whose words all
+# appear in the device kind (e.g. 'NVIDIA H100 80GB HBM3' -> "H100").
+DEVICE_MEMORY = {
+    "H100": 80e9,
+    "H100 80GB": 80e9,
+    "H100 NVL": 94e9,
+    "H200": 141e9,
+    "A100": 40e9,
+    "A100 80GB": 80e9,
+    "L4": 24e9,
+    "TPU v4": 32e9,
+    "TPU v5 lite": 16e9,  # v5e
+    "TPU v5e": 16e9,
+    "TPU v5": 95e9,  # v5p
+    "TPU v5p": 95e9,
+    "TPU v6 lite": 32e9,  # v6e (Trillium)
+    "TPU v6e": 32e9,
+}
+HEADROOM = 0.9  # check_fits refuses a run predicted above this fraction of the device's memory
+MEMORY_ENV = "YANJAX_DEVICE_MEMORY_BYTES"  # overrides the capacity (e.g. 60e9); 0 turns the check off
+DEFAULT_MFU = 0.4
+KNOBS = ("train.grad_accum", "mesh.fsdp", "model.remat", "train.global_batch")
+
+
+class Term(NamedTuple):
+  """`count` arrays of shape [batch, length, *dims] with logical axes ("batch", "length", *axes)."""
+  what: str
+  dims: tuple[int, ...]
+  axes: tuple[str | None, ...]
+  itemsize: int
+  count: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What a run needs per device, and how long its steps take. Bytes are per device."""
+  config: str
+  devices: int
+  device_kind: str
+  mesh: dict[str, int]
+  batch_ways: int  # devices the batch is split over (product of the "batch" rule's mesh axes)
+  micro_batch_per_device: int  # sequences per device per micro-batch
+  seq_len: int
+  grad_accum: int
+  remat: str
+  dtype: str
+  params_total: int  # parameters of the model
+  param_bytes: int
+  optimizer_bytes: int
+  batch_bytes: int
+  update_bytes: int  # the update phase: gradients and the update
+  gradient_bytes: int  # during the backward: accumulator and one micro-batch's gradients
+  gathered_bytes: int
+  saved_bytes: int  # all layers' saved activations
+  working_bytes: int
+  logits_bytes: int
+  tokens_per_step: int
+  steps: int
+  flops_per_step: float
+  mfu: float
+  peak_flops: float | None
+  capacity_bytes: float | None
+
+  @property
+  def activation_phase_bytes(self) -> int:
+    return self.gradient_bytes + self.gathered_bytes + self.saved_bytes + max(self.working_bytes,
+                                                                              self.logits_bytes)
+
+  @property
+  def state_bytes(self) -> int:
+    return self.param_bytes + self.optimizer_bytes + self.batch_bytes
+
+  @property
+  def total_bytes(self) -> int:
+    return self.state_bytes + max(self.activation_phase_bytes, self.update_bytes)
+
+  @property
+  def step_time_s(self) -> float | None:
+    if self.peak_flops is None:
+      return None
+    return self.flops_per_step / (self.devices * self.peak_flops * self.mfu)
+
+  @property
+  def fits(self) -> bool | None:
+    return None if not self.capacity_bytes else self.total_bytes <= HEADROOM * self.capacity_bytes
+
+  def to_dict(self) -> dict[str, Any]:
+    values = dataclasses.asdict(self)
+    values.update(activation_phase_bytes=self.activation_phase_bytes, state_bytes=self.state_bytes,
+                  total_bytes=self.total_bytes, step_time_s=self.step_time_s, fits=self.fits,
+                  headroom=HEADROOM)
+    return values
+
+
+def _gb(value: float) -> str:
+  return f"{value / 1e9:,.2f} GB" if value >= 1e8 else f"{value / 1e6:,.1f} MB"
+
+
+# ---- capacities ----------------------------------------------------------------------------------------
+
+
+def _words(text: str) -> set[str]:
+  return set(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def table_memory(device_kind: str) -> float | None:
+  """HBM bytes of the DEVICE_MEMORY entry with the most words, all of them in `device_kind`; None if none."""
+  kind = _words(device_kind)
+  matches = [key for key in DEVICE_MEMORY if _words(key) <= kind]
+  return DEVICE_MEMORY[max(matches, key=lambda k: len(_words(k)))] if matches else None
+
+
+def device_memory(device_kind: str, local: jax.Device | None = None) -> float | None:
+  """Bytes one device of `device_kind` offers to a run; None when unknown (CPU, an unlisted kind).
+
+  In order: $YANJAX_DEVICE_MEMORY_BYTES (0: unknown, no check); the allocator's limit of `local`, an
+  accelerator of that kind (it reflects XLA_PYTHON_CLIENT_MEM_FRACTION on GPUs); the DEVICE_MEMORY table.
+  """
+  if os.environ.get(MEMORY_ENV):
+    try:
+      value = float(os.environ[MEMORY_ENV])
+    except ValueError:
+      raise ConfigError(f"${MEMORY_ENV}={os.environ[MEMORY_ENV]!r} must be a number of bytes (0: no check)") from None
+    return value or None
+  if local is not None and local.platform != "cpu" and local.device_kind == device_kind:
+    limit = (local.memory_stats() or {}).get("bytes_limit")
+    if limit:
+      return float(limit)
+  return table_memory(device_kind)
+
+
+# ---- the plan ----------------------------------------------------------------------------------------------
+
+
+def abstract_mesh(mesh_cfg, devices: int) -> jax.sharding.AbstractMesh:
+  """The config's mesh over `devices` devices (-1 filled as the trainer does), without any device."""
+  shape = sharding.mesh_shape(dict(mesh_cfg), devices)
+  return jax.sharding.AbstractMesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def _shard_bytes(shape: Sequence[int], itemsize: int, spec, mesh_shape: dict[str, int]) -> int:
+  """Bytes of one device's shard of an array of `shape` placed by PartitionSpec `spec`."""
+  size = 1
+  for i, dim in enumerate(shape):
+    entry = spec[i] if i < len(spec) else None
+    names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    size *= dim // math.prod(mesh_shape[n] for n in names)
+  return size * itemsize
+
+
+def _state_bytes(model_cfg: ModelConfig, cfg, mesh, rules) -> dict[str, int]:
+  """Per-device bytes of parameters and optimizer state, and of the weights the compute gathers."""
+  _, abstract = nnx.split(nnx.eval_shape(lambda: LanguageModel(model_cfg, rngs=nnx.Rngs(0))))
+  optimizer = make_optimizer(cfg.optimizer, max(cfg.train.steps, 1), decay_mask(abstract))
+  shardings = train_state_shardings(abstract, optimizer, rules, mesh)
+  params = nnx.to_pure_dict(abstract)
+  opt_state = jax.eval_shape(optimizer.init, params)
+  mesh_shape = dict(mesh.shape)
+  no_batch = {**mesh_shape, **{a: 1 for a in rules.get("batch", ())}}  # a shard with batch axes gathered
+
+  def total(tree, tree_shardings, shape=mesh_shape):
+    return sum(_shard_bytes(a.shape, np.dtype(a.dtype).itemsize, s.spec, shape)
+               for a, s in zip(jax.tree.leaves(tree), jax.tree.leaves(tree_shardings)))
+
+  blocks = {k: v for k, v in params.items() if k == "blocks"}
+  other = {k: v for k, v in params.items() if k != "blocks"}
+  return {"params": total(params, shardings["params"]), "optimizer": total(opt_state, shardings["opt_state"]),
+          "blocks_gathered": total(blocks, {"blocks": shardings["params"]["blocks"]}, no_batch) if blocks else 0,
+          "blocks_sharded": total(blocks, {"blocks": shardings["params"]["blocks"]}) if blocks else 0,
+          "other_gathered": total(other, {k: shardings["params"][k] for k in other}, no_batch)}
+
+
+def layer_terms(m: ModelConfig, t: int, remat: str) -> list[Term]:
+  """Activations one layer keeps for its backward at `remat`, per [batch, length] position."""
+  a = jnp.dtype(m.dtype).itemsize
+  d, f = m.width, m.mlp_width
+  if remat == "full":
+    return [Term("layer input", (d,), ("embed",), a)]
+  if remat == "save_dots":
+    terms = [Term("layer input, mixer output", (d,), ("embed",), a, 2)]
+    if m.router:
+      return terms + [Term("router hidden", (m.router_hidden,), (None,), 4),
+                      Term("router logits", (m.groups,), ("experts",), 4)]
+    return terms + [Term("FFN gate and up", (2, f), (None, "mlp"), a)]
+  terms = [Term("norms (float32)", (d,), ("embed",), 4, 4)]
+  if m.arch == "yan":
+    terms += [Term("MCSD recurrence and gates (float32)", (m.channels, m.channel_width), ("channels", None), 4, 10),
+              Term("MCSD projections, output", (m.channels, m.channel_width), ("channels", None), a, 2)]
+  else:
+    terms += [Term("q, k, v, attended", (m.heads, m.head_dim), ("heads", None), a, 4),
+              Term("attention input, output", (d,), ("embed",), a, 2),
+              Term("attention logits (float32)", (m.heads, t), ("heads", None), 4),
+              Term("attention probabilities", (m.heads, t), ("heads", None), a)]
+  if not m.router:
+    return terms + [Term("GeGLU hidden", (f,), ("mlp",), a, 8)]
+  e, k = m.groups, m.top_k
+  cap = group_capacity(t, e, k, m.capacity_factor)
+  return terms + [
+      Term("router hidden", (m.router_hidden,), (None,), 4, 6),
+      Term("router logits, probabilities", (e,), ("experts",), 4, 2),
+      Term("top-k one-hots, gates", (k, e + cap + 2), (None, None), 4),
+      Term("capacity dispatch and combine [E, C]", (e, cap), ("experts", None), a, 2),
+      Term("dispatched rows [E, C, D]", (e, cap, d), ("experts", None, None), a, 2 / t),
+      Term("group GeGLU hidden [E, C, g]", (e, cap, m.group_width), ("experts", None, "mlp"), a, 8 / t)]
+
+
+def working_terms(m: ModelConfig, t: int) -> list[Term]:
+  """One layer's backward: its residuals recomputed, plus the cotangents of the terms quadratic in t."""
+  terms = layer_terms(m, t, "none")
+  if m.arch == "attention":
+    terms.append(Term("attention logits cotangent", (m.heads, t), ("heads", None), 4))
+  if m.router:
+    cap = group_capacity(t, m.groups, m.top_k, m.capacity_factor)
+    terms.append(Term("capacity dispatch, combine (float32), cotangent", (m.groups, cap), ("experts", None), 4, 3))
+  return terms
+
+
+def logits_terms(m: ModelConfig) -> list[Term]:
+  return [Term("logits and cotangent (float32)", (m.vocab_size,), ("vocab",), 4, 2),
+          Term("final norm (float32)", (m.width,), ("embed",), 4, 4)]
+
+
+def terms_bytes(terms: Sequence[Term], batch: int, t: int, mesh, rules) -> int:
+  """Per-device bytes of `terms` for a micro-batch of `batch` sequences (global) of length `t`."""
+  total = 0.0
+  for term in terms:
+    shape = (batch, t) + term.dims
+    spec = sharding.logical_to_spec(("batch", "length") + term.axes, shape, rules, mesh)
+    total += term.count * _shard_bytes(shape, term.itemsize, spec, dict(mesh.shape))
+  return int(total)
+
+
+def make_plan(cfg: ml_collections.ConfigDict, devices: int, device_kind: str, mfu: float = DEFAULT_MFU,
+              config_name: str = "", capacity_bytes: float | None = None) -> Plan:
+  """The plan of run config `cfg` on `devices` devices of `device_kind`; raises ConfigError for a bad config.
+
+  `capacity_bytes`: memory per device (None: `device_memory(device_kind)`, from the table; no device is touched).
+  """
+  model_cfg = validate_run_config(cfg)
+  mesh = abstract_mesh(cfg.mesh, devices)
+  rules = {name: tuple(axes) for name, axes in cfg.rules}
+  train = cfg.train
+  batch_ways = math.prod(mesh.shape[a] for a in rules.get("batch", ()))
+  micro = train.global_batch // train.grad_accum
+  if micro % batch_ways:
+    raise ConfigError(f"train.global_batch={train.global_batch} (/ grad_accum {train.grad_accum}) does not divide "
+                      f"over the {batch_ways} batch-parallel devices; use a multiple of "
+                      f"{batch_ways * train.grad_accum}")
+  state = _state_bytes(model_cfg, cfg, mesh, rules)
+  t = train.seq_len
+  p = state["params"]
+  per_layer_gathered = state["blocks_gathered"] // model_cfg.layers
+  fsdp_gathers = state["blocks_gathered"] > state["blocks_sharded"]
+  gathered = 0
+  if fsdp_gathers:
+    gathered = (2 if model_cfg.scan_layers else model_cfg.layers) * per_layer_gathered
+    gathered += state["other_gathered"]
+  if model_cfg.remat == "none" and model_cfg.dtype != "float32":
+    gathered += state["blocks_gathered"] * jnp.dtype(model_cfg.dtype).itemsize // 4
+  saved = model_cfg.layers * terms_bytes(layer_terms(model_cfg, t, model_cfg.remat), micro, t, mesh, rules)
+  tokens = tokens_per_step(cfg)
+  return Plan(
+      config=config_name, devices=devices, device_kind=device_kind, mesh=dict(mesh.shape), batch_ways=batch_ways,
+      micro_batch_per_device=micro // batch_ways, seq_len=t, grad_accum=train.grad_accum, remat=model_cfg.remat,
+      dtype=model_cfg.dtype, params_total=param_count(model_cfg).total, param_bytes=p,
+      optimizer_bytes=state["optimizer"], batch_bytes=20 * train.global_batch * t // batch_ways,
+      update_bytes=3 * p, gradient_bytes=2 * p, gathered_bytes=gathered, saved_bytes=saved,
+      working_bytes=terms_bytes(working_terms(model_cfg, t), micro, t, mesh, rules),
+      logits_bytes=terms_bytes(logits_terms(model_cfg), micro, t, mesh, rules),
+      tokens_per_step=tokens, steps=train.steps, flops_per_step=flops_per_token(model_cfg, t) * tokens, mfu=mfu,
+      peak_flops=peak_flops(device_kind),
+      capacity_bytes=device_memory(device_kind) if capacity_bytes is None else capacity_bytes)
+
+
+# ---- the start-up check ------------------------------------------------------------------------------------
+
+
+def fitting_change(cfg: ml_collections.ConfigDict, devices: int, device_kind: str, capacity: float | None) -> str:
+  """The first change that fits, as 'key=value ... fits (X GB)': a larger train.grad_accum (that still divides
+  the batch over the devices), model.remat='full', then both; '' when none of them fits."""
+  ways = math.prod(sharding.mesh_shape(dict(cfg.mesh), devices)[MESH_AXES.index(a)]
+                   for a in dict((n, tuple(x)) for n, x in cfg.rules).get("batch", ()))
+  accums, accum = [], cfg.train.grad_accum * 2
+  while cfg.train.global_batch % accum == 0 and (cfg.train.global_batch // accum) % ways == 0:
+    accums.append(accum)
+    accum *= 2
+  tries = [{"train.grad_accum": a} for a in accums]
+  if cfg.model.remat != "full":
+    tries += [{"model.remat": "full"}] + [{"train.grad_accum": a, "model.remat": "full"} for a in accums]
+  for changes in tries:
+    trial = ml_collections.ConfigDict(cfg.to_dict())
+    for key, value in changes.items():
+      section, name = key.split(".")
+      trial[section][name] = value
+    plan = make_plan(trial, devices, device_kind, capacity_bytes=capacity)
+    if plan.fits:
+      return " ".join(f"{key}={value!r}" for key, value in changes.items()) + f" fits ({_gb(plan.total_bytes)})"
+  return ""
+
+
+def check_fits(cfg: ml_collections.ConfigDict, devices: int, device_kind: str) -> Plan:
+  """The plan of `cfg` on `devices` x `device_kind`; raises ConfigError if it needs more than HEADROOM of a
+  device's memory. Never refuses where the memory is unknown (CPU, an unlisted kind, $YANJAX_DEVICE_MEMORY_BYTES=0)."""
+  plan = make_plan(cfg, devices, device_kind, capacity_bytes=device_memory(device_kind, jax.local_devices()[0]))
+  if plan.fits is False:
+    change = fitting_change(cfg, devices, device_kind, plan.capacity_bytes)
+    raise ConfigError(
+        f"the run needs {_gb(plan.total_bytes)} per device but each {device_kind} has {_gb(plan.capacity_bytes)} "
+        f"({HEADROOM:.0%} usable): activations {_gb(plan.activation_phase_bytes)} at {plan.micro_batch_per_device} "
+        f"x {plan.seq_len} tokens per device and model.remat={plan.remat!r}, parameters, optimizer state and batch "
+        f"{_gb(plan.state_bytes)}; raise train.grad_accum (now {plan.grad_accum}) or mesh.fsdp (more devices), set "
+        "model.remat='full', or lower train.global_batch" + (f": {change}" if change else "") +
+        f" (python -m yanjax.plan --config <config> --devices {devices} --device_kind '{device_kind}' shows the plan)")
+  return plan
+
+
+# ---- the compiled step (the local devices) ------------------------------------------------------------
+
+
+def compiled_memory(cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> dict[str, int]:
+  """XLA's memory analysis of the trainer's sharded train step on `devices` (default: all), from abstract
+  inputs: nothing is allocated. Returns bytes per device: argument, output, alias, temp and
+  total = argument + output - alias + temp (the donated state is aliased to the new one)."""
+  # pylint: disable=import-outside-toplevel  # yanjax.train imports this module; never called from the trainer
+  from yanjax.optim import learning_rate_schedule
+  from yanjax.train_step import make_train_step
+  model_cfg = validate_run_config(cfg)
+  mesh = sharding.make_mesh(cfg.mesh, devices)
+  rules = {name: tuple(axes) for name, axes in cfg.rules}
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: LanguageModel(model_cfg, rngs=nnx.Rngs(0))))
+  optimizer = make_optimizer(cfg.optimizer, cfg.train.steps, decay_mask(abstract))
+  shardings = train_state_shardings(abstract, optimizer, rules, mesh)
+  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                       jax.eval_shape(lambda: init_train_state(model_cfg, optimizer, 0)), shardings)
+  batch_shard = sharding.batch_sharding(mesh, rules)
+  shape = (cfg.train.global_batch, cfg.train.seq_len)
+  batch = {name: jax.ShapeDtypeStruct(shape, jnp.float32 if name == "loss_mask" else jnp.int32, sharding=batch_shard)
+           for name in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
+  step = jax.jit(sharding.with_activation_rules(make_train_step(
+      graphdef, optimizer, learning_rate_schedule(cfg.optimizer, cfg.train.steps), cfg.train.grad_accum,
+      cfg.train.z_loss_weight), mesh, rules), in_shardings=(shardings, batch_shard),
+                 out_shardings=(shardings, None), donate_argnums=0)
+  analysis = step.lower(state, batch).compile().memory_analysis()
+  if analysis is None:
+    raise ConfigError(f"the {jax.default_backend()} backend gives no memory analysis")
+  out = {"argument": analysis.argument_size_in_bytes, "output": analysis.output_size_in_bytes,
+         "alias": analysis.alias_size_in_bytes, "temp": analysis.temp_size_in_bytes}
+  out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+  return out
+
+
+# ---- the command line -----------------------------------------------------------------------------------
+
+
+def format_plan(plan: Plan, compiled: dict[str, int] | None = None, compiled_note: str = "", to_fit: str = "") -> str:
+  """The plan as a readable table."""
+  cap = plan.capacity_bytes
+  peak = f"{plan.peak_flops / 1e12:,.0f} TFLOP/s bf16 peak" if plan.peak_flops else "peak FLOP/s unknown"
+  lines = [f"plan: {plan.config or 'config'} on {plan.devices} x {plan.device_kind} "
+           f"({_gb(cap) if cap else 'memory unknown'}, {peak})",
+           f"  mesh                    {' '.join(f'{k}={v}' for k, v in plan.mesh.items())}; batch over "
+           f"{plan.batch_ways} devices: {plan.micro_batch_per_device} x {plan.seq_len} tokens per device per "
+           f"micro-batch (grad_accum {plan.grad_accum})",
+           f"  parameters              {plan.params_total:,} ({_gb(4 * plan.params_total)} float32 in all)",
+           "  memory per device",
+           f"    parameters (float32)            {_gb(plan.param_bytes):>12}",
+           f"    optimizer state (AdamW m, v)    {_gb(plan.optimizer_bytes):>12}",
+           f"    batch                           {_gb(plan.batch_bytes):>12}",
+           f"    gradients (backward)            {_gb(plan.gradient_bytes):>12}",
+           f"    gathered weights (FSDP, casts)  {_gb(plan.gathered_bytes):>12}",
+           f"    activations saved, remat={plan.remat:<9} {_gb(plan.saved_bytes):>9}  ({plan.dtype})",
+           f"    one layer's backward            {_gb(plan.working_bytes):>12}",
+           f"    logits                          {_gb(plan.logits_bytes):>12}",
+           f"    update phase (3 P)              {_gb(plan.update_bytes):>12}",
+           f"    total (state + max of phases)   {_gb(plan.total_bytes):>12}" +
+           (f"  = {plan.total_bytes / cap:.0%} of {_gb(cap)}: " +
+            ("fits" if plan.fits else f"DOES NOT FIT (limit {HEADROOM:.0%}); turn {', '.join(KNOBS)}")
+            if cap else "  (capacity unknown: no check)")]
+  if compiled is not None:
+    lines.append(f"    compiled step (XLA)             {_gb(compiled['total']):>12}  (argument "
+                 f"{_gb(compiled['argument'])}, temp {_gb(compiled['temp'])}; plan / compiled = "
+                 f"{plan.total_bytes / compiled['total']:.2f})")
+  elif compiled_note:
+    lines.append(f"    compiled step (XLA)             {compiled_note}")
+  if to_fit:
+    lines.append(f"    to fit                          {to_fit}")
+  step = plan.step_time_s
+  timing = (f"{step:.3f} s at MFU {plan.mfu:.2f}; the run {plan.steps * step / 3600:,.1f} h" if step else
+            "n/a (no peak FLOP/s for this device kind)")
+  lines += [f"  tokens per step         {plan.tokens_per_step:,}",
+            f"  steps                   {plan.steps:,}  ({plan.steps * plan.tokens_per_step:,} tokens)",
+            f"  FLOPs per step          {plan.flops_per_step:.3e}  (yanjax/model/counting.py, model FLOPs)",
+            f"  expected step time      {timing}"]
+  return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """The `python -m yanjax.plan` command; returns the exit code (2: a user error, one line)."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  argv = list(sys.argv if argv is None else argv)
+  values = flags.FlagValues()  # not absl's global FLAGS: yanjax.train defines --config there
+  config_flags.DEFINE_config_file("config", None, "Python config file (path[:variant]).", flag_values=values,
+                                  lock_config=True, sys_argv=argv)
+  flags.DEFINE_integer("devices", None, "Devices of the run (default: the local devices).", flag_values=values)
+  flags.DEFINE_string("device_kind", None, "Device kind, e.g. 'H100 80GB', 'TPU v5p' (default: the local one).",
+                      flag_values=values)
+  flags.DEFINE_float("mfu", DEFAULT_MFU, "Model FLOPs utilisation for the expected step time.", flag_values=values)
+  flags.DEFINE_bool("json", False, "Print one JSON line instead of the table.", flag_values=values)
+  flags.DEFINE_bool("compile", False, "Also compile the sharded step on the local devices (needs exactly "
+                    "--devices of them) and print XLA's memory analysis.", flag_values=values)
+  flags.DEFINE_integer("local_device_count", None, "CPU: expose this many devices (for --compile).",
+                       flag_values=values)
+  if not _config_spec(argv):
+    print("error: --config is required, e.g. --config configs/yan_1p6b.py", file=sys.stderr, flush=True)
+    return 2
+  try:
+    values(argv)
+    values.config.keys()  # config_flags defers a config file's load error to the first access
+  except Exception as error:  # pylint: disable=broad-except  # config_flags raises whatever the override hit
+    print(f"error: {_flag_error(argv, error)}", file=sys.stderr, flush=True)
+    return 2
+  try:
+    if values.local_device_count:
+      jax.config.update("jax_num_cpu_devices", values.local_device_count)
+    devices = values.devices or jax.device_count()
+    kind = values.device_kind or jax.devices()[0].device_kind
+    plan = make_plan(values.config, devices, kind, values.mfu, _config_spec(argv))
+    to_fit = fitting_change(values.config, devices, kind, plan.capacity_bytes) if plan.fits is False else ""
+    compiled, note = None, ""
+    if values.compile:
+      if devices == jax.device_count():
+        compiled = compiled_memory(values.config)
+      else:
+        note = f"not compiled: {jax.device_count()} local devices, not {devices}"
+  except ConfigError as error:
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    return 2
+  if values.json:
+    print(json.dumps({**plan.to_dict(), "to_fit": to_fit, "compiled": compiled}), flush=True)
+  else:
+    print(format_plan(plan, compiled, note, to_fit), flush=True)
+  return 0
+
+
+def _config_spec(argv: Sequence[str]) -> str:
+  """The value of --config in `argv` ('' if absent)."""
+  for i, arg in enumerate(argv):
+    if re.match(r"^--?config(=|$)", arg):
+      return arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+  return ""
+
+
+def _flag_error(argv: Sequence[str], error: Exception) -> str:
+  """A bad --config or --config.<key> override as one line: the config file's own error, or the unknown key."""
+  spec = _config_spec(argv)
+  try:
+    node = load_config_file(spec)
+  except Exception as load_error:  # pylint: disable=broad-except  # the config file's own error
+    return f"--config={spec}: {' '.join(str(load_error).split())}"
+  for arg in (a for a in argv if a.startswith("--config.")):
+    keys = arg[len("--config."):].split("=", 1)[0].split(".")
+    node_at = node
+    for depth, key in enumerate(keys):
+      if not hasattr(node_at, "keys") or key not in node_at.keys():
+        return f"{arg}: {'.'.join(keys[:depth]) or 'the config'} has no key {key!r}"
+      node_at = node_at[key]
+  return f"{type(error).__name__}: {' '.join(str(error).split())}"
+
+
+if __name__ == "__main__":
+  sys.exit(main())
