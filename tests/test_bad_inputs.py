@@ -107,6 +107,12 @@ def _damage_meta(how: str):
   return run
 
 
+def _truncate_state_metadata(ctx):
+  metadata = ctx["workdir"] / "checkpoints/8/state/_METADATA"
+  metadata.write_text(metadata.read_text()[:10])
+  return _train(ctx, steps=10)
+
+
 def _flip_state_bit(ctx):
   files = [p for p in glob.glob(f"{ctx['workdir']}/checkpoints/8/state/**/d/*", recursive=True)]
   largest = max(files, key=os.path.getsize)
@@ -185,6 +191,8 @@ ROWS = [
         "resuming on changed data (--allow_data_change): seed: 0 -> 5"),
     Row("latest checkpoint's metadata missing", _damage_meta("missing"), 0, "resumed from the checkpoint at step 4"),
     Row("latest checkpoint's metadata truncated", _damage_meta("truncated"), 0,
+        "resumed from the checkpoint at step 4"),
+    Row("latest checkpoint's state metadata truncated", _truncate_state_metadata, 0,
         "resumed from the checkpoint at step 4"),
     Row("one flipped bit in the latest checkpoint's data", _flip_state_bit, 0, "checksums differ"),
     Row("a mistyped data store next to prepare_default",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from typing import Callable
@@ -14,6 +15,19 @@ USAGE_EXIT_CODE = 2
 # anything else is an internal error and keeps its traceback. --verbose (or YANJAX_VERBOSE=1) shows the
 # traceback of user errors too.
 USER_ERRORS = (ConfigError, DataError, FileNotFoundError, PermissionError, IsADirectoryError)
+# Storage faults the user fixes (disk full, quota, read-only filesystem): reported with the path.
+USER_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
+
+
+def is_user_error(error: BaseException, extra: tuple[type[BaseException], ...] = ()) -> bool:
+  return isinstance(error, USER_ERRORS + extra) or (isinstance(error, OSError) and error.errno in USER_ERRNOS)
+
+
+def describe(error: BaseException) -> str:
+  """One line: the error's message, with the path an OSError names."""
+  if isinstance(error, OSError) and error.errno in USER_ERRNOS and error.strerror:
+    return f"{error.strerror}: {error.filename or 'a path under the output'}"
+  return " ".join(str(error).split())
 
 
 def run(main: Callable[[], object], extra_user_errors: tuple[type[BaseException], ...] = ()) -> None:
@@ -23,9 +37,9 @@ def run(main: Callable[[], object], extra_user_errors: tuple[type[BaseException]
   sys.argv[1:] = [arg for arg in sys.argv[1:] if arg != "--verbose"]
   try:
     status = main()
-  except USER_ERRORS + extra_user_errors as error:
-    if verbose:
+  except Exception as error:  # pylint: disable=broad-except  # user errors become one line; others re-raise
+    if verbose or not is_user_error(error, extra_user_errors):
       raise
-    print(f"error: {' '.join(str(error).split())}", file=sys.stderr, flush=True)
+    print(f"error: {describe(error)}", file=sys.stderr, flush=True)
     sys.exit(USAGE_EXIT_CODE)
   sys.exit(status if isinstance(status, int) else 0)

@@ -31,7 +31,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from yanjax import compilation_cache, distributed, plan, sharding, storage
+from yanjax import cli, compilation_cache, distributed, plan, sharding, storage
 from yanjax.cli import USAGE_EXIT_CODE
 from yanjax.checkpointing import TOKENIZER_FILE, Checkpointer, check_same_shapes
 from yanjax.config import ConfigError, ModelConfig
@@ -190,10 +190,10 @@ def main(argv):
   del argv
   try:
     train()
-  except (ConfigError, DataError) as error:
-    if FLAGS.verbose:
+  except Exception as error:  # pylint: disable=broad-except  # user errors become one line; others re-raise
+    if FLAGS.verbose or not cli.is_user_error(error):
       raise
-    print(f"error: {error}", file=sys.stderr, flush=True)
+    print(f"error: {cli.describe(error)}", file=sys.stderr, flush=True)
     sys.exit(USAGE_EXIT_CODE)
 
 
