@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import secrets
-import shutil
 from typing import Any
 
 from etils import epath
@@ -140,7 +139,7 @@ class StoreBuilder:
     }
     self.dtype = store_format.token_dtype(processor.vocab_size())
     self.out = out = store_format.store_path(out)
-    if storage.is_remote(out) and "/" not in _key(out):
+    if storage.is_bucket_root(out):
       raise StoreError(f"{out} is a bucket; a store needs a path inside it, such as {out}/stores/name")
     self.temp_dir = out.parent / f"{out.name}{store_format.TEMP_MARKER}{secrets.token_hex(4)}"
     if not storage.is_remote(out):  # on object stores mkdir would create a missing bucket
@@ -154,7 +153,7 @@ class StoreBuilder:
 
   def __exit__(self, exc_type, exc, traceback):
     if exc_type is not None:
-      remove_tree(self.temp_dir, missing_ok=True)
+      storage.remove_tree(self.temp_dir, missing_ok=True)
 
   def publish(self, metadata: dict[str, Any], overwrite: bool):
     """Completes `metadata` (format, tokenizer, token dtype, split sizes), writes it last, moves the
@@ -186,98 +185,20 @@ STORE_ENTRIES = (store_format.METADATA_FILE, f"{store_format.METADATA_FILE}.part
 
 def foreign_entries(directory: epath.Path) -> list[str]:
   """Names at the top of `directory` that a token store does not have (empty: yanjax may replace it)."""
-  if not directory.exists():
-    return []
-  if not directory.is_dir():
-    return [directory.name]
-  return sorted(p.name for p in directory.iterdir() if p.name not in STORE_ENTRIES)
+  return storage.foreign_entries(directory, STORE_ENTRIES)
 
 
 def replace_directory(source: epath.Path, target: epath.Path, overwrite: bool):
-  """Moves the finished store `source` to `target`; an existing `target` is replaced when `overwrite`.
-
-  Local: renames (an old `target` is renamed aside first, removed after). Object stores: copies each
-  object server-side, metadata.json last, then deletes `source`; an old `target` loses its metadata.json
-  before anything else, so no reader trusts it while it is replaced.
-  """
-  if storage.is_remote(target):
-    try:
-      _move_objects(source, target, overwrite)
-    except StoreError:
-      raise
-    except Exception as e:  # pylint: disable=broad-except  # gcsfs and botocore errors are not all OSErrors
-      raise StoreError(f"publishing {target} failed: {storage.describe_storage_error(e, target)}; "
-                       "re-run data_pipelines.prepare with --overwrite") from e
-  elif target.exists():
+  """Moves the finished store `source` to `target` (`storage.replace_directory`, metadata.json last); an
+  existing `target` is replaced only with `overwrite`, and only when it holds nothing but a token store."""
+  store_format.forget_listings(target)
+  if target.exists():
     if not overwrite:
       raise StoreError(f"{target} exists; pass --overwrite to replace it")
     if foreign_entries(target):
       raise StoreError(f"{target} holds files that are not part of a token store; it is never replaced")
-    old = target.parent / f"{target.name}.old-{secrets.token_hex(4)}"
-    os.replace(target, old)
-    os.replace(source, target)
-    shutil.rmtree(old)
-  else:
-    os.replace(source, target)
-
-
-def _move_objects(source: epath.Path, target: epath.Path, overwrite: bool):
-  """`replace_directory` on an object store."""
-  fs = _filesystem(target)
-  old = _find(fs, target)
-  if old:
-    if not overwrite:
-      raise StoreError(f"{target} exists; pass --overwrite to replace it")
-    if foreign_entries(target):
-      raise StoreError(f"{target} holds objects that are not part of a token store; it is never replaced")
-    metadata = f"{_key(target)}/{store_format.METADATA_FILE}"
-    if metadata in old:
-      fs.rm_file(metadata)
-    rest = [key for key in old if key != metadata]
-    if rest:
-      fs.rm(rest)
-  objects = _find(fs, source)
-  last = f"{_key(source)}/{store_format.METADATA_FILE}"
-  if last not in objects:
-    raise StoreError(f"{source} has no {store_format.METADATA_FILE}; it is not a finished store")
-  rest = [key for key in objects if key != last]
-  fs.copy(rest, [_retarget(key, source, target) for key in rest])  # server-side, concurrent
-  fs.copy(last, _retarget(last, source, target))
-  fs.rm(objects)
-
-
-def remove_tree(path: epath.Path, missing_ok: bool = False):
-  """Deletes a local directory or every object under a remote prefix."""
-  if not storage.is_remote(path):
-    shutil.rmtree(path, ignore_errors=missing_ok)
-    return
   try:
-    fs = _filesystem(path)
-    objects = _find(fs, path)
-    if objects:
-      fs.rm(objects)
-  except OSError:
-    if not missing_ok:
-      raise
-
-
-def _filesystem(path: epath.Path):
-  """The fsspec filesystem of a remote path, its cached listings dropped (tensorstore writes behind
-  its back)."""
-  store_format.forget_listings(path)
-  return epath.backend.fsspec_backend.fs(os.fspath(path))
-
-
-def _key(path: epath.Path) -> str:
-  """`bucket/key` of a remote path, as fsspec names objects."""
-  return os.fspath(path).split("://", 1)[1].rstrip("/")
-
-
-def _find(fs, prefix: epath.Path) -> list[str]:
-  """Every object under the remote directory `prefix` (not its siblings that share the name's start)."""
-  return sorted(fs.find(_key(prefix) + "/"))
-
-
-def _retarget(key: str, source: epath.Path, target: epath.Path) -> str:
-  """The object `key` under `source` renamed to its place under `target`."""
-  return _key(target) + key[len(_key(source)):]
+    storage.replace_directory(source, target, store_format.METADATA_FILE)
+  except Exception as e:  # pylint: disable=broad-except  # gcsfs and botocore errors are not all OSErrors
+    raise StoreError(f"publishing {target} failed: {storage.describe_storage_error(e, target)}; "
+                     "re-run data_pipelines.prepare with --overwrite") from e

@@ -3,6 +3,7 @@
 and generates what the single-device model generates; export streams one array at a time, its peak host
 memory (tracemalloc) a fraction of the model's bytes, and the NumPy runtime runs the result."""
 
+import json
 import logging
 import shutil
 import tracemalloc
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
+import tensorstore as ts
 from flax import nnx
 from jax.sharding import NamedSharding
 
@@ -28,7 +30,7 @@ from yanjax.numpy_runtime import Model, load_export
 from yanjax.numpy_runtime import generate as np_generate
 from yanjax.optim import decay_mask, make_optimizer
 from yanjax.run_config import build_run_config
-from yanjax.train import train_state_shardings
+from yanjax.train_state import train_state_shardings
 from model_helpers import random_model
 
 PROMPTS = [[1, 5, 9, 3, 7], [1, 22], [4, 5, 6]]
@@ -161,6 +163,51 @@ def test_an_unreadable_newest_checkpoint_falls_back_to_the_previous_one(tmp_path
   _check_restored(restored, older, fsdp=8)
   with pytest.raises(FileNotFoundError, match="no checkpoint under"):
     load_inference_model(tmp_path / "empty")
+
+
+def _stored_value(state_dir, key: bytes):
+  """(data file, offset, length) of `key`'s value in a checkpoint's OCDBT database (read with ts.ocdbt.dump)."""
+  base = ts.KvStore.open({"driver": "file", "path": f"{state_dir}/"}).result()
+  nodes = [ts.ocdbt.dump(base).result()["versions"][-1]["root"]["location"]]
+  while nodes:
+    for entry in ts.ocdbt.dump(base, nodes.pop()).result()["entries"]:
+      if str(entry.get("location", "")).startswith("btreenode"):  # an interior node's child
+        nodes.append(entry["location"])
+      elif entry.get("key") == key:
+        _, prefix, name, offset, length = entry["indirect_value"].split(":")
+        return state_dir / prefix / name, int(offset), int(length)
+  raise KeyError(key)
+
+
+def test_a_damaged_newest_checkpoint_fails_its_checksums_and_falls_back(tmp_path, caplog):
+  """One flipped byte in the newest checkpoint's data files, inside a chunk of the embedding: the parameters
+  read back without error but differ from their saved checksums, so the previous step is used (with a
+  warning). The chunk is located through the database's index: which data file holds the parameters varies
+  from save to save."""
+  older, newer = random_model(_config(), seed=1), random_model(_config(), seed=2)
+  write_checkpoint(tmp_path, older, step=1)
+  write_checkpoint(tmp_path, newer, step=2)
+  path, offset, length = _stored_value(tmp_path / "checkpoints" / "2" / "state", b"params.embed.embedding/0.0")
+  assert path.parent.name == "d"
+  data = bytearray(path.read_bytes())
+  data[offset + length // 2] ^= 0xFF
+  path.write_bytes(bytes(data))
+  with caplog.at_level(logging.WARNING):
+    restored, _, _ = load_inference_model(tmp_path)
+  assert "checkpoint at step 2 is unreadable" in caplog.text and "checksums differ" in caplog.text
+  assert "['params']['embed']['embedding']" in caplog.text
+  _check_restored(restored, older, fsdp=8)
+
+
+def test_a_checkpoint_without_checksums_loads_as_before(tmp_path):
+  model = random_model(_config())
+  write_checkpoint(tmp_path, model)
+  meta_file = tmp_path / "checkpoints" / "1" / "meta" / "metadata"
+  meta = json.loads(meta_file.read_text())
+  assert meta.pop("checksums")  # as a checkpoint written before checksums were recorded
+  meta_file.write_text(json.dumps(meta))
+  restored, _, _ = load_inference_model(tmp_path)
+  _check_restored(restored, model, fsdp=8)
 
 
 def test_a_run_in_a_bucket_restores_onto_the_mesh(s3_bucket, tmp_path):

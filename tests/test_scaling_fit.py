@@ -160,3 +160,48 @@ def test_cli_writes_fit_json_and_three_pngs(tmp_path):
     print(name, pixels.shape)
     assert pixels.shape[0] > 300 and pixels.shape[1] > 500
     assert pixels[..., :3].std() > 0.05  # not a blank canvas
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Refusals: results that cannot support a fit are refused with the count, and nothing is written.
+
+
+def test_cli_refuses_a_family_with_fewer_points_than_parameters(tmp_path):
+  results = tmp_path / "results.jsonl"
+  records = isoflop_records(CHINCHILLA, "yan", seed=3) + isoflop_records(EPOCH, "attention", seed=4)[:4]
+  results.write_text("".join(json.dumps(r) + "\n" for r in records))
+  out = tmp_path / "fits"
+  out.mkdir()
+  (out / "fit.json").write_text('{"earlier": true}\n')
+  with pytest.raises(fit.FitError, match=r"family 'attention': approach 3 fits 5 parameters .* got 4; nothing "
+                                         r"written"):
+    fit.main(["--results", str(results), "--out", str(out), "--grid", "coarse", "--bootstrap", "5"])
+  assert [p.name for p in out.iterdir()] == ["fit.json"]
+  assert (out / "fit.json").read_text() == '{"earlier": true}\n'
+  results.write_text("")
+  with pytest.raises(fit.FitError, match="no results to fit"):
+    fit.main(["--results", str(results), "--out", str(out)])
+  with pytest.raises(fit.FitError, match="intervals need at least 2 resamples"):
+    fit.fit_families(fit.group_by_family(records[:45]), "coarse", n_boot=1)
+
+
+def test_approach2_names_each_budget_short_of_sizes():
+  records = [r for r in isoflop_records(CHINCHILLA, "yan", seed=0) if r["flop_budget"] < 1e19]  # 2 budgets
+  runs = Runs.from_records(records[::4])  # 3 sizes on one budget, 2 on the other
+  with pytest.raises(ValueError, match=r"got 1 \(C=1e\+18: 2 sizes\)"):
+    fit.fit_isoflop(runs)
+
+
+def test_intervals_of_zero_width_are_refused():
+  """Six points of three IsoFLOP budgets: the law's E collapses to ~0 in every resample, so its interval has
+  zero width; that fit is refused rather than printed."""
+  rng = np.random.default_rng(0)
+  records = []
+  for c in (1e17, 1e18, 1e19):
+    for k in (0.5, 2.0):
+      n = k * 1e6 * (c / 1e17) ** 0.5
+      loss = CHINCHILLA.loss(n, c / (6 * n)) * math.exp(0.01 * rng.standard_normal())
+      records.append({"family": "yan", "params": n, "tokens": c / (6 * n), "flops": c, "val_loss": loss})
+  with pytest.raises(fit.FitError, match=r"approach 3: every bootstrap resample gives the same E \(intervals of "
+                                         r"zero width\)"):
+    fit.fit_family(Runs.from_records(records), "coarse", n_boot=5)

@@ -9,8 +9,9 @@ import boto3
 import botocore.exceptions
 import numpy as np
 import pytest
+from etils import epath
 
-from data_pipelines import prepare, store_writer
+from data_pipelines import prepare
 from yanjax import storage
 from yanjax.data import StoreError, make_loader, open_store
 
@@ -73,14 +74,16 @@ def test_overwrite_replaces_s3_store_metadata_first(s3_bucket, capsys, monkeypat
   assert prepare_store(url, "--seed", "1") == 2
   assert "--overwrite" in capsys.readouterr().err
   copied, old_metadata_seen = [], []
-  retarget = store_writer._retarget  # pylint: disable=protected-access
+  fs = epath.backend.fsspec_backend.fs(url)  # fsspec's cached instance: the one yanjax.storage copies with
+  copy = fs.copy
 
-  def spy(key, source, target):
-    old_metadata_seen.append((target / "metadata.json").exists())
-    copied.append(key)
-    return retarget(key, source, target)
+  def spy(path1, path2, **kwargs):
+    fs.invalidate_cache()
+    old_metadata_seen.append(fs.exists(f"{url[len('s3://'):]}/metadata.json"))
+    copied.extend([path1] if isinstance(path1, str) else path1)
+    return copy(path1, path2, **kwargs)
 
-  monkeypatch.setattr(store_writer, "_retarget", spy)
+  monkeypatch.setattr(fs, "copy", spy)
   assert prepare_store(url, "--seed", "1", "--overwrite") == 0
   assert copied[-1].endswith("/metadata.json") and not any(old_metadata_seen)
   assert open_store(url).metadata["settings"]["seed"] == 1

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 from yanjax import storage, sweep
+from yanjax.config import ConfigError
+from yanjax.scaling.fit import FitError
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -207,3 +209,86 @@ def test_fit_reads_and_writes_sweep_in_s3(tmp_path, monkeypatch, s3_bucket):
     assert remote.joinpath("fits", png).read_bytes()[:4] == b"\x89PNG"
   assert not remote.joinpath("fits/isoflop.png").exists()
   assert list(tmp_path.iterdir()) == []  # nothing written locally (no "s3:" directory)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A fit that cannot be done is refused in one line and leaves the earlier results as they were.
+
+EARLIER = {"results.jsonl": b'{"id": "earlier"}\n', "fits/fit.json": b'{"yan": {"runs": 16}}\n',
+           "fits/frontier.png": b"\x89PNG earlier"}
+
+
+def _earlier_fit(out):
+  for name, data in EARLIER.items():
+    (out / name).parent.mkdir(parents=True, exist_ok=True)
+    (out / name).write_bytes(data)
+
+
+def _unchanged(out):
+  return all((out / name).read_bytes() == data for name, data in EARLIER.items())
+
+
+def _write_point(out, family, n, d, budget=None, noise=0.0):
+  loss = (1.69 + 406.4 / n**0.34 + 410.7 / d**0.28) * math.exp(noise)
+  record = {"id": f"{family}-N{n:.3g}-D{d:.3g}", "family": family, "params": n, "tokens": d, "flops": 6 * n * d,
+            "val_loss": loss, "flop_budget": budget}
+  path = out / "points" / record["id"] / "result.json"
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(record))
+
+
+def _sweep_fit_cli(out):
+  proc = subprocess.run([sys.executable, "-m", "yanjax.sweep", "fit", "--out", str(out), "--bootstrap", "5"],
+                        cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+  return proc.returncode, proc.stderr.strip().splitlines()
+
+
+def test_fit_without_points_is_refused_and_keeps_earlier_results(tmp_path):
+  out = tmp_path / "sweep"
+  _earlier_fit(out)  # the points directory moved away
+  code, lines = _sweep_fit_cli(out)
+  assert code == 2 and len(lines) == 1, lines
+  assert lines[0].startswith(f"error: sweep fit: {out}/points does not exist") and "left as they were" in lines[0]
+  assert _unchanged(out)
+  (out / "points").mkdir()  # an empty points directory
+  with pytest.raises(ConfigError, match=f"no finished point under {out}/points"):
+    sweep.main(["fit", "--out", str(out)])
+  assert _unchanged(out)
+
+
+def test_fit_with_fewer_points_than_parameters_is_refused_with_the_count(tmp_path):
+  out = tmp_path / "sweep"
+  _earlier_fit(out)
+  _write_point(out, "yan", 1e6, 1e8)  # one finished point: five parameters cannot be fitted to it
+  code, lines = _sweep_fit_cli(out)
+  assert code == 2 and len(lines) == 1, lines
+  assert "family 'yan': approach 3 fits 5 parameters" in lines[0] and "got 1" in lines[0], lines
+  assert _unchanged(out)
+  for n in (1e7, 1e8, 1e9):
+    _write_point(out, "yan", n, 1e8)
+  _write_point(out, "yan", 1e9, 1e8)  # the same (N, D) again adds nothing
+  with pytest.raises(FitError, match="needs at least 5 distinct .* got 4"):
+    sweep.main(["fit", "--out", str(out), "--bootstrap", "5"])
+  assert _unchanged(out)
+
+
+def test_fit_with_too_few_sizes_per_budget_reports_approach_3_alone(tmp_path, capsys):
+  """A 4 x 4 grid of sizes and token budgets, and three FLOP budgets of two sizes each: approach 3 has its 22
+  points; approach 2, which needs three sizes a budget, is refused with the count, and said so."""
+  out = tmp_path / "sweep"
+  _earlier_fit(out)
+  rng = np.random.default_rng(0)
+  for n in np.geomspace(1e6, 1e9, 4):
+    for d in np.geomspace(1e8, 1e11, 4):
+      _write_point(out, "yan", n, d, noise=0.01 * rng.standard_normal())
+  for c in (1e17, 1e18, 1e19):
+    for k in (0.5, 2.0):
+      n = k * 1e6 * (c / 1e17) ** 0.5
+      _write_point(out, "yan", n, c / (6 * n), budget=c, noise=0.01 * rng.standard_normal())
+  assert sweep.main(["fit", "--out", str(out), "--bootstrap", "5"]) == 0
+  printed = capsys.readouterr().out
+  assert "approach 2: not fitted: approach 2 needs at least 2 FLOP budgets with 3+ sizes each" in printed
+  fits = json.loads((out / "fits/fit.json").read_text())["yan"]
+  assert fits["approach2"] is None and "C=1e+17: 2 sizes" in fits["approach2_refused"]
+  assert fits["runs"] == 22 and all(hi > lo for lo, hi in fits["approach3"]["ci"].values())
+  assert len((out / "results.jsonl").read_text().splitlines()) == 22

@@ -12,6 +12,12 @@ scanned layers (`scan_layers=True`, stacked over a leading layers axis) are writ
 and shapes do not depend on `scan_layers`. The manifest is written last: a directory without one is an
 unfinished export.
 
+Nothing is lost: the export is written into a new sibling `<out>.tmp-<random>` and replaces `<out>` only
+once complete (locally by renames; on object stores by server-side copies, the old manifest deleted first and
+the new one copied last); a failed export removes its temporary directory and leaves the old export as it
+was. `<out>` is replaced only when it is missing, empty or an export (nothing but the export's files, and a
+yanjax manifest if it has one); a directory holding anything else is refused, never touched.
+
 The export streams: the checkpoint is restored onto a device mesh (yanjax.inference; --mesh), and each array
 is fetched to the host on its own (one layer's slice of a scanned parameter), converted, hashed, written and
 dropped, so host memory is bounded by the largest array, not the model. The weights files are written
@@ -31,6 +37,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import zipfile
 from typing import Any, Iterator, NamedTuple
 
@@ -48,6 +55,10 @@ from yanjax.numpy_runtime import format as fmt
 
 _STORED = {"float32": np.dtype("<f4"), "bfloat16": np.dtype("<u2")}  # as written: bf16 as its bit pattern
 _SAFETENSORS_DTYPE = {"float32": "F32", "bfloat16": "BF16"}
+EXPORT_FILES = (fmt.MANIFEST, fmt.CONFIG, fmt.NPZ, fmt.SAFETENSORS, fmt.TOKENIZER)
+# The names an export directory may hold: its files, and the `<name>.tmp` an interrupted export of earlier
+# yanjax versions (which wrote in place) left behind.
+_REPLACEABLE = EXPORT_FILES + tuple(f"{name}.tmp" for name in EXPORT_FILES)
 
 
 # ---- parameters, one at a time ----------------------------------------------------------------------
@@ -147,21 +158,9 @@ class _HashingWriter:
 
 @contextlib.contextmanager
 def _create(path: epath.Path) -> Iterator[_HashingWriter]:
-  """A hashing stream that becomes the file `path` once the block completes.
-
-  Local files are written under `<name>.tmp` and renamed; an object in a bucket appears, whole, when its
-  upload completes (object stores have no rename).
-  """
-  part = path if storage.is_remote(path) else path.with_name(path.name + ".tmp")
-  try:
-    with part.open("wb") as raw:
-      yield _HashingWriter(raw)
-  except BaseException:
-    if part != path:
-      part.unlink(missing_ok=True)
-    raise
-  if part != path:
-    part.replace(path)
+  """A hashing stream writing the file `path` (in the export's temporary directory)."""
+  with path.open("wb") as raw:
+    yield _HashingWriter(raw)
 
 
 def _write_npz(path: epath.Path, sources: dict[str, Source], dtype: str) -> tuple[dict, dict[str, str]]:
@@ -223,14 +222,40 @@ def _write_bytes(path: epath.Path, data: bytes) -> dict[str, Any]:
 
 # ---- the export -------------------------------------------------------------------------------------
 
+def check_replaceable(out) -> None:
+  """Raises ConfigError unless `out` may be replaced by an export: missing, empty, or an export yanjax wrote
+  (nothing but the export's files, and a yanjax manifest if it has one). Anything else is never touched."""
+  out = storage.as_path(out)
+  if storage.is_bucket_root(out):
+    raise ConfigError(f"{out} is a bucket; export to a path inside it, such as {out}/exports/name")
+  foreign = storage.foreign_entries(out, _REPLACEABLE)
+  if foreign:
+    shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+    raise ConfigError(f"{out} holds files that are not part of a yanjax export ({shown}), so it is not "
+                      "replaced; export to a new directory")
+  manifest = out / fmt.MANIFEST
+  if manifest.exists():
+    try:
+      ours = json.loads(manifest.read_text()).get("format") == fmt.FORMAT
+    except (ValueError, AttributeError):
+      ours = False
+    if not ours:
+      raise ConfigError(f"{manifest} is not the manifest of a yanjax export, so {out} is not replaced; "
+                        "export to a new directory")
+
+
 def export_model(model, cfg: ModelConfig, out_dir, tokenizer_path=None, dtype: str = "float32"
                  ) -> dict[str, Any]:
   """Writes the export of `model` (with config `cfg`) to `out_dir`, one array at a time; returns the manifest.
 
+  The export is written to a temporary sibling of `out_dir` and moved into place once complete; on failure
+  `out_dir` is left as it was (see the module docstring).
+
   Args:
     model: a `LanguageModel` built from `cfg` (its parameters on any devices, sharded or not).
     cfg: its `ModelConfig`.
-    out_dir: directory to write, local or gs:// / s3:// (created; files of an earlier export are replaced).
+    out_dir: directory to write, local or gs:// / s3://: created, or replaced if it holds an earlier export
+      (ConfigError if it holds anything else, see `check_replaceable`).
     tokenizer_path: the sentencepiece model to ship with the weights (local or a URL), or None.
     dtype: "float32" (default) or "bfloat16" (see the module docstring).
   """
@@ -244,17 +269,41 @@ def export_model(model, cfg: ModelConfig, out_dir, tokenizer_path=None, dtype: s
     tokenizer_bytes = storage.as_path(tokenizer_path).read_bytes()
     tokenizer = _tokenizer_entry(tokenizer_bytes, tokenizer_path, cfg)
   out = storage.as_path(out_dir)
+  check_replaceable(out)
+  temp = storage.temporary_sibling(out)
   if not storage.is_remote(out):  # object stores have no directories (and s3fs's mkdir creates buckets)
-    out.mkdir(parents=True, exist_ok=True)
-  (out / fmt.MANIFEST).unlink(missing_ok=True)  # the directory is an unfinished export until the end
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temp.mkdir()
+  try:
+    manifest = _write_export(temp, sources, cfg, dtype, tokenizer_bytes, tokenizer)
+    check_replaceable(out)  # again: something may have appeared there while the export was written
+    _publish(temp, out)
+  except BaseException:
+    storage.remove_tree(temp, missing_ok=True)
+    raise
+  return manifest
 
+
+def _publish(temp: epath.Path, out: epath.Path) -> None:
+  """Moves the finished export `temp` to `out` (storage.replace_directory, manifest last)."""
+  try:
+    storage.replace_directory(temp, out, fmt.MANIFEST)
+  except Exception as e:  # pylint: disable=broad-except  # gcsfs and botocore errors are not all OSErrors
+    if not storage.is_remote(out):
+      raise
+    raise ConfigError(f"moving the export into {out} failed: {storage.describe_storage_error(e, out)}; "
+                      "run the export again") from e
+
+
+def _write_export(out: epath.Path, sources: dict[str, Source], cfg: ModelConfig, dtype: str,
+                  tokenizer_bytes: bytes | None, tokenizer: dict[str, Any] | None) -> dict[str, Any]:
+  """Writes the export's files into the (new, empty) directory `out`, the manifest last; returns it."""
   metadata = {"format": fmt.FORMAT, "format_version": str(fmt.FORMAT_VERSION), "weights_dtype": dtype}
   files = {}
   files[fmt.NPZ], digests = _write_npz(out / fmt.NPZ, sources, dtype)
   files[fmt.SAFETENSORS] = _write_safetensors(out / fmt.SAFETENSORS, sources, dtype, digests, metadata)
   config = cfg.to_dict()
   files[fmt.CONFIG] = _write_bytes(out / fmt.CONFIG, (json.dumps(config, indent=2) + "\n").encode("utf-8"))
-  (out / fmt.TOKENIZER).unlink(missing_ok=True)
   if tokenizer_bytes is not None:
     files[fmt.TOKENIZER] = _write_bytes(out / fmt.TOKENIZER, tokenizer_bytes)
     tokenizer.update(file=fmt.TOKENIZER, **files[fmt.TOKENIZER])
@@ -297,11 +346,10 @@ def main(argv=None) -> None:
   parser.add_argument("--mesh", default=None, help="mesh to restore onto, e.g. fsdp=4 (default: the run's "
                       "training mesh, or FSDP over all devices when it does not fit)")
   args = parser.parse_args(argv)
-  try:
-    storage.check_writable(storage.as_path(args.out), "export directory --out",
-                           "give a directory (or bucket URL) these credentials may write")
-  except ConfigError as e:
-    raise SystemExit(f"error: {e}") from e
+  out = storage.as_path(args.out)
+  storage.check_writable(out, "export directory --out",
+                         "give a directory (or bucket URL) these credentials may write")
+  check_replaceable(out)  # before the checkpoint is read: refusing takes a moment, not a restore
   from yanjax.inference import load_inference_model  # pylint: disable=import-outside-toplevel
   model, cfg, tokenizer_path = load_inference_model(args.workdir, mesh_spec=args.mesh)
   manifest = export_model(model, cfg, args.out, tokenizer_path=tokenizer_path, dtype=args.dtype)

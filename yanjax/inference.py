@@ -8,7 +8,9 @@ The mesh is, in order of preference:
   3. when the saved mesh does not fit the devices present (a run trained on 8 devices, loaded on 4): FSDP
      over every device, with a warning.
 A mesh of fewer devices than present runs on the first ones. Parameters are placed by the run's
-logical-axis rules (`meta["config"]["rules"]`), as in training. The work directory may be local or a bucket
+logical-axis rules (`meta["config"]["rules"]`), as in training. The restored parameters are checked against
+the checksums saved with them (yanjax.checkpointing); a checkpoint that fails the check is skipped like an
+unreadable one, with a warning, and the one before it is used. The work directory may be local or a bucket
 URL (gs://, s3://).
 """
 
@@ -26,7 +28,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from yanjax import sharding, storage
-from yanjax.checkpointing import TOKENIZER_FILE, Checkpointer
+from yanjax.checkpointing import TOKENIZER_FILE, Checkpointer, verify_checksums
 from yanjax.config import ConfigError, ModelConfig
 from yanjax.model.lm import LanguageModel
 from yanjax.run_config import DEFAULTS, MESH_AXES
@@ -124,8 +126,13 @@ def load_inference_model(workdir: str | os.PathLike, mesh_spec: str | None = Non
 
 
 def _restore(checkpointer: Checkpointer, step: int, mesh_spec: str | None) -> tuple[LanguageModel, ModelConfig]:
-  """The parameters of checkpoint `step`, each restored straight into its NamedSharding on the mesh."""
-  run_config = checkpointer.read_meta(step)["config"]
+  """The parameters of checkpoint `step`, each restored straight into its NamedSharding on the mesh.
+
+  Raises ValueError when they differ from the checksums saved with them (checkpoints from before checksums
+  were recorded are not checked).
+  """
+  meta = checkpointer.read_meta(step)
+  run_config = meta["config"]
   cfg = ModelConfig.from_dict(run_config["model"])
   mesh = inference_mesh(run_config.get("mesh"), mesh_spec)
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: LanguageModel(cfg, rngs=nnx.Rngs(0))))
@@ -135,5 +142,9 @@ def _restore(checkpointer: Checkpointer, step: int, mesh_spec: str | None) -> tu
   item = {"params": target}
   restored = checkpointer.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
       item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
+  params = restored["state"]["params"]
+  saved = meta.get("checksums")
+  if saved is not None:  # the train state's; keys of the params are those of {"params": params}
+    verify_checksums({"params": params}, {k: v for k, v in saved.items() if k.startswith("['params']")})
   logging.info("restored step %d onto mesh %s", step, dict(mesh.shape))
-  return nnx.merge(graphdef, restored["state"]["params"]), cfg
+  return nnx.merge(graphdef, params), cfg

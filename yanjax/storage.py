@@ -9,7 +9,8 @@ gcsfs and S3 through s3fs), and every tensorstore array through `kvstore` (tenso
 orbax-checkpoint (0.12) builds tensorstore specs for `gs://` and local paths only; `_teach_orbax_s3` tells it
 the `s3` driver (the same change orbax's open S3 pull request makes), so checkpoints live in S3 buckets too.
 Checkpoints on object stores commit with a `commit_success.txt` file rather than a directory rename, which
-object stores do not have.
+object stores do not have; `replace_directory` moves any other finished directory into place the same way
+on both (a rename locally; server-side copies with the manifest last on object stores).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import concurrent.futures
 import os
 import re
 import secrets
+import shutil
+from collections.abc import Collection
 from typing import Any
 
 from etils import epath
@@ -87,6 +90,103 @@ def write_atomic(path: epath.Path, data: str | bytes) -> None:
   (target.write_bytes if isinstance(data, bytes) else target.write_text)(data)
   if target != path:
     target.replace(path)
+
+
+def is_bucket_root(path) -> bool:
+  """Whether `path` is a whole bucket (gs://b or s3://b), which holds no directory of ours."""
+  return is_remote(path) and "/" not in _key(path)
+
+
+def temporary_sibling(path: epath.Path) -> epath.Path:
+  """A new name beside `path`, `<name>.tmp-<random>`, to build a replacement for it in."""
+  return path.parent / f"{path.name}.tmp-{secrets.token_hex(4)}"
+
+
+def foreign_entries(directory: epath.Path, allowed: Collection[str]) -> list[str]:
+  """Names at the top of `directory` outside `allowed` (none when it does not exist; a file there is one)."""
+  if is_remote(directory):
+    _filesystem(directory)  # drops cached listings: other processes write there too
+  if not directory.exists():
+    return []
+  if not directory.is_dir():
+    return [directory.name]
+  return sorted(p.name for p in directory.iterdir() if p.name not in allowed)
+
+
+def replace_directory(source: epath.Path, target: epath.Path, manifest: str) -> None:
+  """Moves the finished directory `source` (whose `manifest` file marks it complete) to `target`, replacing
+  what `target` holds; the caller has checked that `target` may be replaced.
+
+  Local: renames (an old `target` is renamed aside first, and removed once `source` is in place). Object
+  stores, which cannot rename: `target` loses its old manifest first, then its other objects; `source`'s
+  objects are copied server-side, the manifest last, so a reader never trusts a half-copied directory; then
+  `source` is deleted.
+  """
+  if not is_remote(target):
+    if not target.exists():
+      os.replace(source, target)
+      return
+    old = target.parent / f"{target.name}.old-{secrets.token_hex(4)}"
+    os.replace(target, old)
+    try:
+      os.replace(source, target)
+    except BaseException:
+      os.replace(old, target)
+      raise
+    if os.path.islink(old):  # a link to the old directory: the link goes, what it pointed to stays
+      os.unlink(old)
+    else:
+      shutil.rmtree(old)
+    return
+  fs = _filesystem(target)
+  old = _objects(fs, target)
+  old_manifest = f"{_key(target)}/{manifest}"
+  if old_manifest in old:
+    fs.rm_file(old_manifest)
+  rest = [key for key in old if key != old_manifest]
+  if rest:
+    fs.rm(rest)
+  objects = _objects(fs, source)
+  last = f"{_key(source)}/{manifest}"
+  if last not in objects:
+    raise ValueError(f"{source} has no {manifest}; it is not finished")
+  rest = [key for key in objects if key != last]
+  if rest:
+    fs.copy(rest, [_key(target) + key[len(_key(source)):] for key in rest])  # server-side, concurrent
+  fs.copy(last, _key(target) + last[len(_key(source)):])
+  fs.rm(objects)
+
+
+def remove_tree(path: epath.Path, missing_ok: bool = False) -> None:
+  """Deletes a local directory, or every object under a remote prefix."""
+  if not is_remote(path):
+    shutil.rmtree(path, ignore_errors=missing_ok)
+    return
+  try:
+    fs = _filesystem(path)
+    objects = _objects(fs, path)
+    if objects:
+      fs.rm(objects)
+  except OSError:
+    if not missing_ok:
+      raise
+
+
+def _filesystem(path: epath.Path):
+  """The fsspec filesystem of a remote path, its cached listings dropped (others write behind its back)."""
+  fs = epath.backend.fsspec_backend.fs(os.fspath(path))
+  fs.invalidate_cache()
+  return fs
+
+
+def _key(path: epath.Path) -> str:
+  """`bucket/key` of a remote path, as fsspec names objects."""
+  return os.fspath(path).split("://", 1)[1].rstrip("/")
+
+
+def _objects(fs, prefix: epath.Path) -> list[str]:
+  """Every object under the remote directory `prefix` (not its siblings that share the name's start)."""
+  return sorted(fs.find(_key(prefix) + "/"))
 
 
 def check_writable(directory: epath.Path, what: str, fix: str) -> None:

@@ -13,6 +13,8 @@ A spec is a Python file whose `get_sweep()` returns a dict:
   config    {section: {key: value}} shared by every point (train, optimizer, data, ...)
 Each point trains in its own workdir <out>/points/<id> (re-running resumes or skips it) and writes result.json;
 <out>/results.jsonl is rebuilt from those, one record per finished point (the format docs/scaling.md reads).
+`fit` writes results.jsonl and <out>/fits/ only when the fit succeeds: with no finished point, or too few for
+the laws (yanjax.scaling.fit), it is refused in one line (exit code 2) and leaves the earlier files as they are.
 --out (and --spec) may be local paths or gs:// / s3:// URLs. SIGTERM / SIGINT: passed on to the running trainer,
 which saves; the sweep starts no further point and exits with the trainer's PREEMPTED_EXIT_CODE.
 """
@@ -36,7 +38,7 @@ from typing import Any, NamedTuple
 
 from etils import epath
 
-from yanjax import storage
+from yanjax import cli, storage
 from yanjax.config import ConfigError, load_config_file
 from yanjax.model.counting import flops_per_token, param_count
 from yanjax.presets import model_variant
@@ -193,12 +195,52 @@ def _final_val_loss(metrics: epath.Path) -> float | None:
   return losses[-1] if losses else None
 
 
+def _results(out: epath.Path) -> dict[epath.Path, str]:
+  """{path: text} of every finished point's result.json, in order of point id."""
+  return {p: p.read_text() for p in sorted((out / "points").glob("*/result.json"))}
+
+
+def _write_results(out: epath.Path, texts) -> epath.Path:
+  path = out / "results.jsonl"
+  storage.write_atomic(path, "".join(r + "\n" for r in texts))
+  return path
+
+
 def collect(out: epath.Path) -> epath.Path:
   """Rebuilds <out>/results.jsonl from every finished point's result.json."""
-  records = [p.read_text() for p in sorted((out / "points").glob("*/result.json"))]
-  path = out / "results.jsonl"
-  storage.write_atomic(path, "".join(r + "\n" for r in records))
-  return path
+  return _write_results(out, _results(out).values())
+
+
+def fit_sweep(out: epath.Path, grid: str = "coarse", n_boot: int = 100) -> None:
+  """Fits the finished points; writes <out>/results.jsonl and <out>/fits/ only when the fit succeeds.
+
+  Raises ConfigError (a FitError when the points are too few for the laws) before anything is written.
+  """
+  from yanjax.scaling import fit as scaling_fit  # pylint: disable=import-outside-toplevel  # scipy, matplotlib
+  points_dir = out / "points"
+  kept = "results.jsonl and fits/ are left as they were"
+  if not storage.check_readable(points_dir, "sweep fit: points directory", "give the --out of a sweep"):
+    raise ConfigError(f"sweep fit: {points_dir} does not exist, so there is nothing to fit ({kept}); give "
+                      "the --out of a sweep that has run")
+  texts = _results(out)
+  if not texts:
+    raise ConfigError(f"sweep fit: no finished point under {points_dir} (no */result.json; {kept}); run "
+                      "points first with `python -m yanjax.sweep run`")
+  records = []
+  for path, text in texts.items():
+    try:
+      records.append(json.loads(text))
+    except ValueError as e:
+      raise ConfigError(f"sweep fit: {path} is not a JSON result ({e}; {kept}); delete it and re-run that "
+                        "point") from e
+  storage.check_writable(out, "sweep --out", "give a directory (or bucket URL) this machine can write")
+  try:
+    fits = scaling_fit.fit_families(scaling_fit.group_by_family(records), grid, n_boot)
+  except scaling_fit.FitError as e:
+    raise scaling_fit.FitError(f"sweep fit refused with {len(records)} finished point(s) under {points_dir}: "
+                               f"{e} ({kept})") from e
+  written = scaling_fit.write_fits(fits, out / "fits")
+  scaling_fit.report(fits, [_write_results(out, texts.values()), *written])
 
 
 def write_slurm_array(spec: epath.Path, out: epath.Path, count: int, script: epath.Path) -> epath.Path:
@@ -235,14 +277,10 @@ def main(argv=None) -> int:
   fit.add_argument("--bootstrap", type=int, default=100)
   args = parser.parse_args(argv)
   out = storage.as_path(args.out)
-  storage.check_writable(out, "sweep --out", "give a directory (or bucket URL) this machine can write")
-
   if args.command == "fit":
-    from yanjax.scaling import fit as scaling_fit  # pylint: disable=import-outside-toplevel
-    results = collect(out)
-    scaling_fit.main(["--results", os.fspath(results), "--out", os.fspath(out / "fits"), "--grid", args.grid,
-                      "--bootstrap", str(args.bootstrap)])
+    fit_sweep(out, args.grid, args.bootstrap)
     return 0
+  storage.check_writable(out, "sweep --out", "give a directory (or bucket URL) this machine can write")
   spec = storage.as_path(args.spec)
   grid = points(load_spec(spec))
   if args.command == "launch":
@@ -287,4 +325,4 @@ def _launch(args: argparse.Namespace, spec: epath.Path, out: epath.Path, count: 
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)

@@ -6,7 +6,11 @@ gives the formulas, the fitting details and how to read the figures.
 
   python -m yanjax.scaling.fit --results results.jsonl --out fits/
 
-Both paths may be local or gs:// / s3:// URLs. Shapes: `n` = runs, `s` = starting points, `k` = FLOP budgets.
+Both paths may be local or gs:// / s3:// URLs. Results that cannot support a fit are refused (`FitError`)
+before anything is written: a family with fewer distinct (N, D) points than approach 3 has parameters (5).
+Approach 2 needs 2 FLOP budgets with 3+ sizes each; where it cannot be fitted but approach 3 can, approach 3
+is reported alone and the output says why approach 2 is missing. Outputs are written only once every fit
+succeeded, each file whole or not at all. Shapes: `n` = runs, `s` = starting points, `k` = FLOP budgets.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,14 +33,23 @@ from typing import Any
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
+from etils import epath
 from scipy import optimize
 
 from yanjax import storage
+from yanjax.config import ConfigError
 from yanjax.scaling import plot
 
 REQUIRED_KEYS = ("family", "params", "tokens", "flops", "val_loss")
 LAW_NAMES = ("E", "A", "B", "alpha", "beta")
 HUBER_DELTA = 1e-3
+MIN_SIZES_PER_BUDGET = 3  # a parabola through each IsoFLOP profile
+MIN_BUDGETS = 2  # a power law through the parabolas' minima
+FIGURES = ("loss_vs_flops.png", "isoflop.png", "frontier.png")
+
+
+class FitError(ConfigError):
+  """The results cannot support the fit asked for (too few points, sizes or budgets)."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -58,8 +72,8 @@ class Runs:
     for i, record in enumerate(records):
       bad = [k for k in REQUIRED_KEYS[1:] if not 0 < _number(record.get(k)) < math.inf]
       if bad:
-        raise ValueError(f"record {i} of family {record.get('family')!r}: {', '.join(bad)} missing, "
-                         f"non-positive or not finite: {record}")
+        raise FitError(f"record {i} of family {record.get('family')!r}: {', '.join(bad)} missing, "
+                       f"non-positive or not finite: {record}")
 
     def column(key):
       return np.array([_number(r.get(key)) for r in records], dtype=np.float64)
@@ -92,7 +106,7 @@ def group_by_family(records: Sequence[dict[str, Any]]) -> dict[str, Runs]:
   families: dict[str, list[dict[str, Any]]] = {}
   for i, record in enumerate(records):
     if record.get("family") in (None, ""):
-      raise ValueError(f"record {i} has no family: {record}")
+      raise FitError(f"record {i} has no family: {record}")
     families.setdefault(str(record["family"]), []).append(record)
   return {name: Runs.from_records(rs) for name, rs in families.items()}
 
@@ -191,6 +205,19 @@ def huber_objective(theta, log_n, log_d, log_l, delta=HUBER_DELTA):
   return huber.sum() * scale, grad
 
 
+def distinct_points(runs: Runs) -> int:
+  """The number of distinct (N, D) pairs among the runs: repeats add no information about the law."""
+  return len(set(zip(runs.params.tolist(), runs.tokens.tolist())))
+
+
+def check_approach3(runs: Runs) -> None:
+  """Raises FitError when the runs hold fewer distinct (N, D) points than the law has parameters."""
+  count = distinct_points(runs)
+  if count < len(LAW_NAMES):
+    raise FitError(f"approach 3 fits {len(LAW_NAMES)} parameters ({', '.join(LAW_NAMES)}) and needs at least "
+                   f"{len(LAW_NAMES)} distinct (N, D) points; got {count}")
+
+
 def fit_law(runs: Runs, starts: np.ndarray | None = None, delta: float = HUBER_DELTA) -> Law:
   """Approach 3: L-BFGS-B on the Huber objective from every starting point [s, 5]; keeps the best."""
   starts = init_grid() if starts is None else np.atleast_2d(starts)
@@ -243,19 +270,24 @@ class Isoflop:
 
 
 def fit_isoflop(runs: Runs) -> Isoflop:
-  """Approach 2 on the runs that carry a `flop_budget`; raises ValueError with under two usable budgets."""
-  rows, skipped = [], []
+  """Approach 2 on the runs that carry a `flop_budget`; raises ValueError (naming each budget's number of
+  sizes) with fewer than MIN_BUDGETS budgets of MIN_SIZES_PER_BUDGET+ sizes and a convex profile."""
+  rows, skipped, reasons = [], [], []
   for c in np.unique(runs.budget[np.isfinite(runs.budget)]):
     on = runs.budget == c
     x, y = np.log(runs.params[on]), runs.loss[on]
-    p = np.polyfit(x, y, 2) if len(np.unique(x)) >= 3 else None
+    sizes = len(np.unique(x))
+    p = np.polyfit(x, y, 2) if sizes >= MIN_SIZES_PER_BUDGET else None
     if p is None or p[0] <= 0:
       skipped.append(float(c))
+      reasons.append(f"C={c:.3g}: {sizes} size{'s' * (sizes != 1)}" + ("" if p is None else ", not convex"))
       continue
     x_min = -p[1] / (2 * p[0])
     rows.append((c, p, math.exp(x_min), np.polyval(p, x_min)))
-  if len(rows) < 2:
-    raise ValueError(f"approach 2 needs 2 budgets with a convex profile of 3+ sizes; got {len(rows)}")
+  if len(rows) < MIN_BUDGETS:
+    raise ValueError(f"approach 2 needs at least {MIN_BUDGETS} FLOP budgets with {MIN_SIZES_PER_BUDGET}+ sizes "
+                     f"each and a convex profile; got {len(rows)}"
+                     + (f" ({'; '.join(reasons)})" if reasons else ""))
   budgets, parabolas, n_min, loss_min = (np.array(col, dtype=np.float64) for col in zip(*rows))
   a_n, c_n = np.polyfit(np.log(budgets), np.log(n_min), 1)
   a_d, c_d = np.polyfit(np.log(budgets), np.log(budgets / (6 * n_min)), 1)
@@ -286,14 +318,23 @@ def bootstrap(runs: Runs, statistic: Callable[[Runs], dict[str, float]], n: int 
       samples.append(statistic(runs.take(idx)))
     except ValueError:
       continue
-  if not samples:
-    raise ValueError("every bootstrap resample failed")
+  if len(samples) < 2:  # one sample would give intervals of zero width
+    raise ValueError(f"{len(samples)} of {n} bootstrap resamples could be fitted; intervals need 2 or more")
   tail = 50.0 * (1.0 - level)
   ci = {}
   for key in samples[0]:
     lo, hi = np.percentile([s[key] for s in samples], [tail, 100.0 - tail])
     ci[key] = (float(lo), float(hi))
   return ci, len(samples)
+
+
+def check_widths(ci: dict[str, tuple[float, float]], keys: Sequence[str]) -> None:
+  """Raises ValueError when an interval of `keys` has zero width: every resample gave the same value, so the
+  bootstrap cannot say how uncertain it is (the points fit exactly, or leave it undetermined)."""
+  flat = [k for k in keys if ci[k][1] - ci[k][0] <= 1e-9 * max(abs(ci[k][0]), abs(ci[k][1]), 1e-300)]
+  if flat:
+    raise ValueError(f"every bootstrap resample gives the same {', '.join(flat)} (intervals of zero width): the "
+                     "points do not show the fit's uncertainty; add points with other sizes and token counts")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,10 +347,13 @@ class FamilyFit:
   isoflop: Isoflop | None
   isoflop_ci: dict[str, tuple[float, float]] | None
   settings: dict[str, Any]  # grid, Huber delta, bootstrap n, level, seed, resamples kept per approach
+  isoflop_refused: str | None = None  # why approach 2 was not fitted although the runs hold FLOP budgets
 
   def to_json(self) -> dict[str, Any]:
     out = {"runs": len(self.runs), "settings": self.settings,
            "approach3": {"params": self.law.summary(), "ci": self.law_ci}, "approach2": None}
+    if self.isoflop_refused is not None:
+      out["approach2_refused"] = self.isoflop_refused
     if self.isoflop is not None:
       iso = self.isoflop
       budgets = [{"flops": float(c), "n_opt": float(n), "d_opt": float(d), "loss": float(l)}
@@ -323,25 +367,83 @@ def fit_family(runs: Runs, grid: str = "full", n_boot: int = 200, level: float =
                delta: float = HUBER_DELTA) -> FamilyFit:
   """Fits both approaches with bootstrap CIs; `grid` is "full" (Chinchilla's) or "coarse".
 
-  Bootstrap refits of approach 3 start from the full-data estimate, not the grid: a resample moves the
-  optimum only slightly, and a grid per resample would cost the grid's size times more.
+  Raises FitError when approach 3 cannot be fitted (`check_approach3`, fewer than 2 bootstrap resamples
+  fitted, or an interval of zero width: `check_widths`). Approach 2, where the runs hold FLOP budgets but
+  cannot support it, is left out with the reason in `isoflop_refused` (and a warning). Bootstrap refits of
+  approach 3 start from the full-data estimate, not the grid: a resample moves the optimum only slightly,
+  and a grid per resample would cost the grid's size times more.
   """
+  check_approach3(runs)
   law = fit_law(runs, init_grid(coarse=grid == "coarse"), delta)
-  law_ci, kept3 = bootstrap(runs, lambda r: fit_law(r, law.theta, delta).summary(), n_boot, level, seed)
+  try:
+    law_ci, kept3 = bootstrap(runs, lambda r: fit_law(r, law.theta, delta).summary(), n_boot, level, seed)
+    check_widths(law_ci, LAW_NAMES)
+  except ValueError as e:
+    raise FitError(f"approach 3: {e}") from e
   info = {"grid": grid, "huber_delta": delta, "bootstrap": n_boot, "level": level, "seed": seed,
           "kept_approach3": kept3}
-  isoflop = isoflop_ci = None
+  isoflop = isoflop_ci = refused = None
   on = np.isfinite(runs.budget)
   if on.any():
     try:
       isoflop = fit_isoflop(runs)
+      iso_runs = runs.take(np.flatnonzero(on))
+      stat = lambda r: fit_isoflop(r).summary()
+      isoflop_ci, info["kept_approach2"] = bootstrap(iso_runs, stat, n_boot, level, seed, iso_runs.budget)
+      check_widths(isoflop_ci, ("a_N",))
     except ValueError as e:
-      logging.getLogger(__name__).warning("approach 2 skipped: %s", e)
-  if isoflop is not None:
-    iso_runs = runs.take(np.flatnonzero(on))
-    stat = lambda r: fit_isoflop(r).summary()
-    isoflop_ci, info["kept_approach2"] = bootstrap(iso_runs, stat, n_boot, level, seed, iso_runs.budget)
-  return FamilyFit(runs, law, law_ci, isoflop, isoflop_ci, info)
+      isoflop = isoflop_ci = None
+      refused = str(e)
+      logging.getLogger(__name__).warning("approach 2 not fitted: %s", e)
+  return FamilyFit(runs, law, law_ci, isoflop, isoflop_ci, info, refused)
+
+
+def fit_families(families: dict[str, Runs], grid: str = "full", n_boot: int = 200, level: float = 0.95,
+                 seed: int = 0) -> dict[str, FamilyFit]:
+  """`fit_family` for each family; FitError naming every family that cannot be fitted, raised before any
+  fitting when the counts rule it out."""
+  if not families:
+    raise FitError("no results to fit")
+  if n_boot < 2:
+    raise FitError(f"bootstrap={n_boot}: intervals need at least 2 resamples")
+  refused = []
+  for name, runs in families.items():
+    try:
+      check_approach3(runs)
+    except FitError as e:
+      refused.append(f"family {name!r}: {e}")
+  if refused:
+    raise FitError("; ".join(refused))
+  fits = {}
+  for name, runs in families.items():
+    try:
+      fits[name] = fit_family(runs, grid, n_boot, level, seed)
+    except FitError as e:
+      raise FitError(f"family {name!r}: {e}") from e
+  return fits
+
+
+def write_fits(fits: dict[str, FamilyFit], out: str | os.PathLike) -> list[epath.Path]:
+  """Writes fit.json and the figures to `out`, each file whole; returns the paths written.
+
+  The figures are drawn (to a local scratch directory) before anything is written to `out`, so a figure
+  that fails leaves an earlier fit's files as they were.
+  """
+  out = storage.as_path(out)
+  files = {}
+  with tempfile.TemporaryDirectory() as scratch:
+    drawn = [plot.plot_loss_vs_flops(fits, os.path.join(scratch, FIGURES[0])),
+             plot.plot_isoflop(fits, os.path.join(scratch, FIGURES[1])),
+             plot.plot_frontier(fits, os.path.join(scratch, FIGURES[2]))]
+    for path in drawn:
+      if path is not None:
+        files[path.name] = path.read_bytes()
+  files["fit.json"] = (json.dumps({k: f.to_json() for k, f in fits.items()}, indent=2) + "\n").encode()
+  if not storage.is_remote(out):  # object stores have no directories (and s3fs's mkdir creates buckets)
+    out.mkdir(parents=True, exist_ok=True)
+  for name, data in files.items():  # fit.json last
+    storage.write_atomic(out / name, data)
+  return [out / name for name in files]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -361,12 +463,22 @@ def summary(name: str, fit: FamilyFit) -> str:
            f"    N*(C) ~ C^{_fmt(s['a'], ci.get('a'))}   D*(C) ~ C^{_fmt(s['b'], ci.get('b'))}"]
   if fit.isoflop is not None:
     iso, ci2 = fit.isoflop, fit.isoflop_ci
+    skipped = f", skipped {', '.join(f'C={c:.3g}' for c in iso.skipped)}" if iso.skipped else ""
     lines.append(f"  approach 2: N_opt ~ C^{_fmt(iso.a_n, ci2['a_N'])}   "
-                 f"D_opt ~ C^{_fmt(iso.a_d, ci2['a_D'])}   ({len(iso.budgets)} budgets)")
+                 f"D_opt ~ C^{_fmt(iso.a_d, ci2['a_D'])}   ({len(iso.budgets)} budgets{skipped})")
+  if fit.isoflop_refused is not None:
+    lines.append(f"  approach 2: not fitted: {fit.isoflop_refused}")
   return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def report(fits: dict[str, FamilyFit], written: Sequence[epath.Path]) -> None:
+  """Prints each family's summary and the files written."""
+  for name, fit in fits.items():
+    print(summary(name, fit))
+  print("wrote " + ", ".join(str(p) for p in written))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--results", required=True, help="sweep results, JSONL or CSV (local or a bucket URL)")
   parser.add_argument("--out", required=True, help="directory for fit.json and the PNGs (local or a bucket URL)")
@@ -376,19 +488,14 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals")
   parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
   args = parser.parse_args(argv)
-
-  fits = {name: fit_family(runs, args.grid, args.bootstrap, args.level, args.seed)
-          for name, runs in load_results(args.results).items()}
-  out = storage.as_path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  storage.write_atomic(out / "fit.json", json.dumps({k: f.to_json() for k, f in fits.items()}, indent=2) + "\n")
-  figures = [plot.plot_loss_vs_flops(fits, out / "loss_vs_flops.png"),
-             plot.plot_isoflop(fits, out / "isoflop.png"),
-             plot.plot_frontier(fits, out / "frontier.png")]
-  for name, fit in fits.items():
-    print(summary(name, fit))
-  print(f"wrote {out / 'fit.json'}, " + ", ".join(str(p) for p in figures if p is not None))
+  try:
+    fits = fit_families(load_results(args.results), args.grid, args.bootstrap, args.level, args.seed)
+  except FitError as e:
+    raise FitError(f"{args.results}: {e}; nothing written to {args.out}") from e
+  report(fits, write_fits(fits, args.out))
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  from yanjax import cli  # pylint: disable=import-outside-toplevel  # only here: it imports the data loader
+  cli.run(main)
