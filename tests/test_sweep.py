@@ -1,12 +1,14 @@
 """Sweep runner: a tiny real sweep on the default corpus runs end to end, skips finished points, fits and plots;
 the Slurm array script requeues preempted points; a sweep directory may be in a bucket."""
 
+import glob
 import json
 import math
 import os
 import pathlib
 import subprocess
 import sys
+import sysconfig
 
 import numpy as np
 import pytest
@@ -32,6 +34,16 @@ def get_sweep():
 '''
 
 
+@pytest.fixture(scope="module")
+def store_2048(tmp_path_factory):
+  """A token store of 120 standard-library modules at yan_tiny's vocabulary (2048), prepared once."""
+  from data_pipelines import prepare  # pylint: disable=import-outside-toplevel
+  files = sorted(glob.glob(f"{sysconfig.get_paths()['stdlib']}/*.py"))[:120]
+  out = tmp_path_factory.mktemp("sweep_store") / "stdlib"
+  assert prepare.main(["--output", str(out), "--vocab_size", "2048", "--validation_fraction", "0.1", *files]) == 0
+  return out
+
+
 def test_spec_errors(tmp_path):
   bad = tmp_path / "bad.py"
   bad.write_text("def get_sweep():\n  return dict(families={}, sizes={}, budgets=[1])\n")
@@ -40,9 +52,9 @@ def test_spec_errors(tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_sweep_end_to_end(tmp_path, capsys):
+def test_tiny_sweep_end_to_end(tmp_path, capsys, store_2048):
   spec = tmp_path / "spec.py"
-  spec.write_text(SPEC.format(repo=REPO, store=tmp_path / "stdlib"))
+  spec.write_text(SPEC.format(repo=REPO, store=store_2048))
   out = tmp_path / "sweep"
   grid = sweep.points(sweep.load_spec(spec))
   assert len(grid) == 12 and {p.family for p in grid} == {"yan", "attention"}
@@ -64,8 +76,8 @@ def test_tiny_sweep_end_to_end(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_failed_point_is_reported_and_the_rest_run(tmp_path, capsys):
-  """The first point prepares the default corpus at vocabulary 2048; a 4096-vocabulary model then fails."""
+def test_failed_point_is_reported_and_the_rest_run(tmp_path, capsys, store_2048):
+  """A 4096-vocabulary model fails on the store of vocabulary 2048; the other points still run."""
   spec = tmp_path / "spec.py"
   spec.write_text(f'''
 def get_sweep():
@@ -76,7 +88,7 @@ def get_sweep():
              "ok2": dict(width=24, channels=2, mlp_width=48, layers=1)}},
       tokens=[2048],
       config=dict(train=dict(global_batch=4, seq_len=32, eval_batches=1), optimizer=dict(warmup_steps=2),
-                  data=dict(stores=("{tmp_path / 'stdlib'}",))),
+                  data=dict(stores=("{store_2048}",))),
   )
 ''')
   out = tmp_path / "sweep"

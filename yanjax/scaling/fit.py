@@ -329,10 +329,11 @@ def bootstrap(runs: Runs, statistic: Callable[[Runs], dict[str, float]], n: int 
 
 
 def check_widths(ci: dict[str, tuple[float, float]], keys: Sequence[str]) -> None:
-  """Raises ValueError when an interval of `keys` has zero width: every resample gave the same value, so the
-  bootstrap cannot say how uncertain it is (the points fit exactly, or leave it undetermined)."""
+  """Raises ValueError when every interval of `keys` has zero width: every resample gave the same fit, so the
+  bootstrap says nothing of its uncertainty. One parameter pinned at its bound in every resample (E, on a
+  small grid that cannot separate it from A / N^alpha) leaves the others' intervals meaningful: kept."""
   flat = [k for k in keys if ci[k][1] - ci[k][0] <= 1e-9 * max(abs(ci[k][0]), abs(ci[k][1]), 1e-300)]
-  if flat:
+  if flat and len(flat) == len(keys):
     raise ValueError(f"every bootstrap resample gives the same {', '.join(flat)} (intervals of zero width): the "
                      "points do not show the fit's uncertainty; add points with other sizes and token counts")
 
