@@ -179,7 +179,7 @@ def _is_within(path, directory: epath.Path) -> bool:
 
 def _up_to_date(out: epath.Path, expected_fingerprint: str, overwrite: bool) -> bool:
   """True when `out` is a trusted store of this fingerprint; an error when it is another and may not go."""
-  store_format.forget_listings(out)
+  storage.forget_listings(out)
   if not storage.check_readable(out, "--output", "check the path, the bucket and the credentials"):
     return False
   try:

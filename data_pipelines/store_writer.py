@@ -191,7 +191,7 @@ def foreign_entries(directory: epath.Path) -> list[str]:
 def replace_directory(source: epath.Path, target: epath.Path, overwrite: bool):
   """Moves the finished store `source` to `target` (`storage.replace_directory`, metadata.json last); an
   existing `target` is replaced only with `overwrite`, and only when it holds nothing but a token store."""
-  store_format.forget_listings(target)
+  storage.forget_listings(target)
   if target.exists():
     if not overwrite:
       raise StoreError(f"{target} exists; pass --overwrite to replace it")

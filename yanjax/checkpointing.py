@@ -79,15 +79,15 @@ class Checkpointer:
         continue
       check_meta(meta)
       try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-        verify_checksums(restored["state"], restored["meta"].get("checksums"))
+        state = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state)))["state"]
+        verify_checksums(state, meta.get("checksums"))
       except Exception as error:  # pylint: disable=broad-except  # any unreadable checkpoint: try older
         logging.warning("checkpoint at step %d is unreadable (%s: %s); trying the previous one", step,
                         type(error).__name__, (str(error).splitlines() or [""])[0][:300])
         unreadable.append(step)
         continue
-      restored = (step, restored["state"], restored["meta"])
+      restored = (step, state, meta)
       break
     if unreadable and jax.process_index() == 0:
       quarantine = self.workdir / "corrupt_checkpoints"

@@ -37,7 +37,6 @@ import functools
 import hashlib
 import json
 import math
-import os
 import zipfile
 from typing import Any, Iterator, NamedTuple
 

@@ -172,11 +172,17 @@ def remove_tree(path: epath.Path, missing_ok: bool = False) -> None:
       raise
 
 
+def forget_listings(path) -> None:
+  """Drops fsspec's cached listings of a remote `path`: tensorstore and other processes write there behind
+  its back, so a cached listing may deny an object that exists (or show a deleted one)."""
+  if is_remote(path):
+    epath.backend.fsspec_backend.fs(os.fspath(path)).invalidate_cache()
+
+
 def _filesystem(path: epath.Path):
-  """The fsspec filesystem of a remote path, its cached listings dropped (others write behind its back)."""
-  fs = epath.backend.fsspec_backend.fs(os.fspath(path))
-  fs.invalidate_cache()
-  return fs
+  """The fsspec filesystem of a remote path, its cached listings dropped."""
+  forget_listings(path)
+  return epath.backend.fsspec_backend.fs(os.fspath(path))
 
 
 def _key(path: epath.Path) -> str:

@@ -39,6 +39,7 @@ from typing import Any, NamedTuple
 from etils import epath
 
 from yanjax import cli, storage
+from yanjax.cli import PREEMPTED_EXIT_CODE
 from yanjax.config import ConfigError, load_config_file
 from yanjax.model.counting import flops_per_token, param_count
 from yanjax.presets import model_variant
@@ -139,7 +140,6 @@ def run_point(point: Point, out: epath.Path, stop: StopRequest | None = None) ->
   Returns 0 when the point has its result, the trainer's PREEMPTED_EXIT_CODE when a signal stopped it (it
   saved; a re-run resumes), FAILED_EXIT_CODE otherwise.
   """
-  from yanjax.train import PREEMPTED_EXIT_CODE  # pylint: disable=import-outside-toplevel
   stop = stop or StopRequest()
   workdir = out / "points" / point.id
   result_file = workdir / "result.json"
@@ -303,8 +303,7 @@ def main(argv=None) -> int:
   print(f"[sweep] {done}/{len(chosen)} points finished; results in {results}"
         + (f"; failed: {failed}" if failed else "") + ("; stopped by a signal" if preempted else ""))
   if preempted:
-    from yanjax.train import PREEMPTED_EXIT_CODE  # pylint: disable=import-outside-toplevel
-    return PREEMPTED_EXIT_CODE
+      return PREEMPTED_EXIT_CODE
   return FAILED_EXIT_CODE if failed else 0
 
 

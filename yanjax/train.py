@@ -32,7 +32,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from yanjax import cli, compilation_cache, distributed, plan, sharding, storage
-from yanjax.cli import USAGE_EXIT_CODE
+from yanjax.cli import PREEMPTED_EXIT_CODE, USAGE_EXIT_CODE
 from yanjax.checkpointing import TOKENIZER_FILE, Checkpointer, check_same_shapes
 from yanjax.config import ConfigError, ModelConfig
 from yanjax.data.errors import DataError
@@ -45,7 +45,6 @@ from yanjax.run_config import validate_run_config
 from yanjax.train_state import init_train_state, train_state_shardings
 from yanjax.train_step import make_eval_step, make_train_step
 
-PREEMPTED_EXIT_CODE = 42  # saved after SIGTERM/SIGINT: a scheduler should requeue the job
 NONFINITE_EXIT_CODE = 3  # nan_policy="stop": saved and stopped on a non-finite loss
 WORKDIR_PLACEHOLDER = "{workdir}"  # in data.stores and train.compilation_cache: the run's work directory
 DEFAULT_CORPUS = "{workdir}/data/stdlib"  # the one store data.prepare_default may create

@@ -55,13 +55,6 @@ def store_path(path: str | os.PathLike) -> epath.Path:
     raise StoreError(str(e)) from e
 
 
-def forget_listings(path: epath.Path) -> None:
-  """Drops fsspec's cached listings of a remote `path`: tensorstore and other processes write there
-  behind its back, so a cached listing may deny an object that exists (or show a deleted one)."""
-  if storage.is_remote(path):
-    epath.backend.fsspec_backend.fs(os.fspath(path)).invalidate_cache()
-
-
 def _open_array(path: epath.Path, context: ts.Context | None = None) -> ts.TensorStore:
   """Opens an existing 1-D zarr3 array for reading."""
   spec = {"driver": "zarr3", "kvstore": storage.kvstore(path)}
@@ -195,7 +188,7 @@ def _read_metadata(path: epath.Path) -> dict[str, Any]:
                      f"trusted; delete it and open the published store instead")
   if not storage.is_remote(path) and not path.is_dir():
     raise StoreError(f"no prepared store at {path}; {rerun}")
-  forget_listings(path)
+  storage.forget_listings(path)
   text = _read_file(path, METADATA_FILE)
   if text is None and storage.is_remote(path) and not _storage_call(path.exists, path, "token store"):
     raise StoreError(f"no prepared store at {path} (no object under it); {rerun}")
