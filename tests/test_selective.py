@@ -10,8 +10,8 @@ import pytest
 from flax import nnx
 
 from yanjax.config import ModelConfig
-from yanjax.model.selective import (
-    RouterStats, SelectiveFFN, capacity_positions, exploration_weight, group_capacity)
+from yanjax.model.dispatch import capacity_positions, group_capacity
+from yanjax.model.selective import RouterStats, SelectiveFFN, exploration_weight
 
 D, E, K, F, H = 16, 4, 2, 8, 8
 

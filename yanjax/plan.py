@@ -13,7 +13,7 @@ the prediction. The trainer calls `check_fits` at start-up, before compiling any
 Memory per device. P = parameter bytes per device (float32); n = tokens per device per micro-batch
 (global_batch / grad_accum / batch-parallel devices x seq_len); a = bytes of model.dtype; D width, F FFN
 width, L layers, V vocabulary, c channels, h heads, t seq_len, E groups, k top_k, C = group capacity
-(`selective.group_capacity`, ~ 1.25 t k / E), R router hidden, g = F / E.
+(`dispatch.group_capacity`, ~ 1.25 t k / E), R router hidden, g = F / E.
 
   total       = state + max(activation phase, update phase)
   state       = P + 2 P (AdamW moments) + the batch (20 bytes per token of the whole step)
@@ -23,16 +23,16 @@ width, L layers, V vocabulary, c channels, h heads, t seq_len, E groups, k top_k
                 full       D a                                            the layer input
                 save_dots  2 D a + dense 2 F a | selective (R + E) 4      matmul outputs without batch dims
                 none       everything: norms 4 D 4; MCSD 10 D 4 + 2 D a | attention 6 D a + h t (4 + a);
-                           dense FFN 8 F a | selective: router (6 R + 2 E + k (E + C + 2)) 4
-                           + capacity dispatch and combine 2 E C a + dispatched rows E C (2 D + 8 g) a / t
-  working     one layer's backward: its `none` residuals recomputed, plus the cotangents of the quadratic
-              terms: attention logits h t 4, selective capacity E C 3 x 4 (f32 dispatch, combine, cotangent)
+                           dense FFN 8 F a | selective: router (6 R + 2 E + 3 k) 4 + dispatch, with
+                           r = E C / t ~ 1.25 k slots per token: capacity 2 k E 4 + r (2 D + 3 g) a + k D a;
+                           dropless k (3 D + 3 g) a, + 3 p k D a over p > 1 expert devices (all-to-all
+                           buffers, worst case), + 2 k E (D + g) a on CPU (ragged_dot runs every group)
+  working     one layer's backward: its `none` residuals recomputed, plus attention's logits cotangent h t 4
   logits      2 V 4 (float32 logits and their cotangent) + 4 D 4
   gathered    FSDP all-gathers: float32 weights of 2 layers (scanned) or every layer (unscanned; the CPU
               compiler keeps them all), plus the embedding; with remat none, every layer's weights cast to a
 
-The selective capacity terms are quadratic in t per row (C grows with t): at the paper's 4096 tokens a
-selective layer's backward needs several times its dense twin's memory, though it saves less.
+Every selective term is linear in t (C grows with t, but per token r = E C / t stays ~ 1.25 k).
 XLA's memory analysis of the compiled step agrees within 0.76-1.28x on CPU (benchmarks/RESULTS.md).
 """
 
@@ -57,7 +57,7 @@ from yanjax.config import ConfigError, ModelConfig, load_config_file
 from yanjax.metrics import peak_flops
 from yanjax.model.counting import flops_per_token, param_count
 from yanjax.model.lm import LanguageModel
-from yanjax.model.selective import group_capacity
+from yanjax.model.dispatch import group_capacity
 from yanjax.optim import decay_mask, make_optimizer
 from yanjax.run_config import MESH_AXES, tokens_per_step, validate_run_config
 from yanjax.train_state import init_train_state, train_state_shardings
@@ -234,8 +234,9 @@ def _state_bytes(model_cfg: ModelConfig, cfg, mesh, rules) -> dict[str, int]:
           "other_gathered": total(other, {k: shardings["params"][k] for k in other}, no_batch)}
 
 
-def layer_terms(m: ModelConfig, t: int, remat: str) -> list[Term]:
-  """Activations one layer keeps for its backward at `remat`, per [batch, length] position."""
+def layer_terms(m: ModelConfig, t: int, remat: str, dense_ragged: bool = False, expert_ways: int = 1) -> list[Term]:
+  """Activations one layer keeps for its backward at `remat`, per [batch, length] position (the last two
+  arguments: see `dispatch_terms`)."""
   a = jnp.dtype(m.dtype).itemsize
   d, f = m.width, m.mlp_width
   if remat == "full":
@@ -257,25 +258,43 @@ def layer_terms(m: ModelConfig, t: int, remat: str) -> list[Term]:
               Term("attention probabilities", (m.heads, t), ("heads", None), a)]
   if not m.router:
     return terms + [Term("GeGLU hidden", (f,), ("mlp",), a, 8)]
-  e, k = m.groups, m.top_k
-  cap = group_capacity(t, e, k, m.capacity_factor)
-  return terms + [
-      Term("router hidden", (m.router_hidden,), (None,), 4, 6),
-      Term("router logits, probabilities", (e,), ("experts",), 4, 2),
-      Term("top-k one-hots, gates", (k, e + cap + 2), (None, None), 4),
-      Term("capacity dispatch and combine [E, C]", (e, cap), ("experts", None), a, 2),
-      Term("dispatched rows [E, C, D]", (e, cap, d), ("experts", None, None), a, 2 / t),
-      Term("group GeGLU hidden [E, C, g]", (e, cap, m.group_width), ("experts", None, "mlp"), a, 8 / t)]
+  return terms + [Term("router hidden", (m.router_hidden,), (None,), 4, 6),
+                  Term("router logits, probabilities", (m.groups,), ("experts",), 4, 2),
+                  *dispatch_terms(m, t, dense_ragged, expert_ways)]
 
 
-def working_terms(m: ModelConfig, t: int) -> list[Term]:
-  """One layer's backward: its residuals recomputed, plus the cotangents of the terms quadratic in t."""
-  terms = layer_terms(m, t, "none")
+def dispatch_terms(m: ModelConfig, t: int, dense_ragged: bool, expert_ways: int) -> list[Term]:
+  """What the token dispatch of a selective layer keeps, per token (yanjax.model.dispatch): linear in t.
+
+  dense_ragged: ragged_dot is evaluated densely over all E groups (XLA's CPU backend).
+  expert_ways: devices on the expert axis (the all-to-all buffers hold the worst case, p k rows per token).
+  """
+  a = jnp.dtype(m.dtype).itemsize
+  d, e, k, g = m.width, m.groups, m.top_k, m.group_width
+  terms = [Term("top-k choices and gates", (k,), (None,), 4, 3)]
+  if m.dispatch == "capacity":
+    rows = e * group_capacity(t, e, k, m.capacity_factor) / t  # slots per token, filled or not
+    return terms + [
+        Term("queue one-hots and positions (int32)", (k, e), (None, None), 4, 2),
+        Term("dispatched rows and their outputs [E, C, D]", (d,), (None,), a, 2 * rows),
+        Term("group GeGLU hidden [E, C, 3 g]", (g,), ("mlp",), a, 3 * rows),
+        Term("gathered slot outputs [k, D]", (k, d), (None, None), a)]
+  terms += [Term("token-slot rows: copies, sorted, outputs [k, D]", (k, d), (None, None), a, 3),
+            Term("grouped GeGLU hidden [k, 3 g]", (k, g), (None, "mlp"), a, 3)]
+  if expert_ways > 1:
+    terms.append(Term("all-to-all buffers: sent, received, returned [p k, D]", (expert_ways * k, d), (None, None),
+                      a, 3))
+  if dense_ragged:
+    terms.append(Term("ragged_dot evaluated densely: masked rows [k, E, D] and [k, E, g]", (k, e, d + g),
+                      (None, None, None), a, 2))
+  return terms
+
+
+def working_terms(m: ModelConfig, t: int, dense_ragged: bool = False, expert_ways: int = 1) -> list[Term]:
+  """One layer's backward: its residuals recomputed, plus the cotangents of attention's logits."""
+  terms = layer_terms(m, t, "none", dense_ragged, expert_ways)
   if m.arch == "attention":
     terms.append(Term("attention logits cotangent", (m.heads, t), ("heads", None), 4))
-  if m.router:
-    cap = group_capacity(t, m.groups, m.top_k, m.capacity_factor)
-    terms.append(Term("capacity dispatch, combine (float32), cotangent", (m.groups, cap), ("experts", None), 4, 3))
   return terms
 
 
@@ -321,7 +340,9 @@ def make_plan(cfg: ml_collections.ConfigDict, devices: int, device_kind: str, mf
     gathered += state["other_gathered"]
   if model_cfg.remat == "none" and model_cfg.dtype != "float32":
     gathered += state["blocks_gathered"] * jnp.dtype(model_cfg.dtype).itemsize // 4
-  saved = model_cfg.layers * terms_bytes(layer_terms(model_cfg, t, model_cfg.remat), micro, t, mesh, rules)
+  dispatch = (device_kind.lower() == "cpu", mesh.shape["expert"])
+  saved = model_cfg.layers * terms_bytes(layer_terms(model_cfg, t, model_cfg.remat, *dispatch), micro, t, mesh,
+                                         rules)
   tokens = tokens_per_step(cfg)
   return Plan(
       config=config_name, devices=devices, device_kind=device_kind, mesh=dict(mesh.shape), batch_ways=batch_ways,
@@ -329,7 +350,7 @@ def make_plan(cfg: ml_collections.ConfigDict, devices: int, device_kind: str, mf
       dtype=model_cfg.dtype, params_total=param_count(model_cfg).total, param_bytes=p,
       optimizer_bytes=state["optimizer"], batch_bytes=20 * train.global_batch * t // batch_ways,
       update_bytes=3 * p, gradient_bytes=2 * p, gathered_bytes=gathered, saved_bytes=saved,
-      working_bytes=terms_bytes(working_terms(model_cfg, t), micro, t, mesh, rules),
+      working_bytes=terms_bytes(working_terms(model_cfg, t, *dispatch), micro, t, mesh, rules),
       logits_bytes=terms_bytes(logits_terms(model_cfg), micro, t, mesh, rules),
       tokens_per_step=tokens, steps=train.steps, flops_per_step=flops_per_token(model_cfg, t) * tokens, mfu=mfu,
       peak_flops=peak_flops(device_kind),

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from yanjax.model.partitioning import constrain
+
 
 def param(rngs: nnx.Rngs | None, shape, axes: tuple[str | None, ...], init=None) -> nnx.Param:
   """A float32 parameter of `shape` named by logical `axes`; `init(key, shape)` or ones when rngs is None."""
@@ -48,7 +50,10 @@ class Embed(nnx.Module):
 
   def __call__(self, tokens: jax.Array, dtype) -> jax.Array:
     """tokens [b, t] int -> [b, t, d] in `dtype`."""
-    return cast(jnp.take(self.embedding[...], tokens, axis=0), dtype)
+    # The table is gathered whole (as FSDP gathers every weight): a lookup into a table split over "embed"
+    # would make XLA gather the batch's token ids and activations across the data shards instead.
+    table = constrain(self.embedding[...], (None, None))
+    return cast(jnp.take(table, tokens, axis=0), dtype)
 
   def attend(self, x: jax.Array) -> jax.Array:
     """x [b, t, d] -> logits [b, t, v] in float32."""

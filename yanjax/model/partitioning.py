@@ -25,6 +25,23 @@ def activation_sharding(mesh: jax.sharding.Mesh, to_spec):
     _ACTIVE.reset(token)
 
 
+def active() -> tuple[jax.sharding.Mesh, object] | None:
+  """(mesh, to_spec) of the enclosing `activation_sharding` block, or None outside one."""
+  return _ACTIVE.get()
+
+
+def map_rows(fn, *arrays):
+  """fn(*arrays) computed on each device's batch rows (dimension 0, logical "batch") inside `jax.shard_map`
+  when a mesh is active, else on all rows; fn must treat rows independently. Keeps ops XLA cannot partition
+  (top_k, sort) from gathering the whole batch onto every device."""
+  current = _ACTIVE.get()
+  if current is None:
+    return fn(*arrays)
+  mesh, to_spec = current
+  rows = jax.sharding.PartitionSpec(to_spec(("batch",), arrays[0].shape[:1])[0])
+  return jax.shard_map(fn, mesh=mesh, in_specs=rows, out_specs=rows)(*arrays)
+
+
 def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
   """x with a sharding constraint from its logical `axes` (one per dimension), if a context is active."""
   active = _ACTIVE.get()

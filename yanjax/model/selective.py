@@ -13,19 +13,15 @@ Selection starts random and becomes learned (Yan's public statements; see docs/s
 
 Gates always come from p, so the router learns while the choice is still random.
 
-Dispatch ("capacity" | "dropless"):
-  capacity  Switch/MaxText token dropping, per batch row: each group takes at most
-            C = min(t, ceil(capacity_factor * t * k / E)) token-slots of the row; first choices of every token
-            are queued before any second choice, in time order within a choice. Group weights run as a batched
-            matmul over [b, E, C, d].
-  dropless  token-slots sorted by group, `jax.lax.ragged_dot` for both matmuls, unsorted; nothing dropped.
+Dispatch ("capacity" | "dropless", `yanjax.model.dispatch`): capacity drops token-slots past each group's
+per-row capacity C = min(t, ceil(capacity_factor * t * k / E)); dropless runs them all. Both are linear in t
+and keep tokens on their shard under a mesh.
 
-Shape legend: b = batch, t = time, d = width D, e/E = groups, k = top_k, f = group width, c = capacity.
+Shape legend: b = batch, t = time, d = width D, e/E = groups, k = top_k, f = group width.
 """
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax
@@ -33,7 +29,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from yanjax.config import ModelConfig
-from yanjax.model.layers import cast, geglu, normal, param
+from yanjax.model.dispatch import capacity_dispatch, dropless_dispatch, group_capacity
+from yanjax.model.layers import normal, param
+from yanjax.model.partitioning import map_rows
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -70,30 +68,6 @@ def exploration_weight(step, explore_steps: int) -> jax.Array:
     return jnp.zeros((), jnp.float32)
   # (n - step) / n rather than 1 - step / n: exactly 0 at step = n even when XLA turns / n into * (1 / n).
   return jnp.maximum(0.0, (explore_steps - jnp.asarray(step, jnp.float32)) / explore_steps)
-
-
-def group_capacity(tokens: int, groups: int, top_k: int, capacity_factor: float) -> int:
-  """C = min(tokens, ceil(capacity_factor * tokens * k / E)): token-slots one group takes from a row."""
-  return max(1, min(tokens, math.ceil(capacity_factor * tokens * top_k / groups)))
-
-
-def capacity_positions(groups: jax.Array, valid: jax.Array, num_groups: int) -> jax.Array:
-  """Queue position of each token-slot in its group, counting only real tokens.
-
-  Priority: all first choices of a row (in time order), then all second choices, and so on.
-
-  Args:
-    groups: [b, t, k] int chosen groups.
-    valid: [b, t] bool real tokens.
-    num_groups: E.
-  Returns:
-    [b, t, k] int32 position (0-based); meaningless where not valid.
-  """
-  b, t, k = groups.shape
-  onehot = jax.nn.one_hot(groups, num_groups, dtype=jnp.int32) * valid[:, :, None, None]  # b t k e
-  queue = onehot.transpose(0, 2, 1, 3).reshape(b, k * t, num_groups)  # k-major order
-  pos = jnp.sum((jnp.cumsum(queue, axis=1) - 1) * queue, axis=-1)  # b (k t)
-  return pos.reshape(b, k, t).transpose(0, 2, 1)
 
 
 def router_stats(routing: Routing, valid: jax.Array, kept: jax.Array) -> RouterStats:
@@ -153,7 +127,7 @@ class SelectiveFFN(nnx.Module):
         raise ValueError("SelectiveFFN: `key` is required when `step` is given and explore_steps > 0")
       noise = jax.random.uniform(key, probs.shape, jnp.float32)
       scores = (1.0 - lam) * probs + lam * noise
-    _, groups = jax.lax.top_k(jax.lax.stop_gradient(scores), self.top_k)
+    groups = map_rows(lambda s: jax.lax.top_k(s, self.top_k)[1], jax.lax.stop_gradient(scores))
     chosen = jnp.take_along_axis(probs, groups, axis=-1)
     # Renormalised over the k chosen groups; with k = 1 that would be identically 1 and give the router no
     # gradient through the output, so k = 1 keeps the raw probability (as Switch does).
@@ -175,43 +149,12 @@ class SelectiveFFN(nnx.Module):
     b, t, _ = x.shape
     valid = jnp.ones((b, t), bool) if mask is None else mask.astype(bool)
     routing = self.route(x, step=step, key=key)
+    weights = (routing.groups, routing.gates, valid, self.gate_up[...], self.down[...])
     if self.dispatch == "capacity":
-      y, kept = self._capacity(x, routing, valid)
+      capacity = group_capacity(t, self.groups, self.top_k, self.capacity_factor)
+      y, kept = capacity_dispatch(x, *weights, capacity)
     elif self.dispatch == "dropless":
-      y, kept = self._dropless(x, routing, valid)
+      y, kept = dropless_dispatch(x, *weights)
     else:
       raise ValueError(f"unknown dispatch {self.dispatch!r}")
     return y, router_stats(routing, valid, kept)
-
-  def _capacity(self, x, routing: Routing, valid):
-    """Token dropping per row with one-hot dispatch/combine tensors [b, t, E, C]."""
-    b, t, _ = x.shape
-    cap = group_capacity(t, self.groups, self.top_k, self.capacity_factor)
-    pos = capacity_positions(routing.groups, valid, self.groups)
-    kept = valid[..., None] & (pos < cap)  # b t k
-    to_group = jax.nn.one_hot(routing.groups, self.groups, dtype=jnp.float32) * kept[..., None]  # b t k e
-    to_slot = jax.nn.one_hot(pos, cap, dtype=jnp.float32)  # b t k c (all-zero where pos >= cap)
-    dispatch = jnp.einsum("btke,btkc->btec", to_group, to_slot)
-    combine = jnp.einsum("btke,btkc,btk->btec", to_group, to_slot, routing.gates)
-    xe = jnp.einsum("btec,btd->becd", cast(dispatch, x.dtype), x)  # b e c d
-    ye = jax.vmap(geglu, in_axes=(1, 0, 0), out_axes=1)(xe, self.gate_up[...], self.down[...])
-    y = jnp.einsum("btec,becd->btd", cast(combine, x.dtype), ye, preferred_element_type=jnp.float32)
-    return y.astype(x.dtype), kept
-
-  def _dropless(self, x, routing: Routing, valid):
-    """Sorts token-slots by group, runs both matmuls with ragged_dot, unsorts; padding slots sort last."""
-    b, t, d = x.shape
-    k, e = self.top_k, self.groups
-    f = self.down.shape[1]
-    slot_valid = jnp.repeat(valid.reshape(b * t), k)  # (b t k)
-    slot_group = jnp.where(slot_valid, routing.groups.reshape(b * t * k), e)  # padding -> E, sorted last
-    order = jnp.argsort(slot_group, stable=True)
-    sizes = jnp.sum(jax.nn.one_hot(slot_group, e, dtype=jnp.int32), axis=0)  # [E], excludes padding
-    xs = jnp.take(x.reshape(b * t, d), order // k, axis=0)  # (b t k) d, sorted
-    gate_up = cast(self.gate_up[...], x.dtype).reshape(e, d, 2 * f)
-    h = jax.lax.ragged_dot(xs, gate_up, sizes).reshape(-1, 2, f)  # rows past sum(sizes) are zero
-    ys = jax.lax.ragged_dot(jax.nn.gelu(h[:, 0]) * h[:, 1], cast(self.down[...], x.dtype), sizes)
-    ys = jnp.zeros_like(ys).at[order].set(ys, unique_indices=True).reshape(b * t, k, d)
-    gates = cast(routing.gates * valid[..., None], x.dtype).reshape(b * t, k)
-    y = jnp.einsum("nkd,nk->nd", ys, gates, preferred_element_type=jnp.float32)
-    return y.reshape(b, t, d).astype(x.dtype), jnp.broadcast_to(valid[..., None], (b, t, k))

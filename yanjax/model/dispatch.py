@@ -1,0 +1,197 @@
+"""Token dispatch for selective activation: each token-slot to its FFN group and back, linear in tokens.
+
+A token-slot is one (token, choice) pair: every token has k of them, one per chosen group. Two dispatches:
+
+  capacity  per batch row, group e takes at most c token-slots (`group_capacity`); first choices of the row
+            are queued before second choices, in time order within a choice; the rest are dropped. A table of
+            which token fills each of the E x c slots drives one gather in and one gather out, so memory
+            is O(t k d) per row (no [t, E, c] one-hot tensors). Groups run as one batched matmul [E, c, d].
+  dropless  every token-slot runs: slots sorted by group, both matmuls as `jax.lax.ragged_dot` (a grouped
+            matmul on GPU and TPU; on CPU XLA evaluates it densely over all groups), then unsorted.
+
+Both run per device inside `jax.shard_map` when the trainer's mesh is active (`partitioning.active`): token
+rows stay on their data/fsdp shard (no token is gathered across shards), the FFN weights are gathered over
+fsdp as FSDP does, "mlp" stays split over the tensor axis (partial outputs summed by `psum`), and with an
+expert axis of p > 1 devices each device holds E / p groups and token-slots travel to their group's device
+by `all_to_all` and back. Without a mesh the same per-device code runs on the whole batch.
+
+Shape legend: b = batch rows, t = time, d = width, k = top_k, E = groups, l = groups on this device (E / p),
+c = capacity, f = group width, n = token-slots (b t k), p = devices on the expert axis.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from yanjax.model import partitioning
+from yanjax.model.layers import cast, geglu
+
+
+def group_capacity(tokens: int, groups: int, top_k: int, capacity_factor: float) -> int:
+  """c = min(tokens, ceil(capacity_factor * tokens * k / E)): token-slots one group takes from a row."""
+  return max(1, min(tokens, math.ceil(capacity_factor * tokens * top_k / groups)))
+
+
+def capacity_positions(groups: jax.Array, valid: jax.Array, num_groups: int) -> jax.Array:
+  """Queue position of each token-slot in its group, counting only real tokens.
+
+  Priority: all first choices of a row (in time order), then all second choices, and so on.
+
+  Args:
+    groups: [b, t, k] int chosen groups.
+    valid: [b, t] bool real tokens.
+    num_groups: E.
+  Returns:
+    [b, t, k] int32 position (0-based); meaningless where not valid.
+  """
+  b, t, k = groups.shape
+  onehot = jax.nn.one_hot(groups, num_groups, dtype=jnp.int32) * valid[:, :, None, None]  # b t k E
+  queue = onehot.transpose(0, 2, 1, 3).reshape(b, k * t, num_groups)  # k-major order
+  pos = jnp.sum((jnp.cumsum(queue, axis=1) - 1) * queue, axis=-1)  # b (k t)
+  return pos.reshape(b, k, t).transpose(0, 2, 1)
+
+
+def capacity_slots(groups: jax.Array, valid: jax.Array, num_groups: int, capacity: int):
+  """Where each token-slot runs under capacity dispatch.
+
+  Returns:
+    (slot [b, t, k] int32: index e * c + position into the row's E x c slots, E * c where dropped,
+     kept [b, t, k] bool).
+  """
+  pos = capacity_positions(groups, valid, num_groups)
+  kept = valid[..., None] & (pos < capacity)
+  return jnp.where(kept, groups * capacity + pos, num_groups * capacity).astype(jnp.int32), kept
+
+
+def _row_gather(rows: jax.Array, index: jax.Array) -> jax.Array:
+  """rows [b, m, d], index [b, j] in [0, m] -> [b, j, d]; index m reads a zero row."""
+  padded = jnp.pad(rows, ((0, 0), (0, 1), (0, 0)))
+  return jnp.take_along_axis(padded, index[..., None], axis=1)
+
+
+def _groups_geglu(x: jax.Array, gate_up: jax.Array, down: jax.Array) -> jax.Array:
+  """x [m, l, c, d] through group i's GeGLU along axis 1: gate_up [l, d, 2, f], down [l, f, d] -> [m, l, c, d]."""
+  return jax.vmap(geglu, in_axes=(1, 0, 0), out_axes=1)(x, gate_up, down)
+
+
+def _capacity_local(x, groups, gates, valid, gate_up, down, *, capacity, expert_axis, mlp_axis):
+  """Capacity dispatch of this device's rows: x [b, t, d] -> (y [b, t, d], kept [b, t, k])."""
+  b, t, d = x.shape
+  k = groups.shape[-1]
+  p = 1 if expert_axis is None else jax.lax.axis_size(expert_axis)
+  e = gate_up.shape[0] * p
+  slot, kept = capacity_slots(groups, valid, e, capacity)
+  token = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[:, None], (t, k)).reshape(t * k)
+  filled_by = jnp.full((b, e * capacity), t, jnp.int32).at[jnp.arange(b)[:, None], slot.reshape(b, t * k)].set(
+      token, mode="drop")  # b (E c): the token in each slot, t where empty
+  xe = _row_gather(x, filled_by).reshape(b, e, capacity, d)
+  if expert_axis is None:
+    ye = _groups_geglu(xe, gate_up, down)
+  else:  # rows of every device meet at each group's device: [p b, l, c, d] there
+    xe = jax.lax.all_to_all(xe, expert_axis, split_axis=1, concat_axis=0, tiled=True)
+    ye = _groups_geglu(xe, gate_up, down)
+    ye = jax.lax.all_to_all(ye, expert_axis, split_axis=0, concat_axis=1, tiled=True)
+  y_slots = _row_gather(ye.reshape(b, e * capacity, d), slot.reshape(b, t * k)).reshape(b, t, k, d)
+  y = jnp.einsum("btkd,btk->btd", y_slots, cast(gates * kept, x.dtype), preferred_element_type=jnp.float32)
+  if mlp_axis is not None:
+    y = jax.lax.psum(y, mlp_axis)
+  return y.astype(x.dtype), kept
+
+
+def _grouped_geglu(x: jax.Array, group: jax.Array, gate_up: jax.Array, down: jax.Array) -> jax.Array:
+  """Row i of x [m, d] through group[i]'s GeGLU (group l: no group, output 0) by ragged_dot -> [m, d]."""
+  m, d = x.shape
+  groups, _, _, f = gate_up.shape
+  order = jnp.argsort(group, stable=True)
+  sizes = jnp.zeros((groups,), jnp.int32).at[group].add(1, mode="drop")
+  h = jax.lax.ragged_dot(jnp.take(x, order, axis=0), gate_up.reshape(groups, d, 2 * f), sizes).reshape(m, 2, f)
+  y = jax.lax.ragged_dot(jax.nn.gelu(h[:, 0]) * h[:, 1], down, sizes)
+  live = (jnp.take(group, order) < groups)[:, None]  # rows past sum(sizes) are not defined on every backend
+  return jnp.zeros_like(y).at[order].set(jnp.where(live, y, 0), unique_indices=True)
+
+
+def _exchange_and_run(x, group, gate_up, down, expert_axis):
+  """Slots x [n, d] of groups `group` [n] (E: none) to their groups' devices, through them, and back."""
+  n, d = x.shape
+  p = jax.lax.axis_size(expert_axis)
+  local = gate_up.shape[0]
+  device = jnp.minimum(group // local, p)  # p: no device (padding)
+  order = jnp.argsort(device, stable=True)
+  counts = jnp.zeros((p,), jnp.int32).at[device].add(1, mode="drop")
+  starts = jnp.cumsum(counts) - counts
+  index = jnp.minimum(starts[:, None] + jnp.arange(n)[None, :], n - 1)  # p n: slot order of each send buffer
+  live = jnp.arange(n)[None, :] < counts[:, None]
+  sorted_slots = jnp.take(order, index)
+  send = jnp.where(live[..., None], jnp.take(x, sorted_slots, axis=0), 0)  # p n d, worst case: all to one
+  send_group = jnp.where(live, jnp.take(group, sorted_slots) - jnp.arange(p)[:, None] * local, local)
+  received = jax.lax.all_to_all(send, expert_axis, 0, 0, tiled=True)
+  received_group = jax.lax.all_to_all(send_group, expert_axis, 0, 0, tiled=True)
+  out = _grouped_geglu(received.reshape(p * n, d), received_group.reshape(p * n), gate_up, down)
+  back = jax.lax.all_to_all(out.reshape(p, n, d), expert_axis, 0, 0, tiled=True)  # p n d, in send order
+  rank = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))  # slot -> sorted position
+  mine = jnp.minimum(device, p - 1)
+  y = back[mine, rank - starts[mine]]
+  return jnp.where((device < p)[:, None], y, 0)
+
+
+def _dropless_local(x, groups, gates, valid, gate_up, down, *, expert_axis, mlp_axis):
+  """Dropless dispatch of this device's rows: x [b, t, d] -> (y [b, t, d], kept [b, t, k] = valid)."""
+  b, t, d = x.shape
+  k = groups.shape[-1]
+  p = 1 if expert_axis is None else jax.lax.axis_size(expert_axis)
+  e = gate_up.shape[0] * p
+  slot_group = jnp.where(valid[..., None], groups, e).reshape(b * t * k)
+  slot_x = jnp.repeat(x.reshape(b * t, d), k, axis=0)  # n d
+  if expert_axis is None:
+    y_slots = _grouped_geglu(slot_x, slot_group, gate_up, down)
+  else:
+    y_slots = _exchange_and_run(slot_x, slot_group, gate_up, down, expert_axis)
+  y = jnp.einsum("nkd,nk->nd", y_slots.reshape(b * t, k, d), cast((gates * valid[..., None]).reshape(b * t, k),
+                 x.dtype), preferred_element_type=jnp.float32)
+  if mlp_axis is not None:
+    y = jax.lax.psum(y, mlp_axis)
+  return y.reshape(b, t, d).astype(x.dtype), jnp.broadcast_to(valid[..., None], (b, t, k))
+
+
+def _mesh_axes(spec_entry):
+  """A PartitionSpec entry as an axis name argument of a collective (None: not split)."""
+  return spec_entry if spec_entry is None or isinstance(spec_entry, str) else tuple(spec_entry)
+
+
+def _dispatch(local_fn, x, groups, gates, valid, gate_up, down):
+  """local_fn on each device's rows inside shard_map when a mesh is active, else on everything."""
+  gate_up, down = cast(gate_up, x.dtype), cast(down, x.dtype)
+  active = partitioning.active()
+  if active is None:
+    return local_fn(x, groups, gates, valid, gate_up, down, expert_axis=None, mlp_axis=None)
+  mesh, to_spec = active
+  rows = PartitionSpec(to_spec(("batch", None, None), x.shape)[0])
+  experts, _, _, mlp = to_spec(("experts", None, None, "mlp"), gate_up.shape)
+  fn = functools.partial(local_fn, expert_axis=_mesh_axes(experts), mlp_axis=_mesh_axes(mlp))
+  mapped = jax.shard_map(
+      fn, mesh=mesh, in_specs=(rows, rows, rows, rows, PartitionSpec(experts, None, None, mlp), PartitionSpec(experts, mlp, None)),
+      out_specs=(rows, rows))
+  return mapped(x, groups, gates, valid, gate_up, down)
+
+
+def capacity_dispatch(x, groups, gates, valid, gate_up, down, capacity: int):
+  """Token dropping per row.
+
+  Args:
+    x: [b, t, d] compute dtype; groups: [b, t, k] int; gates: [b, t, k] float32; valid: [b, t] bool.
+    gate_up: [E, d, 2, f]; down: [E, f, d] (float32 parameters; cast to x.dtype).
+    capacity: c, token-slots per group and row.
+  Returns:
+    (y [b, t, d] in x.dtype, kept [b, t, k] bool).
+  """
+  return _dispatch(functools.partial(_capacity_local, capacity=capacity), x, groups, gates, valid, gate_up, down)
+
+
+def dropless_dispatch(x, groups, gates, valid, gate_up, down):
+  """Every token-slot runs; arguments as `capacity_dispatch` without `capacity`."""
+  return _dispatch(_dropless_local, x, groups, gates, valid, gate_up, down)
