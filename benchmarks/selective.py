@@ -4,9 +4,10 @@ The full jitted train step of yanjax.train (forward, backward, AdamW; float32) o
 with the MCSD mixer: 4 layers, width 256 (4 channels), FFN 1024, vocabulary 8192. The selective variants split
 the same FFN into 16 groups of 64 neurons and run the top 4 per token (plus a 64-wide router), with capacity
 dispatch (factor 1.25) and dropless dispatch. Prints JSON lines: one per (variant, sequence length) with
-tokens/s, microseconds per token and the step's compiled memory (XLA's memory analysis), a ratio line per
-length, and FFN matmul FLOPs per token per layer for the GPU projection (grouped matmuls run only the chosen
-groups' FLOPs; a dense-masked ragged_dot, as XLA's CPU backend runs it, runs all E groups).
+tokens/s, microseconds per token, the step's compiled memory (XLA's memory analysis) and training FLOPs per
+token, and a ratio line per length with the FLOP ratio: the speed-up a GPU with grouped matmuls (megablox,
+ragged_dot kernels) at dense-matmul efficiency would give. XLA's CPU backend runs ragged_dot densely over all
+E groups, so dropless on CPU does E / k times its FLOPs in the FFN.
 
 Run: PYTHONPATH=. python3 benchmarks/selective.py [--seq_lens 512,2048,8192] [--tokens_per_step 16384]
      [--steps 3] [--variants dense,capacity,dropless]
@@ -16,14 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
-import numpy as np
 
-from benchmarks.train import build
+from benchmarks.train import build, time_steps
 from yanjax.model.dispatch import group_capacity
+from yanjax.model.counting import flops_per_token
 from yanjax.presets import SELECTIVE_DEFAULTS, build_config
+from yanjax.run_config import validate_run_config
 
 MODEL = dict(vocab_size=8192, width=256, layers=4, channels=4, mlp_width=1024)
 VARIANTS = {
@@ -42,18 +43,16 @@ def run_config(variant: str, seq_len: int, batch: int):
   return cfg
 
 
-def ffn_flops_per_token(variant: str, seq_len: int) -> float:
-  """Matmul FLOPs of one layer's FFN per token, forward: 2 * 3 * D * F for the groups a token runs."""
-  d, f = MODEL["width"], MODEL["mlp_width"]
-  if variant == "dense":
-    return 6.0 * d * f
-  e, k = SELECTIVE_DEFAULTS["groups"], SELECTIVE_DEFAULTS["top_k"]
-  router = 2.0 * (d * 64 + 64 * e)
-  if variant == "capacity":  # every one of the E x c slots runs, filled or not
-    slots = e * group_capacity(seq_len, e, k, 1.25) / seq_len
-  else:
-    slots = k
-  return router + slots * 6.0 * d * (f // e)
+def train_flops_per_token(variant: str, seq_len: int) -> float:
+  """Training FLOPs per token (yanjax.model.counting: 6 x active parameters + mixing), counting for capacity
+  dispatch every one of the E x C slots a row runs, filled or not (C ~ 1.25 t k / E, so ~1.25 k per token)."""
+  model_cfg = validate_run_config(run_config(variant, seq_len, 1))
+  flops = flops_per_token(model_cfg, seq_len)
+  if variant == "capacity":
+    e, k, g = model_cfg.groups, model_cfg.top_k, model_cfg.group_width
+    slots = e * group_capacity(seq_len, e, k, model_cfg.capacity_factor) / seq_len
+    flops += 6 * model_cfg.layers * 3 * model_cfg.width * g * (slots - k)
+  return flops
 
 
 def measure(cfg, steps: int) -> tuple[float, int]:
@@ -62,15 +61,7 @@ def measure(cfg, steps: int) -> tuple[float, int]:
   memory = step.lower(state, batch).compile().memory_analysis()
   peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
           - memory.alias_size_in_bytes)
-  state, metrics = step(state, batch)
-  jax.block_until_ready(metrics)
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    state, metrics = step(state, batch)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - start)
-  return float(np.median(times)), int(peak)
+  return time_steps(state, step, batch, steps), int(peak)
 
 
 def main(argv=None):
@@ -92,12 +83,15 @@ def main(argv=None):
                         "step_ms": round(seconds * 1e3, 1), "tokens_per_s": round(throughput[variant], 1),
                         "us_per_token": round(seconds / (batch * seq_len) * 1e6, 2),
                         "step_memory_mib": round(peak / 2 ** 20, 1),
-                        "ffn_mflops_per_token_layer": round(ffn_flops_per_token(variant, seq_len) / 1e6, 3),
+                        "train_mflops_per_token": round(train_flops_per_token(variant, seq_len) / 1e6, 3),
                         "backend": jax.default_backend(), "device": device.device_kind}), flush=True)
     if "dense" in throughput:
       for variant in throughput.keys() - {"dense"}:
         print(json.dumps({"bench": "selective", "ratio": f"{variant}/dense tokens_per_s", "seq_len": seq_len,
-                          "value": round(throughput[variant] / throughput["dense"], 3)}), flush=True)
+                          "value": round(throughput[variant] / throughput["dense"], 3),
+                          "flops_ratio_dense_over_variant": round(train_flops_per_token("dense", seq_len)
+                                                                  / train_flops_per_token(variant, seq_len), 3)}),
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,11 @@ def build(cfg):
 def measure(cfg, steps: int) -> float:
   """Median seconds per train step of `cfg` (a run config) after one compile step."""
   state, step, batch, _ = build(cfg)
+  return time_steps(state, step, batch, steps)
+
+
+def time_steps(state, step, batch, steps: int) -> float:
+  """Median seconds of `steps` calls of the jitted `step`, after one (compiling) call."""
   state, metrics = step(state, batch)
   jax.block_until_ready(metrics)
   times = []

@@ -16,6 +16,8 @@ from yanjax.config import ConfigError, ModelConfig
 from yanjax.model.counting import param_count
 
 VARIANTS = ("", "selective", "attention")
+# Capacity dispatch: faster than the dense FFN on CPU where dropless (ragged_dot, dense there) is slower
+# (benchmarks/selective.py, benchmarks/RESULTS.md); both are linear in the sequence length.
 SELECTIVE_DEFAULTS = {"router": True, "groups": 16, "top_k": 4, "dispatch": "capacity"}
 
 

@@ -43,7 +43,7 @@ from yanjax.model.lm import LanguageModel
 from yanjax.optim import decay_mask, learning_rate_schedule, make_optimizer
 from yanjax.run_config import validate_run_config
 from yanjax.train_state import init_train_state, train_state_shardings
-from yanjax.train_step import make_eval_step, make_train_step
+from yanjax.train_step import eval_scalars, make_eval_step, make_train_step
 
 NONFINITE_EXIT_CODE = 3  # nan_policy="stop": saved and stopped on a non-finite loss
 WORKDIR_PLACEHOLDER = "{workdir}"  # in data.stores and train.compilation_cache: the run's work directory
@@ -273,9 +273,8 @@ def train():
     checkpointer.save(step, state, meta)
 
   def evaluate():
-    sums = [jax.device_get(eval_step(state["params"], to_global(val_loader.batch(i))))
-            for i in range(cfg.train.eval_batches)]
-    return sum(s["nll_sum"] for s in sums) / max(sum(s["tokens"] for s in sums), 1.0)
+    return eval_scalars([jax.device_get(eval_step(state["params"], to_global(val_loader.batch(i))))
+                         for i in range(cfg.train.eval_batches)])
 
   def to_global(batch):
     return sharding.global_batch_array(batch, batch_shard, cfg.train.global_batch)
@@ -302,9 +301,9 @@ def train():
       at_log = step % cfg.train.log_every == 0 or step == cfg.train.steps
       with jax.transfer_guard("allow"):
         if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
-          val_loss = float(evaluate())
-          writer.write(step, {"val_loss": val_loss, "val_perplexity": float(np.exp(min(val_loss, 50.0)))})
-          _say(f"step {step}: validation loss {val_loss:.4f}")
+          scalars = evaluate()
+          writer.write(step, scalars)
+          _say(f"step {step}: validation loss {scalars['val_loss']:.4f}")
         timed_save = at_log and cfg.checkpoint.every_minutes > 0 and _agree(
             time.monotonic() - last_save > 60 * cfg.checkpoint.every_minutes)
         stopping = (exit_code == NONFINITE_EXIT_CODE or stop.preempted(step) or

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -83,12 +84,36 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule:
 
 
 def make_eval_step(graphdef) -> Callable[[Any, dict], dict]:
-  """(params, batch) -> {"nll_sum", "tokens"}: validation loss pieces, no router exploration."""
+  """(params, batch) -> validation sums, no router exploration: {"nll_sum", "tokens"} and, with a router,
+  per layer "router_load_sum" [L, E], "router_dropped_sum" [L], "router_entropy_sum" [L] (token-weighted)."""
+
   def eval_step(params, batch):
     model = nnx.merge(graphdef, params)
-    logits, _ = model(batch["inputs"], batch["segment_ids"], batch["positions"])
+    logits, aux = model(batch["inputs"], batch["segment_ids"], batch["positions"])
     nll, _ = token_losses(logits, batch["targets"])
     mask = batch["loss_mask"].astype(jnp.float32)
-    return {"nll_sum": jnp.sum(nll * mask), "tokens": jnp.sum(mask)}
+    tokens = jnp.sum(mask)
+    sums = {"nll_sum": jnp.sum(nll * mask), "tokens": tokens}
+    if aux["router"] is not None:
+      stats = aux["router"]
+      sums.update({"router_load_sum": stats.load * tokens, "router_dropped_sum": stats.dropped_fraction * tokens,
+                   "router_entropy_sum": stats.entropy * tokens})
+    return sums
 
   return eval_step
+
+
+def eval_scalars(batch_sums: list[dict]) -> dict[str, float]:
+  """Named validation metrics from the eval step's sums over several batches: val_loss, val_perplexity and,
+  with a router, per layer i router/layer{i}/load_group{e}, max_load, dropped, entropy."""
+  total = jax.tree.map(lambda *values: np.sum(np.stack(values), axis=0), *batch_sums)
+  tokens = max(float(total["tokens"]), 1.0)
+  loss = float(total["nll_sum"]) / tokens
+  scalars = {"val_loss": loss, "val_perplexity": float(np.exp(min(loss, 50.0)))}
+  if "router_load_sum" in total:
+    for i, load in enumerate(total["router_load_sum"] / tokens):
+      scalars.update({f"router/layer{i}/load_group{e}": float(v) for e, v in enumerate(load)})
+      scalars[f"router/layer{i}/max_load"] = float(np.max(load))
+      scalars[f"router/layer{i}/dropped"] = float(total["router_dropped_sum"][i]) / tokens
+      scalars[f"router/layer{i}/entropy"] = float(total["router_entropy_sum"][i]) / tokens
+  return scalars
