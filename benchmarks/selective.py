@@ -20,7 +20,7 @@ import json
 
 import jax
 
-from benchmarks.train import build, time_steps
+from train import build, time_steps  # pylint: disable=import-error  # benchmarks/train.py, beside this script
 from yanjax.model.dispatch import group_capacity
 from yanjax.model.counting import flops_per_token
 from yanjax.presets import SELECTIVE_DEFAULTS, build_config
