@@ -25,7 +25,7 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from data_pipelines import prepare  # pylint: disable=wrong-import-position
+from yanjax.data.prepare import PrepareSettings, prepare_store  # pylint: disable=wrong-import-position
 from yanjax.data import make_loader, open_store  # pylint: disable=wrong-import-position
 
 # (global batch, sequence length) each model is benchmarked at.
@@ -103,7 +103,7 @@ def main():
 
   store = pathlib.Path(args.store)
   with contextlib.redirect_stdout(sys.stderr):  # stdout carries only JSON lines
-    prepare.run(prepare.build_parser().parse_args(["--output", str(store), "--vocab_size", "2048"]))
+    prepare_store(PrepareSettings(output=str(store), vocab_size=2048))
   machine = {"machine": platform.machine(), "cpus": len(os.sched_getaffinity(0))}
   model_missing = importlib.util.find_spec("yanjax.model.lm") is None
   for name in args.models:

@@ -6,7 +6,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from data_pipelines import sources, store_writer, tokenizer
+from yanjax.data import sources, store_writer, tokenizer
 from yanjax.data import (DataError, SequenceLengthError, TokenizerMismatchError, make_loader,
                          open_store)
 from yanjax.data.packing import DocumentRows, PackedSequences

@@ -12,7 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_pipelines import prepare, sources, store_writer
+from data_pipelines.prepare import main as prepare_main, parse_settings
+from yanjax.data import prepare, sources, store_writer
 from yanjax.data import CorpusError, StoreError, TokenizerMismatchError, open_store
 from yanjax.data.store import TEMP_MARKER
 
@@ -39,7 +40,7 @@ def write_text_corpus(directory: pathlib.Path) -> list[str]:
 def run_prepare(output: pathlib.Path, *argv: str):
   args = ["--output", str(output), "--vocab_size", str(VOCAB), "--tokenizer_sample_bytes", "200000",
           "--validation_fraction", "0.25", "--num_threads", "2", *argv]
-  return prepare.run(prepare.build_parser().parse_args(args))
+  return prepare.prepare_store(parse_settings(args))
 
 
 def stored_documents(store, split: str) -> list[np.ndarray]:
@@ -161,7 +162,7 @@ def test_reused_tokenizer_and_vocabulary_mismatch(tmp_path, text_store):
                 "--vocab_size", "512")
   args = ["--output", str(tmp_path / "store"), "--tokenizer_model", str(store.tokenizer_path),
           str(corpus)]
-  prepare.run(prepare.build_parser().parse_args(args))
+  prepare.prepare_store(parse_settings(args))
   assert open_store(tmp_path / "store").tokenizer_sha256 == store.tokenizer_sha256
 
 
@@ -185,7 +186,8 @@ def test_killed_preparation_is_never_trusted_and_a_rerun_completes(tmp_path):
           "--tokenizer_sample_bytes", "200000", str(tmp_path / "corpus")]
   # The process dies the moment it would rename the finished temporary directory into place.
   script = ("import os, signal, sys\n"
-            "from data_pipelines import prepare, store_writer\n"
+            "from data_pipelines import prepare\n"
+            "from yanjax.data import store_writer\n"
             "store_writer.replace_directory = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
             "prepare.main(sys.argv[1:])\n")
   killed = subprocess.run([sys.executable, "-c", script, *argv], cwd=REPO, capture_output=True)
@@ -195,7 +197,7 @@ def test_killed_preparation_is_never_trusted_and_a_rerun_completes(tmp_path):
   for path in (leftover, tmp_path / "store"):
     with pytest.raises(StoreError):
       open_store(path)
-  prepare.run(prepare.build_parser().parse_args(argv))
+  prepare.prepare_store(parse_settings(argv))
   assert open_store(tmp_path / "store").num_documents["train"] > 0
 
 
@@ -216,7 +218,7 @@ def test_help_and_cli_error_exit(tmp_path, capsys):
   shown = subprocess.run([sys.executable, "-m", "data_pipelines.prepare", "--help"], cwd=REPO,
                          capture_output=True, text=True)
   assert shown.returncode == 0 and "--output" in shown.stdout and "--on_bad_input" in shown.stdout
-  assert prepare.main(["--output", str(tmp_path / "store"), str(tmp_path / "missing/*.txt")]) == 2
+  assert prepare_main(["--output", str(tmp_path / "store"), str(tmp_path / "missing/*.txt")]) == 2
   assert "error: input" in capsys.readouterr().err
 
 
@@ -228,7 +230,7 @@ def test_default_corpus_is_the_standard_library():
 
 @pytest.mark.slow
 def test_default_preparation(tmp_path):
-  prepare.run(prepare.build_parser().parse_args(["--output", str(tmp_path / "stdlib")]))
+  prepare.prepare_store(parse_settings(["--output", str(tmp_path / "stdlib")]))
   store = open_store(tmp_path / "stdlib")
   assert store.metadata["sources"]["num_files"] == len(sources.stdlib_files())
   assert store.num_tokens["train"] > 1_000_000

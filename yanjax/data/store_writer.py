@@ -22,7 +22,7 @@ from etils import epath
 import numpy as np
 import tensorstore as ts
 
-from data_pipelines import tokenizer
+from yanjax.data import tokenizer
 from yanjax import storage
 from yanjax.data import store as store_format
 from yanjax.data.errors import StoreError
