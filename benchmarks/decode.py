@@ -1,6 +1,6 @@
 """Decode cost: per-token latency and decode-state bytes, MCSD vs its matched attention baseline, by context.
 
-For each arch, batch and context length it times one jitted `decode_step` (plus the greedy argmax that feeds
+For each mixer, batch and context length it times one jitted `decode_step` (plus the greedy argmax that feeds
 the next step) on a cache that already holds `context` tokens. The cache is filled cheaply instead of by a
 prefill: MCSD's state is a fixed-size recurrence state whatever the context (its count is set to
 context - 1), and the attention KV cache gets `context` filled slots (max_decode_len = context + the timed
@@ -8,7 +8,7 @@ steps, index = context - 1), so each timed step attends over ~context keys. `sta
 cache pytree holding exactly `context` tokens (all layers, all rows). Then the NumPy runtime's decode
 tokens/s on an export of the same two models.
 
-JSON lines out: one per (arch, batch, context), one `flatness` line per (arch, batch) (latency and state
+JSON lines out: one per (mixer, batch, context), one `flatness` line per (mixer, batch) (latency and state
 at the longest context over the shortest), and one per NumPy-runtime measurement.
 
 Run: PYTHONPATH=. python3 benchmarks/decode.py [--config configs/yan_tiny.py] [--contexts 512,2048,32768]
@@ -44,7 +44,7 @@ WARMUP = 2
 
 def state_bytes(cfg: ModelConfig, batch: int, context: int) -> int:
   """Bytes of the decode cache of a model that holds `context` tokens (KV slots = context)."""
-  cfg = cfg.replace(max_decode_len=context) if cfg.arch == "attention" else cfg
+  cfg = cfg.replace(max_decode_len=context)
   abstract = jax.eval_shape(lambda: LanguageModel(cfg, rngs=nnx.Rngs(0)).init_cache(batch))
   return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(abstract))
 
@@ -59,8 +59,7 @@ def filled_cache(model: LanguageModel, batch: int, context: int) -> ModelCache:
 
 def time_decode(cfg: ModelConfig, batch: int, context: int, repeats: int) -> float:
   """Median seconds of one jitted decode step (with greedy argmax) at `context`."""
-  if cfg.arch == "attention":
-    cfg = cfg.replace(max_decode_len=context + WARMUP + repeats)
+  cfg = cfg.replace(max_decode_len=context + WARMUP + repeats)  # the KV slots of attention; MCSD has none
   model = LanguageModel(cfg, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model)
 
@@ -121,26 +120,26 @@ def main(argv=None):
   batches = [int(b) for b in args.batches.split(",")]
   common = {"bench": "decode", "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
             "config": pathlib.Path(args.config).name, "dtype": args.dtype}
-  for arch, cfg in models.items():
+  for mixer, cfg in models.items():
     params = param_count(cfg).total
     for batch in batches:
       rows = []
       for context in contexts:
         seconds = time_decode(cfg, batch, context, args.repeats)
-        row = {**common, "arch": arch, "params": params, "batch": batch, "context": context,
+        row = {**common, "mixer": mixer, "params": params, "batch": batch, "context": context,
                "ms_per_token": round(seconds * 1e3, 3), "tokens_per_s": round(batch / seconds, 1),
                "state_bytes": state_bytes(cfg, batch, context)}
         rows.append(row)
         print(json.dumps(row), flush=True)
       first, last = rows[0], rows[-1]
-      print(json.dumps({**common, "arch": arch, "batch": batch, "flatness": True,
+      print(json.dumps({**common, "mixer": mixer, "batch": batch, "flatness": True,
                         "contexts": [first["context"], last["context"]],
                         "latency_ratio": round(last["ms_per_token"] / first["ms_per_token"], 2),
                         "state_ratio": round(last["state_bytes"] / first["state_bytes"], 2)}), flush=True)
   if args.numpy_tokens:
-    for arch, cfg in models.items():
+    for mixer, cfg in models.items():
       for batch in batches:
-        print(json.dumps({**common, "bench": "decode_numpy_runtime", "arch": arch, "batch": batch,
+        print(json.dumps({**common, "bench": "decode_numpy_runtime", "mixer": mixer, "batch": batch,
                           "new_tokens": args.numpy_tokens, **numpy_tokens_per_s(cfg, batch, args.numpy_tokens)}),
               flush=True)
 

@@ -18,20 +18,22 @@ from flax import nnx
 
 from yanjax.config import ModelConfig
 from yanjax.model.attention import Attention
+from yanjax.model.layers import BlockInputs
 from yanjax.model.mcsd import MCSD
 
 FORMS = ("reference", "associative", "chunked")
 
 
-def time_fwd_bwd(block, x, reset, repeats: int) -> float:
-  """Median seconds of one jitted forward + backward (gradients w.r.t. parameters and input)."""
+def time_fwd_bwd(block, x, repeats: int) -> float:
+  """Median seconds of one jitted forward + backward (gradients w.r.t. parameters and input), one document per
+  row."""
   graphdef, params = nnx.split(block)
-  segments = jnp.ones(x.shape[:2], jnp.int32)
-  positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+  b, t = x.shape[:2]
+  inputs = BlockInputs(jnp.zeros((b, t), bool), jnp.ones((b, t), jnp.int32),
+                       jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)), None)
 
   def loss(params, x):
-    module = nnx.merge(graphdef, params)
-    y = module(x, reset)[0] if isinstance(module, MCSD) else module(x, segments, positions)[0]
+    y, _ = nnx.merge(graphdef, params)(x, inputs)
     return jnp.sum(y.astype(jnp.float32) ** 2)
 
   step = jax.jit(jax.grad(loss, argnums=(0, 1)))
@@ -65,15 +67,14 @@ def main(argv=None):
             "dtype": args.dtype}
   for seq_len in map(int, args.seq_lens.split(",")):
     x = jax.random.normal(jax.random.PRNGKey(0), (args.batch, seq_len, args.width)).astype(args.dtype)
-    reset = jnp.zeros((args.batch, seq_len), bool)
     timings = {}
     for form in args.forms.split(","):
       block = MCSD(base.replace(recurrence=form), rngs=nnx.Rngs(0))
-      timings[form] = time_fwd_bwd(block, x, reset, args.repeats)
+      timings[form] = time_fwd_bwd(block, x, args.repeats)
       print(json.dumps({**common, "mixer": "mcsd", "form": form, "seq_len": seq_len,
                         "ms": round(timings[form] * 1e3, 3)}), flush=True)
     try:
-      attention = time_fwd_bwd(Attention(base.replace(arch="attention"), rngs=nnx.Rngs(0)), x, reset, args.repeats)
+      attention = time_fwd_bwd(Attention(base.replace(mixer="attention"), rngs=nnx.Rngs(0)), x, args.repeats)
     except Exception as error:  # pylint: disable=broad-except  # out of memory at long lengths
       print(json.dumps({**common, "mixer": "attention", "seq_len": seq_len, "error": str(error)[:200]}))
       continue

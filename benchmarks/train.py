@@ -1,7 +1,7 @@
 """Train-step throughput: tokens/s and MFU of MCSD and its parameter-matched attention baseline, same run.
 
 The full jitted train step of yanjax.train (forward, backward, AdamW update) on random tokens, on all local
-devices with the config's mesh. Prints JSON lines: one per (arch, sequence length), then a ratio line per
+devices with the config's mesh. Prints JSON lines: one per (mixer, sequence length), then a ratio line per
 length (MCSD tokens/s over attention tokens/s).
 
 Run: PYTHONPATH=. python3 benchmarks/train.py [--config configs/yan_tiny.py] [--seq_lens 512,2048,8192]
@@ -16,40 +16,25 @@ import time
 
 import jax
 import numpy as np
-from flax import nnx
 
-from yanjax import sharding
 from yanjax.config import load_config_file
 from yanjax.metrics import mfu
 from yanjax.model.counting import flops_per_token
-from yanjax.model.lm import LanguageModel
-from yanjax.optim import decay_mask, learning_rate_schedule, make_optimizer
 from yanjax.run_config import validate_run_config
-from yanjax.train_state import init_train_state, train_state_shardings
-from yanjax.train_step import make_train_step
+from yanjax.trainer import build_trainer
 
 
 def build(cfg):
-  """(train state, jitted train step, a random batch, abstract state) of run config `cfg` on its mesh."""
-  model_cfg = validate_run_config(cfg)
-  mesh = sharding.make_mesh(cfg.mesh)
-  rules = {name: tuple(axes) for name, axes in cfg.rules}
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: LanguageModel(model_cfg, rngs=nnx.Rngs(0))))
-  optimizer = make_optimizer(cfg.optimizer, cfg.train.steps, decay_mask(abstract))
-  shardings = train_state_shardings(abstract, optimizer, rules, mesh)
-  init = jax.jit(lambda: init_train_state(model_cfg, optimizer, 0), out_shardings=shardings)
-  batch_shard = sharding.batch_sharding(mesh, rules)
-  step = jax.jit(sharding.with_activation_rules(make_train_step(
-      graphdef, optimizer, learning_rate_schedule(cfg.optimizer, cfg.train.steps), cfg.train.grad_accum,
-      cfg.train.z_loss_weight), mesh, rules),
-                 in_shardings=(shardings, batch_shard), out_shardings=(shardings, None), donate_argnums=0)
+  """(train state, jitted train step, a random batch, abstract state) of run config `cfg` on its mesh: the
+  trainer's own (yanjax/trainer.py)."""
+  trainer = build_trainer(cfg)
   b, t = cfg.train.global_batch, cfg.train.seq_len
-  tokens = np.random.default_rng(0).integers(0, model_cfg.vocab_size, (b, t + 1), dtype=np.int32)
+  tokens = np.random.default_rng(0).integers(0, trainer.model_cfg.vocab_size, (b, t + 1), dtype=np.int32)
   batch = jax.device_put({"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
                           "segment_ids": np.ones((b, t), np.int32),
                           "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
-                          "loss_mask": np.ones((b, t), np.float32)}, batch_shard)
-  return init(), step, batch, jax.eval_shape(init)
+                          "loss_mask": np.ones((b, t), np.float32)}, trainer.batch_sharding)
+  return trainer.init(), trainer.train_step, batch, trainer.abstract_state()
 
 
 def measure(cfg, steps: int) -> float:
@@ -93,15 +78,15 @@ def main(argv=None):
       model_cfg = validate_run_config(cfg)
       tokens_per_s = cfg.train.global_batch * seq_len / seconds
       utilisation = mfu(flops_per_token(model_cfg, seq_len), tokens_per_s, jax.device_count(), device.device_kind)
-      throughput[model_cfg.arch] = tokens_per_s
-      print(json.dumps({"bench": "train_step", "config": args.config, "arch": model_cfg.arch, "seq_len": seq_len,
+      throughput[model_cfg.mixer] = tokens_per_s
+      print(json.dumps({"bench": "train_step", "config": args.config, "mixer": model_cfg.mixer, "seq_len": seq_len,
                         "global_batch": cfg.train.global_batch, "dtype": model_cfg.dtype,
                         "step_ms": round(seconds * 1e3, 2), "tokens_per_s": round(tokens_per_s, 1),
                         "mfu": "n/a" if utilisation is None else round(utilisation, 4),
                         "backend": jax.default_backend(), "device": device.device_kind,
                         "devices": jax.device_count()}), flush=True)
     print(json.dumps({"bench": "train_step", "ratio": "mcsd/attention tokens_per_s", "seq_len": seq_len,
-                      "value": round(throughput["yan"] / throughput["attention"], 3)}), flush=True)
+                      "value": round(throughput["mcsd"] / throughput["attention"], 3)}), flush=True)
 
 
 if __name__ == "__main__":

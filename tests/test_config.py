@@ -1,6 +1,7 @@
 """Configs: every file loads, invalid values fail naming the key, parameter counts equal the formula."""
 
 import pathlib
+import re
 
 import jax
 import numpy as np
@@ -21,7 +22,7 @@ CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
     (dict(router=True, groups=4, top_k=5), "top_k"),
     (dict(recurrence="fft"), "recurrence"),
     (dict(combine="mean"), "combine"),
-    (dict(arch="attention", width=128, heads=3), "heads"),
+    (dict(mixer="attention", width=128, heads=3), "heads"),
     (dict(router=True, mlp_width=100, groups=8), "groups"),
     (dict(layers=0), "layers"),
     (dict(dtype="float16"), "dtype"),
@@ -29,6 +30,16 @@ CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 def test_invalid_config_names_the_key(changes, key):
   with pytest.raises(ConfigError, match=rf"model\.{key}="):
     ModelConfig(**changes)
+
+
+@pytest.mark.parametrize("arch,mixer", [("yan", "mcsd"), ("attention", "attention")])
+def test_the_old_arch_key_is_rejected_naming_its_new_name(arch, mixer):
+  """A config, or one read back from a checkpoint written before the rename, that still says `arch`."""
+  message = f"model.arch was renamed: use model.mixer='{mixer}' (was arch='{arch}')"
+  with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+    ModelConfig.from_dict({"arch": arch, "width": 64})
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    ModelConfig().replace(arch=arch)
 
 
 def test_unknown_key_is_rejected_with_its_name():
@@ -58,11 +69,11 @@ def test_every_config_loads_and_the_table_prints(capsys):
 
 
 @pytest.mark.parametrize("changes", [
-    dict(arch="yan"),
-    dict(arch="yan", combine="sum", learnable_rates=True, tie_embeddings=False),
-    dict(arch="yan", router=True, groups=4, top_k=2),
-    dict(arch="yan", scan_layers=True),
-    dict(arch="attention"),
+    dict(mixer="mcsd"),
+    dict(mixer="mcsd", combine="sum", learnable_rates=True, tie_embeddings=False),
+    dict(mixer="mcsd", router=True, groups=4, top_k=2),
+    dict(mixer="mcsd", scan_layers=True),
+    dict(mixer="attention"),
 ])
 def test_param_count_equals_the_instantiated_model(changes):
   cfg = ModelConfig(vocab_size=50, width=32, layers=3, channels=4, heads=2, mlp_width=64, **changes)
@@ -83,7 +94,7 @@ def test_flops_formula():
   n = param_count(yan).matmul_active
   assert n == 100 * 64 + 2 * (4 * 4 * 16 * 16 + 2 * 64 * 64 + 3 * 64 * 128)
   assert flops_per_token(yan, 512) == flops_per_token(yan, 8192) == 6 * n + 12 * 2 * 128
-  att = yan.replace(arch="attention", heads=4)
+  att = yan.replace(mixer="attention", heads=4)
   assert flops_per_token(att, 1024) - flops_per_token(att, 512) == 12 * 2 * 512 * 64
 
 

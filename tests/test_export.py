@@ -33,13 +33,13 @@ from model_helpers import random_model
 TOLERANCE = 1e-4
 
 MODELS = {
-    "yan": dict(arch="yan"),
-    "yan_sum_current_learned_rates": dict(arch="yan", combine="sum", include_current=True, learnable_rates=True),
-    "yan_scan_untied_learned_rates": dict(arch="yan", scan_layers=True, tie_embeddings=False,
+    "yan": dict(mixer="mcsd"),
+    "yan_sum_current_learned_rates": dict(mixer="mcsd", combine="sum", include_current=True, learnable_rates=True),
+    "yan_scan_untied_learned_rates": dict(mixer="mcsd", scan_layers=True, tie_embeddings=False,
                                           learnable_rates=True, recurrence="chunked", chunk_size=4),
-    "yan_selective_dropless": dict(arch="yan", router=True, groups=4, top_k=2, dispatch="dropless"),
-    "attention": dict(arch="attention"),
-    "attention_scan_untied": dict(arch="attention", scan_layers=True, tie_embeddings=False),
+    "yan_selective_dropless": dict(mixer="mcsd", router=True, groups=4, top_k=2, dispatch="dropless"),
+    "attention": dict(mixer="attention"),
+    "attention_scan_untied": dict(mixer="attention", scan_layers=True, tie_embeddings=False),
 }
 
 
@@ -80,7 +80,7 @@ def test_export_writes_named_arrays_with_checksums(exported):
   assert names == list(expected_shapes(cfg.to_dict()))
   assert names[:4] == ["embed.embedding", "blocks.0.mixer_norm.scale", "blocks.0.mixer.proj",
                        "blocks.0.mixer.decay_norm.scale"]
-  assert manifest["format_version"] == 1 and manifest["config"] == cfg.to_dict()
+  assert manifest["format_version"] == 2 and manifest["config"] == cfg.to_dict()
   assert json.loads((path / "config.json").read_text()) == cfg.to_dict()
   params = parameter_arrays(model, cfg)
   np.testing.assert_array_equal(params["blocks.1.ffn.router_in"], np.asarray(model.blocks[1].ffn.router_in[...]))
@@ -217,6 +217,21 @@ def _rewrite_config(path, **changes):
   (path / "manifest.json").write_text(json.dumps(manifest))
 
 
+def _rename_mixer_to_arch(path):
+  """The config of format 1, which named the mixer `arch` ("yan" for MCSD), under the current version."""
+  manifest = json.loads((path / "manifest.json").read_text())
+  del manifest["config"]["mixer"]
+  manifest["config"]["arch"] = "yan"
+  (path / "manifest.json").write_text(json.dumps(manifest))
+  _rewrite_config(path)  # config.json and its checksum follow the manifest
+
+
+def _set_format_version(path, version):
+  manifest = json.loads((path / "manifest.json").read_text())
+  manifest["format_version"] = version
+  (path / "manifest.json").write_text(json.dumps(manifest))
+
+
 def _flip_byte(path, offset_from_end):
   data = bytearray(path.read_bytes())
   data[-offset_from_end] ^= 0xFF
@@ -245,6 +260,10 @@ CORRUPTIONS = {
     "config, untied head": (lambda p: _rewrite_config(p, tie_embeddings=False),
                             r"array 'head' \[32, 97\] is implied by the config"),
     "config, bad value": (lambda p: _rewrite_config(p, combine="product"), r"config\.json: config combine="),
+    "config, old arch key": (_rename_mixer_to_arch, r"config\.json: config arch was renamed: use mixer='mcsd' "
+                                                    r"\(was arch='yan'\)$"),
+    "format 1": (lambda p: _set_format_version(p, 1), r"manifest\.json: format_version 1 is not the supported 2: "
+                                                      r"version 1 names the mixer config\.arch"),
 }
 
 
@@ -332,7 +351,7 @@ def test_streamed_safetensors_is_what_safetensors_writes(exported, tmp_path, dty
   export_model(model, cfg, tmp_path / "ours", dtype=dtype)
   params = parameter_arrays(model, cfg)
   typed = params if dtype == "float32" else {n: a.astype(ml_dtypes.bfloat16) for n, a in params.items()}
-  metadata = {"format": "yanjax-export", "format_version": "1", "weights_dtype": dtype}
+  metadata = {"format": "yanjax-export", "format_version": "2", "weights_dtype": dtype}
   safetensors.numpy.save_file(typed, str(tmp_path / "reference.safetensors"), metadata)
   ours = (tmp_path / "ours" / "weights.safetensors").read_bytes()
   reference = (tmp_path / "reference.safetensors").read_bytes()

@@ -24,15 +24,15 @@ VOCAB = 320  # > the test tokenizer's 300 pieces
 PROMPTS = [[1, 17, 40, 9, 250], [1, 33], [1, 5, 6]]
 
 
-def _model(arch, **changes):
-  cfg = ModelConfig(arch=arch, vocab_size=VOCAB, width=32, layers=2, channels=4, heads=2, mlp_width=64,
+def _model(mixer, **changes):
+  cfg = ModelConfig(mixer=mixer, vocab_size=VOCAB, width=32, layers=2, channels=4, heads=2, mlp_width=64,
                     max_decode_len=48, **changes)
   return random_model(cfg)
 
 
 @pytest.fixture(scope="module")
 def models():
-  return {arch: _model(arch) for arch in ("yan", "attention")}
+  return {mixer: _model(mixer) for mixer in ("mcsd", "attention")}
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +50,10 @@ def tokenizer(tmp_path_factory):
   return path
 
 
-@pytest.mark.parametrize("arch", ["yan", "attention"])
-def test_greedy_generation_is_the_argmax_of_a_full_forward_pass(models, arch):
+@pytest.mark.parametrize("mixer", ["mcsd", "attention"])
+def test_greedy_generation_is_the_argmax_of_a_full_forward_pass(models, mixer):
   """Each generated token is the argmax of the one-pass logits over prompt + the tokens before it."""
-  model = models[arch]
+  model = models[mixer]
   (completion,) = generate(model, [PROMPTS[0]], max_new_tokens=8)
   seq = PROMPTS[0] + completion.tokens
   logits, _ = model(jnp.asarray([seq]))
@@ -62,9 +62,9 @@ def test_greedy_generation_is_the_argmax_of_a_full_forward_pass(models, arch):
   assert completion.stop_reason == "length" and len(completion.tokens) == 8
 
 
-@pytest.mark.parametrize("arch", ["yan", "attention"])
-def test_batch_of_different_lengths_equals_each_prompt_alone(models, arch):
-  model = models[arch]
+@pytest.mark.parametrize("mixer", ["mcsd", "attention"])
+def test_batch_of_different_lengths_equals_each_prompt_alone(models, mixer):
+  model = models[mixer]
   batched = generate(model, PROMPTS, max_new_tokens=10)
   alone = [generate(model, [p], max_new_tokens=10)[0] for p in PROMPTS]
   print([c.tokens for c in batched])
@@ -74,7 +74,7 @@ def test_batch_of_different_lengths_equals_each_prompt_alone(models, arch):
 
 def test_sampling_is_seeded_per_row_whatever_the_batch(models):
   """Row r draws with (seed, row_seeds[r]): alone, or in a batch in another order, it draws the same."""
-  model, settings = models["yan"], Sampling(1.0, top_k=50, top_p=0.95)
+  model, settings = models["mcsd"], Sampling(1.0, top_k=50, top_p=0.95)
   batched = generate(model, PROMPTS, max_new_tokens=10, sampling=settings, seed=7)
   assert [generate(model, [PROMPTS[i]], max_new_tokens=10, sampling=settings, seed=7, row_seeds=[i])[0]
           for i in (1, 2)] == batched[1:]
@@ -88,7 +88,7 @@ def test_sampling_is_seeded_per_row_whatever_the_batch(models):
 
 
 def test_stops_at_end_of_sequence(models):
-  model = models["yan"]
+  model = models["mcsd"]
   free = generate(model, PROMPTS, max_new_tokens=10)
   assert max(max(c.tokens) for c in free) >= 40  # (so vocab_limit=40 in the streaming test has work to do)
   tokens = free[0].tokens
@@ -128,9 +128,9 @@ def test_bad_requests_raise_clear_errors(models):
   with pytest.raises(ValueError, match="max_decode_len=48"):
     generate(models["attention"], [[1] * 40], max_new_tokens=10)
   with pytest.raises(ValueError, match="prompt 1 is empty"):
-    generate(models["yan"], [[1], []], max_new_tokens=3)
+    generate(models["mcsd"], [[1], []], max_new_tokens=3)
   with pytest.raises(ValueError, match=r"prompt 0 has token ids \[320\]"):
-    generate(models["yan"], [[1, 320]], max_new_tokens=3)
+    generate(models["mcsd"], [[1, 320]], max_new_tokens=3)
 
 
 def _args(**flags):
@@ -141,7 +141,7 @@ def _args(**flags):
 
 def test_cli_streams_one_prompt_and_writes_json_lines_for_a_file(tokenizer, tmp_path, monkeypatch, capsys):
   processor = spm.SentencePieceProcessor(model_file=str(tokenizer))
-  model = _model("yan", tie_embeddings=False)
+  model = _model("mcsd", tie_embeddings=False)
   # Zero the head columns of byte, control and unused ids: greedy text is then whole pieces, streamable.
   silent = [i for i in range(VOCAB) if i >= processor.vocab_size() or processor.is_byte(i)
             or processor.is_control(i) or processor.is_unknown(i)]

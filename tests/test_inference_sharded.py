@@ -38,7 +38,7 @@ FSDP8 = {"data": 1, "fsdp": 8, "tensor": 1, "expert": 1}
 
 
 def _config(**changes):
-  base = dict(arch="yan", vocab_size=96, width=32, layers=2, channels=4, heads=2, mlp_width=64,
+  base = dict(mixer="mcsd", vocab_size=96, width=32, layers=2, channels=4, heads=2, mlp_width=64,
               max_decode_len=48)
   return ModelConfig(**{**base, **changes})
 

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from test_train import REPO, tiny_flags
-from yanjax.train import PREEMPTED_EXIT_CODE
+from yanjax.cli import PREEMPTED_EXIT_CODE
 
 README = REPO / "launch/README.md"
 

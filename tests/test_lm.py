@@ -13,12 +13,12 @@ from yanjax.model.lm import LanguageModel
 TOLERANCE = {"float32": 2e-5, "bfloat16": 6e-2}
 
 MODELS = {
-    "yan": dict(arch="yan"),
-    "yan_scan_remat": dict(arch="yan", scan_layers=True, remat="full", recurrence="chunked", chunk_size=4),
-    "yan_sum_current": dict(arch="yan", combine="sum", include_current=True, recurrence="associative"),
-    "yan_selective": dict(arch="yan", router=True, groups=4, top_k=2, dispatch="dropless"),
-    "attention": dict(arch="attention"),
-    "attention_scan": dict(arch="attention", scan_layers=True, tie_embeddings=False),
+    "yan": dict(mixer="mcsd"),
+    "yan_scan_remat": dict(mixer="mcsd", scan_layers=True, remat="full", recurrence="chunked", chunk_size=4),
+    "yan_sum_current": dict(mixer="mcsd", combine="sum", include_current=True, recurrence="associative"),
+    "yan_selective": dict(mixer="mcsd", router=True, groups=4, top_k=2, dispatch="dropless"),
+    "attention": dict(mixer="attention"),
+    "attention_scan": dict(mixer="attention", scan_layers=True, tie_embeddings=False),
 }
 
 

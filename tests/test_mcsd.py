@@ -7,7 +7,16 @@ import pytest
 from flax import nnx
 
 from yanjax.config import ModelConfig
+from yanjax.model.layers import BlockInputs
 from yanjax.model.mcsd import MCSD, paper_log_rates
+
+
+def _inputs(segments: np.ndarray) -> BlockInputs:
+  """The per-call inputs of rows packed with documents `segments` [b, t] (ids change where one starts)."""
+  reset = np.concatenate([np.zeros((len(segments), 1), bool), segments[:, 1:] != segments[:, :-1]], axis=1)
+  t = np.arange(segments.shape[1])
+  positions = t - np.maximum.accumulate(np.where(reset, t, 0), axis=1)
+  return BlockInputs(jnp.asarray(reset), jnp.asarray(segments, jnp.int32), jnp.asarray(positions, jnp.int32), None)
 
 
 def _softmax(z):
@@ -79,8 +88,7 @@ def test_block_equals_explicit_matrix_form(form, combine, include_current, learn
   block = MCSD(cfg, rngs=nnx.Rngs(3))
   x = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (2, 13, 24)), np.float32)
   segments = np.array([[1] * 5 + [2] * 6 + [3] * 2, [1] * 13])
-  reset = np.concatenate([np.zeros((2, 1), bool), segments[:, 1:] != segments[:, :-1]], axis=1)
-  got, _ = block(jnp.asarray(x), jnp.asarray(reset))
+  got, _ = block(jnp.asarray(x), _inputs(segments))
   want = naive_mcsd(block, x, segments)
   err = np.max(np.abs(np.asarray(got, np.float64) - want))
   print(f"{form} {combine} include_current={include_current}: max abs err vs N x N form {err:.2e}")
@@ -92,7 +100,7 @@ def test_learnable_rates_start_at_paper_values_and_train():
   block = MCSD(cfg, rngs=nnx.Rngs(0))
   np.testing.assert_allclose(np.asarray(block.log_rates()), paper_log_rates(3), rtol=1e-5)
   x = jax.random.normal(jax.random.PRNGKey(1), (1, 9, 24))
-  reset = jnp.zeros((1, 9), bool)
-  grads = nnx.grad(lambda m: jnp.sum(m(x, reset)[0] ** 2))(block)
+  inputs = _inputs(np.ones((1, 9), np.int32))
+  grads = nnx.grad(lambda m: jnp.sum(m(x, inputs)[0] ** 2))(block)
   g = np.asarray(grads.rate_logits[...])
   assert np.all(np.isfinite(g)) and np.any(g != 0)

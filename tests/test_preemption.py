@@ -10,7 +10,7 @@ import pytest
 
 import s3_server
 from test_train import REPO, tiny_flags
-from yanjax.train import PREEMPTED_EXIT_CODE
+from yanjax.cli import PREEMPTED_EXIT_CODE
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import pytest
 from test_train import REPO, tiny_flags
 from yanjax.config import ConfigError, ModelConfig, load_config_file
 from yanjax.run_config import REQUIRED, DEFAULTS, build_run_config, validate_run_config
-from yanjax.train import USAGE_EXIT_CODE
+from yanjax.cli import USAGE_EXIT_CODE
 
 CONFIGS = sorted(glob.glob(str(REPO / "configs/yan_*.py")))
 REQUIRED_KEYS = [f"{s}.{k}" for s, keys in DEFAULTS.items() if isinstance(keys, dict)

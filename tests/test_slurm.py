@@ -19,7 +19,7 @@ import time
 import pytest
 
 from test_train import REPO, MODEL, tiny_flags
-from yanjax.train import PREEMPTED_EXIT_CODE
+from yanjax.cli import PREEMPTED_EXIT_CODE
 
 CLUSTER_SCRIPT = REPO / "launch/slurm_local_cluster.sh"
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",

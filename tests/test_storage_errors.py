@@ -13,7 +13,7 @@ import pytest
 
 import s3_server
 from test_train import REPO, tiny_flags
-from yanjax.train import USAGE_EXIT_CODE
+from yanjax.cli import USAGE_EXIT_CODE
 
 AUTH_BUCKET = "auth-checked"
 

@@ -150,7 +150,7 @@ def test_array_script_requeues_on_preempted_exit(tmp_path, monkeypatch):
   assert code == 1 and scontrol == ""
 
   # The trainer's script shares the same piece, and its exit code is the trainer's.
-  from yanjax.train import PREEMPTED_EXIT_CODE  # pylint: disable=import-outside-toplevel
+  from yanjax.cli import PREEMPTED_EXIT_CODE  # pylint: disable=import-outside-toplevel
   assert f"PREEMPTED_EXIT_CODE={PREEMPTED_EXIT_CODE} " in (REPO / "launch/requeue_on_preempt.sh").read_text()
   job_env = {"SLURM_SUBMIT_DIR": str(REPO), "SLURM_JOB_ID": "9", "SLURM_GPUS_ON_NODE": "2",
              "SLURM_JOB_NUM_NODES": "1"}

@@ -15,12 +15,8 @@ from flax import nnx
 
 from yanjax import sharding
 from yanjax.config import ConfigError, load_config_file
-from yanjax.model.lm import LanguageModel
-from yanjax.optim import decay_mask, learning_rate_schedule, make_optimizer
-from yanjax.run_config import validate_run_config
-from yanjax.train import PREEMPTED_EXIT_CODE
-from yanjax.train_state import init_train_state, train_state_shardings
-from yanjax.train_step import make_train_step
+from yanjax.cli import PREEMPTED_EXIT_CODE
+from yanjax.trainer import build_trainer
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 MODEL = dict(vocab_size=512, width=32, channels=2, mlp_width=64, layers=2)
@@ -67,22 +63,13 @@ def final_params(workdir):
 # ---- in-process: placement and sharded equivalence -------------------------------------------------------
 
 def _setup(mesh_cfg, model=None, grad_accum=1):
+  """(a new train state, the trainer) of yan_tiny with `model`, on the first devices that fill `mesh_cfg`."""
   cfg = load_config_file(REPO / "configs/yan_tiny.py")
   cfg.model.update(model or MODEL)
   cfg.mesh.update(mesh_cfg)
   cfg.train.grad_accum = grad_accum
-  model_cfg = validate_run_config(cfg)
-  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:int(np.prod(list(cfg.mesh.values())))])
-  rules = {name: tuple(axes) for name, axes in cfg.rules}
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: LanguageModel(model_cfg, rngs=nnx.Rngs(0))))
-  optimizer = make_optimizer(cfg.optimizer, cfg.train.steps, decay_mask(abstract))
-  shardings = train_state_shardings(abstract, optimizer, rules, mesh)
-  state = jax.jit(lambda: init_train_state(model_cfg, optimizer, 0), out_shardings=shardings)()
-  step = jax.jit(sharding.with_activation_rules(make_train_step(
-      graphdef, optimizer, learning_rate_schedule(cfg.optimizer, cfg.train.steps), grad_accum,
-      cfg.train.z_loss_weight), mesh, rules),
-                 in_shardings=(shardings, sharding.batch_sharding(mesh, rules)), out_shardings=(shardings, None))
-  return state, step, shardings, mesh, rules
+  trainer = build_trainer(cfg, jax.devices()[:int(np.prod(list(cfg.mesh.values())))])
+  return trainer.init(), trainer
 
 
 def _batch(seed, b=8, t=16):
@@ -95,10 +82,10 @@ def _batch(seed, b=8, t=16):
 
 
 def test_fsdp_over_8_devices_holds_an_eighth_per_device():
-  state, _, shardings, mesh, _ = _setup({"data": 1, "fsdp": 8}, model=dict(MODEL, width=64, mlp_width=128, channels=4))
-  report = sharding.replication_report(state["params"], shardings["params"])
+  state, trainer = _setup({"data": 1, "fsdp": 8}, model=dict(MODEL, width=64, mlp_width=128, channels=4))
+  report = sharding.replication_report(state["params"], trainer.state_sharding["params"])
   print(report)
-  assert mesh.shape["fsdp"] == 8
+  assert trainer.mesh.shape["fsdp"] == 8
   assert 1 / 8 <= report["fraction_per_device"] < 1 / 8 * 1.1
   embedding = state["params"]["embed"]["embedding"]
   assert embedding.addressable_shards[0].data.shape == (512, 64 // 8)
@@ -107,14 +94,14 @@ def test_fsdp_over_8_devices_holds_an_eighth_per_device():
 @pytest.mark.parametrize("mesh_cfg,grad_accum", [({"data": 2, "fsdp": 2, "tensor": 2}, 1),
                                                  ({"data": 4, "fsdp": 2}, 2)])
 def test_sharded_run_equals_single_device_run(mesh_cfg, grad_accum):
-  single_state, single_step, *_ = _setup({"data": 1}, grad_accum=1)
-  state, step, *_ = _setup(mesh_cfg, grad_accum=grad_accum)
+  single_state, single = _setup({"data": 1}, grad_accum=1)
+  state, trainer = _setup(mesh_cfg, grad_accum=grad_accum)
   one = jax.devices()[:1]
   assert single_state["params"]["embed"]["embedding"].sharding.device_set == set(one)
   for i in range(3):
     batch = _batch(i)
-    single_state, single_metrics = single_step(single_state, batch)
-    state, metrics = step(state, batch)
+    single_state, single_metrics = single.train_step(single_state, batch)
+    state, metrics = trainer.train_step(state, batch)
     print(i, float(single_metrics["loss"]), float(metrics["loss"]))
     np.testing.assert_allclose(float(metrics["loss"]), float(single_metrics["loss"]), rtol=1e-5)
   for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(single_state["params"])):
@@ -126,15 +113,16 @@ def test_selective_expert_parallel_step_equals_single_device_and_gathers_no_toke
   """Experts split over 2 and 4 of 8 devices (token-slots travel by all-to-all) against one device."""
   from test_dispatch import all_gathered_shapes  # pylint: disable=import-outside-toplevel
   model = dict(MODEL, router=True, groups=4, top_k=2, dispatch=dispatch, capacity_factor=1.0, explore_steps=2)
-  single_state, single_step, *_ = _setup({"data": 1}, model=model)
-  runs = [_setup({"data": 1, "fsdp": 8 // expert, "expert": expert}, model=model)[:2] for expert in (2, 4)]
+  single_state, single = _setup({"data": 1}, model=model)
+  runs = [(state, trainer.train_step) for state, trainer in
+          (_setup({"data": 1, "fsdp": 8 // expert, "expert": expert}, model=model) for expert in (2, 4))]
   batches = [_batch(i, t=12) for i in range(3)]  # t = 12: the only size with a factor 3 (parameters: powers of 2)
   for expert, (state, step) in zip((2, 4), runs):
     gathered = all_gathered_shapes(step.lower(state, batches[0]).compile().as_text())
     print(dispatch, "expert", expert, "all-gathers in the compiled step:", gathered)
     assert not [s for s in gathered if any(n % 3 == 0 for n in s)], "token activations were all-gathered"
   for batch in batches:
-    single_state, single_metrics = single_step(single_state, batch)
+    single_state, single_metrics = single.train_step(single_state, batch)
     for i, (state, step) in enumerate(runs):
       state, metrics = step(state, batch)
       runs[i] = state, step
@@ -147,8 +135,8 @@ def test_selective_expert_parallel_step_equals_single_device_and_gathers_no_toke
 
 
 def test_activations_are_constrained_by_the_rules():
-  state, step, *_ = _setup({"data": 2, "fsdp": 2, "tensor": 2})
-  text = step.lower(state, _batch(0)).as_text()
+  state, trainer = _setup({"data": 2, "fsdp": 2, "tensor": 2})
+  text = trainer.train_step.lower(state, _batch(0)).as_text()
   constraints = text.count("sharding_constraint") + text.count("@Sharding")
   print("activation constraints in the lowered step:", constraints)
   assert constraints >= 2 * MODEL["layers"] + 2  # embedding, each layer's output, logits (x grad_accum scan)

@@ -13,7 +13,8 @@ import math
 import pathlib
 from typing import Any
 
-ARCHS = ("yan", "attention")
+from yanjax.numpy_runtime.mixers import MIXERS, arch_renamed
+
 RECURRENCE_FORMS = ("auto", "reference", "associative", "chunked")
 COMBINES = ("concat", "sum")
 DISPATCHES = ("capacity", "dropless")
@@ -32,19 +33,19 @@ class ModelConfig:
   Width names: D = `width`, C = `channels`, Dc = D / C, E = `groups`, k = `top_k`.
   """
 
-  arch: str = "yan"  # "yan" (MCSD mixer) or "attention" (LLaMA-style baseline)
+  mixer: str = "mcsd"  # a name in yanjax/numpy_runtime/mixers.py: "mcsd" or "attention" (LLaMA-style baseline)
   vocab_size: int = 512
   width: int = 128  # D
   layers: int = 2
   mlp_width: int = 512  # GeGLU hidden width (all groups together)
-  # MCSD mixer (arch="yan"), paper section 2.2.
+  # MCSD mixer (mixer="mcsd"), paper section 2.2.
   channels: int = 4  # C; D must divide by it
   combine: str = "concat"  # "concat" + output projection (eq. 13) or "sum" (eq. 20)
   learnable_rates: bool = False  # paper: fixed; True: learnable, initialised at the paper's values
   include_current: bool = False  # paper: strict past; True: history includes the current token
   recurrence: str = "auto"  # "reference" | "associative" | "chunked" | "auto"
   chunk_size: int = 64  # chunk length L of the chunked form
-  # Attention baseline (arch="attention").
+  # Attention baseline (mixer="attention").
   heads: int = 4
   rope_theta: float = 10_000.0
   max_decode_len: int = 2048  # KV-cache length for decoding
@@ -83,10 +84,17 @@ class ModelConfig:
     """Neurons per FFN group (mlp_width / E)."""
     return self.mlp_width // self.groups if self.router else self.mlp_width
 
+  @property
+  def max_context(self) -> int | None:
+    """The most tokens one decode cache holds (attention: max_decode_len); None: the mixer's state is fixed."""
+    return MIXERS[self.mixer].twin.max_context(self.to_dict())
+
   @classmethod
   def from_dict(cls, values: Any) -> ModelConfig:
     """Builds a config from a mapping (dict or ConfigDict); unknown keys are an error naming them."""
     values = dict(values)
+    if "arch" in values:
+      raise ConfigError(arch_renamed(values["arch"], "model."))
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -104,7 +112,7 @@ class ModelConfig:
     def fail(key, why):
       raise ConfigError(f"model.{key}={getattr(self, key)!r}: {why}")
 
-    for key, allowed in (("arch", ARCHS), ("recurrence", RECURRENCE_FORMS), ("combine", COMBINES),
+    for key, allowed in (("mixer", tuple(MIXERS)), ("recurrence", RECURRENCE_FORMS), ("combine", COMBINES),
                          ("dispatch", DISPATCHES), ("remat", REMATS), ("dtype", DTYPES)):
       if getattr(self, key) not in allowed:
         fail(key, f"must be one of {allowed}")
@@ -112,13 +120,9 @@ class ModelConfig:
                 "max_decode_len", "groups", "top_k", "router_hidden"):
       if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
         fail(key, "must be a positive integer")
-    if self.arch == "yan" and self.width % self.channels:
-      fail("channels", f"width {self.width} must be divisible by channels")
-    if self.arch == "attention":
-      if self.width % self.heads:
-        fail("heads", f"width {self.width} must be divisible by heads")
-      if self.head_dim % 2:
-        fail("heads", f"head dim {self.head_dim} must be even for RoPE")
+    problem = MIXERS[self.mixer].twin.check(self.to_dict())
+    if problem:
+      fail(*problem)
     if self.router:
       if self.top_k > self.groups:
         fail("top_k", f"must be <= groups ({self.groups})")

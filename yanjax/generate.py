@@ -125,7 +125,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
     if bad:
       raise ValueError(f"prompt {i} has token ids {bad[:5]} outside the vocabulary [0, {cfg.vocab_size})")
   lengths = np.array([len(p) for p in prompts], np.int32)
-  if cfg.arch == "attention" and int(lengths.max()) + max_new_tokens - 1 > cfg.max_decode_len:
+  if cfg.max_context is not None and int(lengths.max()) + max_new_tokens - 1 > cfg.max_context:
     raise ValueError(
         f"the longest prompt ({int(lengths.max())} tokens) plus max_new_tokens={max_new_tokens} needs "
         f"{int(lengths.max()) + max_new_tokens - 1} KV-cache slots but model.max_decode_len="

@@ -44,7 +44,7 @@ import math
 import os
 import re
 import sys
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +58,8 @@ from yanjax.metrics import peak_flops
 from yanjax.model.counting import flops_per_token, param_count
 from yanjax.model.lm import LanguageModel
 from yanjax.model.dispatch import group_capacity
+from yanjax.model.partitioning import Term
+from yanjax.numpy_runtime.mixers import model_class
 from yanjax.optim import decay_mask, make_optimizer
 from yanjax.run_config import MESH_AXES, tokens_per_step, validate_run_config
 from yanjax.train_state import init_train_state, train_state_shardings
@@ -84,15 +86,6 @@ HEADROOM = 0.9  # check_fits refuses a run predicted above this fraction of the 
 MEMORY_ENV = "YANJAX_DEVICE_MEMORY_BYTES"  # overrides the capacity (e.g. 60e9); 0 turns the check off
 DEFAULT_MFU = 0.4
 KNOBS = ("train.grad_accum", "mesh.fsdp", "model.remat", "train.global_batch")
-
-
-class Term(NamedTuple):
-  """`count` arrays of shape [batch, length, *dims] with logical axes ("batch", "length", *axes)."""
-  what: str
-  dims: tuple[int, ...]
-  axes: tuple[str | None, ...]
-  itemsize: int
-  count: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,15 +240,7 @@ def layer_terms(m: ModelConfig, t: int, remat: str, dense_ragged: bool = False, 
       return terms + [Term("router hidden", (m.router_hidden,), (None,), 4),
                       Term("router logits", (m.groups,), ("experts",), 4)]
     return terms + [Term("FFN gate and up", (2, f), (None, "mlp"), a)]
-  terms = [Term("norms (float32)", (d,), ("embed",), 4, 4)]
-  if m.arch == "yan":
-    terms += [Term("MCSD recurrence and gates (float32)", (m.channels, m.channel_width), ("channels", None), 4, 10),
-              Term("MCSD projections, output", (m.channels, m.channel_width), ("channels", None), a, 2)]
-  else:
-    terms += [Term("q, k, v, attended", (m.heads, m.head_dim), ("heads", None), a, 4),
-              Term("attention input, output", (d,), ("embed",), a, 2),
-              Term("attention logits (float32)", (m.heads, t), ("heads", None), 4),
-              Term("attention probabilities", (m.heads, t), ("heads", None), a)]
+  terms = [Term("norms (float32)", (d,), ("embed",), 4, 4), *model_class(m.mixer).residual_terms(m, t, a)]
   if not m.router:
     return terms + [Term("GeGLU hidden", (f,), ("mlp",), a, 8)]
   return terms + [Term("router hidden", (m.router_hidden,), (None,), 4, 6),
@@ -291,11 +276,9 @@ def dispatch_terms(m: ModelConfig, t: int, dense_ragged: bool, expert_ways: int)
 
 
 def working_terms(m: ModelConfig, t: int, dense_ragged: bool = False, expert_ways: int = 1) -> list[Term]:
-  """One layer's backward: its residuals recomputed, plus the cotangents of attention's logits."""
-  terms = layer_terms(m, t, "none", dense_ragged, expert_ways)
-  if m.arch == "attention":
-    terms.append(Term("attention logits cotangent", (m.heads, t), ("heads", None), 4))
-  return terms
+  """One layer's backward: its residuals recomputed, plus what its mixer's backward adds (attention's logits
+  cotangent)."""
+  return layer_terms(m, t, "none", dense_ragged, expert_ways) + model_class(m.mixer).backward_terms(m, t)
 
 
 def logits_terms(m: ModelConfig) -> list[Term]:

@@ -27,7 +27,7 @@ def matched_attention(cfg: ModelConfig, multiple: int = 8) -> ModelConfig:
   Only the FFN width changes (rounded to `multiple`); heads of width 64 (or D / 2 for very narrow models).
   """
   heads = max(cfg.width // 64, 2)
-  base = cfg.replace(arch="attention", heads=heads, router=False)
+  base = cfg.replace(mixer="attention", heads=heads, router=False)
   per_unit = 3 * cfg.width * cfg.layers  # parameters per unit of FFN width
   gap = param_count(cfg).total - param_count(base).total
   mlp_width = max(multiple, base.mlp_width + round(gap / per_unit / multiple) * multiple)

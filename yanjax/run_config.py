@@ -40,6 +40,14 @@ DEFAULTS: dict[str, Any] = {
         "transfer_guard": True,  # jax_transfer_guard="disallow" around the step (catches silent host copies)
         # JAX's persistent compilation cache, local or gs:// / s3:// ("" turns it off); {workdir}: the run's
         "compilation_cache": "{workdir}/compilation_cache",
+        # Counted as `loss_spikes`: a loss above spike_factor x the median of the last spike_window losses.
+        "spike_window": 100,
+        "spike_factor": 2.0,
+        # A jax.profiler trace of profile_steps steps from profile_start_step (process 0; 0 steps: off).
+        "profile_start_step": 3,
+        "profile_steps": 0,
+        "wandb_project": "",  # Weights & Biases project of the run's metrics ("": no W&B)
+        "wandb_mode": "online",  # or "offline": written under $WANDB_DIR, uploaded later with `wandb sync`
     },
     "optimizer": {
         "lr": REQUIRED,  # peak learning rate
@@ -165,6 +173,17 @@ def validate_run_config(cfg: ml_collections.ConfigDict) -> ModelConfig:
     fail("train.grad_accum", f"train.global_batch={train.global_batch} must divide by it")
   if train.nan_policy not in ("skip", "stop"):
     fail("train.nan_policy", "must be 'skip' or 'stop'")
+  if not isinstance(train.spike_window, int) or train.spike_window < 1:
+    fail("train.spike_window", "must be a positive integer (losses in the running median)")
+  if not train.spike_factor > 1:
+    fail("train.spike_factor", "must be > 1 (a spike is a loss this many times the running median)")
+  if not isinstance(train.profile_steps, int) or train.profile_steps < 0:
+    fail("train.profile_steps", "must be an integer >= 0 (0: no profile)")
+  if train.profile_steps and (not isinstance(train.profile_start_step, int) or train.profile_start_step < 2):
+    fail("train.profile_start_step", "must be >= 2 while profiling is on (step 1 compiles; the trace starts "
+         "after the step before it)")
+  if train.wandb_mode not in ("online", "offline"):
+    fail("train.wandb_mode", "must be 'online' or 'offline'")
   if opt.schedule not in ("cosine", "wsd"):
     fail("optimizer.schedule", "must be 'cosine' or 'wsd'")
   if not 0 <= opt.warmup_steps < train.steps:
@@ -173,7 +192,7 @@ def validate_run_config(cfg: ml_collections.ConfigDict) -> ModelConfig:
     fail("optimizer.decay_fraction", "must be in (0, 1]")
   if opt.lr <= 0:
     fail("optimizer.lr", "must be positive")
-  if model.arch == "attention" and train.seq_len > model.max_decode_len:
+  if model.max_context is not None and train.seq_len > model.max_context:
     fail("model.max_decode_len", f"must be >= train.seq_len={train.seq_len}")
   for axis in MESH_AXES:
     size = cfg.mesh[axis]

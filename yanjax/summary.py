@@ -35,7 +35,7 @@ def main(argv=None):
 
   cfg = ModelConfig.from_dict(load_config_file(args.config).model)
   model = LanguageModel(cfg, rngs=nnx.Rngs(0))
-  print(f"== {args.config}: arch={cfg.arch} router={cfg.router} layers={cfg.layers} width={cfg.width}")
+  print(f"== {args.config}: mixer={cfg.mixer} router={cfg.router} layers={cfg.layers} width={cfg.width}")
   for name, shape, axes in parameter_table(model):
     print(f"  {name:<40} {str(shape):<22} {axes}")
   count = param_count(cfg)

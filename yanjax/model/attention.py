@@ -13,6 +13,7 @@ from flax import nnx
 
 from yanjax.config import ModelConfig
 from yanjax.model import layers
+from yanjax.model.partitioning import Term
 
 
 class KVCache(NamedTuple):
@@ -48,21 +49,23 @@ class Attention(nnx.Module):
     self.out = layers.param(rngs, (h, e, cfg.width), ("heads", None, "embed"), layers.normal(cfg.init_std / 2))
 
   def init_cache(self, batch: int, dtype) -> KVCache:
+    """An empty cache of max_decode_len slots, keys and values in the compute `dtype`."""
     shape = (batch, self.cfg.max_decode_len, self.cfg.heads, self.cfg.head_dim)
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
 
-  def __call__(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array,
-               cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
-    """x [b, t, D]; segment_ids, positions [b, t] -> (y [b, t, D], cache after x or None).
+  def __call__(self, x: jax.Array, inputs: layers.BlockInputs, cache: KVCache | None = None
+               ) -> tuple[jax.Array, KVCache | None]:
+    """x [b, t, D] -> (y [b, t, D], cache after x or None); RoPE at `inputs.positions`.
 
-    Without a cache a query sees earlier keys of its own segment (packed documents stay apart); with a cache
-    the call continues one document from the cache's slots (prefill or one decode step).
+    Without a cache a query sees earlier keys of its own segment (`inputs.segment_ids`: packed documents stay
+    apart); with a cache the call continues one document from the cache's slots (prefill or one decode step).
     """
     q, k, v = jnp.unstack(jnp.einsum("btd,dkhe->kbthe", x, layers.cast(self.qkv[...], x.dtype)))
-    q, k = rope(q, positions, self.cfg.rope_theta), rope(k, positions, self.cfg.rope_theta)
+    q, k = rope(q, inputs.positions, self.cfg.rope_theta), rope(k, inputs.positions, self.cfg.rope_theta)
     t = x.shape[1]
     if cache is None:
       causal = jnp.tril(jnp.ones((t, t), bool))
+      segment_ids = inputs.segment_ids
       mask = causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
     else:
       cache = KVCache(_write(cache.k, k.astype(cache.k.dtype), cache.index),
@@ -73,3 +76,17 @@ class Attention(nnx.Module):
       k, v = cache.k.astype(x.dtype), cache.v.astype(x.dtype)
     attended = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
     return jnp.einsum("bthe,hed->btd", attended, layers.cast(self.out[...], x.dtype)), cache
+
+  @staticmethod
+  def residual_terms(cfg: ModelConfig, t: int, itemsize: int) -> list[Term]:
+    """What autodiff keeps of one block for its backward without remat, per token (yanjax.plan): the logits
+    and probabilities grow with the sequence length `t`."""
+    return [Term("q, k, v, attended", (cfg.heads, cfg.head_dim), ("heads", None), itemsize, 4),
+            Term("attention input, output", (cfg.width,), ("embed",), itemsize, 2),
+            Term("attention logits (float32)", (cfg.heads, t), ("heads", None), 4),
+            Term("attention probabilities", (cfg.heads, t), ("heads", None), itemsize)]
+
+  @staticmethod
+  def backward_terms(cfg: ModelConfig, t: int) -> list[Term]:
+    """What its backward holds beyond the residuals, per token: the logits' cotangent."""
+    return [Term("attention logits cotangent", (cfg.heads, t), ("heads", None), 4)]

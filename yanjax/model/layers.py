@@ -1,4 +1,5 @@
-"""Shared building blocks: parameters with logical axis names, RMSNorm, embedding, GeGLU MLP.
+"""Shared building blocks: parameters with logical axis names, RMSNorm, embedding, GeGLU MLP, and the per-call
+inputs every layer sees.
 
 Shape legend: b = batch, t = time, d = width D, f = FFN hidden width, v = vocabulary.
 Every parameter is float32 and carries logical axis names in its `out_sharding` metadata; the trainer maps
@@ -7,11 +8,21 @@ those names to mesh axes with the rules in the config (see `yanjax.sharding`).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from yanjax.model.partitioning import constrain
+
+
+class BlockInputs(NamedTuple):
+  """Per-call values every layer sees (broadcast over layers); each mixer reads what it needs."""
+  reset: jax.Array  # [b, t] bool: a document starts here
+  segment_ids: jax.Array  # [b, t] int32, 0 = padding
+  positions: jax.Array  # [b, t] int32: position in the document
+  step: jax.Array | None  # training step (None: inference, no router exploration)
 
 
 def param(rngs: nnx.Rngs | None, shape, axes: tuple[str | None, ...], init=None) -> nnx.Param:

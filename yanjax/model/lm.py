@@ -1,9 +1,10 @@
 """The language model: embedding, N pre-norm residual layers, final norm, output head.
 
-Each layer is  x = x + Mixer(RMSNorm(x));  x = x + FFN(RMSNorm(x))  (paper section 2.1), where Mixer is MCSD
-(arch="yan") or causal attention (arch="attention"), and FFN is the dense GeGLU MLP or the selective-activation
-FFN (router=True). One code path serves training (`__call__`), prompt prefill (`prefill`) and decoding
-(`decode_step`): a decode step is a forward pass of one token that starts from the cache.
+Each layer is  x = x + Mixer(RMSNorm(x));  x = x + FFN(RMSNorm(x))  (paper section 2.1), where Mixer is the
+registered mixer `cfg.mixer` (yanjax/numpy_runtime/mixers.py: MCSD or causal attention), and FFN is the dense
+GeGLU MLP or the selective-activation FFN (router=True). One code path serves training (`__call__`), prompt
+prefill (`prefill`) and decoding (`decode_step`): a decode step is a forward pass of one token that starts from
+the cache.
 
 Shape legend: b = batch, t = time, D = width, v = vocabulary, L = layers.
 """
@@ -18,10 +19,9 @@ from flax import nnx
 
 from yanjax.config import ModelConfig
 from yanjax.model import layers
-from yanjax.model.attention import Attention
-from yanjax.model.mcsd import MCSD
 from yanjax.model.partitioning import constrain
 from yanjax.model.selective import SelectiveFFN
+from yanjax.numpy_runtime.mixers import model_class
 
 REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole block
@@ -38,21 +38,13 @@ class ModelCache(NamedTuple):
   position: jax.Array  # [b] int32: tokens consumed so far (the next token's position)
 
 
-class BlockInputs(NamedTuple):
-  """Per-call values every layer sees (broadcast over layers)."""
-  reset: jax.Array  # [b, t] bool: a document starts here
-  segment_ids: jax.Array  # [b, t] int32, 0 = padding
-  positions: jax.Array  # [b, t] int32
-  step: jax.Array | None  # training step (None: inference, no router exploration)
-
-
 class Block(nnx.Module):
   """One pre-norm residual layer: [b, t, D] -> [b, t, D]."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.mixer_norm = layers.RMSNorm((cfg.width,), ("embed",), cfg.norm_eps)
-    self.mixer = MCSD(cfg, rngs=rngs) if cfg.arch == "yan" else Attention(cfg, rngs=rngs)
+    self.mixer = model_class(cfg.mixer)(cfg, rngs=rngs)
     self.ffn_norm = layers.RMSNorm((cfg.width,), ("embed",), cfg.norm_eps)
     if cfg.router:
       self.ffn = SelectiveFFN(cfg, rngs=rngs)
@@ -60,17 +52,11 @@ class Block(nnx.Module):
       self.ffn = layers.GatedMLP(cfg.width, cfg.mlp_width, cfg.init_std, rngs)
 
   def init_cache(self, batch: int):
-    if self.cfg.arch == "yan":
-      return self.mixer.init_cache(batch)
     return self.mixer.init_cache(batch, jnp.dtype(self.cfg.dtype))
 
-  def __call__(self, x, inputs: BlockInputs, cache, key):
+  def __call__(self, x, inputs: layers.BlockInputs, cache, key):
     """x [b, t, D] -> (x, cache, aux_loss scalar, RouterStats or None)."""
-    h = self.mixer_norm(x)
-    if self.cfg.arch == "yan":
-      h, cache = self.mixer(h, inputs.reset, cache)
-    else:
-      h, cache = self.mixer(h, inputs.segment_ids, inputs.positions, cache)
+    h, cache = self.mixer(self.mixer_norm(x), inputs, cache)
     x = x + h
     h = self.ffn_norm(x)
     if self.cfg.router:
@@ -151,7 +137,7 @@ class LanguageModel(nnx.Module):
     cfg = self.cfg
     x = constrain(self.embed(tokens, jnp.dtype(cfg.dtype)), ACTIVATION_AXES)
     reset = jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], ((0, 0), (1, 0)))
-    inputs = BlockInputs(reset, segment_ids, positions, step)
+    inputs = layers.BlockInputs(reset, segment_ids, positions, step)
     keys = jax.random.split(key, cfg.layers) if key is not None else None
     apply = _apply if cfg.remat == "none" else nnx.remat(_apply, policy=REMAT_POLICIES[cfg.remat])
     if cfg.scan_layers:

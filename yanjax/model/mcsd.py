@@ -22,6 +22,7 @@ from flax import nnx
 
 from yanjax.config import ModelConfig
 from yanjax.model import layers
+from yanjax.model.partitioning import Term
 from yanjax.model.recurrence import linear_recurrence
 
 
@@ -75,18 +76,20 @@ class MCSD(nnx.Module):
       return -jnp.exp(self.rate_logits[...])
     return jnp.asarray(paper_log_rates(self.cfg.channels))
 
-  def init_cache(self, batch: int) -> MCSDCache:
+  def init_cache(self, batch: int, dtype) -> MCSDCache:
+    """The state before any token; float32 whatever the compute `dtype`."""
     c, d = self.cfg.channels, self.cfg.channel_width
     return MCSDCache(jnp.zeros((batch, 2 * c, d), jnp.float32), jnp.zeros((batch,), jnp.int32))
 
-  def __call__(self, x: jax.Array, reset: jax.Array, cache: MCSDCache | None = None
+  def __call__(self, x: jax.Array, inputs: layers.BlockInputs, cache: MCSDCache | None = None
                ) -> tuple[jax.Array, MCSDCache]:
-    """x [b, t, D] in compute dtype; reset [b, t] bool (document starts) -> (y [b, t, D], cache after x)."""
+    """x [b, t, D] in compute dtype -> (y [b, t, D], cache after x); documents start at `inputs.reset`."""
     cfg = self.cfg
     b, t, _ = x.shape
     c, d = cfg.channels, cfg.channel_width
+    reset = inputs.reset
     if cache is None:
-      cache = self.init_cache(b)
+      cache = self.init_cache(b, x.dtype)
     xc = x.reshape(b, t, c, d)
     u, v, e, f = jnp.unstack(jnp.einsum("btcd,cdke->kbtce", xc, layers.cast(self.proj[...], x.dtype)))
     log_rates = self.log_rates()
@@ -110,3 +113,16 @@ class MCSD(nnx.Module):
     else:
       y = (theta_s + theta_d).reshape(b, t, cfg.width).astype(x.dtype)
     return y, MCSDCache(h_last, k[:, -1] + 1)
+
+  @staticmethod
+  def residual_terms(cfg: ModelConfig, t: int, itemsize: int) -> list[Term]:
+    """What autodiff keeps of one block for its backward without remat, per token (yanjax.plan; `t` unused:
+    linear in the sequence)."""
+    shape, axes = (cfg.channels, cfg.channel_width), ("channels", None)
+    return [Term("MCSD recurrence and gates (float32)", shape, axes, 4, 10),
+            Term("MCSD projections, output", shape, axes, itemsize, 2)]
+
+  @staticmethod
+  def backward_terms(cfg: ModelConfig, t: int) -> list[Term]:
+    """What its backward holds beyond the residuals, per token: nothing."""
+    return []

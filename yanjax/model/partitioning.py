@@ -2,17 +2,28 @@
 
 The trainer enters `activation_sharding(mesh, rules)` around tracing its step; model code calls
 `constrain(x, ("batch", "length", "embed"))` at layer boundaries, so activation placement follows the same
-rules table as the parameters (yanjax.sharding) and the model itself never names a mesh axis.
+rules table as the parameters (yanjax.sharding) and the model itself never names a mesh axis. A `Term` names
+the logical axes of activations a module keeps, for the memory plan (yanjax.plan).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+from typing import NamedTuple
 
 import jax
 
 _ACTIVE = contextvars.ContextVar("yanjax_activation_sharding", default=None)
+
+
+class Term(NamedTuple):
+  """`count` arrays of shape [batch, length, *dims] with logical axes ("batch", "length", *axes)."""
+  what: str
+  dims: tuple[int, ...]
+  axes: tuple[str | None, ...]
+  itemsize: int
+  count: float = 1.0
 
 
 @contextlib.contextmanager

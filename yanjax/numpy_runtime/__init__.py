@@ -12,14 +12,17 @@ Tolerance against the JAX model (float32 weights, float32 compute): max abs logi
 the test models (tests/test_export.py), and greedy completions equal token for token.
 """
 
+from .attention import KVState
 from .format import (ExportError, Export, FORMAT, FORMAT_VERSION, array_sha256, bf16_bits_to_float32,
                      expected_shapes, float32_to_bf16_bits, load_export, read_npz, read_safetensors)
 from .generate import Completion, generate
-from .model import KVState, MCSDState, Model, State
+from .mcsd import MCSDState
+from .mixers import MIXERS
+from .model import Model, State
 from .sampling import sample
 
 __all__ = [
-    "Completion", "Export", "ExportError", "FORMAT", "FORMAT_VERSION", "KVState", "MCSDState", "Model", "State",
-    "array_sha256", "bf16_bits_to_float32", "expected_shapes", "float32_to_bf16_bits", "generate",
+    "Completion", "Export", "ExportError", "FORMAT", "FORMAT_VERSION", "KVState", "MCSDState", "MIXERS", "Model",
+    "State", "array_sha256", "bf16_bits_to_float32", "expected_shapes", "float32_to_bf16_bits", "generate",
     "load_export", "read_npz", "read_safetensors", "sample",
 ]

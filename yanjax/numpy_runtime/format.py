@@ -26,8 +26,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from .mixers import MIXERS, arch_renamed
+
 FORMAT = "yanjax-export"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the config names its mixer `mixer` ("mcsd" | "attention"), not `arch` ("yan" | ...)
 MANIFEST = "manifest.json"
 CONFIG = "config.json"
 NPZ = "weights.npz"
@@ -35,7 +37,7 @@ SAFETENSORS = "weights.safetensors"
 TOKENIZER = "tokenizer.model"
 WEIGHT_DTYPES = ("float32", "bfloat16")
 # Config keys the runtime reads; the others (training and kernel choices) do not change inference results.
-RUNTIME_KEYS = ("arch", "vocab_size", "width", "layers", "mlp_width", "channels", "combine", "learnable_rates",
+RUNTIME_KEYS = ("mixer", "vocab_size", "width", "layers", "mlp_width", "channels", "combine", "learnable_rates",
                 "include_current", "heads", "rope_theta", "max_decode_len", "router", "groups", "top_k",
                 "router_hidden", "tie_embeddings", "norm_eps")
 
@@ -100,11 +102,13 @@ def check_config(config: dict[str, Any], where: str = CONFIG) -> dict[str, Any]:
   """The config restricted to the keys the runtime reads, with types checked; errors name the key."""
   if not isinstance(config, dict):
     raise ExportError(f"{where}: the config must be a JSON object, got {type(config).__name__}")
+  if "arch" in config:
+    raise ExportError(f"{where}: config {arch_renamed(config['arch'])}")
   missing = [k for k in RUNTIME_KEYS if k not in config]
   if missing:
     raise ExportError(f"{where}: config key(s) {missing} missing")
   c = {k: config[k] for k in RUNTIME_KEYS}
-  allowed = {"arch": ("yan", "attention"), "combine": ("concat", "sum")}
+  allowed = {"mixer": tuple(MIXERS), "combine": ("concat", "sum")}
   for key, values in allowed.items():
     if c[key] not in values:
       raise ExportError(f"{where}: config {key}={c[key]!r} must be one of {values}")
@@ -118,10 +122,10 @@ def check_config(config: dict[str, Any], where: str = CONFIG) -> dict[str, Any]:
   for key in ("rope_theta", "norm_eps"):
     if not isinstance(c[key], (int, float)) or not c[key] > 0:
       raise ExportError(f"{where}: config {key}={c[key]!r} must be a positive number")
-  if c["arch"] == "yan" and c["width"] % c["channels"]:
-    raise ExportError(f"{where}: config width={c['width']} is not divisible by channels={c['channels']}")
-  if c["arch"] == "attention" and (c["width"] % c["heads"] or (c["width"] // c["heads"]) % 2):
-    raise ExportError(f"{where}: config width={c['width']} / heads={c['heads']} must be an even integer")
+  problem = MIXERS[c["mixer"]].twin.check(c)
+  if problem:
+    key, why = problem
+    raise ExportError(f"{where}: config {key}={c[key]!r}: {why}")
   if c["router"] and (c["mlp_width"] % c["groups"] or c["top_k"] > c["groups"]):
     raise ExportError(f"{where}: config router needs mlp_width % groups == 0 and top_k <= groups "
                       f"(mlp_width={c['mlp_width']}, groups={c['groups']}, top_k={c['top_k']})")
@@ -131,27 +135,17 @@ def check_config(config: dict[str, Any], where: str = CONFIG) -> dict[str, Any]:
 def expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
   """Every array a config implies, name -> shape, in canonical order (the order the forward pass uses them).
 
-  D = width, V = vocab_size, C = channels, Dc = D / C, H = heads, E = D / H, F = mlp_width, G = groups,
-  R = router_hidden.
+  D = width, V = vocab_size, F = mlp_width, G = groups, R = router_hidden; the mixer's arrays are its twin's
+  `shapes` (mixers.py).
   """
   c = check_config(config)
   d, v = c["width"], c["vocab_size"]
+  mixer = MIXERS[c["mixer"]].twin.shapes(c)
   shapes: dict[str, tuple[int, ...]] = {"embed.embedding": (v, d)}
   for i in range(c["layers"]):
     p = f"blocks.{i}."
     shapes[p + "mixer_norm.scale"] = (d,)
-    if c["arch"] == "yan":
-      ch, dc = c["channels"], d // c["channels"]
-      shapes[p + "mixer.proj"] = (ch, dc, 4, dc)
-      if c["learnable_rates"]:
-        shapes[p + "mixer.rate_logits"] = (2, ch)
-      shapes[p + "mixer.decay_norm.scale"] = (ch, dc)
-      if c["combine"] == "concat":
-        shapes[p + "mixer.out"] = (2, ch, dc, d)
-    else:
-      h, e = c["heads"], d // c["heads"]
-      shapes[p + "mixer.qkv"] = (d, 3, h, e)
-      shapes[p + "mixer.out"] = (h, e, d)
+    shapes.update({p + "mixer." + name: shape for name, shape in mixer.items()})
     shapes[p + "ffn_norm.scale"] = (d,)
     if c["router"]:
       g, f = c["groups"], c["mlp_width"] // c["groups"]
@@ -172,7 +166,7 @@ def check_arrays_fit_config(shapes: dict[str, tuple[int, ...]], config: dict[str
                             where: str) -> None:
   """Raises ExportError naming the first array that the config does not imply or implies differently."""
   expected = expected_shapes(config)
-  summary = ", ".join(f"{k}={config[k]}" for k in ("arch", "width", "layers", "vocab_size"))
+  summary = ", ".join(f"{k}={config[k]}" for k in ("mixer", "width", "layers", "vocab_size"))
   for name, shape in expected.items():
     if name not in shapes:
       raise ExportError(f"{where}: array '{name}' {list(shape)} is implied by the config ({summary}) but "
@@ -277,9 +271,11 @@ def load_export(path, *, weights: str = "npz", verify: bool = True) -> Export:
   manifest = _read_json(root / MANIFEST)
   if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
     raise ExportError(f"{root / MANIFEST}: not a {FORMAT} manifest")
-  if manifest.get("format_version") != FORMAT_VERSION:
-    raise ExportError(f"{root / MANIFEST}: format_version {manifest.get('format_version')!r} is not the "
-                      f"supported {FORMAT_VERSION}")
+  version = manifest.get("format_version")
+  if version != FORMAT_VERSION:
+    why = (": version 1 names the mixer config.arch ('yan' | 'attention'), since renamed config.mixer ('mcsd' | "
+           "'attention'); read it with the yanjax that wrote it" if version == 1 else "")
+    raise ExportError(f"{root / MANIFEST}: format_version {version!r} is not the supported {FORMAT_VERSION}{why}")
   for key in ("config", "weights_dtype", "arrays", "files"):
     if key not in manifest:
       raise ExportError(f"{root / MANIFEST}: key '{key}' missing")

@@ -1,0 +1,104 @@
+"""Causal self-attention with RoPE in NumPy (the baseline's mixer), and what yanjax knows about it from the
+config alone (registered in mixers.py). The JAX model is yanjax/model/attention.py.
+
+Shape legend: b = batch, t = time, D = width, H = heads, E = D / H (head dim), S = KV-cache slots.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .layers import F32, BlockInputs, softmax
+
+
+class KVState(NamedTuple):
+  """KV cache of one attention layer. Its arrays are written in place: a state passed to prefill or
+  decode_step is used up (copy k and v first to branch a generation)."""
+  k: np.ndarray  # [b, S, H, E] float32 (keys after RoPE)
+  v: np.ndarray  # [b, S, H, E] float32
+  length: int  # slots filled (the same for every row)
+
+
+def rope(x, positions, theta):
+  """Rotary embedding, rotate-half convention: x [b, t, H, E], positions [b, t]."""
+  half = x.shape[-1] // 2
+  freq = (F32(theta) ** (-np.arange(half, dtype=F32) / F32(half))).astype(F32)
+  angle = positions[..., None, None].astype(F32) * freq  # [b, t, 1, E/2]
+  x1, x2 = x[..., :half], x[..., half:]
+  cos, sin = np.cos(angle), np.sin(angle)
+  return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(F32)
+
+
+class Attention:
+  """Causal multi-head self-attention of one layer: x [b, t, D] -> y [b, t, D], with a KV cache. Static
+  methods: its facts, from the config `c` (the mapping `format.check_config` returns)."""
+
+  @staticmethod
+  def check(c: dict[str, Any]) -> tuple[str, str] | None:
+    """(config key, why) of the first value this mixer cannot run with, or None."""
+    if c["width"] % c["heads"]:
+      return "heads", f"width {c['width']} must be divisible by heads"
+    if (c["width"] // c["heads"]) % 2:
+      return "heads", f"head dim {c['width'] // c['heads']} must be even for RoPE"
+    return None
+
+  @staticmethod
+  def shapes(c: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Its arrays (export names after `blocks.{i}.mixer.`) -> shape, in canonical order."""
+    d, h = c["width"], c["heads"]
+    return {"qkv": (d, 3, h, d // h), "out": (h, d // h, d)}  # q, k, v projections; output projection
+
+  @staticmethod
+  def params(c: dict[str, Any]) -> tuple[int, int]:
+    """(all parameters, those in matmuls) of one layer: 4 D^2 (q, k, v, output), all in matmuls."""
+    return 4 * c["width"] ** 2, 4 * c["width"] ** 2
+
+  @staticmethod
+  def mixing_flops(c: dict[str, Any], seq_len: int) -> int:
+    """Training FLOPs per token of one layer's sequence mixing outside its weights: 12 T D (QK^T and AV,
+    forward 2 x 2 T D, x3 for backward; PaLM appendix B, counting the full T x T product as MaxText does,
+    though a causal mask could skip half)."""
+    return 12 * seq_len * c["width"]
+
+  @staticmethod
+  def max_context(c: dict[str, Any]) -> int | None:
+    """The most tokens a decode cache holds: the JAX model preallocates `max_decode_len` slots."""
+    return c["max_decode_len"]
+
+  @staticmethod
+  def summary(c: dict[str, Any]) -> str:
+    return f"attention H={c['heads']}"
+
+  def __init__(self, c: dict[str, Any], w: dict[str, np.ndarray]):
+    self.c, self.w = c, w  # w: this layer's arrays, named as in `shapes`
+
+  def init_state(self, batch: int, max_len: int | None = None) -> KVState:
+    """Empty KV cache of `max_len` slots (default: the config's max_decode_len)."""
+    shape = (batch, max_len or self.c["max_decode_len"], self.c["heads"], self.c["width"] // self.c["heads"])
+    return KVState(np.zeros(shape, F32), np.zeros(shape, F32), 0)
+
+  def __call__(self, x, inputs: BlockInputs, state: KVState | None = None) -> tuple[np.ndarray, KVState | None]:
+    """x [b, t, D] -> (y [b, t, D], state after x). No state: a whole (packed) sequence, each query seeing the
+    earlier keys of its segment; with one, the new keys are appended to its KV cache (one document per row)."""
+    c, w = self.c, self.w
+    t = x.shape[1]
+    q, k, v = np.moveaxis(np.einsum("btd,dkhe->btkhe", x, w["qkv"]), 2, 0)  # each [b, t, H, E]
+    q, k = rope(q, inputs.positions, c["rope_theta"]), rope(k, inputs.positions, c["rope_theta"])
+    if state is None:
+      segment_ids = inputs.segment_ids
+      mask = np.tril(np.ones((t, t), bool))[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    else:
+      start, end = state.length, state.length + t
+      if end > state.k.shape[1]:
+        raise ValueError(f"the KV cache holds {state.k.shape[1]} tokens; {end} were asked for (raise max_len "
+                         f"in init_state)")
+      state.k[:, start:end], state.v[:, start:end] = k, v
+      state = KVState(state.k, state.v, end)
+      k, v = state.k[:, :end], state.v[:, :end]
+      mask = (np.arange(end)[None, :] <= (start + np.arange(t))[:, None])[None]  # [1, t, s]
+    scores = np.einsum("bthe,bshe->bhts", q, k) / F32(np.sqrt(q.shape[-1]))
+    scores = np.where(mask[:, None], scores, F32(-np.inf))
+    attended = np.einsum("bhts,bshe->bthe", softmax(scores, axis=-1), v)
+    return np.einsum("bthe,hed->btd", attended, w["out"]).astype(F32), state
