@@ -62,7 +62,7 @@ from yanjax.model.partitioning import Term
 from yanjax.numpy_runtime.mixers import model_class
 from yanjax.optim import decay_mask, make_optimizer
 from yanjax.run_config import MESH_AXES, tokens_per_step, validate_run_config
-from yanjax.train_state import init_train_state, train_state_shardings
+from yanjax.train_state import train_state_shardings
 
 # HBM per device from vendor data sheets, in bytes (GB = 1e9). Matched by the most specific key whose words all
 # appear in the device kind (e.g. 'NVIDIA H100 80GB HBM3' -> "H100").
@@ -389,25 +389,14 @@ def compiled_memory(cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device
   """XLA's memory analysis of the trainer's sharded train step on `devices` (default: all), from abstract
   inputs: nothing is allocated. Returns bytes per device: argument, output, alias, temp and
   total = argument + output - alias + temp (the donated state is aliased to the new one)."""
-  # pylint: disable=import-outside-toplevel  # yanjax.train imports this module; never called from the trainer
-  from yanjax.optim import learning_rate_schedule
-  from yanjax.train_step import make_train_step
-  model_cfg = validate_run_config(cfg)
-  mesh = sharding.make_mesh(cfg.mesh, devices)
-  rules = {name: tuple(axes) for name, axes in cfg.rules}
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: LanguageModel(model_cfg, rngs=nnx.Rngs(0))))
-  optimizer = make_optimizer(cfg.optimizer, cfg.train.steps, decay_mask(abstract))
-  shardings = train_state_shardings(abstract, optimizer, rules, mesh)
-  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                       jax.eval_shape(lambda: init_train_state(model_cfg, optimizer, 0)), shardings)
-  batch_shard = sharding.batch_sharding(mesh, rules)
+  from yanjax.trainer import build_trainer  # pylint: disable=import-outside-toplevel  # compiles: not for check_fits
+  trainer = build_trainer(cfg, devices)
   shape = (cfg.train.global_batch, cfg.train.seq_len)
-  batch = {name: jax.ShapeDtypeStruct(shape, jnp.float32 if name == "loss_mask" else jnp.int32, sharding=batch_shard)
+  batch = {name: jax.ShapeDtypeStruct(shape, jnp.float32 if name == "loss_mask" else jnp.int32,
+                                      sharding=trainer.batch_sharding)
            for name in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
-  step = jax.jit(sharding.with_activation_rules(make_train_step(
-      graphdef, optimizer, learning_rate_schedule(cfg.optimizer, cfg.train.steps), cfg.train.grad_accum,
-      cfg.train.z_loss_weight), mesh, rules), in_shardings=(shardings, batch_shard),
-                 out_shardings=(shardings, None), donate_argnums=0)
+  step = trainer.train_step
+  state = trainer.abstract_state()
   analysis = step.lower(state, batch).compile().memory_analysis()
   if analysis is None:
     raise ConfigError(f"the {jax.default_backend()} backend gives no memory analysis")
