@@ -24,8 +24,8 @@ jax.config.update("jax_num_cpu_devices", 8)  # before any backend starts
 
 import numpy as np  # pylint: disable=wrong-import-position
 
-from yanjax.checkpointing import Checkpointer  # pylint: disable=wrong-import-position
-from yanjax.config import load_config_file  # pylint: disable=wrong-import-position
+from yanjax.core.config import load_config_file  # pylint: disable=wrong-import-position
+from yanjax.training.checkpointing import Checkpointer  # pylint: disable=wrong-import-position
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(_REPO / "tests"), str(_REPO / "benchmarks")]

@@ -25,8 +25,9 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from yanjax.data.loader import make_loader  # pylint: disable=wrong-import-position
+from yanjax.data.store import open_store  # pylint: disable=wrong-import-position
 from yanjax.data.prepare import PrepareSettings, prepare_store  # pylint: disable=wrong-import-position
-from yanjax.data import make_loader, open_store  # pylint: disable=wrong-import-position
 
 # (global batch, sequence length) each model is benchmarked at.
 SHAPES = {"yan_tiny": (16, 256), "yan_85m": (8, 512)}
@@ -59,7 +60,7 @@ def train_tokens_per_s(config_name: str, store: pathlib.Path, global_batch: int,
   import optax  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
-  from yanjax.config import ModelConfig, load_config_file  # pylint: disable=import-outside-toplevel
+  from yanjax.core.config import ModelConfig, load_config_file  # pylint: disable=import-outside-toplevel
   from yanjax.model.lm import LanguageModel  # pylint: disable=import-outside-toplevel
 
   cfg = ModelConfig.from_dict(load_config_file(REPO / "configs" / f"{config_name}.py").model)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from yanjax.config import ModelConfig
+from yanjax.core.config import ModelConfig
 from yanjax.model.attention import Attention
 from yanjax.model.layers import BlockInputs
 from yanjax.model.mcsd import MCSD

@@ -1,6 +1,6 @@
 """Selective activation vs the dense FFN it sparsifies, at equal total parameters, in one run.
 
-The full jitted train step of yanjax.train (forward, backward, AdamW; float32) of MaxText's tiny Llama shape
+The full jitted train step of yanjax.main.train (forward, backward, AdamW; float32) of MaxText's tiny Llama shape
 with the MCSD mixer: 4 layers, width 256 (4 channels), FFN 1024, vocabulary 8192. The selective variants split
 the same FFN into 16 groups of 64 neurons and run the top 4 per token (plus a 64-wide router), with capacity
 dispatch (factor 1.25) and dropless dispatch. Prints JSON lines: one per (variant, sequence length) with
@@ -19,12 +19,12 @@ import argparse
 import json
 
 import jax
-
 from train import build, time_steps  # pylint: disable=import-error  # benchmarks/train.py, beside this script
-from yanjax.model.dispatch import group_capacity
+
 from yanjax.model.counting import flops_per_token
-from yanjax.presets import SELECTIVE_DEFAULTS, build_config
-from yanjax.run_config import validate_run_config
+from yanjax.model.dispatch import group_capacity
+from yanjax.training.presets import SELECTIVE_DEFAULTS, build_config
+from yanjax.training.run_config import validate_run_config
 
 MODEL = dict(vocab_size=8192, width=256, layers=4, channels=4, mlp_width=1024)
 VARIANTS = {

@@ -1,6 +1,6 @@
 """Train-step throughput: tokens/s and MFU of MCSD and its parameter-matched attention baseline, same run.
 
-The full jitted train step of yanjax.train (forward, backward, AdamW update) on random tokens, on all local
+The full jitted train step of yanjax.main.train (forward, backward, AdamW update) on random tokens, on all local
 devices with the config's mesh. Prints JSON lines: one per (mixer, sequence length), then a ratio line per
 length (MCSD tokens/s over attention tokens/s).
 
@@ -17,16 +17,16 @@ import time
 import jax
 import numpy as np
 
-from yanjax.config import load_config_file
-from yanjax.metrics import mfu
+from yanjax.core.config import load_config_file
 from yanjax.model.counting import flops_per_token
-from yanjax.run_config import validate_run_config
-from yanjax.trainer import build_trainer
+from yanjax.training.metrics import mfu
+from yanjax.training.run_config import validate_run_config
+from yanjax.training.trainer import build_trainer
 
 
 def build(cfg):
   """(train state, jitted train step, a random batch, abstract state) of run config `cfg` on its mesh: the
-  trainer's own (yanjax/trainer.py)."""
+  trainer's own (yanjax/training/trainer.py)."""
   trainer = build_trainer(cfg)
   b, t = cfg.train.global_batch, cfg.train.seq_len
   tokens = np.random.default_rng(0).integers(0, trainer.model_cfg.vocab_size, (b, t + 1), dtype=np.int32)

@@ -6,7 +6,7 @@ Run from zero (launch/README.md walks through it): prepare the corpus into a buc
 submit on Slurm (or the TPU / Kubernetes recipes in launch/):
 
     python -m data_pipelines.prepare --output gs://BUCKET/stores/web --vocab_size 64000 'shards/*.jsonl.gz'
-    python -m yanjax.plan --config configs/yan_10b.py --devices 256 --device_kind "H100 80GB"
+    python -m yanjax.main.plan --config configs/yan_10b.py --devices 256 --device_kind "H100 80GB"
     sbatch --nodes=32 launch/slurm.sbatch configs/yan_10b.py gs://BUCKET/runs/yan_10b \
         --config.data.stores="('gs://BUCKET/stores/web',)"
 
@@ -14,14 +14,14 @@ Training as the paper: AdamW, peak lr 8e-4, 4096-token sequences x 1152 (4.7M to
 cosine decay; 200B tokens (about 20 per parameter; the paper does not state its budget). FSDP
 over all devices with tensor=2 (so that the batch of 1152 divides over the batch-parallel devices at 8, 64
 and 256 GPUs); bfloat16 compute, float32 parameters, remat full (save_dots keeps each
-layer's [b, t, 2F] FFN input: 108 GB per device at 256 H100s, per `python -m yanjax.plan`).
+layer's [b, t, 2F] FFN input: 108 GB per device at 256 H100s, per `python -m yanjax.main.plan`).
 
 Variants: `configs/yan_10b.py` (dense FFN), `configs/yan_10b.py:selective` (selective activation),
 `configs/yan_10b.py:attention` (the parameter-matched attention baseline).
-Print every config's size: python -m yanjax.config_table
+Print every config's size: python -m yanjax.main.config_table
 """
 
-from yanjax.presets import build_config
+from yanjax.training.presets import build_config
 
 
 def get_config(variant=None):

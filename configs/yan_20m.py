@@ -3,8 +3,8 @@
 Run (a token store you prepared: see docs/data.md; the plan first):
 
     python -m data_pipelines.prepare --output gs://BUCKET/stores/web --vocab_size 32000 'shards/*.jsonl.gz'
-    python -m yanjax.plan --config configs/yan_20m.py --devices 8 --device_kind "H100 80GB"
-    python -m yanjax.train --config configs/yan_20m.py --workdir gs://BUCKET/runs/yan_20m \
+    python -m yanjax.main.plan --config configs/yan_20m.py --devices 8 --device_kind "H100 80GB"
+    python -m yanjax.main.train --config configs/yan_20m.py --workdir gs://BUCKET/runs/yan_20m \
         --config.data.stores="('gs://BUCKET/stores/web',)"
 
 Training: about 20 tokens per parameter (400,000,000 tokens), 2048-token sequences x 256
@@ -12,10 +12,10 @@ Training: about 20 tokens per parameter (400,000,000 tokens), 2048-token sequenc
 
 Variants: `configs/yan_20m.py` (dense FFN), `configs/yan_20m.py:selective` (selective activation),
 `configs/yan_20m.py:attention` (the parameter-matched attention baseline).
-Print every config's size: python -m yanjax.config_table
+Print every config's size: python -m yanjax.main.config_table
 """
 
-from yanjax.presets import build_config
+from yanjax.training.presets import build_config
 
 
 def get_config(variant=None):

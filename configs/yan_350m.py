@@ -3,20 +3,20 @@
 Run (a token store you prepared: see docs/data.md; the plan first):
 
     python -m data_pipelines.prepare --output gs://BUCKET/stores/web --vocab_size 32000 'shards/*.jsonl.gz'
-    python -m yanjax.plan --config configs/yan_350m.py --devices 8 --device_kind "H100 80GB"
-    python -m yanjax.train --config configs/yan_350m.py --workdir gs://BUCKET/runs/yan_350m \
+    python -m yanjax.main.plan --config configs/yan_350m.py --devices 8 --device_kind "H100 80GB"
+    python -m yanjax.main.train --config configs/yan_350m.py --workdir gs://BUCKET/runs/yan_350m \
         --config.data.stores="('gs://BUCKET/stores/web',)"
 
 Training: about 20 tokens per parameter (7,000,000,000 tokens), 2048-token sequences x 256
 (524,288 tokens per step) in 8 micro-batches (gradient accumulation: what fits 8 H100s,
-per `python -m yanjax.plan`), AdamW with warmup and cosine decay.
+per `python -m yanjax.main.plan`), AdamW with warmup and cosine decay.
 
 Variants: `configs/yan_350m.py` (dense FFN), `configs/yan_350m.py:selective` (selective activation),
 `configs/yan_350m.py:attention` (the parameter-matched attention baseline).
-Print every config's size: python -m yanjax.config_table
+Print every config's size: python -m yanjax.main.config_table
 """
 
-from yanjax.presets import build_config
+from yanjax.training.presets import build_config
 
 
 def get_config(variant=None):

@@ -6,7 +6,7 @@ Run from zero (launch/README.md walks through it): prepare the corpus into a buc
 submit on Slurm (or the TPU / Kubernetes recipes in launch/):
 
     python -m data_pipelines.prepare --output gs://BUCKET/stores/web --vocab_size 64000 'shards/*.jsonl.gz'
-    python -m yanjax.plan --config configs/yan_3b.py --devices 256 --device_kind "H100 80GB"
+    python -m yanjax.main.plan --config configs/yan_3b.py --devices 256 --device_kind "H100 80GB"
     sbatch --nodes=32 launch/slurm.sbatch configs/yan_3b.py gs://BUCKET/runs/yan_3b \
         --config.data.stores="('gs://BUCKET/stores/web',)"
 
@@ -17,10 +17,10 @@ and 256 GPUs); bfloat16 compute, float32 parameters, remat save_dots.
 
 Variants: `configs/yan_3b.py` (dense FFN), `configs/yan_3b.py:selective` (selective activation),
 `configs/yan_3b.py:attention` (the parameter-matched attention baseline).
-Print every config's size: python -m yanjax.config_table
+Print every config's size: python -m yanjax.main.config_table
 """
 
-from yanjax.presets import build_config
+from yanjax.training.presets import build_config
 
 
 def get_config(variant=None):

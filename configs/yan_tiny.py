@@ -3,14 +3,14 @@
 Run (README command 1; the only config that prepares its own data, the Python standard library, into
 <workdir>/data/stdlib, and the only one with a default --workdir):
 
-    python -m yanjax.train --config configs/yan_tiny.py            # --workdir runs/yan_tiny
+    python -m yanjax.main.train --config configs/yan_tiny.py            # --workdir runs/yan_tiny
 
 Variants: `configs/yan_tiny.py` (dense FFN), `configs/yan_tiny.py:selective` (selective activation),
 `configs/yan_tiny.py:attention` (the parameter-matched attention baseline).
-Print every config's size: python -m yanjax.config_table
+Print every config's size: python -m yanjax.main.config_table
 """
 
-from yanjax.presets import build_config
+from yanjax.training.presets import build_config
 
 
 def get_config(variant=None):

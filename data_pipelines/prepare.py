@@ -15,11 +15,10 @@ import argparse
 import sys
 from typing import Sequence
 
-from yanjax import cli
-from yanjax.cli import USAGE_EXIT_CODE
-from yanjax.config import ConfigError
+from yanjax.core import cli
+from yanjax.core.cli import USAGE_EXIT_CODE
+from yanjax.core.errors import UserError
 from yanjax.data import sources, tokenizer
-from yanjax.data.errors import DataError
 from yanjax.data.prepare import DEFAULT_VOCAB_SIZE, PrepareSettings, prepare_store
 
 _DEFAULTS = PrepareSettings(output="")
@@ -70,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   settings = parse_settings(argv)
   try:
     prepare_store(settings)
-  except (DataError, ConfigError) as e:  # ConfigError: a bad URL or unreachable storage
+  except UserError as e:  # a bad setting, corpus or store; a bad URL or unreachable storage
     print(f"error: {e}", file=sys.stderr)
     return USAGE_EXIT_CODE
   return 0

@@ -1,10 +1,10 @@
 """Runs a command as N processes of one multi-host JAX run on this machine, each standing in for a host.
 
   python launch/local.py --num_processes 2 --devices_per_process 2 -- \\
-      python -m yanjax.train --config configs/yan_tiny.py --workdir /tmp/yan_tiny_2proc
+      python -m yanjax.main.train --config configs/yan_tiny.py --workdir /tmp/yan_tiny_2proc
 
 Each process gets YANJAX_COORDINATOR_ADDRESS (127.0.0.1 and a free port), YANJAX_NUM_PROCESSES,
-YANJAX_PROCESS_ID, YANJAX_LOCAL_DEVICE_COUNT (read by `yanjax.distributed.initialize_from_flags`),
+YANJAX_PROCESS_ID, YANJAX_LOCAL_DEVICE_COUNT (read by `yanjax.training.distributed.initialize_from_flags`),
 JAX_PLATFORMS=cpu, and its own log, <log_dir>/process_<i>.log; process 0's output is also shown here.
 When one process fails the others are stopped (SIGTERM, then SIGKILL); the exit status is that of
 the first to fail (128 + signal if killed), 124 on timeout, else 0.

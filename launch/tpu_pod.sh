@@ -44,4 +44,4 @@ gcloud compute tpus tpu-vm ssh "${TPU_NAME}" "${gcloud_args[@]}" --command="${se
 
 trainer_args=$(printf ' %q' --config "${config}" --workdir "${workdir}" "$@")
 gcloud compute tpus tpu-vm ssh "${TPU_NAME}" "${gcloud_args[@]}" \
-  --command="cd ~/yanjax && PYTHONUNBUFFERED=1 ~/yanjax-venv/bin/python -m yanjax.train${trainer_args}"
+  --command="cd ~/yanjax && PYTHONUNBUFFERED=1 ~/yanjax-venv/bin/python -m yanjax.main.train${trainer_args}"

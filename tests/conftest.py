@@ -8,7 +8,6 @@ import sysconfig
 
 import jax
 import pytest
-
 import s3_server
 
 jax.config.update("jax_num_cpu_devices", 8)  # before any backend starts; single-device code uses device 0

@@ -1,6 +1,6 @@
 """One process of the multi-process test (tests/test_distributed.py runs it under launch/local.py).
 
-Joins the run with `yanjax.distributed.initialize_from_flags`, sums a global array whose shards live on
+Joins the run with `yanjax.training.distributed.initialize_from_flags`, sums a global array whose shards live on
 every process's devices, and writes what it saw to <out>/process_<i>.json; or, with --fail_process,
 has that process raise.
 """
@@ -8,14 +8,13 @@ has that process raise.
 import json
 import os
 
-from absl import app
-from absl import flags
 import jax
-from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
+from jax.experimental import multihost_utils
 
-from yanjax import distributed
+from yanjax.training import distributed
 
 _OUT = flags.DEFINE_string("out", None, "Directory for the result files.", required=True)
 _FAIL_PROCESS = flags.DEFINE_integer(

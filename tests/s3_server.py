@@ -69,7 +69,7 @@ def authenticated_moto_server(bucket: str):
 
 
 def s3_environment(endpoint: str) -> dict[str, str]:
-  """The variables that point boto3, s3fs, tensorstore (through yanjax.storage) and orbax at `endpoint`."""
+  """The variables that point boto3, s3fs, tensorstore (through yanjax.core.storage) and orbax at `endpoint`."""
   return {**CREDENTIALS, "AWS_ENDPOINT_URL": endpoint}
 
 

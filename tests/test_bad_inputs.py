@@ -19,7 +19,6 @@ import time
 from typing import Callable
 
 import pytest
-
 from test_train import REPO, losses, tiny_flags
 
 PREEMPTED, USAGE = 42, 2
@@ -42,7 +41,7 @@ def _command(module: str, *args, env=None, timeout=240) -> tuple[int, str]:
 
 
 def _train(ctx, *extra, steps=8):
-  return _command("yanjax.train", f"--workdir={ctx['workdir']}", *tiny_flags(ctx["store"], steps=steps),
+  return _command("yanjax.main.train", f"--workdir={ctx['workdir']}", *tiny_flags(ctx["store"], steps=steps),
                   "--config.checkpoint.every_steps=4", *extra)
 
 
@@ -74,7 +73,7 @@ def _prepare_over_user_files(ctx):
 
 
 def _second_trainer(ctx):
-  first = subprocess.Popen([sys.executable, "-m", "yanjax.train", f"--workdir={ctx['workdir']}",
+  first = subprocess.Popen([sys.executable, "-m", "yanjax.main.train", f"--workdir={ctx['workdir']}",
                             *tiny_flags(ctx["store"], steps=100000, eval_every=100000),
                             "--config.checkpoint.every_steps=100000"], cwd=REPO, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
@@ -133,7 +132,7 @@ def _other_tokenizer_store(ctx):
 
 
 def _sigterm_at_start_up(ctx):
-  proc = subprocess.Popen([sys.executable, "-m", "yanjax.train", f"--workdir={ctx['tmp'] / 'fresh'}",
+  proc = subprocess.Popen([sys.executable, "-m", "yanjax.main.train", f"--workdir={ctx['tmp'] / 'fresh'}",
                            *tiny_flags(ctx["store"], steps=8)], cwd=REPO, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
   time.sleep(1.5)
@@ -143,7 +142,7 @@ def _sigterm_at_start_up(ctx):
 
 
 def _kill_then_resume(ctx):
-  proc = subprocess.Popen([sys.executable, "-m", "yanjax.train", f"--workdir={ctx['tmp'] / 'killed'}",
+  proc = subprocess.Popen([sys.executable, "-m", "yanjax.main.train", f"--workdir={ctx['tmp'] / 'killed'}",
                            *tiny_flags(ctx["store"], steps=16), "--config.checkpoint.every_steps=4"], cwd=REPO,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 120
@@ -208,11 +207,11 @@ ROWS = [
     Row("SIGTERM during start-up", _sigterm_at_start_up, PREEMPTED, "nothing to save yet"),
     Row("SIGKILL after a checkpoint, then resume: each step logged once", _kill_then_resume, 0,
         "resumed from the checkpoint at step", _each_step_once),
-    Row("a workdir URL with a typo'd scheme", lambda ctx: _command("yanjax.train", "--workdir=gcs://b/run",
+    Row("a workdir URL with a typo'd scheme", lambda ctx: _command("yanjax.main.train", "--workdir=gcs://b/run",
                                                                    *tiny_flags(ctx["store"])), USAGE,
         "unknown storage scheme gcs://"),
     Row("generate from a workdir without checkpoints",
-        lambda ctx: _command("yanjax.generate", f"--workdir={ctx['tmp'] / 'empty'}", "--prompt=a"), USAGE,
+        lambda ctx: _command("yanjax.inference.generate", f"--workdir={ctx['tmp'] / 'empty'}", "--prompt=a"), USAGE,
         "no checkpoint under"),
     Row("the NumPy runtime on a missing export",
         lambda ctx: _command("yanjax.numpy_runtime", f"--export={ctx['tmp'] / 'none'}", "--prompt=a"), USAGE,
@@ -224,7 +223,7 @@ ROWS = [
 def trained(small_store, tmp_path_factory):
   """A workdir trained 8 steps (checkpoints 4 and 8) on the small store, and 20 standard-library files."""
   workdir = tmp_path_factory.mktemp("bad_inputs") / "run"
-  code, out = _command("yanjax.train", f"--workdir={workdir}", *tiny_flags(small_store, steps=8),
+  code, out = _command("yanjax.main.train", f"--workdir={workdir}", *tiny_flags(small_store, steps=8),
                        "--config.checkpoint.every_steps=4")
   assert code == 0, out[-3000:]
   stdlib = sorted(glob.glob(f"{sysconfig.get_paths()['stdlib']}/*.py"))[:20]

@@ -15,9 +15,9 @@ import time
 import numpy as np
 import pytest
 from etils import epath
-
 from test_train import REPO, start_train, tiny_flags
-from yanjax import storage
+
+from yanjax.core import storage
 
 KILL_AFTER = 8
 
@@ -38,7 +38,8 @@ def _losses(workdir: str) -> dict[int, float]:
 
 def _final_params(workdir: str) -> dict[str, np.ndarray]:
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  from yanjax.inference import load_inference_model  # pylint: disable=import-outside-toplevel
+
+  from yanjax.inference.loading import load_inference_model  # pylint: disable=import-outside-toplevel
   model, _, _ = load_inference_model(workdir)
   return {".".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
@@ -52,7 +53,7 @@ def test_a_run_that_lives_in_a_bucket(s3_bucket, tmp_path):
   flags = tiny_flags(store, steps=24, eval_every=100) + ["--config.checkpoint.every_steps=8",
                                                           "--config.train.sample_tokens=8"]
   straight, killed = f"{s3_bucket}/runs/straight", f"{s3_bucket}/runs/killed"
-  _run(["yanjax.train", f"--workdir={straight}", *flags])
+  _run(["yanjax.main.train", f"--workdir={straight}", *flags])
 
   proc = start_train(killed, flags)
   committed = storage.as_path(f"{killed}/checkpoints/{KILL_AFTER}/commit_success.txt")
@@ -63,7 +64,7 @@ def test_a_run_that_lives_in_a_bucket(s3_bucket, tmp_path):
     time.sleep(0.2)
   proc.kill()
   proc.wait()
-  resumed_out = _run(["yanjax.train", f"--workdir={killed}", *flags])
+  resumed_out = _run(["yanjax.main.train", f"--workdir={killed}", *flags])
   assert "resumed from the checkpoint at step" in resumed_out
   assert re.search(r"compilation cache s3://\S+: [1-9]\d* hits", resumed_out), resumed_out[-2000:]
 
@@ -76,10 +77,10 @@ def test_a_run_that_lives_in_a_bucket(s3_bucket, tmp_path):
   assert any(storage.as_path(f"{killed}/tensorboard").iterdir())
   assert any(storage.as_path(f"{killed}/compilation_cache").iterdir())
 
-  generated = _run(["yanjax.generate", f"--workdir={killed}", "--prompt", "def ", "--max_new_tokens", "8"])
+  generated = _run(["yanjax.inference.generate", f"--workdir={killed}", "--prompt", "def ", "--max_new_tokens", "8"])
   assert generated.strip()
   export = f"{s3_bucket}/exports/killed"
-  _run(["yanjax.export", f"--workdir={killed}", f"--out={export}"])
+  _run(["yanjax.export.writer", f"--workdir={killed}", f"--out={export}"])
   assert storage.as_path(f"{export}/manifest.json").exists()
   numpy_text = _run(["yanjax.numpy_runtime", f"--export={export}", "--prompt", "def ", "--max_new_tokens", "8"])
   assert numpy_text.strip()

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from yanjax.config import ConfigError, ModelConfig, load_config_file
-from yanjax.config_table import config_rows, main as print_table
+from yanjax.core.config import ConfigError, ModelConfig, load_config_file
+from yanjax.main.config_table import config_rows
+from yanjax.main.config_table import main as print_table
 from yanjax.model.counting import flops_per_token, param_count
 from yanjax.model.lm import LanguageModel
-from yanjax.presets import matched_attention
+from yanjax.training.presets import matched_attention
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 

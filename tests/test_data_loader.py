@@ -6,9 +6,16 @@ import pathlib
 import numpy as np
 import pytest
 
-from yanjax.data import sources, store_writer, tokenizer
-from yanjax.data import (DataError, SequenceLengthError, TokenizerMismatchError, make_loader,
-                         open_store)
+from yanjax.data import (
+  DataError,
+  SequenceLengthError,
+  TokenizerMismatchError,
+  make_loader,
+  open_store,
+  sources,
+  store_writer,
+  tokenizer,
+)
 from yanjax.data.packing import DocumentRows, PackedSequences
 
 VOCAB = 400

@@ -12,9 +12,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_pipelines.prepare import main as prepare_main, parse_settings
-from yanjax.data import prepare, sources, store_writer
-from yanjax.data import CorpusError, StoreError, TokenizerMismatchError, open_store
+from data_pipelines.prepare import main as prepare_main
+from data_pipelines.prepare import parse_settings
+from yanjax.data import (
+  CorpusError,
+  StoreError,
+  TokenizerMismatchError,
+  open_store,
+  prepare,
+  sources,
+  store_writer,
+)
 from yanjax.data.store import TEMP_MARKER
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from yanjax import sharding
-from yanjax.config import ModelConfig
+from yanjax.core.config import ModelConfig
 from yanjax.model.dispatch import capacity_dispatch, capacity_positions, group_capacity
 from yanjax.model.layers import cast, geglu
 from yanjax.model.selective import SelectiveFFN
-from yanjax.run_config import DEFAULTS
+from yanjax.training import sharding
+from yanjax.training.run_config import DEFAULTS
 
 D, E, K, F, H = 16, 8, 2, 8, 8
 T = 12  # tokens per row: the only model-visible size with a factor 3 (every parameter dim is a power of 2)

@@ -1,4 +1,4 @@
-"""yanjax.distributed (flag and env resolution, mode detection) and launch/local.py (real processes)."""
+"""yanjax.training.distributed (flag and env resolution, mode detection) and launch/local.py (real processes)."""
 
 import importlib.util
 import json
@@ -7,11 +7,11 @@ import subprocess
 import sys
 import time
 
+import pytest
 from absl import flags
 from absl.testing import flagsaver
-import pytest
 
-from yanjax import distributed
+from yanjax.training import distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOCAL_PY = os.path.join(REPO, "launch", "local.py")

@@ -18,16 +18,26 @@ import numpy as np
 import pytest
 import safetensors.numpy
 from flax import nnx
-
-from yanjax import export as export_module
-from yanjax import inference
-from yanjax.config import ConfigError, ModelConfig
-from yanjax.export import export_model, parameter_arrays
-from yanjax.generate import generate
-from yanjax.numpy_runtime import (ExportError, Model, array_sha256, bf16_bits_to_float32, expected_shapes,
-                                  float32_to_bf16_bits, load_export, read_safetensors)
-from yanjax.numpy_runtime import generate as np_generate
 from model_helpers import random_model
+
+from yanjax.core.config import ConfigError, ModelConfig
+from yanjax.export import writer as export_module
+from yanjax.export.writer import export_model, parameter_arrays
+from yanjax.inference import loading as inference
+from yanjax.inference.generate import generate
+from yanjax.main import export as export_cli
+from yanjax.main import generate as generate_cli
+from yanjax.numpy_runtime import (
+  ExportError,
+  Model,
+  array_sha256,
+  bf16_bits_to_float32,
+  expected_shapes,
+  float32_to_bf16_bits,
+  load_export,
+  read_safetensors,
+)
+from yanjax.numpy_runtime import generate as np_generate
 
 # Max abs logit difference, NumPy runtime vs JAX model, float32 weights and compute (logits here are O(10)).
 TOLERANCE = 1e-4
@@ -319,7 +329,7 @@ def test_export_cli_with_tokenizer_and_numpy_cli(tokenizer_model, tmp_path, monk
   model, cfg = _model("yan", vocab_size=320)
   monkeypatch.setattr(inference, "load_inference_model",
                       lambda workdir, mesh_spec=None: (model, cfg, str(tokenizer_model)))
-  export_module.main(["--workdir", "run", "--out", str(tmp_path / "out")])
+  export_cli.main(["--workdir", "run", "--out", str(tmp_path / "out")])
   assert "exported 16 arrays" in capsys.readouterr().out
   export = load_export(tmp_path / "out")
   assert export.tokenizer_path == tmp_path / "out" / "tokenizer.model"
@@ -327,7 +337,7 @@ def test_export_cli_with_tokenizer_and_numpy_cli(tokenizer_model, tmp_path, monk
   _flip_byte(tmp_path / "out" / "tokenizer.model", 5)
   with pytest.raises(ExportError, match=r"tokenizer\.model: sha256 does not match"):
     load_export(tmp_path / "out")
-  export_module.main(["--workdir", "run", "--out", str(tmp_path / "out")])  # re-export over the old one
+  export_cli.main(["--workdir", "run", "--out", str(tmp_path / "out")])  # re-export over the old one
   capsys.readouterr()
   assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
       ["config.json", "manifest.json", "tokenizer.model", "weights.npz", "weights.safetensors"])  # no .tmp
@@ -375,10 +385,10 @@ def test_export_is_deterministic(exported, tmp_path):
 
 
 def test_export_to_a_bucket_and_run_it_from_there(tokenizer_model, tmp_path, s3_bucket, monkeypatch, capsys):
-  """--out s3://...: written there directly; the NumPy runtime and yanjax.generate read it (and the run's
+  """--out s3://...: written there directly; the NumPy runtime and yanjax.inference.generate read it (and the run's
   tokenizer) from the bucket."""
   from etils import epath  # pylint: disable=import-outside-toplevel
-  from yanjax import generate as generate_module  # pylint: disable=import-outside-toplevel
+
   from yanjax.numpy_runtime.__main__ import main as numpy_main  # pylint: disable=import-outside-toplevel
   model, cfg = _model("yan", vocab_size=320, scan_layers=True)
   remote_tokenizer = epath.Path(f"{s3_bucket}/run/tokenizer.model")
@@ -386,7 +396,7 @@ def test_export_to_a_bucket_and_run_it_from_there(tokenizer_model, tmp_path, s3_
   monkeypatch.setattr(inference, "load_inference_model",
                       lambda workdir, mesh_spec=None: (model, cfg, remote_tokenizer))
   url = f"{s3_bucket}/exports/tiny"
-  export_module.main(["--workdir", f"{s3_bucket}/run", "--out", url])
+  export_cli.main(["--workdir", f"{s3_bucket}/run", "--out", url])
   assert "exported 16 arrays" in capsys.readouterr().out
   assert sorted(p.name for p in epath.Path(url).iterdir()) == sorted(
       ["config.json", "manifest.json", "tokenizer.model", "weights.npz", "weights.safetensors"])
@@ -404,7 +414,7 @@ def test_export_to_a_bucket_and_run_it_from_there(tokenizer_model, tmp_path, s3_
   assert from_bucket == capsys.readouterr().out and len(from_bucket) > 1
   args = types.SimpleNamespace(prompt="the state", prompt_ids=None, prompts_file=None, max_new_tokens=6,
                                temperature=0.0, top_k=0, top_p=1.0, seed=0, no_bos=False, workdir="run")
-  generate_module.run(model, f"{s3_bucket}/run/tokenizer.model", args)
+  generate_cli.run(model, f"{s3_bucket}/run/tokenizer.model", args)
   assert capsys.readouterr().out == from_bucket
 
   (epath.Path(url) / "weights.npz").write_bytes(b"not a zip")
@@ -480,13 +490,14 @@ def test_out_that_is_not_an_export_is_refused_and_untouched(tmp_path, monkeypatc
   # The command line refuses before it reads the checkpoint; `cli.run` makes it one line, exit code 2.
   monkeypatch.setattr(inference, "load_inference_model", lambda *a, **k: pytest.fail("checkpoint read"))
   with pytest.raises(ConfigError, match="notes.txt"):
-    export_module.main(["--workdir", "run", "--out", str(mine)])
+    export_cli.main(["--workdir", "run", "--out", str(mine)])
   assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "mine", "other"]
 
 
 def test_bucket_export_is_replaced_manifest_last_and_kept_on_failure(s3_bucket, monkeypatch):
   from etils import epath  # pylint: disable=import-outside-toplevel
-  from yanjax import storage  # pylint: disable=import-outside-toplevel
+
+  from yanjax.core import storage  # pylint: disable=import-outside-toplevel
   model, cfg = _model("yan")
   url = f"{s3_bucket}/exports/m"
   fs = epath.backend.fsspec_backend.fs(url)

@@ -12,13 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import sentencepiece as spm
-
-from yanjax import generate as generate_module
-from yanjax import inference
-from yanjax.config import ModelConfig
-from yanjax.generate import Completion, TextStreamer, generate
-from yanjax.sampling import Sampling
 from model_helpers import random_model
+
+from yanjax.core.config import ModelConfig
+from yanjax.inference import loading as inference
+from yanjax.inference.generate import Completion, TextStreamer, generate
+from yanjax.inference.sampling import Sampling
+from yanjax.main import export as export_cli
+from yanjax.main import generate as generate_cli
 
 VOCAB = 320  # > the test tokenizer's 300 pieces
 PROMPTS = [[1, 17, 40, 9, 250], [1, 33], [1, 5, 6]]
@@ -158,17 +159,17 @@ def test_cli_streams_one_prompt_and_writes_json_lines_for_a_file(tokenizer, tmp_
   pieces = []
   out = io.StringIO()
   out.write = lambda s, write=out.write: (pieces.append(s), write(s))[1]
-  generate_module.run(model, str(tokenizer), _args(prompt=texts[0]), out=out)
+  generate_cli.run(model, str(tokenizer), _args(prompt=texts[0]), out=out)
   assert out.getvalue() == processor.decode(want.tokens) + "\n"
   assert len([p for p in pieces if p]) >= 8  # written piece by piece as tokens came, then the newline
 
   prompt = [1] + processor.encode(texts[0])
-  generate_module.main(["--workdir", "run", "--prompt_ids", ",".join(map(str, prompt)), "--max_new_tokens", "8"])
+  generate_cli.main(["--workdir", "run", "--prompt_ids", ",".join(map(str, prompt)), "--max_new_tokens", "8"])
   assert capsys.readouterr().out == "".join(f"{t} " for t in want.tokens) + f"\n[{want.stop_reason}]\n"
 
   prompts_file = tmp_path / "prompts.txt"
   prompts_file.write_text("\n".join(texts) + "\n", encoding="utf-8")
-  generate_module.main(["--workdir", "run", "--prompts_file", str(prompts_file), "--max_new_tokens", "8",
+  generate_cli.main(["--workdir", "run", "--prompts_file", str(prompts_file), "--max_new_tokens", "8",
                         "--batch_size", "2"])
   lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   assert [line["prompt"] for line in lines] == texts
@@ -184,7 +185,6 @@ def test_end_to_end_train_export_generate_and_numpy_runtime(small_store, tmp_pat
   import pathlib  # pylint: disable=import-outside-toplevel
   import subprocess  # pylint: disable=import-outside-toplevel
 
-  from yanjax import export as export_module  # pylint: disable=import-outside-toplevel
   from yanjax.numpy_runtime.__main__ import main as numpy_main  # pylint: disable=import-outside-toplevel
 
   repo = pathlib.Path(__file__).resolve().parents[1]
@@ -195,13 +195,13 @@ def test_end_to_end_train_export_generate_and_numpy_runtime(small_store, tmp_pat
            "--config.optimizer.warmup_steps=2", "--config.checkpoint.every_steps=4",
            "--config.model.vocab_size=512", "--config.model.width=32", "--config.model.channels=2",
            "--config.model.mlp_width=64"]
-  done = subprocess.run([sys.executable, "-m", "yanjax.train", f"--workdir={workdir}", *flags], cwd=repo,
+  done = subprocess.run([sys.executable, "-m", "yanjax.main.train", f"--workdir={workdir}", *flags], cwd=repo,
                         capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
 
-  export_module.main(["--workdir", str(workdir), "--out", str(tmp_path / "export")])
+  export_cli.main(["--workdir", str(workdir), "--out", str(tmp_path / "export")])
   assert capsys.readouterr().out.startswith("exported 16 arrays")
-  generate_module.main(["--workdir", str(workdir), "--prompt", "def main(", "--max_new_tokens", "12"])
+  generate_cli.main(["--workdir", str(workdir), "--prompt", "def main(", "--max_new_tokens", "12"])
   jax_text = capsys.readouterr().out
   numpy_main(["--export", str(tmp_path / "export"), "--prompt", "def main(", "--max_new_tokens", "12"])
   numpy_text = capsys.readouterr().out

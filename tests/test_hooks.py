@@ -6,14 +6,14 @@ import types
 import jax
 import ml_collections
 import numpy as np
-
 from test_train import MODEL, REPO, losses, run_train, tiny_flags
 from test_writers import wandb_history
-from yanjax.config import load_config_file
-from yanjax.hooks import LossMonitor, MetricsLogger
-from yanjax.loop import TrainLoop
-from yanjax.trainer import build_trainer
-from yanjax.writers import JsonlWriter, Writers, wandb_run_id
+
+from yanjax.core.config import load_config_file
+from yanjax.training.hooks import LossMonitor, MetricsLogger
+from yanjax.training.loop import TrainLoop
+from yanjax.training.trainer import build_trainer
+from yanjax.training.writers import JsonlWriter, Writers, wandb_run_id
 
 
 def _counting_loop(steps=10, log_every=4):

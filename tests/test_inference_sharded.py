@@ -16,22 +16,23 @@ import safetensors.numpy
 import tensorstore as ts
 from flax import nnx
 from jax.sharding import NamedSharding
+from model_helpers import random_model
 
-from yanjax import export as export_module
-from yanjax import generate as generate_module
-from yanjax import sharding
-from yanjax.checkpointing import Checkpointer
-from yanjax.config import ConfigError, ModelConfig
-from yanjax.export import export_model, parameter_arrays
-from yanjax.generate import generate
-from yanjax.inference import inference_mesh, load_inference_model, parse_mesh
+from yanjax.core.config import ConfigError, ModelConfig
+from yanjax.export import writer as export_module
+from yanjax.export.writer import export_model, parameter_arrays
+from yanjax.inference.generate import generate
+from yanjax.inference.loading import inference_mesh, load_inference_model, parse_mesh
+from yanjax.main import export as export_cli
+from yanjax.main import generate as generate_cli
 from yanjax.model.lm import LanguageModel
 from yanjax.numpy_runtime import Model, load_export
 from yanjax.numpy_runtime import generate as np_generate
-from yanjax.optim import decay_mask, make_optimizer
-from yanjax.run_config import build_run_config
-from yanjax.train_state import train_state_shardings
-from model_helpers import random_model
+from yanjax.training import sharding
+from yanjax.training.checkpointing import Checkpointer
+from yanjax.training.optim import decay_mask, make_optimizer
+from yanjax.training.run_config import build_run_config
+from yanjax.training.train_state import train_state_shardings
 
 PROMPTS = [[1, 5, 9, 3, 7], [1, 22], [4, 5, 6]]
 FSDP8 = {"data": 1, "fsdp": 8, "tensor": 1, "expert": 1}
@@ -212,7 +213,7 @@ def test_a_checkpoint_without_checksums_loads_as_before(tmp_path):
 
 def test_a_run_in_a_bucket_restores_onto_the_mesh(s3_bucket, tmp_path):
   """A workdir at s3://...: its sharded checkpoint restores onto the mesh; its tokenizer comes back as an
-  epath in the bucket, which yanjax.generate reads."""
+  epath in the bucket, which yanjax.inference.generate reads."""
   from etils import epath  # pylint: disable=import-outside-toplevel
   model = random_model(_config())
   workdir = f"{s3_bucket}/runs/tiny"
@@ -229,10 +230,10 @@ def test_a_run_in_a_bucket_restores_onto_the_mesh(s3_bucket, tmp_path):
 def test_clis_with_mesh_flag(run, tmp_path, capsys):
   workdir, original = run
   (want,) = generate(original, [PROMPTS[0]], max_new_tokens=6)
-  generate_module.main(["--workdir", str(workdir), "--mesh", "fsdp=2", "--prompt_ids", "1,5,9,3,7",
+  generate_cli.main(["--workdir", str(workdir), "--mesh", "fsdp=2", "--prompt_ids", "1,5,9,3,7",
                         "--max_new_tokens", "6"])
   assert capsys.readouterr().out == "".join(f"{t} " for t in want.tokens) + f"\n[{want.stop_reason}]\n"
-  export_module.main(["--workdir", str(workdir), "--out", str(tmp_path / "export"), "--mesh", "fsdp=8"])
+  export_cli.main(["--workdir", str(workdir), "--out", str(tmp_path / "export"), "--mesh", "fsdp=8"])
   assert "exported 16 arrays" in capsys.readouterr().out
   exported = load_export(tmp_path / "export").arrays
   for name, value in parameter_arrays(original, original.cfg).items():

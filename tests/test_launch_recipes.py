@@ -15,9 +15,9 @@ import sys
 
 import pytest
 import yaml
-
 from test_train import REPO, tiny_flags
-from yanjax.cli import PREEMPTED_EXIT_CODE
+
+from yanjax.core.cli import PREEMPTED_EXIT_CODE
 
 README = REPO / "launch/README.md"
 
@@ -25,9 +25,10 @@ README = REPO / "launch/README.md"
 # reads the multi-host settings from this process's env; prints what it found as JSON. Trains nothing.
 PARSE_TRAINER_ARGV = """
 import json, sys
-from yanjax import distributed, sharding, train
-from yanjax.run_config import validate_run_config
-train.parse_flags(["yanjax.train", *sys.argv[2:]])
+from yanjax.training import distributed, sharding
+from yanjax.main import train
+from yanjax.training.run_config import validate_run_config
+train.parse_flags(["yanjax.main.train", *sys.argv[2:]])
 cfg = train.FLAGS.config
 validate_run_config(cfg)
 settings = distributed.read_settings()
@@ -40,7 +41,7 @@ print(json.dumps({"workdir": train.FLAGS.workdir, "stores": list(cfg.data.stores
 
 
 def parse_trainer_argv(argv: list[str], env: dict[str, str] | None = None, devices: int = 0) -> dict:
-  """What the trainer makes of `argv` (the arguments after `python -m yanjax.train`), run from the repo root.
+  """What the trainer makes of `argv` (the arguments after `python -m yanjax.main.train`), run from the repo root.
 
   `env`: the recipe's env vars; `devices`: the run's device count, to resolve the config's mesh (0: don't).
   """
@@ -52,11 +53,11 @@ def parse_trainer_argv(argv: list[str], env: dict[str, str] | None = None, devic
 
 
 def trainer_argv(command: list[str]) -> list[str]:
-  """The arguments after `-m yanjax.train` in a command."""
+  """The arguments after `-m yanjax.main.train` in a command."""
   for i in range(len(command) - 1):
-    if command[i:i + 2] == ["-m", "yanjax.train"]:
+    if command[i:i + 2] == ["-m", "yanjax.main.train"]:
       return command[i + 2:]
-  raise AssertionError(f"no `-m yanjax.train` in {command}")
+  raise AssertionError(f"no `-m yanjax.main.train` in {command}")
 
 
 def readme_command(marker: str) -> list[str]:
@@ -80,7 +81,7 @@ def test_local_launcher_documented_command(small_store, tmp_path):
   assert command[:6] == ["python", "launch/local.py", "--num_processes", "2", "--devices_per_process", "2"], command
   separator = command.index("--")
   trainer = command[separator + 1:]
-  assert trainer[:3] == ["python", "-m", "yanjax.train"] and "--config" in trainer and "--workdir" in trainer
+  assert trainer[:3] == ["python", "-m", "yanjax.main.train"] and "--config" in trainer and "--workdir" in trainer
   workdir = tmp_path / "run"
   trainer[trainer.index("--workdir") + 1] = str(workdir)
   steps = 6
@@ -230,7 +231,7 @@ def test_jobset_manifest_shape_env_and_command():
 
   # The command: run by the image's WORKDIR (a copy of this repo), parsed with the trainer's flags, per pod.
   command = container["command"]
-  assert command[:3] == ["python", "-m", "yanjax.train"]
+  assert command[:3] == ["python", "-m", "yanjax.main.train"]
   argv = trainer_argv(command)
   config = argv[argv.index("--config") + 1]
   assert (REPO / config).exists()

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from yanjax.config import ConfigError, ModelConfig
+from yanjax.core.config import ConfigError, ModelConfig
 from yanjax.model.layers import BlockInputs
-from yanjax.numpy_runtime import ExportError, MIXERS
+from yanjax.numpy_runtime import MIXERS, ExportError
 from yanjax.numpy_runtime import layers as np_layers
 from yanjax.numpy_runtime.format import check_config
 from yanjax.numpy_runtime.mixers import model_class

@@ -13,12 +13,12 @@ import sys
 
 import jax
 import pytest
-
 from test_train import REPO, tiny_flags
-from yanjax import plan
-from yanjax.config import ConfigError, load_config_file
+
+from yanjax.core.config import ConfigError, load_config_file
 from yanjax.model.counting import flops_per_token
-from yanjax.run_config import validate_run_config
+from yanjax.training import plan
+from yanjax.training.run_config import validate_run_config
 
 CONFIGS = sorted(glob.glob(str(REPO / "configs/yan_*.py")))
 VARIANTS = ("", ":selective", ":attention")
@@ -33,7 +33,7 @@ RATIO_BOUNDS = (0.6, 1.6)  # plan / compiled; measured 0.76-1.28 (benchmarks/RES
 def intended(config: str) -> tuple[int, str]:
   """(devices, device kind) of the plan command in a config's docstring; (1, "cpu") for the CPU-only config."""
   text = pathlib.Path(config.split(":")[0]).read_text()
-  found = re.search(r'python -m yanjax\.plan --config \S+ --devices (\d+) --device_kind "([^"]+)"', text)
+  found = re.search(r'python -m yanjax\.main\.plan --config \S+ --devices (\d+) --device_kind "([^"]+)"', text)
   return (int(found[1]), found[2]) if found else (1, "cpu")
 
 
@@ -163,7 +163,7 @@ def test_device_memory_comes_from_the_table_or_the_environment(monkeypatch):
 
 
 def _plan_cli(*args):
-  return subprocess.run([sys.executable, "-m", "yanjax.plan", *args], cwd=REPO, capture_output=True, text=True,
+  return subprocess.run([sys.executable, "-m", "yanjax.main.plan", *args], cwd=REPO, capture_output=True, text=True,
                         timeout=300, check=False)
 
 
@@ -193,7 +193,7 @@ def test_the_command_line_compiles_the_step_on_local_cpu_devices():
 def test_the_trainer_refuses_a_run_that_cannot_fit_before_compiling(small_store, tmp_path):
   """On CPU no capacity is known, so $YANJAX_DEVICE_MEMORY_BYTES stands in for a small device."""
   env = {**os.environ, plan.MEMORY_ENV: "1e6", "JAX_LOG_COMPILES": "1"}
-  proc = subprocess.run([sys.executable, "-m", "yanjax.train", f"--workdir={tmp_path / 'w'}",
+  proc = subprocess.run([sys.executable, "-m", "yanjax.main.train", f"--workdir={tmp_path / 'w'}",
                          *tiny_flags(small_store)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
                         check=False)
   assert proc.returncode == 2, proc.stderr[-3000:]

@@ -7,10 +7,10 @@ import sys
 import time
 
 import pytest
-
 import s3_server
 from test_train import REPO, tiny_flags
-from yanjax.cli import PREEMPTED_EXIT_CODE
+
+from yanjax.core.cli import PREEMPTED_EXIT_CODE
 
 
 @pytest.mark.slow
@@ -25,7 +25,7 @@ def test_sigterm_to_one_host_saves_on_all_at_the_sync_point(small_store, tmp_pat
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "YANJAX_COORDINATOR_ADDRESS": coordinator,
            "YANJAX_NUM_PROCESSES": "2", "YANJAX_PROCESS_ID": str(index), "YANJAX_LOCAL_DEVICE_COUNT": "2"}
     log = open(tmp_path / f"process_{index}.log", "w", encoding="utf-8")  # pylint: disable=consider-using-with
-    procs.append(subprocess.Popen([sys.executable, "-m", "yanjax.train", f"--workdir={tmp_path / 'w'}", *flags],
+    procs.append(subprocess.Popen([sys.executable, "-m", "yanjax.main.train", f"--workdir={tmp_path / 'w'}", *flags],
                                   cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
   try:
     deadline = time.time() + 240

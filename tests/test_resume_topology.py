@@ -13,10 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
-
 from test_train import REPO, losses, run_train, tiny_flags
-from yanjax import sharding
-from yanjax.checkpointing import Checkpointer
+
+from yanjax.training import sharding
+from yanjax.training.checkpointing import Checkpointer
 
 STEPS, SAVED = 12, 6
 
@@ -91,7 +91,7 @@ def test_resume_on_two_processes_of_two_devices(eight_device_run, tmp_path):
   import local  # pylint: disable=import-outside-toplevel
   flags, reference = eight_device_run
   workdir = _from_step_six(reference, tmp_path / "resumed")
-  command = [sys.executable, "-m", "yanjax.train", f"--workdir={workdir}", *flags, "--config.mesh.data=1",
+  command = [sys.executable, "-m", "yanjax.main.train", f"--workdir={workdir}", *flags, "--config.mesh.data=1",
              "--config.mesh.fsdp=4", "--config.train.sample_tokens=8"]
   codes = local.launch_local(command, num_processes=2, devices_per_process=2, log_dir=str(tmp_path / "logs"),
                              timeout=400)

@@ -4,7 +4,6 @@ its exploration phase, and the evaluation records say so per layer."""
 import json
 
 import pytest
-
 from test_train import REPO, run_train
 
 GROUPS = 16

@@ -5,11 +5,16 @@ import subprocess
 import sys
 
 import pytest
-
 from test_train import REPO, tiny_flags
-from yanjax.config import ConfigError, ModelConfig, load_config_file
-from yanjax.run_config import REQUIRED, DEFAULTS, build_run_config, validate_run_config
-from yanjax.cli import USAGE_EXIT_CODE
+
+from yanjax.core.cli import USAGE_EXIT_CODE
+from yanjax.core.config import ConfigError, ModelConfig, load_config_file
+from yanjax.training.run_config import (
+  DEFAULTS,
+  REQUIRED,
+  build_run_config,
+  validate_run_config,
+)
 
 CONFIGS = sorted(glob.glob(str(REPO / "configs/yan_*.py")))
 REQUIRED_KEYS = [f"{s}.{k}" for s, keys in DEFAULTS.items() if isinstance(keys, dict)
@@ -52,7 +57,7 @@ def test_a_config_that_leaves_a_size_dependent_key_unset_is_refused():
     (["--config=configs/nope.py"], "config file configs/nope.py does not exist"),
 ])
 def test_bad_run_settings_are_one_line_at_start_up(small_store, tmp_path, extra, fragment):
-  proc = subprocess.run([sys.executable, "-m", "yanjax.train", f"--workdir={tmp_path / 'w'}",
+  proc = subprocess.run([sys.executable, "-m", "yanjax.main.train", f"--workdir={tmp_path / 'w'}",
                          *tiny_flags(small_store), *extra], cwd=REPO, capture_output=True, text=True, timeout=180,
                         check=False)
   assert proc.returncode == USAGE_EXIT_CODE, proc.stderr[-3000:]
@@ -62,7 +67,7 @@ def test_bad_run_settings_are_one_line_at_start_up(small_store, tmp_path, extra,
 
 
 def test_workdir_is_required_except_for_yan_tiny(tmp_path):
-  proc = subprocess.run([sys.executable, "-m", "yanjax.train", "--config=configs/yan_20m.py"], cwd=REPO,
+  proc = subprocess.run([sys.executable, "-m", "yanjax.main.train", "--config=configs/yan_20m.py"], cwd=REPO,
                         capture_output=True, text=True, timeout=180, check=False)
   assert proc.returncode == USAGE_EXIT_CODE
   assert proc.stderr.strip().splitlines()[-1].startswith("error: --workdir is required for this config")

@@ -6,9 +6,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from yanjax import sampling as jsampling
+from yanjax.inference import sampling as jsampling
+from yanjax.inference.sampling import (
+  Sampling,
+  filtered_logits,
+  sample,
+  top_k_filter,
+  top_p_filter,
+)
 from yanjax.numpy_runtime import sampling as npsampling
-from yanjax.sampling import Sampling, filtered_logits, sample, top_k_filter, top_p_filter
 
 
 def _draws(logits, settings, n, seed=0):

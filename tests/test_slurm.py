@@ -17,9 +17,9 @@ import sys
 import time
 
 import pytest
+from test_train import MODEL, REPO, tiny_flags
 
-from test_train import REPO, MODEL, tiny_flags
-from yanjax.cli import PREEMPTED_EXIT_CODE
+from yanjax.core.cli import PREEMPTED_EXIT_CODE
 
 CLUSTER_SCRIPT = REPO / "launch/slurm_local_cluster.sh"
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
@@ -154,7 +154,7 @@ def test_slurm_sweep_array_preempt_requeue_resume(slurm_cluster, small_store, tm
   spec.write_text(SWEEP_SPEC.format(repo=REPO, vocab=MODEL["vocab_size"], tokens=steps * 8 * 32,
                                     store=small_store))
   out = tmp_path / "sweep"
-  launch = subprocess.run([sys.executable, "-m", "yanjax.sweep", "launch", "--spec", str(spec), "--out", str(out)],
+  launch = subprocess.run([sys.executable, "-m", "yanjax.main.sweep", "launch", "--spec", str(spec), "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
   assert launch.returncode == 0, launch.stdout + launch.stderr
   script = out / "sweep.sbatch"
@@ -188,6 +188,6 @@ def test_slurm_sweep_array_preempt_requeue_resume(slurm_cluster, small_store, tm
   results = [json.loads(read(p)) for p in sorted((out / "points").glob("*/result.json"))]
   assert sorted(r["size"] for r in results) == ["w16", "w32"], context()
   assert all(0 < r["val_loss"] < 10 and r["tokens"] == steps * 8 * 32 for r in results)
-  fit = subprocess.run([sys.executable, "-m", "yanjax.sweep", "fit", "--out", str(out), "--bootstrap", "5"],
+  fit = subprocess.run([sys.executable, "-m", "yanjax.main.sweep", "fit", "--out", str(out), "--bootstrap", "5"],
                        cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
   assert fit.returncode == 2 and "at least 5" in fit.stderr, fit.stdout + fit.stderr

@@ -12,8 +12,10 @@ import pytest
 from etils import epath
 
 from data_pipelines import prepare
-from yanjax import storage
-from yanjax.data import StoreError, make_loader, open_store
+from yanjax.core import storage
+from yanjax.data.errors import StoreError
+from yanjax.data.loader import make_loader
+from yanjax.data.store import open_store
 
 FILES = sorted(str(p) for p in pathlib.Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:6]
 SETTINGS = ["--vocab_size", "512", "--validation_fraction", "0.2", "--num_threads", "2"]
@@ -74,7 +76,7 @@ def test_overwrite_replaces_s3_store_metadata_first(s3_bucket, capsys, monkeypat
   assert prepare_store(url, "--seed", "1") == 2
   assert "--overwrite" in capsys.readouterr().err
   copied, old_metadata_seen = [], []
-  fs = epath.backend.fsspec_backend.fs(url)  # fsspec's cached instance: the one yanjax.storage copies with
+  fs = epath.backend.fsspec_backend.fs(url)  # fsspec's cached instance: the one yanjax.core.storage copies with
   copy = fs.copy
 
   def spy(path1, path2, **kwargs):

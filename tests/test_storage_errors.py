@@ -10,10 +10,10 @@ import subprocess
 import sys
 
 import pytest
-
 import s3_server
 from test_train import REPO, tiny_flags
-from yanjax.cli import USAGE_EXIT_CODE
+
+from yanjax.core.cli import USAGE_EXIT_CODE
 
 AUTH_BUCKET = "auth-checked"
 
@@ -35,7 +35,7 @@ def _environment(env: dict[str, str | None]) -> dict[str, str]:
 
 
 def run_trainer(workdir: str, store, env: dict[str, str | None]):
-  proc = subprocess.run([sys.executable, "-m", "yanjax.train", f"--workdir={workdir}", *tiny_flags(store)],
+  proc = subprocess.run([sys.executable, "-m", "yanjax.main.train", f"--workdir={workdir}", *tiny_flags(store)],
                         cwd=REPO, env=_environment(env), capture_output=True, text=True, timeout=180, check=False)
   return proc.returncode, proc.stdout, proc.stderr
 
@@ -89,9 +89,9 @@ def test_bad_storage_is_one_clear_line(case, s3_endpoint, auth_server, small_sto
 
 
 @pytest.mark.parametrize("command,fragment", [
-    (["yanjax.generate", "--workdir=gcs://bucket/run", "--prompt=a"], "unknown storage scheme gcs://"),
-    (["yanjax.export", "--workdir=s3:/bucket/run", "--out=/tmp/unused-export"], "malformed URL"),
-    (["yanjax.export", "--workdir=/nonexistent/run", "--out=/tmp/unused-export"], "no checkpoint under"),
+    (["yanjax.inference.generate", "--workdir=gcs://bucket/run", "--prompt=a"], "unknown storage scheme gcs://"),
+    (["yanjax.export.writer", "--workdir=s3:/bucket/run", "--out=/tmp/unused-export"], "malformed URL"),
+    (["yanjax.export.writer", "--workdir=/nonexistent/run", "--out=/tmp/unused-export"], "no checkpoint under"),
     (["yanjax.numpy_runtime", "--export=/nonexistent/export", "--prompt=a"], "export directory missing"),
 ])
 def test_other_entry_points_report_bad_paths_in_one_line(command, fragment):

@@ -13,8 +13,10 @@ import sysconfig
 import numpy as np
 import pytest
 
-from yanjax import storage, sweep
-from yanjax.config import ConfigError
+from yanjax.core import storage
+from yanjax.core.config import ConfigError
+from yanjax.main import sweep as sweep_cli
+from yanjax.scaling import sweep
 from yanjax.scaling.fit import FitError
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -58,17 +60,17 @@ def test_tiny_sweep_end_to_end(tmp_path, capsys, store_2048):
   out = tmp_path / "sweep"
   grid = sweep.points(sweep.load_spec(spec))
   assert len(grid) == 12 and {p.family for p in grid} == {"yan", "attention"}
-  assert sweep.main(["run", "--spec", str(spec), "--out", str(out)]) == 0
+  assert sweep_cli.main(["run", "--spec", str(spec), "--out", str(out)]) == 0
   records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
   assert len(records) == 12
   for r in records:
     assert r["params"] > 0 and r["tokens"] in (4096, 8192) and r["flops"] > 0 and 0 < r["val_loss"] < 10
   capsys.readouterr()
-  assert sweep.main(["run", "--spec", str(spec), "--out", str(out)]) == 0  # finished points are skipped
+  assert sweep_cli.main(["run", "--spec", str(spec), "--out", str(out)]) == 0  # finished points are skipped
   assert capsys.readouterr().out.count("done already, skipped") == 12
-  assert sweep.main(["launch", "--spec", str(spec), "--out", str(out)]) == 0
+  assert sweep_cli.main(["launch", "--spec", str(spec), "--out", str(out)]) == 0
   assert "#SBATCH --array=0-11" in (out / "sweep.sbatch").read_text()
-  assert sweep.main(["fit", "--out", str(out), "--bootstrap", "5"]) == 0
+  assert sweep_cli.main(["fit", "--out", str(out), "--bootstrap", "5"]) == 0
   fits = json.loads((out / "fits/fit.json").read_text())
   assert set(fits) >= {"yan", "attention"} or set(fits.get("families", {})) >= {"yan", "attention"}
   for png in ("loss_vs_flops.png", "frontier.png"):
@@ -92,7 +94,7 @@ def get_sweep():
   )
 ''')
   out = tmp_path / "sweep"
-  assert sweep.main(["run", "--spec", str(spec), "--out", str(out)]) == 1
+  assert sweep_cli.main(["run", "--spec", str(spec), "--out", str(out)]) == 1
   printed = capsys.readouterr().out
   assert "yan-bad_vocab-D2.05e+03: FAILED" in printed and "failed: ['yan-bad_vocab-D2.05e+03']" in printed
   records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
@@ -129,7 +131,7 @@ def test_array_script_requeues_on_preempted_exit(tmp_path, monkeypatch):
   spec.write_text(SPEC.format(repo=REPO, store=tmp_path / "stdlib"))
   out = tmp_path / "sweep"
   monkeypatch.chdir(tmp_path)
-  assert sweep.main(["launch", "--spec", str(spec), "--out", str(out)]) == 0
+  assert sweep_cli.main(["launch", "--spec", str(spec), "--out", str(out)]) == 0
   script = out / "sweep.sbatch"
   text = script.read_text()
   print(text)
@@ -145,19 +147,19 @@ def test_array_script_requeues_on_preempted_exit(tmp_path, monkeypatch):
   code, output, srun, scontrol = run_with_fake_slurm(tmp_path, ["bash", str(script)], 42, slurm_env, cwd="/")
   print(output)
   assert code == 0 and scontrol == "requeue 77_3\n"
-  assert srun == f"python -m yanjax.sweep run --spec {spec} --out {out} --only 3\n"
+  assert srun == f"python -m yanjax.main.sweep run --spec {spec} --out {out} --only 3\n"
   code, _, _, scontrol = run_with_fake_slurm(tmp_path, ["bash", str(script)], 1, slurm_env, cwd="/")
   assert code == 1 and scontrol == ""
 
   # The trainer's script shares the same piece, and its exit code is the trainer's.
-  from yanjax.cli import PREEMPTED_EXIT_CODE  # pylint: disable=import-outside-toplevel
+  from yanjax.core.cli import PREEMPTED_EXIT_CODE  # pylint: disable=import-outside-toplevel
   assert f"PREEMPTED_EXIT_CODE={PREEMPTED_EXIT_CODE} " in (REPO / "launch/requeue_on_preempt.sh").read_text()
   job_env = {"SLURM_SUBMIT_DIR": str(REPO), "SLURM_JOB_ID": "9", "SLURM_GPUS_ON_NODE": "2",
              "SLURM_JOB_NUM_NODES": "1"}
   command = ["bash", str(REPO / "launch/slurm.sbatch"), "configs/yan_tiny.py", "/tmp/wd"]
   code, output, srun, scontrol = run_with_fake_slurm(tmp_path, command, 42, job_env, cwd=tmp_path)
   print(output)
-  assert code == 0 and scontrol == "requeue 9\n" and "yanjax.train --config configs/yan_tiny.py" in srun
+  assert code == 0 and scontrol == "requeue 9\n" and "yanjax.main.train --config configs/yan_tiny.py" in srun
   code, _, _, scontrol = run_with_fake_slurm(tmp_path, command, 3, job_env, cwd=tmp_path)
   assert code == 3 and scontrol == ""
 
@@ -166,7 +168,7 @@ def test_launch_with_bucket_out_writes_script_here(tmp_path, monkeypatch, s3_buc
   spec = tmp_path / "spec.py"
   spec.write_text(SPEC.format(repo=REPO, store=tmp_path / "stdlib"))
   monkeypatch.chdir(tmp_path)
-  assert sweep.main(["launch", "--spec", str(spec), "--out", f"{s3_bucket}/sweep"]) == 0
+  assert sweep_cli.main(["launch", "--spec", str(spec), "--out", f"{s3_bucket}/sweep"]) == 0
   text = (tmp_path / "sweep.sbatch").read_text()
   assert f"--out {s3_bucket}/sweep --only" in text and f"#SBATCH --output={tmp_path}/slurm-%A_%a.log" in text
 
@@ -186,13 +188,13 @@ def test_signal_is_passed_to_trainer_and_exit_code_42_propagates(tmp_path, monke
   trainer = tmp_path / "fake_trainer"
   trainer.write_text(FAKE_TRAINER.format(calls=calls))
   trainer.chmod(0o755)
-  monkeypatch.setattr(sys, "executable", str(trainer))  # run_point starts `sys.executable -m yanjax.train`
+  monkeypatch.setattr(sys, "executable", str(trainer))  # run_point starts `sys.executable -m yanjax.main.train`
   out = tmp_path / "sweep"
-  assert sweep.main(["run", "--spec", str(spec), "--out", str(out)]) == 42
+  assert sweep_cli.main(["run", "--spec", str(spec), "--out", str(out)]) == 42
   assert calls.read_text() == "started\n"  # no further point started
   logs = list(out.glob("points/*/train.log"))
   assert len(logs) == 1 and "trainer: saved" in logs[0].read_text()
-  assert sweep.main(["run", "--spec", str(spec), "--out", str(out), "--only", "4"]) == 42
+  assert sweep_cli.main(["run", "--spec", str(spec), "--out", str(out), "--only", "4"]) == 42
   assert (out / "results.jsonl").read_text() == ""
 
 
@@ -211,7 +213,7 @@ def test_fit_reads_and_writes_sweep_in_s3(tmp_path, monkeypatch, s3_bucket):
       record = {"id": f"yan-N{n:.3g}-D{d:.3g}", "family": "yan", "params": n, "tokens": d, "flops": 6 * n * d,
                 "val_loss": loss, "flop_budget": None}
       (storage.as_path(out) / "points" / record["id"] / "result.json").write_text(json.dumps(record))
-  assert sweep.main(["fit", "--out", out, "--bootstrap", "5"]) == 0
+  assert sweep_cli.main(["fit", "--out", out, "--bootstrap", "5"]) == 0
   remote = storage.as_path(out)
   assert len(remote.joinpath("results.jsonl").read_text().splitlines()) == 16
   fits = json.loads(remote.joinpath("fits/fit.json").read_text())
@@ -250,7 +252,7 @@ def _write_point(out, family, n, d, budget=None, noise=0.0):
 
 
 def _sweep_fit_cli(out):
-  proc = subprocess.run([sys.executable, "-m", "yanjax.sweep", "fit", "--out", str(out), "--bootstrap", "5"],
+  proc = subprocess.run([sys.executable, "-m", "yanjax.main.sweep", "fit", "--out", str(out), "--bootstrap", "5"],
                         cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
   return proc.returncode, proc.stderr.strip().splitlines()
 
@@ -264,7 +266,7 @@ def test_fit_without_points_is_refused_and_keeps_earlier_results(tmp_path):
   assert _unchanged(out)
   (out / "points").mkdir()  # an empty points directory
   with pytest.raises(ConfigError, match=f"no finished point under {out}/points"):
-    sweep.main(["fit", "--out", str(out)])
+    sweep_cli.main(["fit", "--out", str(out)])
   assert _unchanged(out)
 
 
@@ -280,7 +282,7 @@ def test_fit_with_fewer_points_than_parameters_is_refused_with_the_count(tmp_pat
     _write_point(out, "yan", n, 1e8)
   _write_point(out, "yan", 1e9, 1e8)  # the same (N, D) again adds nothing
   with pytest.raises(FitError, match="needs at least 5 distinct .* got 4"):
-    sweep.main(["fit", "--out", str(out), "--bootstrap", "5"])
+    sweep_cli.main(["fit", "--out", str(out), "--bootstrap", "5"])
   assert _unchanged(out)
 
 
@@ -297,7 +299,7 @@ def test_fit_with_too_few_sizes_per_budget_reports_approach_3_alone(tmp_path, ca
     for k in (0.5, 2.0):
       n = k * 1e6 * (c / 1e17) ** 0.5
       _write_point(out, "yan", n, c / (6 * n), budget=c, noise=0.01 * rng.standard_normal())
-  assert sweep.main(["fit", "--out", str(out), "--bootstrap", "5"]) == 0
+  assert sweep_cli.main(["fit", "--out", str(out), "--bootstrap", "5"]) == 0
   printed = capsys.readouterr().out
   assert "approach 2: not fitted: approach 2 needs at least 2 FLOP budgets with 3+ sizes each" in printed
   fits = json.loads((out / "fits/fit.json").read_text())["yan"]

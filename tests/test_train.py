@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from yanjax import sharding
-from yanjax.config import ConfigError, load_config_file
-from yanjax.cli import PREEMPTED_EXIT_CODE
-from yanjax.trainer import build_trainer
+from yanjax.core.cli import PREEMPTED_EXIT_CODE
+from yanjax.core.config import ConfigError, load_config_file
+from yanjax.training import sharding
+from yanjax.training.trainer import build_trainer
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 MODEL = dict(vocab_size=512, width=32, channels=2, mlp_width=64, layers=2)
@@ -34,7 +34,7 @@ def tiny_flags(store, steps=12, **train):
 
 def start_train(workdir, flags, **kwargs):
   env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-  return subprocess.Popen([sys.executable, "-m", "yanjax.train", f"--workdir={workdir}", *flags], cwd=REPO,
+  return subprocess.Popen([sys.executable, "-m", "yanjax.main.train", f"--workdir={workdir}", *flags], cwd=REPO,
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
@@ -55,7 +55,7 @@ def losses(workdir) -> dict[int, float]:
 
 
 def final_params(workdir):
-  from yanjax.inference import load_inference_model  # pylint: disable=import-outside-toplevel
+  from yanjax.inference.loading import load_inference_model  # pylint: disable=import-outside-toplevel
   model, _, _ = load_inference_model(workdir)
   return {".".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
@@ -233,7 +233,7 @@ def test_two_processes_of_two_devices_equal_one_process_of_four(small_store, tmp
   sys.path.insert(0, str(REPO / "launch"))
   import local  # pylint: disable=import-outside-toplevel
   flags = tiny_flags(small_store, steps=6, eval_every=3) + ["--config.mesh.data=2", "--config.mesh.fsdp=2"]
-  command = [sys.executable, "-m", "yanjax.train", f"--workdir={tmp_path / 'two'}", *flags]
+  command = [sys.executable, "-m", "yanjax.main.train", f"--workdir={tmp_path / 'two'}", *flags]
   codes = local.launch_local(command, num_processes=2, devices_per_process=2, log_dir=str(tmp_path / "logs"),
                              timeout=400)
   assert codes == [0, 0], (tmp_path / "logs/process_1.log").read_text()[-3000:]

@@ -7,8 +7,14 @@ import time
 
 import pytest
 
-from yanjax.config import load_config_file
-from yanjax.writers import JsonlWriter, TensorBoardWriter, WandbWriter, Writers, wandb_run_id
+from yanjax.core.config import load_config_file
+from yanjax.training.writers import (
+  JsonlWriter,
+  TensorBoardWriter,
+  WandbWriter,
+  Writers,
+  wandb_run_id,
+)
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 

@@ -1,7 +1,7 @@
 """MCSD vs its parameter-matched attention baseline on IsoFLOP budgets, at the ~20M / 85M / 350M sweep sizes.
 
-For a GPU/TPU cluster: python -m yanjax.sweep launch --spec configs/sweeps/mcsd_vs_attention.py --out gs://.../sweep
-then `sbatch <out>/sweep.sbatch`, and `python -m yanjax.sweep fit --out <out>` when the points are done.
+For a GPU/TPU cluster: python -m yanjax.main.sweep launch --spec configs/sweeps/mcsd_vs_attention.py --out gs://.../sweep
+then `sbatch <out>/sweep.sbatch`, and `python -m yanjax.main.sweep fit --out <out>` when the points are done.
 The token store must be prepared with the models' vocabulary (32000): see docs/data.md.
 """
 

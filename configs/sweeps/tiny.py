@@ -1,7 +1,7 @@
 """A CPU-sized sweep on the default corpus: 3 tiny sizes x 2 token budgets, MCSD and its attention baseline.
 
-Run: python -m yanjax.sweep run --spec configs/sweeps/tiny.py --out runs/sweep_tiny
-     python -m yanjax.sweep fit --out runs/sweep_tiny
+Run: python -m yanjax.main.sweep run --spec configs/sweeps/tiny.py --out runs/sweep_tiny
+     python -m yanjax.main.sweep fit --out runs/sweep_tiny
 """
 
 

@@ -1,6 +1,2 @@
-"""Token stores and the batch loader (see docs/data.md)."""
-
-from yanjax.data.errors import (CorpusError, DataError, SequenceLengthError, StoreError,
-                                TokenizerMismatchError)
-from yanjax.data.loader import Loader, make_loader
-from yanjax.data.store import Store, StoreSplit, open_store
+"""Token stores: preparation (prepare.py), the store format (store.py) and the batch loader (loader.py);
+see docs/data.md."""

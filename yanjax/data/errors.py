@@ -1,7 +1,9 @@
 """Errors of the data pipeline: each message says what was wrong and how to fix it."""
 
+from yanjax.core.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError):
   """Base class of every data-pipeline error."""
 
 

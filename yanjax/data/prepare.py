@@ -21,13 +21,18 @@ import sys
 import time
 from typing import Any, Iterable, Iterator, Sequence
 
-from etils import epath
 import tqdm
+from etils import epath
 
-from yanjax import storage
+from yanjax.core import storage
 from yanjax.data import sources, store_writer, tokenizer
 from yanjax.data import store as store_format
-from yanjax.data.errors import CorpusError, DataError, StoreError, TokenizerMismatchError
+from yanjax.data.errors import (
+  CorpusError,
+  DataError,
+  StoreError,
+  TokenizerMismatchError,
+)
 
 DEFAULT_VOCAB_SIZE = 2048
 _BATCH_CHARS = 1 << 20  # characters handed to the tokenizer threads at once

@@ -9,7 +9,7 @@ A store is the directory (or object-store prefix: gs://bucket/..., s3://bucket/.
   <store>/<split>/doc_offsets  zarr3 array [n_docs + 1] int64; document i is tokens[offsets[i]:offsets[i+1]]
 
 Every document is stored as `bos_id, <tokens of its text>, eos_id`. Files are read through
-`yanjax.storage` (epath), arrays through tensorstore's file, gcs or s3 kvstore.
+`yanjax.core.storage` (epath), arrays through tensorstore's file, gcs or s3 kvstore.
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ import json
 import os
 from typing import Any, Callable
 
-from etils import epath
 import numpy as np
 import sentencepiece as spm
 import tensorstore as ts
+from etils import epath
 
-from yanjax import storage
-from yanjax.config import ConfigError
+from yanjax.core import storage
+from yanjax.core.config import ConfigError
 from yanjax.data.errors import StoreError
 
 FORMAT_NAME = "yanjax-token-store"

@@ -18,13 +18,13 @@ import os
 import secrets
 from typing import Any
 
-from etils import epath
 import numpy as np
 import tensorstore as ts
+from etils import epath
 
-from yanjax.data import tokenizer
-from yanjax import storage
+from yanjax.core import storage
 from yanjax.data import store as store_format
+from yanjax.data import tokenizer
 from yanjax.data.errors import StoreError
 
 _TOKEN_SHARD, _TOKEN_CHUNK = 1 << 23, 1 << 15

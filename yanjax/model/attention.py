@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from yanjax.config import ModelConfig
+from yanjax.core.config import ModelConfig
 from yanjax.model import layers
 from yanjax.model.partitioning import Term
 
@@ -79,7 +79,7 @@ class Attention(nnx.Module):
 
   @staticmethod
   def residual_terms(cfg: ModelConfig, t: int, itemsize: int) -> list[Term]:
-    """What autodiff keeps of one block for its backward without remat, per token (yanjax.plan): the logits
+    """What autodiff keeps of one block for its backward without remat, per token (yanjax.training.plan): the logits
     and probabilities grow with the sequence length `t`."""
     return [Term("q, k, v, attended", (cfg.heads, cfg.head_dim), ("heads", None), itemsize, 4),
             Term("attention input, output", (cfg.width,), ("embed",), itemsize, 2),

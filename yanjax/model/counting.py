@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from yanjax.config import ModelConfig
+from yanjax.core.config import ModelConfig
 from yanjax.numpy_runtime.mixers import MIXERS
 
 

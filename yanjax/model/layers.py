@@ -3,7 +3,7 @@ inputs every layer sees.
 
 Shape legend: b = batch, t = time, d = width D, f = FFN hidden width, v = vocabulary.
 Every parameter is float32 and carries logical axis names in its `out_sharding` metadata; the trainer maps
-those names to mesh axes with the rules in the config (see `yanjax.sharding`).
+those names to mesh axes with the rules in the config (see `yanjax.training.sharding`).
 """
 
 from __future__ import annotations

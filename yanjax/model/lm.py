@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from yanjax.config import ModelConfig
+from yanjax.core.config import ModelConfig
 from yanjax.model import layers
 from yanjax.model.partitioning import constrain
 from yanjax.model.selective import SelectiveFFN

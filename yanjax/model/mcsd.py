@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from yanjax.config import ModelConfig
+from yanjax.core.config import ModelConfig
 from yanjax.model import layers
 from yanjax.model.partitioning import Term
 from yanjax.model.recurrence import linear_recurrence
@@ -116,7 +116,7 @@ class MCSD(nnx.Module):
 
   @staticmethod
   def residual_terms(cfg: ModelConfig, t: int, itemsize: int) -> list[Term]:
-    """What autodiff keeps of one block for its backward without remat, per token (yanjax.plan; `t` unused:
+    """What autodiff keeps of one block for its backward without remat, per token (yanjax.training.plan; `t` unused:
     linear in the sequence)."""
     shape, axes = (cfg.channels, cfg.channel_width), ("channels", None)
     return [Term("MCSD recurrence and gates (float32)", shape, axes, 4, 10),

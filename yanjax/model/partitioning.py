@@ -2,8 +2,8 @@
 
 The trainer enters `activation_sharding(mesh, rules)` around tracing its step; model code calls
 `constrain(x, ("batch", "length", "embed"))` at layer boundaries, so activation placement follows the same
-rules table as the parameters (yanjax.sharding) and the model itself never names a mesh axis. A `Term` names
-the logical axes of activations a module keeps, for the memory plan (yanjax.plan).
+rules table as the parameters (yanjax.training.sharding) and the model itself never names a mesh axis. A `Term` names
+the logical axes of activations a module keeps, for the memory plan (yanjax.training.plan).
 """
 
 from __future__ import annotations

@@ -13,8 +13,19 @@ the test models (tests/test_export.py), and greedy completions equal token for t
 """
 
 from .attention import KVState
-from .format import (ExportError, Export, FORMAT, FORMAT_VERSION, array_sha256, bf16_bits_to_float32,
-                     expected_shapes, float32_to_bf16_bits, load_export, read_npz, read_safetensors)
+from .format import (
+                     FORMAT,
+                     FORMAT_VERSION,
+                     Export,
+                     ExportError,
+                     array_sha256,
+                     bf16_bits_to_float32,
+                     expected_shapes,
+                     float32_to_bf16_bits,
+                     load_export,
+                     read_npz,
+                     read_safetensors,
+)
 from .generate import Completion, generate
 from .mcsd import MCSDState
 from .mixers import MIXERS

@@ -16,7 +16,7 @@ from .model import Model, config_summary
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(prog="python -m yanjax.numpy_runtime", description=__doc__.splitlines()[0])
-  parser.add_argument("--export", required=True, help="export directory (python -m yanjax.export): a path, "
+  parser.add_argument("--export", required=True, help="export directory (python -m yanjax.main.export): a path, "
                       "or a gs:// or s3:// URL")
   parser.add_argument("--prompt", required=True)
   parser.add_argument("--max_new_tokens", type=int, default=64)
@@ -56,5 +56,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  from yanjax import cli  # pylint: disable=import-outside-toplevel  # the runtime itself needs NumPy only
+  from yanjax.core import cli  # pylint: disable=import-outside-toplevel  # the runtime itself needs NumPy only
   cli.run(main, (ExportError,))

@@ -1,4 +1,4 @@
-"""Generation with the NumPy runtime: the same loop as yanjax.generate, step by step in Python.
+"""Generation with the NumPy runtime: the same loop as yanjax.inference.generate, step by step in Python.
 
 The first m tokens of every prompt (m = the shortest prompt's length) are prefilled together; then each
 step feeds every row one token: its next prompt token while its prompt lasts, else the token chosen from its
@@ -26,7 +26,7 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
              vocab_limit: int | None = None, on_tokens: Callable[[np.ndarray, np.ndarray], None] | None = None) -> list[Completion]:
   """Completions of b prompts (token ids, lengths >= 1) in one batch.
 
-  on_tokens([b] tokens, [b] bool emitted) is called after every step, as in yanjax.generate; ids >=
+  on_tokens([b] tokens, [b] bool emitted) is called after every step, as in yanjax.inference.generate; ids >=
   vocab_limit (a model vocabulary padded past the tokenizer's) are never produced.
   """
   prompts = [list(map(int, p)) for p in prompts]

@@ -1,4 +1,4 @@
-"""Next-token choice in NumPy, with the same filters and order as yanjax.sampling:
+"""Next-token choice in NumPy, with the same filters and order as yanjax.inference.sampling:
 
     logits / temperature -> top-k (exactly k, lower ids win ties) -> top-p (keep tokens while the
     probability before them is < p) -> one categorical draw.

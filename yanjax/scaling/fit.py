@@ -36,8 +36,8 @@ import numpy as np  # noqa: E402
 from etils import epath
 from scipy import optimize
 
-from yanjax import storage
-from yanjax.config import ConfigError
+from yanjax.core import storage
+from yanjax.core.config import ConfigError
 from yanjax.scaling import plot
 
 REQUIRED_KEYS = ("family", "params", "tokens", "flops", "val_loss")
@@ -498,5 +498,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  from yanjax import cli  # pylint: disable=import-outside-toplevel  # only here: it imports the data loader
+  from yanjax.core import cli  # pylint: disable=import-outside-toplevel  # only here: it imports the data loader
   cli.run(main)

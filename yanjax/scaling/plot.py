@@ -20,7 +20,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from yanjax import storage
+from yanjax.core import storage
 
 if TYPE_CHECKING:
   from etils import epath

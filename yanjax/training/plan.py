@@ -1,10 +1,10 @@
 """The plan of a run before its launch: mesh, per-device memory, tokens, steps, FLOPs and step time.
 
-    python -m yanjax.plan --config configs/yan_1p6b.py --devices 256 --device_kind "H100 80GB"
+    python -m yanjax.main.plan --config configs/yan_1p6b.py --devices 256 --device_kind "H100 80GB"
         [--mfu 0.4] [--json] [--compile] [--config.train.grad_accum=2 ...]
 
 Nothing is allocated. Parameter and optimizer-state shapes come from `jax.eval_shape`; their per-device bytes
-from the trainer's placement (`yanjax.train_state.train_state_shardings`) on an `AbstractMesh` of the
+from the trainer's placement (`yanjax.training.train_state.train_state_shardings`) on an `AbstractMesh` of the
 requested size; activations from the formula below, whose [b, t, ...] terms are placed by the same rules table (a term on "mlp" is split over "tensor" where it divides, and so on).
 `--compile` also compiles the sharded train step on the local devices (when there are exactly --devices of
 them: on the target machine, or on CPU with --local_device_count) and prints XLA's memory analysis beside
@@ -39,11 +39,9 @@ XLA's memory analysis of the compiled step agrees within 0.76-1.28x on CPU (benc
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
-import sys
 from typing import Any, Sequence
 
 import jax
@@ -52,17 +50,17 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from yanjax import sharding
-from yanjax.config import ConfigError, ModelConfig, load_config_file
-from yanjax.metrics import peak_flops
+from yanjax.core.config import ConfigError, ModelConfig
 from yanjax.model.counting import flops_per_token, param_count
-from yanjax.model.lm import LanguageModel
 from yanjax.model.dispatch import group_capacity
+from yanjax.model.lm import LanguageModel
 from yanjax.model.partitioning import Term
 from yanjax.numpy_runtime.mixers import model_class
-from yanjax.optim import decay_mask, make_optimizer
-from yanjax.run_config import MESH_AXES, tokens_per_step, validate_run_config
-from yanjax.train_state import train_state_shardings
+from yanjax.training import sharding
+from yanjax.training.metrics import peak_flops
+from yanjax.training.optim import decay_mask, make_optimizer
+from yanjax.training.run_config import MESH_AXES, tokens_per_step, validate_run_config
+from yanjax.training.train_state import train_state_shardings
 
 # HBM per device from vendor data sheets, in bytes (GB = 1e9). Matched by the most specific key whose words all
 # appear in the device kind (e.g. 'NVIDIA H100 80GB HBM3' -> "H100").
@@ -149,7 +147,7 @@ class Plan:
     return values
 
 
-def _gb(value: float) -> str:
+def gigabytes(value: float) -> str:
   return f"{value / 1e9:,.2f} GB" if value >= 1e8 else f"{value / 1e6:,.1f} MB"
 
 
@@ -362,7 +360,7 @@ def fitting_change(cfg: ml_collections.ConfigDict, devices: int, device_kind: st
       trial[section][name] = value
     plan = make_plan(trial, devices, device_kind, capacity_bytes=capacity)
     if plan.fits:
-      return " ".join(f"{key}={value!r}" for key, value in changes.items()) + f" fits ({_gb(plan.total_bytes)})"
+      return " ".join(f"{key}={value!r}" for key, value in changes.items()) + f" fits ({gigabytes(plan.total_bytes)})"
   return ""
 
 
@@ -373,12 +371,12 @@ def check_fits(cfg: ml_collections.ConfigDict, devices: int, device_kind: str) -
   if plan.fits is False:
     change = fitting_change(cfg, devices, device_kind, plan.capacity_bytes)
     raise ConfigError(
-        f"the run needs {_gb(plan.total_bytes)} per device but each {device_kind} has {_gb(plan.capacity_bytes)} "
-        f"({HEADROOM:.0%} usable): activations {_gb(plan.activation_phase_bytes)} at {plan.micro_batch_per_device} "
+        f"the run needs {gigabytes(plan.total_bytes)} per device but each {device_kind} has {gigabytes(plan.capacity_bytes)} "
+        f"({HEADROOM:.0%} usable): activations {gigabytes(plan.activation_phase_bytes)} at {plan.micro_batch_per_device} "
         f"x {plan.seq_len} tokens per device and model.remat={plan.remat!r}, parameters, optimizer state and batch "
-        f"{_gb(plan.state_bytes)}; raise train.grad_accum (now {plan.grad_accum}) or mesh.fsdp (more devices), set "
+        f"{gigabytes(plan.state_bytes)}; raise train.grad_accum (now {plan.grad_accum}) or mesh.fsdp (more devices), set "
         "model.remat='full', or lower train.global_batch" + (f": {change}" if change else "") +
-        f" (python -m yanjax.plan --config <config> --devices {devices} --device_kind '{device_kind}' shows the plan)")
+        f" (python -m yanjax.main.plan --config <config> --devices {devices} --device_kind '{device_kind}' shows the plan)")
   return plan
 
 
@@ -389,7 +387,7 @@ def compiled_memory(cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device
   """XLA's memory analysis of the trainer's sharded train step on `devices` (default: all), from abstract
   inputs: nothing is allocated. Returns bytes per device: argument, output, alias, temp and
   total = argument + output - alias + temp (the donated state is aliased to the new one)."""
-  from yanjax.trainer import build_trainer  # pylint: disable=import-outside-toplevel  # compiles: not for check_fits
+  from yanjax.training.trainer import build_trainer  # pylint: disable=import-outside-toplevel  # compiles: not for check_fits
   trainer = build_trainer(cfg, devices)
   shape = (cfg.train.global_batch, cfg.train.seq_len)
   batch = {name: jax.ShapeDtypeStruct(shape, jnp.float32 if name == "loss_mask" else jnp.int32,
@@ -404,126 +402,3 @@ def compiled_memory(cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device
          "alias": analysis.alias_size_in_bytes, "temp": analysis.temp_size_in_bytes}
   out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
   return out
-
-
-# ---- the command line -----------------------------------------------------------------------------------
-
-
-def format_plan(plan: Plan, compiled: dict[str, int] | None = None, compiled_note: str = "", to_fit: str = "") -> str:
-  """The plan as a readable table."""
-  cap = plan.capacity_bytes
-  peak = f"{plan.peak_flops / 1e12:,.0f} TFLOP/s bf16 peak" if plan.peak_flops else "peak FLOP/s unknown"
-  lines = [f"plan: {plan.config or 'config'} on {plan.devices} x {plan.device_kind} "
-           f"({_gb(cap) if cap else 'memory unknown'}, {peak})",
-           f"  mesh                    {' '.join(f'{k}={v}' for k, v in plan.mesh.items())}; batch over "
-           f"{plan.batch_ways} devices: {plan.micro_batch_per_device} x {plan.seq_len} tokens per device per "
-           f"micro-batch (grad_accum {plan.grad_accum})",
-           f"  parameters              {plan.params_total:,} ({_gb(4 * plan.params_total)} float32 in all)",
-           "  memory per device",
-           f"    parameters (float32)            {_gb(plan.param_bytes):>12}",
-           f"    optimizer state (AdamW m, v)    {_gb(plan.optimizer_bytes):>12}",
-           f"    batch                           {_gb(plan.batch_bytes):>12}",
-           f"    gradients (backward)            {_gb(plan.gradient_bytes):>12}",
-           f"    gathered weights (FSDP, casts)  {_gb(plan.gathered_bytes):>12}",
-           f"    activations saved, remat={plan.remat:<9} {_gb(plan.saved_bytes):>9}  ({plan.dtype})",
-           f"    one layer's backward            {_gb(plan.working_bytes):>12}",
-           f"    logits                          {_gb(plan.logits_bytes):>12}",
-           f"    update phase (3 P)              {_gb(plan.update_bytes):>12}",
-           f"    total (state + max of phases)   {_gb(plan.total_bytes):>12}" +
-           (f"  = {plan.total_bytes / cap:.0%} of {_gb(cap)}: " +
-            ("fits" if plan.fits else f"DOES NOT FIT (limit {HEADROOM:.0%}); turn {', '.join(KNOBS)}")
-            if cap else "  (capacity unknown: no check)")]
-  if compiled is not None:
-    lines.append(f"    compiled step (XLA)             {_gb(compiled['total']):>12}  (argument "
-                 f"{_gb(compiled['argument'])}, temp {_gb(compiled['temp'])}; plan / compiled = "
-                 f"{plan.total_bytes / compiled['total']:.2f})")
-  elif compiled_note:
-    lines.append(f"    compiled step (XLA)             {compiled_note}")
-  if to_fit:
-    lines.append(f"    to fit                          {to_fit}")
-  step = plan.step_time_s
-  timing = (f"{step:.3f} s at MFU {plan.mfu:.2f}; the run {plan.steps * step / 3600:,.1f} h" if step else
-            "n/a (no peak FLOP/s for this device kind)")
-  lines += [f"  tokens per step         {plan.tokens_per_step:,}",
-            f"  steps                   {plan.steps:,}  ({plan.steps * plan.tokens_per_step:,} tokens)",
-            f"  FLOPs per step          {plan.flops_per_step:.3e}  (yanjax/model/counting.py, model FLOPs)",
-            f"  expected step time      {timing}"]
-  return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  """The `python -m yanjax.plan` command; returns the exit code (2: a user error, one line)."""
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-  argv = list(sys.argv if argv is None else argv)
-  values = flags.FlagValues()  # not absl's global FLAGS: yanjax.train defines --config there
-  config_flags.DEFINE_config_file("config", None, "Python config file (path[:variant]).", flag_values=values,
-                                  lock_config=True, sys_argv=argv)
-  flags.DEFINE_integer("devices", None, "Devices of the run (default: the local devices).", flag_values=values)
-  flags.DEFINE_string("device_kind", None, "Device kind, e.g. 'H100 80GB', 'TPU v5p' (default: the local one).",
-                      flag_values=values)
-  flags.DEFINE_float("mfu", DEFAULT_MFU, "Model FLOPs utilisation for the expected step time.", flag_values=values)
-  flags.DEFINE_bool("json", False, "Print one JSON line instead of the table.", flag_values=values)
-  flags.DEFINE_bool("compile", False, "Also compile the sharded step on the local devices (needs exactly "
-                    "--devices of them) and print XLA's memory analysis.", flag_values=values)
-  flags.DEFINE_integer("local_device_count", None, "CPU: expose this many devices (for --compile).",
-                       flag_values=values)
-  if not _config_spec(argv):
-    print("error: --config is required, e.g. --config configs/yan_1p6b.py", file=sys.stderr, flush=True)
-    return 2
-  try:
-    values(argv)
-    values.config.keys()  # config_flags defers a config file's load error to the first access
-  except Exception as error:  # pylint: disable=broad-except  # config_flags raises whatever the override hit
-    print(f"error: {_flag_error(argv, error)}", file=sys.stderr, flush=True)
-    return 2
-  try:
-    if values.local_device_count:
-      jax.config.update("jax_num_cpu_devices", values.local_device_count)
-    devices = values.devices or jax.device_count()
-    kind = values.device_kind or jax.devices()[0].device_kind
-    plan = make_plan(values.config, devices, kind, values.mfu, _config_spec(argv))
-    to_fit = fitting_change(values.config, devices, kind, plan.capacity_bytes) if plan.fits is False else ""
-    compiled, note = None, ""
-    if values.compile:
-      if devices == jax.device_count():
-        compiled = compiled_memory(values.config)
-      else:
-        note = f"not compiled: {jax.device_count()} local devices, not {devices}"
-  except ConfigError as error:
-    print(f"error: {error}", file=sys.stderr, flush=True)
-    return 2
-  if values.json:
-    print(json.dumps({**plan.to_dict(), "to_fit": to_fit, "compiled": compiled}), flush=True)
-  else:
-    print(format_plan(plan, compiled, note, to_fit), flush=True)
-  return 0
-
-
-def _config_spec(argv: Sequence[str]) -> str:
-  """The value of --config in `argv` ('' if absent)."""
-  for i, arg in enumerate(argv):
-    if re.match(r"^--?config(=|$)", arg):
-      return arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
-  return ""
-
-
-def _flag_error(argv: Sequence[str], error: Exception) -> str:
-  """A bad --config or --config.<key> override as one line: the config file's own error, or the unknown key."""
-  spec = _config_spec(argv)
-  try:
-    node = load_config_file(spec)
-  except Exception as load_error:  # pylint: disable=broad-except  # the config file's own error
-    return f"--config={spec}: {' '.join(str(load_error).split())}"
-  for arg in (a for a in argv if a.startswith("--config.")):
-    keys = arg[len("--config."):].split("=", 1)[0].split(".")
-    node_at = node
-    for depth, key in enumerate(keys):
-      if not hasattr(node_at, "keys") or key not in node_at.keys():
-        return f"{arg}: {'.'.join(keys[:depth]) or 'the config'} has no key {key!r}"
-      node_at = node_at[key]
-  return f"{type(error).__name__}: {' '.join(str(error).split())}"
-
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -1,8 +1,8 @@
 """The trainer's hooks: metrics, evaluation, checkpoints, profiling and the end-of-run sample.
 
-Each is a callable `hook(info: StepInfo)` that yanjax/loop.py calls at the interval it was added with; the
-trainer (yanjax/train.py) adds them in this order, which matters: the metrics of a step are logged before a
-checkpoint of it, and the stop check (yanjax/stop.py) runs before the checkpoint that saves on a stop.
+Each is a callable `hook(info: StepInfo)` that yanjax/training/loop.py calls at the interval it was added with; the
+trainer (yanjax/main/train.py) adds them in this order, which matters: the metrics of a step are logged before a
+checkpoint of it, and the stop check (yanjax/training/stop.py) runs before the checkpoint that saves on a stop.
 """
 
 from __future__ import annotations
@@ -20,15 +20,16 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from yanjax import compilation_cache, storage
-from yanjax.config import ModelConfig
-from yanjax.hosts import process_zero, say
-from yanjax.loop import StepInfo
-from yanjax.metrics import mfu
+from yanjax.core import storage
+from yanjax.core.config import ModelConfig
 from yanjax.model.counting import flops_per_token
-from yanjax.train_step import eval_scalars
-from yanjax.trainer import Trainer
-from yanjax.writers import Writers
+from yanjax.training import compilation_cache
+from yanjax.training.hosts import process_zero, say
+from yanjax.training.loop import StepInfo
+from yanjax.training.metrics import mfu
+from yanjax.training.train_step import eval_scalars
+from yanjax.training.trainer import Trainer
+from yanjax.training.writers import Writers
 
 NONFINITE_EXIT_CODE = 3  # nan_policy="stop": saved and stopped on a non-finite loss
 
@@ -219,9 +220,10 @@ class Sample:
     if info.exit_code:
       return
     import sentencepiece  # pylint: disable=import-outside-toplevel
-    from yanjax.checkpointing import TOKENIZER_FILE  # pylint: disable=import-outside-toplevel
-    from yanjax.generate import generate  # pylint: disable=import-outside-toplevel
-    from yanjax.sampling import Sampling  # pylint: disable=import-outside-toplevel
+
+    from yanjax.inference.generate import generate  # pylint: disable=import-outside-toplevel
+    from yanjax.inference.sampling import Sampling  # pylint: disable=import-outside-toplevel
+    from yanjax.training.checkpointing import TOKENIZER_FILE  # pylint: disable=import-outside-toplevel
     train_cfg = self.train_cfg
     tokenizer = sentencepiece.SentencePieceProcessor(model_proto=(self.workdir / TOKENIZER_FILE).read_bytes())
     prompt = [tokenizer.bos_id()] + tokenizer.encode(train_cfg.sample_prompt)

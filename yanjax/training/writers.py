@@ -14,8 +14,8 @@ from typing import Any, Protocol
 
 import ml_collections
 
-from yanjax import storage
-from yanjax.hosts import process_zero
+from yanjax.core import storage
+from yanjax.training.hosts import process_zero
 
 
 class Writer(Protocol):

@@ -19,8 +19,8 @@ import socket
 import time
 from typing import Any
 
-from yanjax import storage
-from yanjax.config import ConfigError
+from yanjax.core import storage
+from yanjax.core.config import ConfigError
 
 LEASE_FILE = "lease.json"
 STALE_AFTER_S = float(os.environ.get("YANJAX_LEASE_STALE_S", "300"))

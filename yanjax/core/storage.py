@@ -25,7 +25,7 @@ from typing import Any
 
 from etils import epath
 
-from yanjax.config import ConfigError
+from yanjax.core.config import ConfigError
 
 REMOTE_SCHEMES = ("gs", "s3")
 PROBE_TIMEOUT_S = float(os.environ.get("YANJAX_STORAGE_TIMEOUT_S", "60"))
@@ -271,6 +271,7 @@ def _endpoint_hint(path) -> str:
 def _teach_orbax_s3() -> None:
   """Makes orbax's tensorstore layer write s3:// checkpoints through tensorstore's `s3` driver."""
   import types  # pylint: disable=import-outside-toplevel
+
   from orbax.checkpoint._src.serialization import tensorstore_utils as tsu  # pylint: disable=import-outside-toplevel
   if getattr(tsu, "_yanjax_s3", False):
     return

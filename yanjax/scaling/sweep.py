@@ -1,8 +1,8 @@
 """Scaling-law sweeps: run a grid of model sizes x token budgets (or IsoFLOP budgets), collect, fit, plot.
 
-  python -m yanjax.sweep run    --spec configs/sweeps/tiny.py --out runs/sweep_tiny   # points one after another
-  python -m yanjax.sweep launch --spec configs/sweeps/tiny.py --out runs/sweep_tiny   # writes a SLURM job array
-  python -m yanjax.sweep fit    --out runs/sweep_tiny                                 # fit + figures
+  python -m yanjax.main.sweep run    --spec configs/sweeps/tiny.py --out runs/sweep_tiny   # points one after another
+  python -m yanjax.main.sweep launch --spec configs/sweeps/tiny.py --out runs/sweep_tiny   # writes a SLURM job array
+  python -m yanjax.main.sweep fit    --out runs/sweep_tiny                                 # fit + figures
 
 A spec is a Python file whose `get_sweep()` returns a dict:
   families  {family name: config spec}, e.g. {"yan": "configs/yan_tiny.py", "attention": "configs/yan_tiny.py:attention"}
@@ -21,7 +21,6 @@ which saves; the sweep starts no further point and exits with the trainer's PREE
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -38,14 +37,14 @@ from typing import Any, NamedTuple
 
 from etils import epath
 
-from yanjax import cli, storage
-from yanjax.cli import PREEMPTED_EXIT_CODE
-from yanjax.config import ConfigError, load_config_file
+from yanjax.core import storage
+from yanjax.core.cli import PREEMPTED_EXIT_CODE
+from yanjax.core.config import ConfigError, load_config_file
 from yanjax.model.counting import flops_per_token, param_count
-from yanjax.presets import model_variant
+from yanjax.training.presets import model_variant
 
 # The job-array template (repo-internal, not a user path): `launch` fills it in.
-LAUNCH_DIR = pathlib.Path(__file__).resolve().parents[1] / "launch"
+LAUNCH_DIR = pathlib.Path(__file__).resolve().parents[2] / "launch"
 ARRAY_TEMPLATE = LAUNCH_DIR / "sweep_array.sbatch"
 FAILED_EXIT_CODE = 1
 
@@ -149,7 +148,7 @@ def run_point(point: Point, out: epath.Path, stop: StopRequest | None = None) ->
   print(f"[sweep] {point.id}: training {point.tokens:,} tokens, {point.params:,} parameters", flush=True)
   workdir.mkdir(parents=True, exist_ok=True)
   with _train_log(workdir / "train.log") as log:
-    stop.trainer = subprocess.Popen([sys.executable, "-m", "yanjax.train", f"--workdir={workdir}", *point.flags],
+    stop.trainer = subprocess.Popen([sys.executable, "-m", "yanjax.main.train", f"--workdir={workdir}", *point.flags],
                                     stdout=log, stderr=subprocess.STDOUT)
     if stop.signal is not None:  # arrived while the trainer was starting
       stop.trainer.send_signal(stop.signal)
@@ -225,7 +224,7 @@ def fit_sweep(out: epath.Path, grid: str = "coarse", n_boot: int = 100) -> None:
   texts = _results(out)
   if not texts:
     raise ConfigError(f"sweep fit: no finished point under {points_dir} (no */result.json; {kept}); run "
-                      "points first with `python -m yanjax.sweep run`")
+                      "points first with `python -m yanjax.main.sweep run`")
   records = []
   for path, text in texts.items():
     try:
@@ -256,72 +255,3 @@ def write_slurm_array(spec: epath.Path, out: epath.Path, count: int, script: epa
   script.parent.mkdir(parents=True, exist_ok=True)
   script.write_text(text)
   return script
-
-
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  commands = parser.add_subparsers(dest="command", required=True)
-  out_help = "sweep directory: a local path, gs://bucket/... or s3://bucket/..."
-  for name in ("run", "launch"):
-    sub = commands.add_parser(name)
-    sub.add_argument("--spec", required=True, help="sweep spec file (local or a bucket URL)")
-    sub.add_argument("--out", required=True, help=out_help)
-    if name == "run":
-      sub.add_argument("--only", type=int, default=None, help="run only the point of this index")
-    else:
-      sub.add_argument("--script", default=None, help="where to write the (local) sbatch script; default "
-                       "<out>/sweep.sbatch, or ./sweep.sbatch when --out is a bucket URL")
-  fit = commands.add_parser("fit")
-  fit.add_argument("--out", required=True, help=out_help)
-  fit.add_argument("--grid", default="coarse", choices=("full", "coarse"))
-  fit.add_argument("--bootstrap", type=int, default=100)
-  args = parser.parse_args(argv)
-  out = storage.as_path(args.out)
-  if args.command == "fit":
-    fit_sweep(out, args.grid, args.bootstrap)
-    return 0
-  storage.check_writable(out, "sweep --out", "give a directory (or bucket URL) this machine can write")
-  spec = storage.as_path(args.spec)
-  grid = points(load_spec(spec))
-  if args.command == "launch":
-    return _launch(args, spec, out, len(grid))
-  chosen = grid if args.only is None else [grid[args.only]]
-  done, failed, preempted = 0, [], False
-  with StopRequest().installed() as stop:
-    for point in chosen:
-      if stop.signal is not None:
-        preempted = True
-        break
-      code = run_point(point, out, stop)
-      done += code == 0
-      if code == FAILED_EXIT_CODE:
-        failed.append(point.id)
-      elif code != 0:
-        preempted = True
-        break
-    results = collect(out)
-  print(f"[sweep] {done}/{len(chosen)} points finished; results in {results}"
-        + (f"; failed: {failed}" if failed else "") + ("; stopped by a signal" if preempted else ""))
-  if preempted:
-      return PREEMPTED_EXIT_CODE
-  return FAILED_EXIT_CODE if failed else 0
-
-
-def _launch(args: argparse.Namespace, spec: epath.Path, out: epath.Path, count: int) -> int:
-  if args.script is not None:
-    if storage.is_remote(args.script):
-      raise ConfigError(f"--script {args.script}: sbatch reads a local file; give a local path")
-    script = storage.as_path(args.script)
-  elif storage.is_remote(out):
-    script = storage.as_path("sweep.sbatch")
-  else:
-    script = out / "sweep.sbatch"
-  write_slurm_array(spec, out, count, script)
-  where = f" (--out {out} is a bucket, so the script and its logs are local)" if storage.is_remote(out) else ""
-  print(f"wrote {script}{where}: {count} points; submit with `sbatch {script}`, "
-        f"then `python -m yanjax.sweep fit --out {out}`")
-  return 0
-
-
-if __name__ == "__main__":
-  cli.run(main)

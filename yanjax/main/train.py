@@ -1,6 +1,6 @@
 """Pretrains a Yan (MCSD) or attention-baseline language model; the product's main job.
 
-Run:  python -m yanjax.train --config configs/yan_tiny.py --workdir runs/yan_tiny [--config.train.steps=300]
+Run:  python -m yanjax.main.train --config configs/yan_tiny.py --workdir runs/yan_tiny [--config.train.steps=300]
 Multi-host: the same command on every process (see launch/README.md). The workdir (and the data stores) may
 be local or in a bucket (gs://, s3://). Re-running it on a workdir with checkpoints resumes from the latest
 complete one, on any number of devices or hosts. SIGTERM / SIGINT, or JAX's preemption notice on multi-host
@@ -28,19 +28,25 @@ import jax  # pylint: disable=wrong-import-position
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from yanjax import cli, compilation_cache, distributed, hooks, plan, sharding, storage
-from yanjax.checkpointing import TOKENIZER_FILE, Checkpointer, check_same_shapes
-from yanjax.cli import USAGE_EXIT_CODE
-from yanjax.config import ConfigError, ModelConfig
+from yanjax.core import cli, storage
+from yanjax.core.cli import USAGE_EXIT_CODE
+from yanjax.core.config import ConfigError, ModelConfig
+from yanjax.core.errors import UserError
 from yanjax.data.errors import DataError
-from yanjax.hosts import agree, process_zero, say
-from yanjax.lease import Lease
-from yanjax.loop import TrainLoop
 from yanjax.model.counting import param_count
-from yanjax.run_config import validate_run_config
-from yanjax.stop import StopRequest, stop_check
-from yanjax.trainer import build_trainer
-from yanjax.writers import open_writers
+from yanjax.training import compilation_cache, distributed, hooks, plan, sharding
+from yanjax.training.checkpointing import (
+  TOKENIZER_FILE,
+  Checkpointer,
+  check_same_shapes,
+)
+from yanjax.training.hosts import agree, process_zero, say
+from yanjax.training.lease import Lease
+from yanjax.training.loop import TrainLoop
+from yanjax.training.run_config import validate_run_config
+from yanjax.training.stop import StopRequest, stop_check
+from yanjax.training.trainer import build_trainer
+from yanjax.training.writers import open_writers
 
 WORKDIR_PLACEHOLDER = "{workdir}"  # in data.stores and train.compilation_cache: the run's work directory
 DEFAULT_CORPUS = "{workdir}/data/stdlib"  # the one store data.prepare_default may create
@@ -84,7 +90,7 @@ def prepare_data(cfg, workdir):
   The default store lives under the work directory, which every host sees (a shared filesystem or a
   bucket), so process 0 prepares it once and the others wait, then read it.
   """
-  from yanjax.data import make_loader  # pylint: disable=import-outside-toplevel  # grain only where data is read
+  from yanjax.data.loader import make_loader  # pylint: disable=import-outside-toplevel  # grain only where data is read
   stores = store_paths(cfg, str(workdir))
   store = storage.as_path(stores[0])
   default_corpus = cfg.data.prepare_default and cfg.data.stores[0] == DEFAULT_CORPUS  # never a mistyped store
@@ -97,7 +103,7 @@ def prepare_data(cfg, workdir):
       try:
         prepare_store(PrepareSettings(output=str(store), vocab_size=cfg.model.vocab_size,
                                       validation_fraction=cfg.data.validation_fraction))
-      except (DataError, ConfigError) as error:
+      except UserError as error:
         failed = error
     if agree(failed is not None):
       raise failed or DataError(f"preparing the default corpus into {store} failed on process 0")
@@ -180,10 +186,10 @@ def train():
   train_loader, val_loader = prepare_data(cfg, workdir)
   stop.exit_if_requested("while the data was prepared")
 
-  # ---- mesh and state (yanjax/trainer.py: the jitted init, train and eval steps) ---------------------------
+  # ---- mesh and state (yanjax/training/trainer.py: the jitted init, train and eval steps) ---------------------------
   trainer = build_trainer(cfg)
   mesh = dict(trainer.mesh.shape)
-  # Refuses, before anything compiles, a run predicted not to fit in a device's memory (yanjax/plan.py).
+  # Refuses, before anything compiles, a run predicted not to fit in a device's memory (yanjax/training/plan.py).
   plan.check_fits(cfg, jax.device_count(), jax.devices()[0].device_kind)
   abstract_state = trainer.abstract_state()
   report = sharding.replication_report(abstract_state["params"], trainer.state_sharding["params"])
@@ -206,7 +212,7 @@ def train():
         (f" (saved on mesh {saved_mesh}, restored onto {mesh})" if saved_mesh != mesh else ""))
   stop.exit_if_requested("before the first step")
 
-  # ---- the loop and its hooks (yanjax/loop.py, yanjax/hooks.py), in the order they run ------------------
+  # ---- the loop and its hooks (yanjax/training/loop.py, yanjax/training/hooks.py), in the order they run ------------------
   monitor = hooks.LossMonitor(cfg.train.spike_window, cfg.train.spike_factor, **meta.get("loss_monitor", {}))
   writers = open_writers(workdir, cfg, resume_step=start)
   logger = hooks.MetricsLogger(writers, cfg.train, model_cfg, start, monitor)
@@ -256,7 +262,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def _describe_flag_error(argv: list[str], error: Exception) -> str:
   """Names the --config.<key> override whose key the config does not have, else restates `error`."""
-  from yanjax.config import load_config_file  # pylint: disable=import-outside-toplevel
+  from yanjax.core.config import load_config_file  # pylint: disable=import-outside-toplevel
   config = ([a.split("=", 1)[1] for a in argv if a.startswith("--config=")] or ["configs/yan_tiny.py"])[-1]
   try:
     base = load_config_file(config)
@@ -274,7 +280,7 @@ def _describe_flag_error(argv: list[str], error: Exception) -> str:
         return f"{arg}: {section} has no key {key!r}; its keys are {known}"
       node = node[key]
   reason = " ".join(str(error).split())
-  return f"{type(error).__name__}: {reason}; check the flags (python -m yanjax.train --helpfull)"
+  return f"{type(error).__name__}: {reason}; check the flags (python -m yanjax.main.train --helpfull)"
 
 
 if __name__ == "__main__":

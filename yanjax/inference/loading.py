@@ -1,6 +1,6 @@
 """A trained model for inference: the newest readable checkpoint restored onto a device mesh.
 
-`load_inference_model` (used by `yanjax.generate` and `yanjax.export`) restores only the parameters,
+`load_inference_model` (used by `yanjax.inference.generate` and `yanjax.export.writer`) restores only the parameters,
 each straight into its NamedSharding (no host copy of the model, no single device that must hold it all).
 The mesh is, in order of preference:
   1. `mesh_spec`, the `--mesh data=1,fsdp=4` flag (axes not named are 1; one axis may be -1: the rest);
@@ -9,7 +9,7 @@ The mesh is, in order of preference:
      over every device, with a warning.
 A mesh of fewer devices than present runs on the first ones. Parameters are placed by the run's
 logical-axis rules (`meta["config"]["rules"]`), as in training. The restored parameters are checked against
-the checksums saved with them (yanjax.checkpointing); a checkpoint that fails the check is skipped like an
+the checksums saved with them (yanjax.training.checkpointing); a checkpoint that fails the check is skipped like an
 unreadable one, with a warning, and the one before it is used. The work directory may be local or a bucket
 URL (gs://, s3://).
 """
@@ -27,11 +27,12 @@ from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
 
-from yanjax import sharding, storage
-from yanjax.checkpointing import TOKENIZER_FILE, Checkpointer, verify_checksums
-from yanjax.config import ConfigError, ModelConfig
+from yanjax.core import storage
+from yanjax.core.config import ConfigError, ModelConfig
 from yanjax.model.lm import LanguageModel
-from yanjax.run_config import DEFAULTS, MESH_AXES
+from yanjax.training import sharding
+from yanjax.training.checkpointing import TOKENIZER_FILE, Checkpointer, verify_checksums
+from yanjax.training.run_config import DEFAULTS, MESH_AXES
 
 FSDP_ALL = {"data": 1, "fsdp": -1, "tensor": 1, "expert": 1}
 
@@ -102,13 +103,13 @@ def load_inference_model(workdir: str | os.PathLike, mesh_spec: str | None = Non
   if not storage.check_readable(root / "checkpoints", "workdir",
                                 "give the --workdir of a training run (local path, gs:// or s3:// URL)"):
     raise FileNotFoundError(f"no checkpoint under {root / 'checkpoints'}; train first with "
-                            f"python -m yanjax.train --workdir {workdir}")
+                            f"python -m yanjax.main.train --workdir {workdir}")
   checkpointer = Checkpointer(os.fspath(workdir), async_save=False)
   try:
     steps = checkpointer.steps()
     if not steps:
       raise FileNotFoundError(f"no checkpoint under {root / 'checkpoints'}; train first with "
-                              f"python -m yanjax.train --workdir {workdir}")
+                              f"python -m yanjax.main.train --workdir {workdir}")
     for step in reversed(steps):
       try:
         model, cfg = _restore(checkpointer, step, mesh_spec)

@@ -7,15 +7,14 @@ import os
 import sys
 from typing import Callable
 
-from yanjax.config import ConfigError
-from yanjax.data.errors import DataError
+from yanjax.core.errors import UserError
 
 USAGE_EXIT_CODE = 2  # a user error: one line on stderr
 PREEMPTED_EXIT_CODE = 42  # saved after SIGTERM/SIGINT or a preemption notice: a scheduler should requeue
 # Errors that mean the user asked for something that cannot be done (a bad path, key, value or file);
 # anything else is an internal error and keeps its traceback. --verbose (or YANJAX_VERBOSE=1) shows the
 # traceback of user errors too.
-USER_ERRORS = (ConfigError, DataError, FileNotFoundError, PermissionError, IsADirectoryError)
+USER_ERRORS = (UserError, FileNotFoundError, PermissionError, IsADirectoryError)
 # Storage faults the user fixes (disk full, quota, read-only filesystem): reported with the path.
 USER_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
 

@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from yanjax import sharding
-from yanjax.config import ModelConfig
+from yanjax.core.config import ModelConfig
 from yanjax.model.lm import LanguageModel
+from yanjax.training import sharding
 
 
 def init_train_state(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, seed: int) -> dict:

@@ -1,6 +1,6 @@
 """Model summary: parameter table, one forward pass and a short decode of random tokens.
 
-Run: python -m yanjax.summary --config configs/yan_tiny.py[:variant]
+Run: python -m yanjax.main.summary --config configs/yan_tiny.py[:variant]
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from yanjax.config import ModelConfig, load_config_file
+from yanjax.core.config import ModelConfig, load_config_file
 from yanjax.model.counting import flops_per_token, param_count
 from yanjax.model.lm import LanguageModel
 

@@ -1,6 +1,6 @@
 """Prints every config in configs/ with its variants: total and active parameters, training FLOPs per token.
 
-Run: python -m yanjax.config_table [--configs_dir configs] [--seq_len 4096]
+Run: python -m yanjax.main.config_table [--configs_dir configs] [--seq_len 4096]
 """
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 import pathlib
 
-from yanjax.config import ModelConfig, load_config_file
+from yanjax.core.config import ModelConfig, load_config_file
 from yanjax.model.counting import flops_per_token, param_count
-from yanjax.presets import VARIANTS
+from yanjax.training.presets import VARIANTS
 
 
 def config_rows(configs_dir: pathlib.Path, seq_len: int):
@@ -26,7 +26,7 @@ def config_rows(configs_dir: pathlib.Path, seq_len: int):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--configs_dir", default=str(pathlib.Path(__file__).resolve().parent.parent / "configs"))
+  parser.add_argument("--configs_dir", default=str(pathlib.Path(__file__).resolve().parents[2] / "configs"))
   parser.add_argument("--seq_len", type=int, default=4096, help="sequence length for attention FLOPs")
   args = parser.parse_args(argv)
   header = f"{'config':<36} {'mixer':<9} {'router':<6} {'layers':>6} {'width':>6} {'total':>10} {'active':>10} " \

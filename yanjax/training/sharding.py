@@ -15,9 +15,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from yanjax.config import ConfigError
+from yanjax.core.config import ConfigError
 from yanjax.model.partitioning import activation_sharding
-from yanjax.run_config import MESH_AXES
+from yanjax.training.run_config import MESH_AXES
 
 
 def mesh_shape(mesh_cfg: dict[str, int], num_devices: int) -> tuple[int, ...]:

@@ -13,6 +13,7 @@ import math
 import pathlib
 from typing import Any
 
+from yanjax.core.errors import UserError
 from yanjax.numpy_runtime.mixers import MIXERS, arch_renamed
 
 RECURRENCE_FORMS = ("auto", "reference", "associative", "chunked")
@@ -22,7 +23,7 @@ REMATS = ("none", "full", "save_dots")
 DTYPES = ("float32", "bfloat16")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
   """A config key is unknown or holds an impossible value."""
 
 

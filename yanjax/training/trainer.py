@@ -1,10 +1,10 @@
-"""The trainer's jitted pieces, built from a run config in one place: `python -m yanjax.train`, the tests and
+"""The trainer's jitted pieces, built from a run config in one place: `python -m yanjax.main.train`, the tests and
 the benchmarks all run exactly these.
 
 Nothing compiles here (`jax.jit` is lazy) and nothing is allocated before `init()` runs. Importing this
-module defines no command-line flags (yanjax/train.py owns those).
+module defines no command-line flags (yanjax/main/train.py owns those).
 
-Train state and batch: see yanjax/train_step.py.
+Train state and batch: see yanjax/training/train_step.py.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from yanjax import sharding
-from yanjax.config import ModelConfig
+from yanjax.core.config import ModelConfig
 from yanjax.model.lm import LanguageModel
-from yanjax.optim import decay_mask, learning_rate_schedule, make_optimizer
-from yanjax.run_config import validate_run_config
-from yanjax.train_state import init_train_state, train_state_shardings
-from yanjax.train_step import make_eval_step, make_train_step
+from yanjax.training import sharding
+from yanjax.training.optim import decay_mask, learning_rate_schedule, make_optimizer
+from yanjax.training.run_config import validate_run_config
+from yanjax.training.train_state import init_train_state, train_state_shardings
+from yanjax.training.train_step import make_eval_step, make_train_step
 
 
 class Trainer(NamedTuple):

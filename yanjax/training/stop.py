@@ -12,10 +12,10 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from yanjax.cli import PREEMPTED_EXIT_CODE
-from yanjax.hooks import NONFINITE_EXIT_CODE
-from yanjax.hosts import say
-from yanjax.loop import StepInfo
+from yanjax.core.cli import PREEMPTED_EXIT_CODE
+from yanjax.training.hooks import NONFINITE_EXIT_CODE
+from yanjax.training.hosts import say
+from yanjax.training.loop import StepInfo
 
 
 class StopRequest:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from yanjax.config import ConfigError, ModelConfig
+from yanjax.core.config import ConfigError, ModelConfig
 from yanjax.model.counting import param_count
 
 VARIANTS = ("", "selective", "attention")
@@ -48,7 +48,7 @@ def model_variant(model: dict[str, Any], variant: str) -> ModelConfig:
 
 def build_config(model: dict[str, Any], variant: str | None, **sections):
   """The run config (a locked ml_collections.ConfigDict): the model of `variant`, trainer defaults updated by
-  `sections` (see yanjax.run_config.DEFAULTS)."""
-  from yanjax.run_config import build_run_config  # pylint: disable=import-outside-toplevel
+  `sections` (see yanjax.training.run_config.DEFAULTS)."""
+  from yanjax.training.run_config import build_run_config  # pylint: disable=import-outside-toplevel
 
   return build_run_config(model_variant(model, variant or ""), **sections)

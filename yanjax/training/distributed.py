@@ -24,14 +24,13 @@ one machine can stand in for several hosts. JAX fixes this when its backends sta
 order.
 """
 
-from collections.abc import Mapping
 import os
 import sys
+from collections.abc import Mapping
 from typing import NamedTuple
 
-from absl import flags
-from absl import logging
 import jax
+from absl import flags, logging
 from jax._src import cloud_tpu_init
 
 _COORDINATOR_ADDRESS = flags.DEFINE_string(

@@ -26,8 +26,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
-from yanjax import storage
-from yanjax.config import ConfigError, ModelConfig
+from yanjax.core import storage
+from yanjax.core.config import ConfigError, ModelConfig
 from yanjax.model.lm import LanguageModel
 
 TOKENIZER_FILE = "tokenizer.model"

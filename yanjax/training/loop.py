@@ -1,7 +1,7 @@
 """The training loop: runs the jitted train step and calls hooks at intervals, as Levanter's trainer does.
 
-    loop = TrainLoop(trainer, cfg.train)                   # trainer: yanjax/trainer.py
-    loop.add_hook(logger, every=1)                         # hooks: yanjax/hooks.py
+    loop = TrainLoop(trainer, cfg.train)                   # trainer: yanjax/training/trainer.py
+    loop.add_hook(logger, every=1)                         # hooks: yanjax/training/hooks.py
     loop.add_hook(evaluate, every=cfg.train.eval_every)
     loop.add_hook(save, every=cfg.checkpoint.every_steps, seconds=60 * cfg.checkpoint.every_minutes, at_stop=True)
     loop.add_hook(logger.close, at_end=True)
@@ -27,8 +27,8 @@ from typing import Any, Callable, Iterator
 import jax
 import ml_collections
 
-from yanjax.hosts import agree
-from yanjax.trainer import Trainer
+from yanjax.training.hosts import agree
+from yanjax.training.trainer import Trainer
 
 
 @dataclasses.dataclass
@@ -36,7 +36,7 @@ class StepInfo:
   """The run after step `step` (steps count from 1: step k made the state `state`)."""
   step: int
   start: int  # the step this run started from: 0, or the step of the checkpoint it resumed
-  state: dict  # the train state (yanjax/train_step.py)
+  state: dict  # the train state (yanjax/training/train_step.py)
   metrics: dict  # the step's metrics as jax.Arrays, possibly still computing
   last: bool  # step == train.steps
   exit_code: int = 0  # the run's exit code so far; a hook sets it (e.g. nan_policy="stop")

@@ -15,8 +15,8 @@ from typing import Any
 
 import ml_collections
 
-from yanjax import storage
-from yanjax.config import ConfigError, ModelConfig
+from yanjax.core import storage
+from yanjax.core.config import ConfigError, ModelConfig
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 REQUIRED = None  # a key every config file sets
@@ -106,7 +106,7 @@ def build_run_config(model: ModelConfig, **sections) -> ml_collections.ConfigDic
              for key, value in keys.items() if value is REQUIRED]
   if missing:
     raise ConfigError(f"the config does not set {missing}: a config file is a whole run and sets every "
-                      "size-dependent key (see yanjax/run_config.py: DEFAULTS and configs/yan_tiny.py)")
+                      "size-dependent key (see yanjax/training/run_config.py: DEFAULTS and configs/yan_tiny.py)")
   cfg = ml_collections.ConfigDict({"model": model.to_dict(), **values})
   cfg.lock()
   return cfg

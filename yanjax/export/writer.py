@@ -3,7 +3,7 @@
 Run (a training run's work directory; its latest checkpoint and tokenizer are exported; either path may be
 local or a bucket URL, gs:// or s3://):
 
-    python -m yanjax.export --workdir runs/tiny --out exports/tiny [--dtype bfloat16] [--mesh fsdp=4]
+    python -m yanjax.main.export --workdir runs/tiny --out exports/tiny [--dtype bfloat16] [--mesh fsdp=4]
 
 writes `weights.npz`, `weights.safetensors`, `config.json`, `tokenizer.model` (when the run has one) and
 `manifest.json` (format version, config, every array's shape / dtype / sha256, file checksums). Array names
@@ -18,7 +18,7 @@ the new one copied last); a failed export removes its temporary directory and le
 was. `<out>` is replaced only when it is missing, empty or an export (nothing but the export's files, and a
 yanjax manifest if it has one); a directory holding anything else is refused, never touched.
 
-The export streams: the checkpoint is restored onto a device mesh (yanjax.inference; --mesh), and each array
+The export streams: the checkpoint is restored onto a device mesh (yanjax.inference.loading; --mesh), and each array
 is fetched to the host on its own (one layer's slice of a scanned parameter), converted, hashed, written and
 dropped, so host memory is bounded by the largest array, not the model. The weights files are written
 straight to their destination, a bucket included (no local copy first). `yanjax.numpy_runtime` loads and
@@ -31,7 +31,6 @@ upcast to float32 by shifting the bits left by 16.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import hashlib
@@ -47,9 +46,8 @@ from etils import epath
 from flax import nnx
 
 import yanjax
-from yanjax import cli
-from yanjax import storage
-from yanjax.config import ConfigError, ModelConfig
+from yanjax.core import storage
+from yanjax.core.config import ConfigError, ModelConfig
 from yanjax.numpy_runtime import format as fmt
 
 _STORED = {"float32": np.dtype("<f4"), "bfloat16": np.dtype("<u2")}  # as written: bf16 as its bit pattern
@@ -334,27 +332,3 @@ def _tokenizer_entry(data: bytes, path, cfg: ModelConfig) -> dict[str, Any]:
                      f"vocab_size is {cfg.vocab_size}")
   return {"vocab_size": processor.vocab_size(), "bos_id": processor.bos_id(), "eos_id": processor.eos_id(),
           "unk_id": processor.unk_id(), "pad_id": processor.pad_id()}
-
-
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m yanjax.export", description=__doc__.splitlines()[0])
-  parser.add_argument("--workdir", required=True,
-                      help="training run directory, local or gs:// / s3:// (latest checkpoint)")
-  parser.add_argument("--out", required=True, help="export directory to write, local or gs:// / s3://")
-  parser.add_argument("--dtype", default="float32", choices=fmt.WEIGHT_DTYPES)
-  parser.add_argument("--mesh", default=None, help="mesh to restore onto, e.g. fsdp=4 (default: the run's "
-                      "training mesh, or FSDP over all devices when it does not fit)")
-  args = parser.parse_args(argv)
-  out = storage.as_path(args.out)
-  storage.check_writable(out, "export directory --out",
-                         "give a directory (or bucket URL) these credentials may write")
-  check_replaceable(out)  # before the checkpoint is read: refusing takes a moment, not a restore
-  from yanjax.inference import load_inference_model  # pylint: disable=import-outside-toplevel
-  model, cfg, tokenizer_path = load_inference_model(args.workdir, mesh_spec=args.mesh)
-  manifest = export_model(model, cfg, args.out, tokenizer_path=tokenizer_path, dtype=args.dtype)
-  total = sum(int(np.prod(a["shape"])) for a in manifest["arrays"])
-  print(f"exported {len(manifest['arrays'])} arrays ({total:,} parameters, {args.dtype}) to {args.out}")
-
-
-if __name__ == "__main__":
-  cli.run(main)

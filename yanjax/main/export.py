@@ -1,0 +1,38 @@
+"""The `python -m yanjax.main.export` command: export a model as plain arrays for other runtimes (docs/export.md is the format's specification).
+
+The work is the library yanjax.export.writer (usage in its docstring).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from yanjax.core import cli, storage
+from yanjax.export.writer import check_replaceable, export_model
+from yanjax.numpy_runtime import format as fmt
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(prog="python -m yanjax.main.export", description=__doc__.splitlines()[0])
+  parser.add_argument("--workdir", required=True,
+                      help="training run directory, local or gs:// / s3:// (latest checkpoint)")
+  parser.add_argument("--out", required=True, help="export directory to write, local or gs:// / s3://")
+  parser.add_argument("--dtype", default="float32", choices=fmt.WEIGHT_DTYPES)
+  parser.add_argument("--mesh", default=None, help="mesh to restore onto, e.g. fsdp=4 (default: the run's "
+                      "training mesh, or FSDP over all devices when it does not fit)")
+  args = parser.parse_args(argv)
+  out = storage.as_path(args.out)
+  storage.check_writable(out, "export directory --out",
+                         "give a directory (or bucket URL) these credentials may write")
+  check_replaceable(out)  # before the checkpoint is read: refusing takes a moment, not a restore
+  from yanjax.inference.loading import load_inference_model  # pylint: disable=import-outside-toplevel
+  model, cfg, tokenizer_path = load_inference_model(args.workdir, mesh_spec=args.mesh)
+  manifest = export_model(model, cfg, args.out, tokenizer_path=tokenizer_path, dtype=args.dtype)
+  total = sum(int(np.prod(a["shape"])) for a in manifest["arrays"])
+  print(f"exported {len(manifest['arrays'])} arrays ({total:,} parameters, {args.dtype}) to {args.out}")
+
+
+if __name__ == "__main__":
+  cli.run(main)
