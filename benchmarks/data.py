@@ -26,8 +26,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from yanjax.data.loader import make_loader  # pylint: disable=wrong-import-position
-from yanjax.data.store import open_store  # pylint: disable=wrong-import-position
 from yanjax.data.prepare import PrepareSettings, prepare_store  # pylint: disable=wrong-import-position
+from yanjax.data.store import open_store  # pylint: disable=wrong-import-position
 
 # (global batch, sequence length) each model is benchmarked at.
 SHAPES = {"yan_tiny": (16, 256), "yan_85m": (8, 512)}

@@ -37,7 +37,8 @@ VARIANTS = {
 def run_config(variant: str, seq_len: int, batch: int):
   cfg = build_config(model={**MODEL, **VARIANTS[variant]}, variant=None,
                      train=dict(steps=100, global_batch=batch, seq_len=seq_len),
-                     optimizer=dict(lr=1e-3, warmup_steps=10), data=dict(stores=("unused",)), mesh=dict(data=-1, fsdp=1, tensor=1, expert=1),
+                     optimizer=dict(lr=1e-3, warmup_steps=10), data=dict(stores=("unused",)),
+                     mesh=dict(data=-1, fsdp=1, tensor=1, expert=1),
                      checkpoint=dict(every_steps=100))
   cfg.model.explore_steps = 0  # the router's own choice, as after its exploration phase
   return cfg

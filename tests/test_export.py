@@ -180,7 +180,8 @@ def test_bfloat16_export_stores_bit_patterns_and_runs(exported, tmp_path):
   rounded_model = nnx.merge(graphdef, jax.tree.map(
       lambda x: jnp.asarray(np.asarray(x).astype(ml_dtypes.bfloat16).astype(np.float32)), state))
   tokens = np.arange(12)[None] % cfg.vocab_size
-  err = np.max(np.abs(Model(export).forward(tokens) - np.asarray(nnx.jit(lambda m, t: m(t)[0])(rounded_model, jnp.asarray(tokens)))))
+  jax_logits = np.asarray(nnx.jit(lambda m, t: m(t)[0])(rounded_model, jnp.asarray(tokens)))
+  err = np.max(np.abs(Model(export).forward(tokens) - jax_logits))
   print(f"bfloat16 export: numpy vs jax (bf16-rounded weights) max abs logit diff {err:.2e}")
   assert err < TOLERANCE
 

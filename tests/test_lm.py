@@ -124,7 +124,7 @@ def test_gradients_are_finite_for_every_model():
     model = _model(name, dtype="bfloat16")
     tokens = _tokens()
 
-    def loss(m):
+    def loss(m, tokens=tokens):
       logits, aux = m(tokens, step=jnp.array(5), key=jax.random.PRNGKey(0))
       return jnp.mean(jax.nn.logsumexp(logits, -1)) + aux["aux_loss"]
 

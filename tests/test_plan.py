@@ -97,7 +97,8 @@ def test_selective_dispatch_memory_is_linear_in_the_sequence(dispatch):
 def test_check_fits_refuses_a_dispatch_whose_memory_cannot_fit(monkeypatch):
   cfg = load_config_file(REPO / "configs/yan_tiny.py:selective")
   cfg.train.seq_len = 2048
-  sizes = {dispatch: plan.make_plan(_with(cfg, dispatch), 1, "cpu").total_bytes for dispatch in ("capacity", "dropless")}
+  sizes = {dispatch: plan.make_plan(_with(cfg, dispatch), 1, "cpu").total_bytes
+           for dispatch in ("capacity", "dropless")}
   print("tiny selective at 2048 tokens on one CPU device:", sizes)
   assert sizes["dropless"] > 1.5 * sizes["capacity"]  # XLA's CPU ragged_dot runs every group
   monkeypatch.setenv("YANJAX_DEVICE_MEMORY_BYTES", str(int(sum(sizes.values()) / 2 / plan.HEADROOM)))

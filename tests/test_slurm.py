@@ -107,7 +107,8 @@ def test_slurm_sbatch_preempt_requeue_resume(slurm_cluster, small_store, tmp_pat
                 "--export=ALL,YANJAX_LOCAL_DEVICE_COUNT=2", "launch/slurm.sbatch", "configs/yan_tiny.py",
                 str(workdir), *flags], slurm_env())
   log = tmp_path / f"yanjax-{job}.out"
-  context = lambda: f"job {job}: {job_records(job)}\n---- {log} ----\n{tail(read(log))}"
+  def context():
+    return f"job {job}: {job_records(job)}\n---- {log} ----\n{tail(read(log))}"
   try:
     wait_for_steps(workdir / "metrics.jsonl", job, context)
     subprocess.run(["scancel", "--signal=TERM", job], check=True, timeout=30)
@@ -162,8 +163,9 @@ def test_slurm_sweep_array_preempt_requeue_resume(slurm_cluster, small_store, tm
   job = sbatch(["--gpus-per-task=0", str(script)], slurm_env())
   point = out / "points" / f"yan-w16-D{steps * 8 * 32:.3g}"
   logs = [out / f"slurm-{job}_{task}.log" for task in (0, 1)]
-  context = lambda: (f"job {job}: {job_records(job)}\n" + "".join(
-      f"---- {path} ----\n{tail(read(path), 2500)}\n" for path in [*logs, point / "train.log"]))
+  def context():
+    return f"job {job}: {job_records(job)}\n" + "".join(
+        f"---- {path} ----\n{tail(read(path), 2500)}\n" for path in [*logs, point / "train.log"])
   try:
     wait_for_steps(point / "metrics.jsonl", job, context)
     subprocess.run(["scancel", "--signal=TERM", f"{job}_0"], check=True, timeout=30)

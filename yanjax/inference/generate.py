@@ -183,7 +183,7 @@ def _decode_loop(graphdef, state, tokens, lengths, row_keys, *, prefix, max_new_
     keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, pos)
     if vocab_limit is not None:
       logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
-    sampled = jax.vmap(lambda l, k: sample(l, k, sampling))(logits, keys)
+    sampled = jax.vmap(lambda row, k: sample(row, k, sampling))(logits, keys)
     emit = ~forced & ~done
     stop = emit & (sampled == eos_id) if eos_id is not None else jnp.zeros_like(emit)
     write = emit & ~stop

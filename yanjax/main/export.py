@@ -1,4 +1,6 @@
-"""The `python -m yanjax.main.export` command: export a model as plain arrays for other runtimes (docs/export.md is the format's specification).
+"""The `python -m yanjax.main.export` command.
+
+Export a model as plain arrays for other runtimes (docs/export.md is the format's specification).
 
 The work is the library yanjax.export.writer (usage in its docstring).
 """

@@ -1,4 +1,6 @@
-"""The `python -m yanjax.main.generate` command: text generation: prompts -> completions with the model's O(1) MCSD state or the attention KV cache.
+"""The `python -m yanjax.main.generate` command.
+
+Text generation: prompts -> completions with the model's O(1) MCSD state or the attention KV cache.
 
 The work is the library yanjax.inference.generate (usage in its docstring).
 """
@@ -51,7 +53,8 @@ def run(model, tokenizer_path, args, out=None, err=None) -> None:
     if tokenizer_path is not None:
       processor = _load_tokenizer(tokenizer_path)
       eos, limit = processor.eos_id(), processor.vocab_size()
-    stream = lambda tokens, emitted: out.write("".join(f"{t} " for t in tokens[emitted]))
+    def stream(tokens, emitted):
+      out.write("".join(f"{t} " for t in tokens[emitted]))
     (completion,) = generate(model, [prompt], max_new_tokens=args.max_new_tokens, sampling=sampling,
                              eos_id=eos if eos is not None and eos >= 0 else None, seed=args.seed,
                              vocab_limit=limit, on_tokens=stream)

@@ -1,4 +1,6 @@
-"""The `python -m yanjax.main.plan` command: the plan of a run before its launch: mesh, per-device memory, tokens, steps, FLOPs and step time.
+"""The `python -m yanjax.main.plan` command.
+
+The plan of a run before its launch: mesh, per-device memory, tokens, steps, FLOPs and step time.
 
 The work is the library yanjax.training.plan (usage in its docstring).
 """

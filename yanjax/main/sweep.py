@@ -1,4 +1,6 @@
-"""The `python -m yanjax.main.sweep` command: scaling-law sweeps: run a grid of model sizes x token budgets (or IsoFLOP budgets), collect, fit, plot.
+"""The `python -m yanjax.main.sweep` command.
+
+Scaling-law sweeps: run a grid of model sizes x token budgets (or IsoFLOP budgets), collect, fit, plot.
 
 The work is the library yanjax.scaling.sweep (usage in its docstring).
 """

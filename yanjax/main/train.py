@@ -212,7 +212,7 @@ def train():
         (f" (saved on mesh {saved_mesh}, restored onto {mesh})" if saved_mesh != mesh else ""))
   stop.exit_if_requested("before the first step")
 
-  # ---- the loop and its hooks (yanjax/training/loop.py, yanjax/training/hooks.py), in the order they run ------------------
+  # ---- the loop and its hooks (yanjax/training/loop.py, hooks.py), in the order they run ----------------
   monitor = hooks.LossMonitor(cfg.train.spike_window, cfg.train.spike_factor, **meta.get("loss_monitor", {}))
   writers = open_writers(workdir, cfg, resume_step=start)
   logger = hooks.MetricsLogger(writers, cfg.train, model_cfg, start, monitor)

@@ -174,7 +174,8 @@ def _dispatch(local_fn, x, groups, gates, valid, gate_up, down):
   experts, _, _, mlp = to_spec(("experts", None, None, "mlp"), gate_up.shape)
   fn = functools.partial(local_fn, expert_axis=_mesh_axes(experts), mlp_axis=_mesh_axes(mlp))
   mapped = jax.shard_map(
-      fn, mesh=mesh, in_specs=(rows, rows, rows, rows, PartitionSpec(experts, None, None, mlp), PartitionSpec(experts, mlp, None)),
+      fn, mesh=mesh,
+      in_specs=(rows, rows, rows, rows, PartitionSpec(experts, None, None, mlp), PartitionSpec(experts, mlp, None)),
       out_specs=(rows, rows))
   return mapped(x, groups, gates, valid, gate_up, down)
 

@@ -23,7 +23,8 @@ class Completion(NamedTuple):
 
 def generate(model: Model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None, seed: int = 0,
-             vocab_limit: int | None = None, on_tokens: Callable[[np.ndarray, np.ndarray], None] | None = None) -> list[Completion]:
+             vocab_limit: int | None = None,
+             on_tokens: Callable[[np.ndarray, np.ndarray], None] | None = None) -> list[Completion]:
   """Completions of b prompts (token ids, lengths >= 1) in one batch.
 
   on_tokens([b] tokens, [b] bool emitted) is called after every step, as in yanjax.inference.generate; ids >=

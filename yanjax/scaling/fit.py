@@ -357,8 +357,8 @@ class FamilyFit:
       out["approach2_refused"] = self.isoflop_refused
     if self.isoflop is not None:
       iso = self.isoflop
-      budgets = [{"flops": float(c), "n_opt": float(n), "d_opt": float(d), "loss": float(l)}
-                 for c, n, d, l in zip(iso.budgets, iso.n_min, iso.d_min, iso.loss_min)]
+      budgets = [{"flops": float(c), "n_opt": float(n), "d_opt": float(d), "loss": float(loss)}
+                 for c, n, d, loss in zip(iso.budgets, iso.n_min, iso.d_min, iso.loss_min)]
       out["approach2"] = {"params": iso.summary(), "ci": self.isoflop_ci, "budgets": budgets,
                           "skipped_budgets": list(iso.skipped)}
     return out
@@ -389,8 +389,8 @@ def fit_family(runs: Runs, grid: str = "full", n_boot: int = 200, level: float =
     try:
       isoflop = fit_isoflop(runs)
       iso_runs = runs.take(np.flatnonzero(on))
-      stat = lambda r: fit_isoflop(r).summary()
-      isoflop_ci, info["kept_approach2"] = bootstrap(iso_runs, stat, n_boot, level, seed, iso_runs.budget)
+      isoflop_ci, info["kept_approach2"] = bootstrap(iso_runs, lambda r: fit_isoflop(r).summary(),
+                                                     n_boot, level, seed, iso_runs.budget)
       check_widths(isoflop_ci, ("a_N",))
     except ValueError as e:
       isoflop = isoflop_ci = None

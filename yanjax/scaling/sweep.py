@@ -5,7 +5,8 @@
   python -m yanjax.main.sweep fit    --out runs/sweep_tiny                                 # fit + figures
 
 A spec is a Python file whose `get_sweep()` returns a dict:
-  families  {family name: config spec}, e.g. {"yan": "configs/yan_tiny.py", "attention": "configs/yan_tiny.py:attention"}
+  families  {family name: config spec},
+            e.g. {"yan": "configs/yan_tiny.py", "attention": "configs/yan_tiny.py:attention"}
   sizes     {size name: overrides of the *Yan* model}; each family's model is derived from the overridden Yan
             model (so the attention baseline stays parameter-matched at every size)
   tokens    token budgets D (every size trains on each), and/or

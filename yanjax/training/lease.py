@@ -3,7 +3,8 @@
 The lease names its holder (host, pid, process start time, start and heartbeat times). A second trainer
 finds it and refuses, saying who holds it. A lease left by a killed run is stale and taken over: on the same
 host when its process is gone (pid not running, or running but started at another time: a reused pid);
-from another host when its heartbeat is older than `STALE_AFTER_S`. The holder renews the heartbeat while it trains (`renew`) and deletes the lease at exit.
+from another host when its heartbeat is older than `STALE_AFTER_S`. The holder renews the heartbeat while it
+trains (`renew`) and deletes the lease at exit.
 
 Taking a lease is atomic on local disk (O_CREAT | O_EXCL on a temporary name, then a rename that fails
 if another trainer won). Object stores have no such create here; there the lease is written, read back

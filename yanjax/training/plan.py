@@ -5,7 +5,8 @@
 
 Nothing is allocated. Parameter and optimizer-state shapes come from `jax.eval_shape`; their per-device bytes
 from the trainer's placement (`yanjax.training.train_state.train_state_shardings`) on an `AbstractMesh` of the
-requested size; activations from the formula below, whose [b, t, ...] terms are placed by the same rules table (a term on "mlp" is split over "tensor" where it divides, and so on).
+requested size; activations from the formula below, whose [b, t, ...] terms are placed by the same rules table
+(a term on "mlp" is split over "tensor" where it divides, and so on).
 `--compile` also compiles the sharded train step on the local devices (when there are exactly --devices of
 them: on the target machine, or on CPU with --local_device_count) and prints XLA's memory analysis beside
 the prediction. The trainer calls `check_fits` at start-up, before compiling anything.
@@ -371,12 +372,14 @@ def check_fits(cfg: ml_collections.ConfigDict, devices: int, device_kind: str) -
   if plan.fits is False:
     change = fitting_change(cfg, devices, device_kind, plan.capacity_bytes)
     raise ConfigError(
-        f"the run needs {gigabytes(plan.total_bytes)} per device but each {device_kind} has {gigabytes(plan.capacity_bytes)} "
-        f"({HEADROOM:.0%} usable): activations {gigabytes(plan.activation_phase_bytes)} at {plan.micro_batch_per_device} "
-        f"x {plan.seq_len} tokens per device and model.remat={plan.remat!r}, parameters, optimizer state and batch "
-        f"{gigabytes(plan.state_bytes)}; raise train.grad_accum (now {plan.grad_accum}) or mesh.fsdp (more devices), set "
-        "model.remat='full', or lower train.global_batch" + (f": {change}" if change else "") +
-        f" (python -m yanjax.main.plan --config <config> --devices {devices} --device_kind '{device_kind}' shows the plan)")
+        f"the run needs {gigabytes(plan.total_bytes)} per device but each {device_kind} has "
+        f"{gigabytes(plan.capacity_bytes)} ({HEADROOM:.0%} usable): activations "
+        f"{gigabytes(plan.activation_phase_bytes)} at {plan.micro_batch_per_device} x {plan.seq_len} tokens per "
+        f"device and model.remat={plan.remat!r}, parameters, optimizer state and batch "
+        f"{gigabytes(plan.state_bytes)}; raise train.grad_accum (now {plan.grad_accum}) or mesh.fsdp (more "
+        "devices), set model.remat='full', or lower train.global_batch" + (f": {change}" if change else "") +
+        f" (python -m yanjax.main.plan --config <config> --devices {devices} --device_kind '{device_kind}' "
+        "shows the plan)")
   return plan
 
 

@@ -71,7 +71,8 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule:
     params = optax.apply_updates(state["params"], updates)
     loss = sums["nll_sum"] / tokens
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    def keep(new, old):
+      return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = {"step": step + 1, "params": keep(params, state["params"]),
                  "opt_state": keep(opt_state, state["opt_state"]), "rng": state["rng"]}
     metrics = {name[:-4]: value / tokens for name, value in sums.items() if name.endswith("_sum")}
