@@ -6,17 +6,11 @@ import pathlib
 import numpy as np
 import pytest
 
-from yanjax.data import (
-  DataError,
-  SequenceLengthError,
-  TokenizerMismatchError,
-  make_loader,
-  open_store,
-  sources,
-  store_writer,
-  tokenizer,
-)
+from yanjax.data import sources, store_writer, tokenizer
+from yanjax.data.errors import DataError, SequenceLengthError, TokenizerMismatchError
+from yanjax.data.loader import make_loader
 from yanjax.data.packing import DocumentRows, PackedSequences
+from yanjax.data.store import open_store
 
 VOCAB = 400
 BOS, EOS = 1, 2

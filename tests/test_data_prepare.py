@@ -14,16 +14,9 @@ import pytest
 
 from data_pipelines.prepare import main as prepare_main
 from data_pipelines.prepare import parse_settings
-from yanjax.data import (
-  CorpusError,
-  StoreError,
-  TokenizerMismatchError,
-  open_store,
-  prepare,
-  sources,
-  store_writer,
-)
-from yanjax.data.store import TEMP_MARKER
+from yanjax.data import prepare, sources, store_writer
+from yanjax.data.errors import CorpusError, StoreError, TokenizerMismatchError
+from yanjax.data.store import TEMP_MARKER, open_store
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 VOCAB = 400
