@@ -11,7 +11,8 @@ import dataclasses
 import importlib.util
 import math
 import pathlib
-from typing import Any
+import re
+from typing import Any, Sequence
 
 from yanjax.core.errors import UserError
 from yanjax.numpy_runtime.mixers import MIXERS, arch_renamed
@@ -153,3 +154,32 @@ def load_config_file(spec: str | pathlib.Path):
   if not hasattr(module, "get_config"):
     raise ConfigError(f"config file {path} defines no get_config()")
   return module.get_config(variant) if variant else module.get_config()
+
+
+def config_spec(argv: Sequence[str]) -> str:
+  """The value of --config in a command line `argv` ('' if absent)."""
+  for i, arg in enumerate(argv):
+    if re.match(r"^--?config(=|$)", arg):
+      return arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+  return ""
+
+
+def config_flag_error(argv: Sequence[str], error: Exception, default_spec: str = "", hint: str = "") -> str:
+  """One line for a bad --config or --config.<key>=<value> (ml_collections' config_flags raise whatever the
+  override hit): the config file's own error, the override whose key the config lacks and the keys it has,
+  else `error` restated and `hint`."""
+  spec = config_spec(argv) or default_spec
+  try:
+    node = load_config_file(spec)
+  except Exception as load_error:  # pylint: disable=broad-except  # the config file's own error
+    return f"--config={spec}: {' '.join(str(load_error).split())}"
+  for arg in (a for a in argv if a.startswith("--config.")):
+    keys = arg[len("--config."):].split("=", 1)[0].split(".")
+    at = node
+    for depth, key in enumerate(keys):
+      if not hasattr(at, "keys") or key not in at.keys():
+        section = ".".join(keys[:depth]) or "the config"
+        known = ", ".join(sorted(at.keys())) if hasattr(at, "keys") else "none (not a section)"
+        return f"{arg}: {section} has no key {key!r}; its keys are {known}"
+      at = at[key]
+  return f"{type(error).__name__}: {' '.join(str(error).split())}{hint}"

@@ -29,9 +29,10 @@ from jax.sharding import Mesh
 
 from yanjax.core import storage
 from yanjax.core.config import ConfigError, ModelConfig
+from yanjax.data.store import TOKENIZER_FILE
 from yanjax.model.lm import LanguageModel
 from yanjax.training import sharding
-from yanjax.training.checkpointing import TOKENIZER_FILE, Checkpointer, verify_checksums
+from yanjax.training.checkpointing import Checkpointer, verify_checksums
 from yanjax.training.run_config import DEFAULTS, MESH_AXES
 
 FSDP_ALL = {"data": 1, "fsdp": -1, "tensor": 1, "expert": 1}

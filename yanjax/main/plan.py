@@ -8,13 +8,12 @@ The work is the library yanjax.training.plan (usage in its docstring).
 from __future__ import annotations
 
 import json
-import re
 import sys
 from typing import Sequence
 
 import jax
 
-from yanjax.core.config import ConfigError, load_config_file
+from yanjax.core.config import ConfigError, config_flag_error, config_spec
 from yanjax.training.plan import (
   DEFAULT_MFU,
   HEADROOM,
@@ -86,21 +85,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "--devices of them) and print XLA's memory analysis.", flag_values=values)
   flags.DEFINE_integer("local_device_count", None, "CPU: expose this many devices (for --compile).",
                        flag_values=values)
-  if not _config_spec(argv):
+  if not config_spec(argv):
     print("error: --config is required, e.g. --config configs/yan_1p6b.py", file=sys.stderr, flush=True)
     return 2
   try:
     values(argv)
     values.config.keys()  # config_flags defers a config file's load error to the first access
   except Exception as error:  # pylint: disable=broad-except  # config_flags raises whatever the override hit
-    print(f"error: {_flag_error(argv, error)}", file=sys.stderr, flush=True)
+    print(f"error: {config_flag_error(argv, error)}", file=sys.stderr, flush=True)
     return 2
   try:
     if values.local_device_count:
       jax.config.update("jax_num_cpu_devices", values.local_device_count)
     devices = values.devices or jax.device_count()
     kind = values.device_kind or jax.devices()[0].device_kind
-    plan = make_plan(values.config, devices, kind, values.mfu, _config_spec(argv))
+    plan = make_plan(values.config, devices, kind, values.mfu, config_spec(argv))
     to_fit = fitting_change(values.config, devices, kind, plan.capacity_bytes) if plan.fits is False else ""
     compiled, note = None, ""
     if values.compile:
@@ -116,31 +115,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   else:
     print(format_plan(plan, compiled, note, to_fit), flush=True)
   return 0
-
-
-def _config_spec(argv: Sequence[str]) -> str:
-  """The value of --config in `argv` ('' if absent)."""
-  for i, arg in enumerate(argv):
-    if re.match(r"^--?config(=|$)", arg):
-      return arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
-  return ""
-
-
-def _flag_error(argv: Sequence[str], error: Exception) -> str:
-  """A bad --config or --config.<key> override as one line: the config file's own error, or the unknown key."""
-  spec = _config_spec(argv)
-  try:
-    node = load_config_file(spec)
-  except Exception as load_error:  # pylint: disable=broad-except  # the config file's own error
-    return f"--config={spec}: {' '.join(str(load_error).split())}"
-  for arg in (a for a in argv if a.startswith("--config.")):
-    keys = arg[len("--config."):].split("=", 1)[0].split(".")
-    node_at = node
-    for depth, key in enumerate(keys):
-      if not hasattr(node_at, "keys") or key not in node_at.keys():
-        return f"{arg}: {'.'.join(keys[:depth]) or 'the config'} has no key {key!r}"
-      node_at = node_at[key]
-  return f"{type(error).__name__}: {' '.join(str(error).split())}"
 
 
 if __name__ == "__main__":

@@ -30,16 +30,13 @@ from ml_collections import config_flags
 
 from yanjax.core import cli, storage
 from yanjax.core.cli import USAGE_EXIT_CODE
-from yanjax.core.config import ConfigError, ModelConfig
+from yanjax.core.config import ConfigError, ModelConfig, config_flag_error
 from yanjax.core.errors import UserError
 from yanjax.data.errors import DataError
+from yanjax.data.store import TOKENIZER_FILE
 from yanjax.model.counting import param_count
 from yanjax.training import compilation_cache, distributed, hooks, plan, sharding
-from yanjax.training.checkpointing import (
-  TOKENIZER_FILE,
-  Checkpointer,
-  check_same_shapes,
-)
+from yanjax.training.checkpointing import Checkpointer, check_same_shapes
 from yanjax.training.hosts import agree, process_zero, say
 from yanjax.training.lease import Lease
 from yanjax.training.loop import TrainLoop
@@ -256,31 +253,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     FLAGS.config.keys()  # config_flags defers a config file's load error to the first access
     return remaining
   except Exception as error:  # pylint: disable=broad-except  # config_flags raises what the override hit
-    print(f"error: {_describe_flag_error(argv, error)}", file=sys.stderr, flush=True)
+    message = config_flag_error(argv, error, "configs/yan_tiny.py",
+                                "; check the flags (python -m yanjax.main.train --helpfull)")
+    print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(USAGE_EXIT_CODE)
-
-
-def _describe_flag_error(argv: list[str], error: Exception) -> str:
-  """Names the --config.<key> override whose key the config does not have, else restates `error`."""
-  from yanjax.core.config import load_config_file  # pylint: disable=import-outside-toplevel
-  config = ([a.split("=", 1)[1] for a in argv if a.startswith("--config=")] or ["configs/yan_tiny.py"])[-1]
-  try:
-    base = load_config_file(config)
-  except Exception as load_error:  # pylint: disable=broad-except
-    return f"--config={config}: {load_error}"
-  for arg in argv:
-    if not arg.startswith("--config."):
-      continue
-    node = base
-    keys = arg[len("--config."):].split("=", 1)[0].split(".")
-    for depth, key in enumerate(keys):
-      if not hasattr(node, "keys") or key not in node.keys():
-        section = ".".join(keys[:depth]) or "the config"
-        known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "none (not a section)"
-        return f"{arg}: {section} has no key {key!r}; its keys are {known}"
-      node = node[key]
-  reason = " ".join(str(error).split())
-  return f"{type(error).__name__}: {reason}; check the flags (python -m yanjax.main.train --helpfull)"
 
 
 if __name__ == "__main__":

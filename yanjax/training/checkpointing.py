@@ -30,8 +30,6 @@ from yanjax.core import storage
 from yanjax.core.config import ConfigError, ModelConfig
 from yanjax.model.lm import LanguageModel
 
-TOKENIZER_FILE = "tokenizer.model"
-
 
 class Checkpointer:
   """Saves and restores {"state": train-state pytree, "meta": JSON dict} by step."""

@@ -221,9 +221,9 @@ class Sample:
       return
     import sentencepiece  # pylint: disable=import-outside-toplevel
 
+    from yanjax.data.store import TOKENIZER_FILE  # pylint: disable=import-outside-toplevel
     from yanjax.inference.generate import generate  # pylint: disable=import-outside-toplevel
     from yanjax.inference.sampling import Sampling  # pylint: disable=import-outside-toplevel
-    from yanjax.training.checkpointing import TOKENIZER_FILE  # pylint: disable=import-outside-toplevel
     train_cfg = self.train_cfg
     tokenizer = sentencepiece.SentencePieceProcessor(model_proto=(self.workdir / TOKENIZER_FILE).read_bytes())
     prompt = [tokenizer.bos_id()] + tokenizer.encode(train_cfg.sample_prompt)
