@@ -1,10 +1,11 @@
-"""Export and the NumPy runtime: stable names, manifest checksums, npz == safetensors == the model's
-parameters, bfloat16 bit patterns, NumPy logits equal to the JAX model's within TOLERANCE (forward and
-recurrent decode, every config switch), greedy completions equal token for token, and clear errors naming
-the file or array for missing, corrupt or mismatched exports."""
+"""Export and the NumPy runtime: stable names, manifest checksums, one weights file in the format asked for,
+npz == safetensors == the model's parameters, bfloat16 bit patterns, NumPy logits equal to the JAX model's
+within TOLERANCE (forward and recurrent decode, every config switch), greedy completions equal token for
+token, and clear errors naming the file or array for missing, corrupt or mismatched exports."""
 
 import json
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -37,6 +38,7 @@ from yanjax.numpy_runtime import (
   load_export,
   read_safetensors,
 )
+from yanjax.numpy_runtime import format as fmt
 from yanjax.numpy_runtime import generate as np_generate
 
 # Max abs logit difference, NumPy runtime vs JAX model, float32 weights and compute (logits here are O(10)).
@@ -65,13 +67,23 @@ def _model(name, **changes):
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-  """name -> (model, cfg, export dir) for every model in MODELS."""
+  """name -> (model, cfg, export dir) for every model in MODELS (the default format, npz)."""
   out = {}
   for name in MODELS:
     model, cfg = _model(name)
     path = tmp_path_factory.mktemp(name)
     export_model(model, cfg, path)
     out[name] = (model, cfg, path)
+  return out
+
+
+@pytest.fixture(scope="module")
+def exported_safetensors(exported, tmp_path_factory):
+  """name -> export dir of the same models as `exported`, in the safetensors format."""
+  out = {}
+  for name, (model, cfg, _) in exported.items():
+    out[name] = tmp_path_factory.mktemp(name + "_safetensors")
+    export_model(model, cfg, out[name], weights_format="safetensors")
   return out
 
 
@@ -83,8 +95,9 @@ def _fresh_export(exported, tmp_path, name="yan"):
 
 # ---- format -----------------------------------------------------------------------------------------
 
-def test_export_writes_named_arrays_with_checksums(exported):
+def test_export_writes_named_arrays_with_checksums(exported, exported_safetensors):
   model, cfg, path = exported["yan_selective_dropless"]
+  st_path = exported_safetensors["yan_selective_dropless"]
   manifest = json.loads((path / "manifest.json").read_text())
   names = [a["name"] for a in manifest["arrays"]]
   assert names == list(expected_shapes(cfg.to_dict()))
@@ -95,15 +108,34 @@ def test_export_writes_named_arrays_with_checksums(exported):
   params = parameter_arrays(model, cfg)
   np.testing.assert_array_equal(params["blocks.1.ffn.router_in"], np.asarray(model.blocks[1].ffn.router_in[...]))
   npz = np.load(path / "weights.npz")
-  st = safetensors.numpy.load_file(str(path / "weights.safetensors"))  # the reference reader
-  ours = read_safetensors(path / "weights.safetensors")  # the runtime's pure-NumPy reader
+  st = safetensors.numpy.load_file(str(st_path / "weights.safetensors"))  # the reference reader
+  ours = read_safetensors(st_path / "weights.safetensors")  # the runtime's pure-NumPy reader
+  st_manifest = json.loads((st_path / "manifest.json").read_text())
+  assert st_manifest["arrays"] == manifest["arrays"]  # the same names, shapes and checksums in either format
   for entry in manifest["arrays"]:
     n = entry["name"]
     for arrays in (npz, st, ours):
       assert arrays[n].dtype == np.float32 and list(arrays[n].shape) == entry["shape"], n
       np.testing.assert_array_equal(arrays[n], params[n], err_msg=n)
-    assert array_sha256(npz[n]) == entry["sha256"]
+      assert array_sha256(arrays[n]) == entry["sha256"], n
   assert sorted(npz.files) == sorted(st) == sorted(names)
+
+
+@pytest.mark.parametrize("weights_format", ["npz", "safetensors"])
+def test_export_holds_exactly_the_requested_weights_file(exported, exported_safetensors, weights_format):
+  path = exported["yan"][2] if weights_format == "npz" else exported_safetensors["yan"]
+  weights, other = ("weights.npz", "safetensors") if weights_format == "npz" else ("weights.safetensors", "npz")
+  assert sorted(p.name for p in path.iterdir()) == ["config.json", "manifest.json", weights]
+  manifest = json.loads((path / "manifest.json").read_text())
+  assert manifest["weights_format"] == weights_format and sorted(manifest["files"]) == ["config.json", weights]
+  assert load_export(path).arrays.keys() == load_export(path, weights=weights_format).arrays.keys()
+  message = f"{path}: holds {weights} only, not weights.{other}; export again with --format {other}"
+  with pytest.raises(ExportError, match=f"^{re.escape(message)}$"):
+    load_export(path, weights=other)
+  with pytest.raises(ValueError, match="weights='pt': choose one of"):
+    load_export(path, weights="pt")
+  with pytest.raises(ValueError, match="weights_format='pt': choose one of"):
+    export_model(*exported["yan"][:2], path.parent / "never", weights_format="pt")
 
 
 def test_scanned_layers_are_exported_per_layer_under_the_unscanned_names(exported):
@@ -120,7 +152,7 @@ def test_scanned_layers_are_exported_per_layer_under_the_unscanned_names(exporte
 # ---- the NumPy runtime against the JAX model ---------------------------------------------------------
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_numpy_runtime_matches_jax(exported, name):
+def test_numpy_runtime_matches_jax(exported, exported_safetensors, name):
   model, cfg, path = exported[name]
   runtime = Model(load_export(path))
   forward = nnx.jit(lambda m, *a: m(*a)[0])  # every call below is [3, 17]: one compile
@@ -154,17 +186,22 @@ def test_numpy_runtime_matches_jax(exported, name):
     assert len(c) == 12 and list(argmax[r, len(p) - 1:len(p) + 11]) == c, (name, r)
   if name in ("yan", "yan_selective_dropless", "attention"):  # and the JAX decode loop itself agrees
     assert [c.tokens for c in generate(model, prompts, max_new_tokens=12)] == completions
-  assert load_export(path, weights="safetensors").arrays.keys() == runtime.w.keys()
+  from_safetensors = load_export(exported_safetensors[name]).arrays
+  assert from_safetensors.keys() == runtime.w.keys()
+  for n, value in from_safetensors.items():
+    np.testing.assert_array_equal(value, runtime.w[n], err_msg=n)
 
 
 def test_bfloat16_export_stores_bit_patterns_and_runs(exported, tmp_path):
   model, cfg, _ = exported["yan"]
-  manifest = export_model(model, cfg, tmp_path, dtype="bfloat16")
+  manifest = export_model(model, cfg, tmp_path / "npz", dtype="bfloat16")
+  st_manifest = export_model(model, cfg, tmp_path / "st", dtype="bfloat16", weights_format="safetensors")
   assert manifest["weights_dtype"] == "bfloat16" and manifest["arrays"][0]["npz_dtype"] == "uint16"
-  npz = np.load(tmp_path / "weights.npz")
-  st = safetensors.numpy.load_file(str(tmp_path / "weights.safetensors"))
+  assert st_manifest["arrays"] == manifest["arrays"]
+  npz = np.load(tmp_path / "npz" / "weights.npz")
+  st = safetensors.numpy.load_file(str(tmp_path / "st" / "weights.safetensors"))
   params = parameter_arrays(model, cfg)
-  export = load_export(tmp_path)
+  export = load_export(tmp_path / "npz")
   for n, value in params.items():
     rounded = value.astype(ml_dtypes.bfloat16)  # an independent rounding (jax's bfloat16 type)
     assert npz[n].dtype == np.uint16 and str(st[n].dtype) == "bfloat16", n
@@ -172,9 +209,8 @@ def test_bfloat16_export_stores_bit_patterns_and_runs(exported, tmp_path):
     np.testing.assert_array_equal(st[n].view(np.uint16), npz[n])
     np.testing.assert_array_equal(float32_to_bf16_bits(value), npz[n])  # the documented rounding
     np.testing.assert_array_equal(export.arrays[n], rounded.astype(np.float32))
-  np.testing.assert_array_equal(load_export(tmp_path, weights="safetensors").arrays["head" if "head" in params
-                                                                                  else "embed.embedding"],
-                                export.arrays["head" if "head" in params else "embed.embedding"])
+  for n, value in load_export(tmp_path / "st").arrays.items():
+    np.testing.assert_array_equal(value, export.arrays[n], err_msg=n)
   # Against the JAX model with the same bf16-rounded weights, the float32 tolerance holds.
   graphdef, state = nnx.split(model)
   rounded_model = nnx.merge(graphdef, jax.tree.map(
@@ -184,6 +220,22 @@ def test_bfloat16_export_stores_bit_patterns_and_runs(exported, tmp_path):
   err = np.max(np.abs(Model(export).forward(tokens) - jax_logits))
   print(f"bfloat16 export: numpy vs jax (bf16-rounded weights) max abs logit diff {err:.2e}")
   assert err < TOLERANCE
+
+
+def test_array_sha256_hashes_the_stored_bytes_without_a_copy():
+  import hashlib  # pylint: disable=import-outside-toplevel
+  import tracemalloc  # pylint: disable=import-outside-toplevel
+  a = np.random.default_rng(0).standard_normal((1000, 1000)).astype(np.float32)
+  for view in (a, a.T, a.astype(">f4"), a[::2], a.view(np.uint16)):  # little endian, C order, as stored
+    want = hashlib.sha256(np.ascontiguousarray(view).astype(view.dtype.newbyteorder("<")).tobytes()).hexdigest()
+    assert array_sha256(view) == want
+  tracemalloc.start()
+  try:
+    array_sha256(a)
+    _, peak = tracemalloc.get_traced_memory()
+  finally:
+    tracemalloc.stop()
+  assert peak < a.nbytes // 100, peak
 
 
 def test_bf16_rounding_edge_cases():
@@ -197,11 +249,12 @@ def test_bf16_rounding_edge_cases():
   assert np.all(np.isnan(bf16_bits_to_float32(got[~finite])))
 
 
-def test_runtime_imports_neither_jax_nor_flax(exported):
-  path = exported["attention"][2]
+def test_runtime_imports_neither_jax_nor_flax(exported, exported_safetensors):
+  paths = [str(exported["attention"][2]), str(exported_safetensors["attention"])]
   code = (f"import sys; from yanjax.numpy_runtime import Model, load_export, generate\n"
-          f"m = Model(load_export({str(path)!r}))\n"
-          f"print(generate(m, [[1, 2, 3]], max_new_tokens=3)[0].tokens)\n"
+          f"for path in {paths!r}:\n"
+          f"  m = Model(load_export(path))\n"
+          f"  print(generate(m, [[1, 2, 3]], max_new_tokens=3)[0].tokens)\n"
           f"bad = sorted(k for k in sys.modules if k.split('.')[0] in "
           f"('jax', 'jaxlib', 'flax', 'safetensors', 'ml_dtypes', 'optax', 'orbax'))\n"
           f"assert not bad, bad\n")
@@ -237,9 +290,9 @@ def _rename_mixer_to_arch(path):
   _rewrite_config(path)  # config.json and its checksum follow the manifest
 
 
-def _set_format_version(path, version):
+def _set_manifest(path, **changes):
   manifest = json.loads((path / "manifest.json").read_text())
-  manifest["format_version"] = version
+  manifest.update(changes)
   (path / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -273,8 +326,10 @@ CORRUPTIONS = {
     "config, bad value": (lambda p: _rewrite_config(p, combine="product"), r"config\.json: config combine="),
     "config, old arch key": (_rename_mixer_to_arch, r"config\.json: config arch was renamed: use mixer='mcsd' "
                                                     r"\(was arch='yan'\)$"),
-    "format 1": (lambda p: _set_format_version(p, 1), r"manifest\.json: format_version 1 is not the supported 2: "
-                                                      r"version 1 names the mixer config\.arch"),
+    "format 1": (lambda p: _set_manifest(p, format_version=1),
+                 r"manifest\.json: format_version 1 is not the supported 2: version 1 names the mixer config\.arch"),
+    "unknown weights format": (lambda p: _set_manifest(p, weights_format="pt"),
+                               r"manifest\.json: weights_format 'pt' not in \('npz', 'safetensors'\)"),
 }
 
 
@@ -288,7 +343,7 @@ def test_bad_exports_raise_errors_naming_the_file_or_array(exported, tmp_path, c
   print(f"{case}: {info.value}")
 
 
-def test_corrupt_array_bytes_are_caught_by_the_archive_or_the_checksum(exported, tmp_path):
+def test_corrupt_array_bytes_are_caught_by_the_archive_or_the_checksum(exported, exported_safetensors, tmp_path):
   path = _fresh_export(exported, tmp_path)
   with zipfile.ZipFile(path / "weights.npz") as z:
     info = z.getinfo("blocks.0.mixer.out.npy")
@@ -297,13 +352,14 @@ def test_corrupt_array_bytes_are_caught_by_the_archive_or_the_checksum(exported,
   (path / "weights.npz").write_bytes(bytes(data))
   with pytest.raises(ExportError, match=r"weights\.npz: (array 'blocks\.0\.mixer\.out'|sha256)"):
     load_export(path)
-  path = _fresh_export(exported, tmp_path / "st")
+  path = tmp_path / "st"
+  shutil.copytree(exported_safetensors["yan"], path)
   _flip_byte(path / "weights.safetensors", 10)
   with pytest.raises(ExportError, match=r"weights\.safetensors: array 'final_norm\.scale' fails its sha256"):
-    load_export(path, weights="safetensors")
+    load_export(path)
   (path / "weights.safetensors").write_bytes((path / "weights.safetensors").read_bytes()[:-50])
   with pytest.raises(ExportError, match=r"weights\.safetensors: array '.*' data lies outside the file"):
-    load_export(path, weights="safetensors")
+    load_export(path)
 
 
 def test_export_refuses_a_config_that_is_not_the_models(exported, tmp_path):
@@ -338,10 +394,13 @@ def test_export_cli_with_tokenizer_and_numpy_cli(tokenizer_model, tmp_path, monk
   _flip_byte(tmp_path / "out" / "tokenizer.model", 5)
   with pytest.raises(ExportError, match=r"tokenizer\.model: sha256 does not match"):
     load_export(tmp_path / "out")
-  export_cli.main(["--workdir", "run", "--out", str(tmp_path / "out")])  # re-export over the old one
-  capsys.readouterr()
   assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
-      ["config.json", "manifest.json", "tokenizer.model", "weights.npz", "weights.safetensors"])  # no .tmp
+      ["config.json", "manifest.json", "tokenizer.model", "weights.npz"])
+  # Re-export over the old one, as safetensors: the old weights.npz goes, and no .tmp is left.
+  export_cli.main(["--workdir", "run", "--out", str(tmp_path / "out"), "--format", "safetensors"])
+  assert "(weights.safetensors)" in capsys.readouterr().out
+  assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+      ["config.json", "manifest.json", "tokenizer.model", "weights.safetensors"])
   from yanjax.numpy_runtime.__main__ import main as numpy_main  # pylint: disable=import-outside-toplevel
   numpy_main(["--export", str(tmp_path / "out"), "--prompt", "the state", "--max_new_tokens", "6"])
   processor = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
@@ -359,7 +418,7 @@ def test_streamed_safetensors_is_what_safetensors_writes(exported, tmp_path, dty
   writes for the same arrays, byte for byte (up to the order of the metadata keys, which safetensors writes
   in hash order)."""
   model, cfg, _ = exported["yan_scan_untied_learned_rates"]
-  export_model(model, cfg, tmp_path / "ours", dtype=dtype)
+  export_model(model, cfg, tmp_path / "ours", dtype=dtype, weights_format="safetensors")
   params = parameter_arrays(model, cfg)
   typed = params if dtype == "float32" else {n: a.astype(ml_dtypes.bfloat16) for n, a in params.items()}
   metadata = {"format": "yanjax-export", "format_version": "2", "weights_dtype": dtype}
@@ -377,11 +436,13 @@ def test_streamed_safetensors_is_what_safetensors_writes(exported, tmp_path, dty
   assert list(loaded) == sorted(params) and all(np.array_equal(loaded[k], typed[k]) for k in typed)
 
 
-def test_export_is_deterministic(exported, tmp_path):
+@pytest.mark.parametrize("weights_format", ["npz", "safetensors"])
+def test_export_is_deterministic(exported, exported_safetensors, tmp_path, weights_format):
   model, cfg, path = exported["attention_scan_untied"]
-  again = export_model(model, cfg, tmp_path)
+  path = path if weights_format == "npz" else exported_safetensors["attention_scan_untied"]
+  again = export_model(model, cfg, tmp_path, weights_format=weights_format)
   assert again["files"] == json.loads((path / "manifest.json").read_text())["files"]
-  for name in ("weights.npz", "weights.safetensors", "config.json"):
+  for name in (f"weights.{weights_format}", "config.json"):
     assert (tmp_path / name).read_bytes() == (path / name).read_bytes(), name
 
 
@@ -400,14 +461,19 @@ def test_export_to_a_bucket_and_run_it_from_there(tokenizer_model, tmp_path, s3_
   export_cli.main(["--workdir", f"{s3_bucket}/run", "--out", url])
   assert "exported 16 arrays" in capsys.readouterr().out
   assert sorted(p.name for p in epath.Path(url).iterdir()) == sorted(
-      ["config.json", "manifest.json", "tokenizer.model", "weights.npz", "weights.safetensors"])
+      ["config.json", "manifest.json", "tokenizer.model", "weights.npz"])
   local = export_model(model, cfg, tmp_path / "local", tokenizer_path=tokenizer_model)
   remote = load_export(url)
   assert remote.manifest["files"] == local["files"] and remote.manifest["arrays"] == local["arrays"]
   assert str(remote.tokenizer_path) == f"{url}/tokenizer.model"
-  for name, value in load_export(tmp_path / "local", weights="safetensors").arrays.items():
+  export_cli.main(["--workdir", f"{s3_bucket}/run", "--out", f"{url}_st", "--format", "safetensors"])
+  capsys.readouterr()
+  local_st = export_model(model, cfg, tmp_path / "local_st", weights_format="safetensors")
+  remote_st = load_export(f"{url}_st")
+  assert remote_st.manifest["files"][fmt.SAFETENSORS] == local_st["files"][fmt.SAFETENSORS]
+  for name, value in load_export(tmp_path / "local_st").arrays.items():
     np.testing.assert_array_equal(remote.arrays[name], value, err_msg=name)
-  assert load_export(url, weights="safetensors").arrays.keys() == remote.arrays.keys()
+    np.testing.assert_array_equal(remote_st.arrays[name], value, err_msg=name)
 
   numpy_main(["--export", url, "--prompt", "the state", "--max_new_tokens", "6"])
   from_bucket = capsys.readouterr().out
@@ -429,11 +495,12 @@ def _files(path):
   return {p.name: p.read_bytes() for p in path.iterdir()}
 
 
-def _fail_while_writing_safetensors(monkeypatch):
-  """The export fails half-way (the .npz written, the .safetensors begun), as a full disk would."""
+def _fail_while_writing_weights(monkeypatch):
+  """The export fails half-way (the weights file begun), as a full disk would."""
   def fail(path, *args, **kwargs):
     path.write_bytes(b"half a file")
     raise OSError(28, "No space left on device")
+  monkeypatch.setattr(export_module, "_write_npz", fail)
   monkeypatch.setattr(export_module, "_write_safetensors", fail)
 
 
@@ -443,9 +510,10 @@ def test_failed_export_leaves_the_previous_one_intact(tokenizer_model, tmp_path,
   out = tmp_path / "out"
   export_model(old, cfg, out, tokenizer_path=tokenizer_model)
   before = _files(out)
-  _fail_while_writing_safetensors(monkeypatch)
-  with pytest.raises(OSError, match="No space left"):
-    export_model(new, cfg, out)
+  _fail_while_writing_weights(monkeypatch)
+  for weights_format in ("npz", "safetensors"):
+    with pytest.raises(OSError, match="No space left"):
+      export_model(new, cfg, out, weights_format=weights_format)
   assert _files(out) == before  # byte for byte
   assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the temporary directory is gone
   np.testing.assert_array_equal(load_export(out).arrays["embed.embedding"],
@@ -458,7 +526,7 @@ def test_export_replaces_an_earlier_export(tokenizer_model, tmp_path):
   export_model(model, cfg, out, tokenizer_path=tokenizer_model)
   other = random_model(cfg, seed=7)
   manifest = export_model(other, cfg, out)  # no tokenizer this time: the old one must not linger
-  assert sorted(_files(out)) == ["config.json", "manifest.json", "weights.npz", "weights.safetensors"]
+  assert sorted(_files(out)) == ["config.json", "manifest.json", "weights.npz"]
   assert load_export(out).manifest == manifest and manifest["tokenizer"] is None
   np.testing.assert_array_equal(load_export(out).arrays["embed.embedding"], np.asarray(other.embed.embedding[...]))
   assert [p.name for p in tmp_path.iterdir()] == ["out"]
@@ -510,9 +578,9 @@ def test_bucket_export_is_replaced_manifest_last_and_kept_on_failure(s3_bucket, 
 
   export_model(model, cfg, url)
   before = objects(url)
-  assert sorted(before) == ["config.json", "manifest.json", "weights.npz", "weights.safetensors"]
+  assert sorted(before) == ["config.json", "manifest.json", "weights.npz"]
   with monkeypatch.context() as patch:
-    _fail_while_writing_safetensors(patch)
+    _fail_while_writing_weights(patch)
     with pytest.raises(OSError, match="No space left"):
       export_model(random_model(cfg, seed=7), cfg, url)
   assert objects(url) == before

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from matplotlib import image
 
+from yanjax.main import fit as fit_cli
 from yanjax.scaling import fit
 from yanjax.scaling.fit import Law, Runs
 
@@ -133,7 +134,7 @@ def test_cli_writes_fit_json_and_three_pngs(tmp_path):
   records = isoflop_records(CHINCHILLA, "yan", seed=3) + isoflop_records(EPOCH, "attention", seed=4)
   results.write_text("".join(json.dumps(r) + "\n" for r in records))
   out = tmp_path / "fits"
-  cmd = [sys.executable, "-m", "yanjax.scaling.fit", "--results", str(results), "--out", str(out),
+  cmd = [sys.executable, "-m", "yanjax.main.fit", "--results", str(results), "--out", str(out),
          "--grid", "coarse", "--bootstrap", "20"]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
   print(proc.stdout, proc.stderr)
@@ -175,12 +176,12 @@ def test_cli_refuses_a_family_with_fewer_points_than_parameters(tmp_path):
   (out / "fit.json").write_text('{"earlier": true}\n')
   with pytest.raises(fit.FitError, match=r"family 'attention': approach 3 fits 5 parameters .* got 4; nothing "
                                          r"written"):
-    fit.main(["--results", str(results), "--out", str(out), "--grid", "coarse", "--bootstrap", "5"])
+    fit_cli.main(["--results", str(results), "--out", str(out), "--grid", "coarse", "--bootstrap", "5"])
   assert [p.name for p in out.iterdir()] == ["fit.json"]
   assert (out / "fit.json").read_text() == '{"earlier": true}\n'
   results.write_text("")
   with pytest.raises(fit.FitError, match="no results to fit"):
-    fit.main(["--results", str(results), "--out", str(out)])
+    fit_cli.main(["--results", str(results), "--out", str(out)])
   with pytest.raises(fit.FitError, match="intervals need at least 2 resamples"):
     fit.fit_families(fit.group_by_family(records[:45]), "coarse", n_boot=1)
 

@@ -32,30 +32,30 @@ class ConfigError(UserError):
 class ModelConfig:
   """Every architectural choice of a Yan (MCSD) or attention-baseline language model.
 
-  Width names: D = `width`, C = `channels`, Dc = D / C, E = `groups`, k = `top_k`.
+  Sizes: the legend in docs/model.md names each field's letter (D = `width`, C = `channels`, E = `groups`, ...).
   """
 
   mixer: str = "mcsd"  # a name in yanjax/numpy_runtime/mixers.py: "mcsd" or "attention" (LLaMA-style baseline)
-  vocab_size: int = 512
+  vocab_size: int = 512  # V
   width: int = 128  # D
-  layers: int = 2
-  mlp_width: int = 512  # GeGLU hidden width (all groups together)
+  layers: int = 2  # L
+  mlp_width: int = 512  # F: GeGLU hidden width (all groups together)
   # MCSD mixer (mixer="mcsd"), paper section 2.2.
   channels: int = 4  # C; D must divide by it
   combine: str = "concat"  # "concat" + output projection (eq. 13) or "sum" (eq. 20)
   learnable_rates: bool = False  # paper: fixed; True: learnable, initialised at the paper's values
   include_current: bool = False  # paper: strict past; True: history includes the current token
   recurrence: str = "auto"  # "reference" | "associative" | "chunked" | "auto"
-  chunk_size: int = 64  # chunk length L of the chunked form
+  chunk_size: int = 64  # chunk length Lc of the chunked form
   # Attention baseline (mixer="attention").
-  heads: int = 4
+  heads: int = 4  # H; head width Dh = D / H
   rope_theta: float = 10_000.0
-  max_decode_len: int = 2048  # KV-cache length for decoding
+  max_decode_len: int = 2048  # KV-cache slots s for decoding
   # Selective activation over E groups of FFN neurons (router=False: dense FFN).
   router: bool = False
   groups: int = 8  # E
   top_k: int = 2  # k
-  router_hidden: int = 64  # hidden width of the router MLP
+  router_hidden: int = 64  # R: hidden width of the router MLP
   dispatch: str = "capacity"  # "capacity" (token dropping) or "dropless" (grouped matmul)
   capacity_factor: float = 1.25
   explore_steps: int = 1000  # steps over which random group choice anneals to learned choice
@@ -79,11 +79,12 @@ class ModelConfig:
 
   @property
   def head_dim(self) -> int:
+    """Dh = D / H."""
     return self.width // self.heads
 
   @property
   def group_width(self) -> int:
-    """Neurons per FFN group (mlp_width / E)."""
+    """g = F / E neurons per FFN group (F when router=False)."""
     return self.mlp_width // self.groups if self.router else self.mlp_width
 
   @property

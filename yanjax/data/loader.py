@@ -1,9 +1,9 @@
 """The batch loader: each batch is a pure function of (seed, step); each process reads its own rows.
 
-Global row g = step * B + r of the run is row g of the (grain) mixture of the stores' row sources;
-process p of P takes rows p * B/P ... (p + 1) * B/P - 1 of every global batch. A row does not depend on
+Row r of batch `step` is global row step * B + r: that row of the (grain) mixture of the stores' sources;
+process i of P takes rows i * B/P ... (i + 1) * B/P - 1 of every global batch. A row does not depend on
 P, so shares are disjoint, together complete, and a resumed run needs only the step.
-Shape legend: B = global batch, b = B / P rows of this process, T = sequence length.
+Shapes: the legend in docs/model.md (here b = B / P rows of this process); P = processes.
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
 """Rows of one store split as grain random-access sources: packed windows, or one document per row.
 
-Row `k` of a source is a pure function of (seed, stream, k): epoch e = k // rows_per_epoch uses a
-document order and a window order drawn from `np.random.default_rng((seed, stream, e))`, so epochs
+Row `i` of a source is a pure function of (seed, stream, i): epoch i // rows_per_epoch uses a
+document order and a window order drawn from `np.random.default_rng((seed, stream, epoch))`, so epochs
 repeat with a fresh shuffle and any row can be computed without the ones before it.
 
 Every row is a dict of [T] arrays: "inputs", "targets" (int32), "segment_ids" (int32, 1, 2, ... per
 document in the row, 0 on padding), "positions" (int32, 0 at each document start) and "loss_mask"
 (float32, 0 where the target is padding or belongs to another document than the input).
-Shape legend: n = rows read at once, T = sequence length, D = documents in the split, W = windows
+Shapes: the legend in docs/model.md; here n = rows read at once, M = documents in the split, W = windows
 per epoch.
 """
 
@@ -40,8 +40,8 @@ class _SplitRows(abc.ABC):
 
   def __init__(self, doc_offsets: np.ndarray, read_tokens: ReadTokens, seq_len: int, seed: int,
                stream: int):
-    self._starts = doc_offsets[:-1]  # [D]
-    self._lengths = np.diff(doc_offsets)  # [D]
+    self._starts = doc_offsets[:-1]  # [M]
+    self._lengths = np.diff(doc_offsets)  # [M]
     self._read_tokens = read_tokens
     self._seq_len = seq_len
     self._seed = seed
@@ -80,10 +80,10 @@ class _SplitRows(abc.ABC):
 class PackedLayout(NamedTuple):
   """One epoch of packed windows."""
 
-  document_order: np.ndarray  # [D] documents in stream order
+  document_order: np.ndarray  # [M] documents in stream order
   window_order: np.ndarray  # [W] window of each row
-  stream_starts: np.ndarray  # [D + 1] stream offset of each document in stream order
-  store_starts: np.ndarray  # [D] store offset of each document in stream order
+  stream_starts: np.ndarray  # [M + 1] stream offset of each document in stream order
+  store_starts: np.ndarray  # [M] store offset of each document in stream order
 
 
 class PackedSequences(_SplitRows):
@@ -91,7 +91,7 @@ class PackedSequences(_SplitRows):
 
   Window j covers stream[j*T : j*T + T + 1]: inputs are its first T tokens, targets its last T, so every
   token but the stream's first is a target once per epoch. A document cut by a window edge continues in
-  another row as a new segment whose positions restart at 0. The stream's last (N - 1) % T tokens are
+  another row as a new segment whose positions restart at 0. The stream's last (tokens - 1) % T tokens are
   left out of that epoch; the next epoch's shuffle leaves out others.
   """
 
@@ -133,7 +133,7 @@ class DocumentRows(_SplitRows):
     self.rows_per_epoch = len(self._lengths)
 
   def _layout(self, epoch: int) -> np.ndarray:
-    """Document order [D] of `epoch`."""
+    """Document order [M] of `epoch`."""
     return self._rng(epoch).permutation(self.rows_per_epoch)
 
   def _rows(self, layout: np.ndarray, rows: np.ndarray) -> dict[str, np.ndarray]:

@@ -3,11 +3,13 @@
 Run (a training run's work directory; its latest checkpoint and tokenizer are exported; either path may be
 local or a bucket URL, gs:// or s3://):
 
-    python -m yanjax.main.export --workdir runs/tiny --out exports/tiny [--dtype bfloat16] [--mesh fsdp=4]
+    python -m yanjax.main.export --workdir runs/tiny --out exports/tiny [--format safetensors] \
+        [--dtype bfloat16] [--mesh fsdp=4]
 
-writes `weights.npz`, `weights.safetensors`, `config.json`, `tokenizer.model` (when the run has one) and
-`manifest.json` (format version, config, every array's shape / dtype / sha256, file checksums). Array names
-are the model's parameter paths joined with dots (`embed.embedding`, `blocks.0.mixer.proj`); parameters of
+writes the weights in the one format asked for (`weights.npz`, the default, or `weights.safetensors`),
+`config.json`, `tokenizer.model` (when the run has one) and `manifest.json` (format version, config, weights
+format, every array's shape / dtype / sha256, file checksums). Array names are the model's parameter paths
+joined with dots (`embed.embedding`, `blocks.0.mixer.proj`); parameters of
 scanned layers (`scan_layers=True`, stacked over a leading layers axis) are written per layer, so the names
 and shapes do not depend on `scan_layers`. The manifest is written last: a directory without one is an
 unfinished export.
@@ -20,8 +22,8 @@ yanjax manifest if it has one); a directory holding anything else is refused, ne
 
 The export streams: the checkpoint is restored onto a device mesh (yanjax.inference.loading; --mesh), and each array
 is fetched to the host on its own (one layer's slice of a scanned parameter), converted, hashed, written and
-dropped, so host memory is bounded by the largest array, not the model. The weights files are written
-straight to their destination, a bucket included (no local copy first). `yanjax.numpy_runtime` loads and
+dropped, so host memory is bounded by the largest array, not the model. The weights file is written
+straight to its destination, a bucket included (no local copy first). `yanjax.numpy_runtime` loads and
 runs the result with NumPy only.
 
 bfloat16 (`--dtype bfloat16`): values are rounded to nearest even; safetensors stores them as BF16, and the
@@ -121,11 +123,6 @@ def parameter_arrays(model, cfg: ModelConfig) -> dict[str, np.ndarray]:
   return {name: fetch(source) for name, source in parameter_sources(model, cfg).items()}
 
 
-def _sha256(stored: np.ndarray) -> str:
-  """`fmt.array_sha256` without a copy (the array is already C-order little-endian)."""
-  return hashlib.sha256(memoryview(stored).cast("B")).hexdigest()
-
-
 # ---- streams ----------------------------------------------------------------------------------------
 
 class _HashingWriter:
@@ -167,7 +164,7 @@ def _write_npz(path: epath.Path, sources: dict[str, Source], dtype: str) -> tupl
     with zipfile.ZipFile(stream, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
       for name, source in sources.items():
         stored = fetch(source, dtype)
-        digests[name] = _sha256(stored)
+        digests[name] = fmt.array_sha256(stored)
         with archive.open(name + ".npy", "w", force_zip64=True) as member:
           np.lib.format.write_array(member, stored, allow_pickle=False)
         del stored
@@ -196,19 +193,19 @@ def safetensors_header(shapes: dict[str, tuple[int, ...]], dtype: str, metadata:
   return len(text).to_bytes(8, "little") + text, order
 
 
-def _write_safetensors(path: epath.Path, sources: dict[str, Source], dtype: str, digests: dict[str, str],
-                       metadata: dict[str, str]) -> dict[str, Any]:
-  """Writes the header, then each array's bytes in the header's order; returns the file entry."""
+def _write_safetensors(path: epath.Path, sources: dict[str, Source], dtype: str, metadata: dict[str, str]
+                       ) -> tuple[dict, dict[str, str]]:
+  """Writes the header, then each array's bytes in the header's order; returns (file entry, name -> sha256)."""
   header, order = safetensors_header({n: s.shape for n, s in sources.items()}, dtype, metadata)
+  digests = {}
   with _create(path) as stream:
     stream.write(header)
     for name in order:
       stored = fetch(sources[name], dtype)
-      if _sha256(stored) != digests[name]:
-        raise RuntimeError(f"parameter {name} changed while it was being exported")
+      digests[name] = fmt.array_sha256(stored)
       stream.write(stored)
       del stored
-  return stream.entry()
+  return stream.entry(), digests
 
 
 def _write_bytes(path: epath.Path, data: bytes) -> dict[str, Any]:
@@ -241,8 +238,8 @@ def check_replaceable(out) -> None:
                         "export to a new directory")
 
 
-def export_model(model, cfg: ModelConfig, out_dir, tokenizer_path=None, dtype: str = "float32"
-                 ) -> dict[str, Any]:
+def export_model(model, cfg: ModelConfig, out_dir, tokenizer_path=None, dtype: str = "float32",
+                 weights_format: str = "npz") -> dict[str, Any]:
   """Writes the export of `model` (with config `cfg`) to `out_dir`, one array at a time; returns the manifest.
 
   The export is written to a temporary sibling of `out_dir` and moved into place once complete; on failure
@@ -255,9 +252,12 @@ def export_model(model, cfg: ModelConfig, out_dir, tokenizer_path=None, dtype: s
       (ConfigError if it holds anything else, see `check_replaceable`).
     tokenizer_path: the sentencepiece model to ship with the weights (local or a URL), or None.
     dtype: "float32" (default) or "bfloat16" (see the module docstring).
+    weights_format: "npz" (default) or "safetensors" (`fmt.WEIGHT_FORMATS`): the one weights file written.
   """
   if dtype not in fmt.WEIGHT_DTYPES:
     raise ValueError(f"dtype={dtype!r}: choose one of {fmt.WEIGHT_DTYPES}")
+  if weights_format not in fmt.WEIGHT_FORMATS:
+    raise ValueError(f"weights_format={weights_format!r}: choose one of {fmt.WEIGHT_FORMATS}")
   if getattr(model, "cfg", cfg) != cfg:
     raise ValueError("export_model: cfg is not the config the model was built with")
   sources = parameter_sources(model, cfg)
@@ -272,7 +272,7 @@ def export_model(model, cfg: ModelConfig, out_dir, tokenizer_path=None, dtype: s
     out.parent.mkdir(parents=True, exist_ok=True)
     temp.mkdir()
   try:
-    manifest = _write_export(temp, sources, cfg, dtype, tokenizer_bytes, tokenizer)
+    manifest = _write_export(temp, sources, cfg, dtype, weights_format, tokenizer_bytes, tokenizer)
     check_replaceable(out)  # again: something may have appeared there while the export was written
     _publish(temp, out)
   except BaseException:
@@ -293,12 +293,16 @@ def _publish(temp: epath.Path, out: epath.Path) -> None:
 
 
 def _write_export(out: epath.Path, sources: dict[str, Source], cfg: ModelConfig, dtype: str,
-                  tokenizer_bytes: bytes | None, tokenizer: dict[str, Any] | None) -> dict[str, Any]:
+                  weights_format: str, tokenizer_bytes: bytes | None, tokenizer: dict[str, Any] | None
+                  ) -> dict[str, Any]:
   """Writes the export's files into the (new, empty) directory `out`, the manifest last; returns it."""
-  metadata = {"format": fmt.FORMAT, "format_version": str(fmt.FORMAT_VERSION), "weights_dtype": dtype}
   files = {}
-  files[fmt.NPZ], digests = _write_npz(out / fmt.NPZ, sources, dtype)
-  files[fmt.SAFETENSORS] = _write_safetensors(out / fmt.SAFETENSORS, sources, dtype, digests, metadata)
+  weights = fmt.WEIGHT_FILES[weights_format]
+  if weights_format == "npz":
+    files[weights], digests = _write_npz(out / weights, sources, dtype)
+  else:
+    metadata = {"format": fmt.FORMAT, "format_version": str(fmt.FORMAT_VERSION), "weights_dtype": dtype}
+    files[weights], digests = _write_safetensors(out / weights, sources, dtype, metadata)
   config = cfg.to_dict()
   files[fmt.CONFIG] = _write_bytes(out / fmt.CONFIG, (json.dumps(config, indent=2) + "\n").encode("utf-8"))
   if tokenizer_bytes is not None:
@@ -310,6 +314,7 @@ def _write_export(out: epath.Path, sources: dict[str, Source], cfg: ModelConfig,
       "format_version": fmt.FORMAT_VERSION,
       "created_by": f"yanjax {yanjax.__version__}",
       "weights_dtype": dtype,
+      "weights_format": weights_format,
       "config": config,
       "arrays": [{"name": n, "shape": list(s.shape), "dtype": dtype,
                   "npz_dtype": "uint16" if dtype == "bfloat16" else "float32",

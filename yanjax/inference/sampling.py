@@ -9,7 +9,7 @@ filters run in this order, each on the output of the one before:
 Temperature 0 is greedy: argmax, the lowest id on ties, and no key is used. The NumPy runtime
 (`yanjax.numpy_runtime.sampling`) implements the same filters for other runtimes to copy.
 
-Shape legend: b = batch (any leading axes), v = vocabulary.
+Shapes: the legend in docs/model.md; `...` = any leading axes (b, or b and t).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def _scatter_rows(shape, order: jax.Array, values: jax.Array) -> jax.Array:
 
 
 def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
-  """logits [..., v] -> the same with all but the k largest set to -inf (exactly k kept; lower ids win ties)."""
+  """logits [..., V] -> the same with all but the k largest set to -inf (exactly k kept; lower ids win ties)."""
   if k <= 0 or k >= logits.shape[-1]:
     return logits
   _, idx = jax.lax.top_k(logits, k)
@@ -63,7 +63,7 @@ def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
 
 
 def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
-  """logits [..., v] -> the same with tokens outside the nucleus set to -inf.
+  """logits [..., V] -> the same with tokens outside the nucleus set to -inf.
 
   Tokens sorted by probability (descending, lower id first on ties) are kept while the probability of the
   tokens before them is < p: the most probable token is always kept.
@@ -77,13 +77,13 @@ def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
 
 
 def filtered_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
-  """float32 logits [..., v] after temperature, top-k and top-p: the distribution a sample is drawn from."""
+  """float32 logits [..., V] after temperature, top-k and top-p: the distribution a sample is drawn from."""
   logits = logits.astype(jnp.float32) / sampling.temperature
   return top_p_filter(top_k_filter(logits, sampling.top_k), sampling.top_p)
 
 
 def sample(logits: jax.Array, key: jax.Array | None, sampling: Sampling) -> jax.Array:
-  """Next tokens: logits [..., v] -> int32 [...]; `key` is unused (may be None) when greedy.
+  """Next tokens: logits [..., V] -> int32 [...]; `key` is unused (may be None) when greedy.
 
   One key draws every row; for per-row streams vmap this over rows with per-row keys (as generate.py does).
   """

@@ -21,6 +21,8 @@ def main(argv=None) -> None:
   parser.add_argument("--workdir", required=True,
                       help="training run directory, local or gs:// / s3:// (latest checkpoint)")
   parser.add_argument("--out", required=True, help="export directory to write, local or gs:// / s3://")
+  parser.add_argument("--format", default="npz", choices=fmt.WEIGHT_FORMATS,
+                      help="the weights file to write: weights.npz or weights.safetensors")
   parser.add_argument("--dtype", default="float32", choices=fmt.WEIGHT_DTYPES)
   parser.add_argument("--mesh", default=None, help="mesh to restore onto, e.g. fsdp=4 (default: the run's "
                       "training mesh, or FSDP over all devices when it does not fit)")
@@ -31,9 +33,11 @@ def main(argv=None) -> None:
   check_replaceable(out)  # before the checkpoint is read: refusing takes a moment, not a restore
   from yanjax.inference.loading import load_inference_model  # pylint: disable=import-outside-toplevel
   model, cfg, tokenizer_path = load_inference_model(args.workdir, mesh_spec=args.mesh)
-  manifest = export_model(model, cfg, args.out, tokenizer_path=tokenizer_path, dtype=args.dtype)
+  manifest = export_model(model, cfg, args.out, tokenizer_path=tokenizer_path, dtype=args.dtype,
+                          weights_format=args.format)
   total = sum(int(np.prod(a["shape"])) for a in manifest["arrays"])
-  print(f"exported {len(manifest['arrays'])} arrays ({total:,} parameters, {args.dtype}) to {args.out}")
+  print(f"exported {len(manifest['arrays'])} arrays ({total:,} parameters, {args.dtype}) to {args.out} "
+        f"({fmt.WEIGHT_FILES[args.format]})")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """LLaMA-style causal self-attention with RoPE and a KV cache: the Transformer baseline's mixer.
 
-Shape legend: b = batch, t = query time, s = key time (cache length), h = heads, e = head dim, D = width.
+Shapes: the legend in docs/model.md (t: query time, s: key time or cache slot).
 """
 
 from __future__ import annotations
@@ -18,16 +18,16 @@ from yanjax.model.partitioning import Term
 
 class KVCache(NamedTuple):
   """Decode state of one attention block: grows with the context (s = cfg.max_decode_len slots)."""
-  k: jax.Array  # [b, s, h, e] compute dtype
-  v: jax.Array  # [b, s, h, e]
+  k: jax.Array  # [b, s, H, Dh] compute dtype
+  v: jax.Array  # [b, s, H, Dh]
   index: jax.Array  # [b] int32: slots filled so far
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding: x [b, t, h, e], positions [b, t] -> [b, t, h, e] (rotate-half convention)."""
+  """Rotary embedding: x [b, t, H, Dh], positions [b, t] -> [b, t, H, Dh] (rotate-half convention)."""
   half = x.shape[-1] // 2
   freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angle = positions[..., None, None].astype(jnp.float32) * freq  # [b, t, 1, half]
+  angle = positions[..., None, None].astype(jnp.float32) * freq  # [b, t, 1, Dh / 2]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   cos, sin = jnp.cos(angle), jnp.sin(angle)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)

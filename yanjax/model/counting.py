@@ -1,7 +1,6 @@
 """Parameter counts and training FLOPs per token, each written once, from the config alone.
 
-Notation: V vocab, D width, L layers, F FFN hidden width, C channels, Dc = D / C, H heads, E groups,
-g = F / E neurons per group, k groups active per token, R router hidden width, T sequence length.
+Shapes: the legend in docs/model.md.
 
 Per layer (tests check these against the instantiated model):
   norms                      2 D

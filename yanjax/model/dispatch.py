@@ -5,7 +5,7 @@ A token-slot is one (token, choice) pair: every token has k of them, one per cho
   capacity  per batch row, group e takes at most c token-slots (`group_capacity`); first choices of the row
             are queued before second choices, in time order within a choice; the rest are dropped. A table of
             which token fills each of the E x c slots drives one gather in and one gather out, so memory
-            is O(t k d) per row (no [t, E, c] one-hot tensors). Groups run as one batched matmul [E, c, d].
+            is O(t k D) per row (no [t, E, c] one-hot tensors). Groups run as one batched matmul [E, c, D].
   dropless  every token-slot runs: slots sorted by group, both matmuls as `jax.lax.ragged_dot` (a grouped
             matmul on GPU and TPU; on CPU XLA evaluates it densely over all groups), then unsorted.
 
@@ -15,8 +15,7 @@ fsdp as FSDP does, "mlp" stays split over the tensor axis (partial outputs summe
 expert axis of p > 1 devices each device holds E / p groups and token-slots travel to their group's device
 by `all_to_all` and back. Without a mesh the same per-device code runs on the whole batch.
 
-Shape legend: b = batch rows, t = time, d = width, k = top_k, E = groups, l = groups on this device (E / p),
-c = capacity, f = group width, n = token-slots (b t k), p = devices on the expert axis.
+Shapes: the legend in docs/model.md; here n = token-slots (b t k), m and j = rows of a gather.
 """
 
 from __future__ import annotations
@@ -69,18 +68,18 @@ def capacity_slots(groups: jax.Array, valid: jax.Array, num_groups: int, capacit
 
 
 def _row_gather(rows: jax.Array, index: jax.Array) -> jax.Array:
-  """rows [b, m, d], index [b, j] in [0, m] -> [b, j, d]; index m reads a zero row."""
+  """rows [b, m, D], index [b, j] in [0, m] -> [b, j, D]; index m reads a zero row."""
   padded = jnp.pad(rows, ((0, 0), (0, 1), (0, 0)))
   return jnp.take_along_axis(padded, index[..., None], axis=1)
 
 
 def _groups_geglu(x: jax.Array, gate_up: jax.Array, down: jax.Array) -> jax.Array:
-  """x [m, l, c, d] through group i's GeGLU along axis 1: gate_up [l, d, 2, f], down [l, f, d] -> [m, l, c, d]."""
+  """x [m, l, c, D] through group i's GeGLU along axis 1: gate_up [l, D, 2, g], down [l, g, D] -> [m, l, c, D]."""
   return jax.vmap(geglu, in_axes=(1, 0, 0), out_axes=1)(x, gate_up, down)
 
 
 def _capacity_local(x, groups, gates, valid, gate_up, down, *, capacity, expert_axis, mlp_axis):
-  """Capacity dispatch of this device's rows: x [b, t, d] -> (y [b, t, d], kept [b, t, k])."""
+  """Capacity dispatch of this device's rows: x [b, t, D] -> (y [b, t, D], kept [b, t, k])."""
   b, t, d = x.shape
   k = groups.shape[-1]
   p = 1 if expert_axis is None else jax.lax.axis_size(expert_axis)
@@ -92,7 +91,7 @@ def _capacity_local(x, groups, gates, valid, gate_up, down, *, capacity, expert_
   xe = _row_gather(x, filled_by).reshape(b, e, capacity, d)
   if expert_axis is None:
     ye = _groups_geglu(xe, gate_up, down)
-  else:  # rows of every device meet at each group's device: [p b, l, c, d] there
+  else:  # rows of every device meet at each group's device: [p b, l, c, D] there
     xe = jax.lax.all_to_all(xe, expert_axis, split_axis=1, concat_axis=0, tiled=True)
     ye = _groups_geglu(xe, gate_up, down)
     ye = jax.lax.all_to_all(ye, expert_axis, split_axis=0, concat_axis=1, tiled=True)
@@ -104,7 +103,7 @@ def _capacity_local(x, groups, gates, valid, gate_up, down, *, capacity, expert_
 
 
 def _grouped_geglu(x: jax.Array, group: jax.Array, gate_up: jax.Array, down: jax.Array) -> jax.Array:
-  """Row i of x [m, d] through group[i]'s GeGLU (group l: no group, output 0) by ragged_dot -> [m, d]."""
+  """Row i of x [m, D] through group[i]'s GeGLU (group l: no group, output 0) by ragged_dot -> [m, D]."""
   m, d = x.shape
   groups, _, _, f = gate_up.shape
   order = jnp.argsort(group, stable=True)
@@ -116,7 +115,7 @@ def _grouped_geglu(x: jax.Array, group: jax.Array, gate_up: jax.Array, down: jax
 
 
 def _exchange_and_run(x, group, gate_up, down, expert_axis):
-  """Slots x [n, d] of groups `group` [n] (E: none) to their groups' devices, through them, and back."""
+  """Slots x [n, D] of groups `group` [n] (E: none) to their groups' devices, through them, and back."""
   n, d = x.shape
   p = jax.lax.axis_size(expert_axis)
   local = gate_up.shape[0]
@@ -127,12 +126,12 @@ def _exchange_and_run(x, group, gate_up, down, expert_axis):
   index = jnp.minimum(starts[:, None] + jnp.arange(n)[None, :], n - 1)  # p n: slot order of each send buffer
   live = jnp.arange(n)[None, :] < counts[:, None]
   sorted_slots = jnp.take(order, index)
-  send = jnp.where(live[..., None], jnp.take(x, sorted_slots, axis=0), 0)  # p n d, worst case: all to one
+  send = jnp.where(live[..., None], jnp.take(x, sorted_slots, axis=0), 0)  # p n D, worst case: all to one
   send_group = jnp.where(live, jnp.take(group, sorted_slots) - jnp.arange(p)[:, None] * local, local)
   received = jax.lax.all_to_all(send, expert_axis, 0, 0, tiled=True)
   received_group = jax.lax.all_to_all(send_group, expert_axis, 0, 0, tiled=True)
   out = _grouped_geglu(received.reshape(p * n, d), received_group.reshape(p * n), gate_up, down)
-  back = jax.lax.all_to_all(out.reshape(p, n, d), expert_axis, 0, 0, tiled=True)  # p n d, in send order
+  back = jax.lax.all_to_all(out.reshape(p, n, d), expert_axis, 0, 0, tiled=True)  # p n D, in send order
   rank = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))  # slot -> sorted position
   mine = jnp.minimum(device, p - 1)
   y = back[mine, rank - starts[mine]]
@@ -140,13 +139,13 @@ def _exchange_and_run(x, group, gate_up, down, expert_axis):
 
 
 def _dropless_local(x, groups, gates, valid, gate_up, down, *, expert_axis, mlp_axis):
-  """Dropless dispatch of this device's rows: x [b, t, d] -> (y [b, t, d], kept [b, t, k] = valid)."""
+  """Dropless dispatch of this device's rows: x [b, t, D] -> (y [b, t, D], kept [b, t, k] = valid)."""
   b, t, d = x.shape
   k = groups.shape[-1]
   p = 1 if expert_axis is None else jax.lax.axis_size(expert_axis)
   e = gate_up.shape[0] * p
   slot_group = jnp.where(valid[..., None], groups, e).reshape(b * t * k)
-  slot_x = jnp.repeat(x.reshape(b * t, d), k, axis=0)  # n d
+  slot_x = jnp.repeat(x.reshape(b * t, d), k, axis=0)  # n D
   if expert_axis is None:
     y_slots = _grouped_geglu(slot_x, slot_group, gate_up, down)
   else:
@@ -184,11 +183,11 @@ def capacity_dispatch(x, groups, gates, valid, gate_up, down, capacity: int):
   """Token dropping per row.
 
   Args:
-    x: [b, t, d] compute dtype; groups: [b, t, k] int; gates: [b, t, k] float32; valid: [b, t] bool.
-    gate_up: [E, d, 2, f]; down: [E, f, d] (float32 parameters; cast to x.dtype).
+    x: [b, t, D] compute dtype; groups: [b, t, k] int; gates: [b, t, k] float32; valid: [b, t] bool.
+    gate_up: [E, D, 2, g]; down: [E, g, D] (float32 parameters; cast to x.dtype).
     capacity: c, token-slots per group and row.
   Returns:
-    (y [b, t, d] in x.dtype, kept [b, t, k] bool).
+    (y [b, t, D] in x.dtype, kept [b, t, k] bool).
   """
   return _dispatch(functools.partial(_capacity_local, capacity=capacity), x, groups, gates, valid, gate_up, down)
 

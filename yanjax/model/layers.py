@@ -1,7 +1,7 @@
 """Shared building blocks: parameters with logical axis names, RMSNorm, embedding, GeGLU MLP, and the per-call
 inputs every layer sees.
 
-Shape legend: b = batch, t = time, d = width D, f = FFN hidden width, v = vocabulary.
+Shapes: the legend in docs/model.md.
 Every parameter is float32 and carries logical axis names in its `out_sharding` metadata; the trainer maps
 those names to mesh axes with the rules in the config (see `yanjax.training.sharding`).
 """
@@ -54,32 +54,32 @@ class RMSNorm(nnx.Module):
 
 
 class Embed(nnx.Module):
-  """Token embedding [v, d]; `attend` reuses it as a tied output head."""
+  """Token embedding [V, D]; `attend` reuses it as a tied output head."""
 
   def __init__(self, vocab: int, width: int, std: float, rngs: nnx.Rngs):
     self.embedding = param(rngs, (vocab, width), ("vocab", "embed"), normal(std))
 
   def __call__(self, tokens: jax.Array, dtype) -> jax.Array:
-    """tokens [b, t] int -> [b, t, d] in `dtype`."""
+    """tokens [b, t] int -> [b, t, D] in `dtype`."""
     # The table is gathered whole (as FSDP gathers every weight): a lookup into a table split over "embed"
     # would make XLA gather the batch's token ids and activations across the data shards instead.
     table = constrain(self.embedding[...], (None, None))
     return cast(jnp.take(table, tokens, axis=0), dtype)
 
   def attend(self, x: jax.Array) -> jax.Array:
-    """x [b, t, d] -> logits [b, t, v] in float32."""
+    """x [b, t, D] -> logits [b, t, V] in float32."""
     return jnp.einsum("btd,vd->btv", x, cast(self.embedding[...], x.dtype),
                       preferred_element_type=jnp.float32)
 
 
 def geglu(x: jax.Array, gate_up: jax.Array, down: jax.Array) -> jax.Array:
-  """GeGLU MLP: x [..., d], gate_up [d, 2, f], down [f, d] -> [..., d] (paper: GeGLU activation)."""
+  """GeGLU MLP: x [..., D], gate_up [D, 2, F], down [F, D] -> [..., D] (paper: GeGLU activation)."""
   h = jnp.einsum("...d,dkf->...kf", x, cast(gate_up, x.dtype))
   return jnp.einsum("...f,fd->...d", jax.nn.gelu(h[..., 0, :]) * h[..., 1, :], cast(down, x.dtype))
 
 
 class GatedMLP(nnx.Module):
-  """Dense GeGLU feed-forward block: [b, t, d] -> [b, t, d]."""
+  """Dense GeGLU feed-forward block: [b, t, D] -> [b, t, D]."""
 
   def __init__(self, width: int, hidden: int, std: float, rngs: nnx.Rngs):
     self.gate_up = param(rngs, (width, 2, hidden), ("embed", None, "mlp"), normal(std))

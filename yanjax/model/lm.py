@@ -1,4 +1,4 @@
-"""The language model: embedding, N pre-norm residual layers, final norm, output head.
+"""The language model: embedding, L pre-norm residual layers, final norm, output head.
 
 Each layer is  x = x + Mixer(RMSNorm(x));  x = x + FFN(RMSNorm(x))  (paper section 2.1), where Mixer is the
 registered mixer `cfg.mixer` (yanjax/numpy_runtime/mixers.py: MCSD or causal attention), and FFN is the dense
@@ -6,7 +6,7 @@ GeGLU MLP or the selective-activation FFN (router=True). One code path serves tr
 prefill (`prefill`) and decoding (`decode_step`): a decode step is a forward pass of one token that starts from
 the cache.
 
-Shape legend: b = batch, t = time, D = width, v = vocabulary, L = layers.
+Shapes: the legend in docs/model.md.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ class LanguageModel(nnx.Module):
       step: training step for the router's exploration schedule (None: no exploration).
       key: PRNG key for router exploration.
     Returns:
-      (logits [b, t, v] float32, aux) with aux = {"aux_loss": weighted router losses summed over layers,
+      (logits [b, t, V] float32, aux) with aux = {"aux_loss": weighted router losses summed over layers,
       "router": RouterStats stacked over layers, or None without a router}.
     """
     if segment_ids is None:
@@ -120,14 +120,14 @@ class LanguageModel(nnx.Module):
     return ModelCache(caches, jnp.zeros((batch,), jnp.int32))
 
   def prefill(self, tokens, cache: ModelCache):
-    """Continues one document per row from `cache`: tokens [b, t] -> (logits [b, t, v], new cache)."""
+    """Continues one document per row from `cache`: tokens [b, t] -> (logits [b, t, V], new cache)."""
     positions = cache.position[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)
     segment_ids = jnp.ones(tokens.shape, jnp.int32)
     logits, _, layer_caches = self._run(tokens, segment_ids, positions, cache.layers, None, None)
     return logits, ModelCache(layer_caches, cache.position + tokens.shape[1])
 
   def decode_step(self, cache: ModelCache, tokens):
-    """One token per row: tokens [b] -> (logits [b, v], new cache)."""
+    """One token per row: tokens [b] -> (logits [b, V], new cache)."""
     logits, cache = self.prefill(tokens[:, None], cache)
     return logits[:, 0], cache
 

@@ -8,7 +8,7 @@ Both are the inclusive recurrence h_n = a h_{n-1} + x_n read one step late (sum_
 so one `linear_recurrence` over the 2C channels [V ; E] serves both, and the decode state is just h and the
 number of tokens seen since the last document start (from which the slope normaliser follows in closed form).
 
-Shape legend: b = batch, t = time, c = channels C, d = Dc, k = the four projections U, V, E, F.
+Shapes: the legend in docs/model.md. U, V, E, F, g and alpha are the paper's names for values, not sizes.
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ from yanjax.model.recurrence import linear_recurrence
 
 class MCSDCache(NamedTuple):
   """Decode state of one MCSD block: O(1) in the sequence length."""
-  h: jax.Array  # [b, 2c, d] float32: inclusive recurrence states of [V ; E]
+  h: jax.Array  # [b, 2C, Dc] float32: inclusive recurrence states of [V ; E]
   count: jax.Array  # [b] int32: tokens seen since the current document started
 
 
 def paper_log_rates(channels: int) -> np.ndarray:
-  """[2, c] log of the paper's fixed rates: row 0 slope log g_i = -beta_i, row 1 decay log alpha_i."""
+  """[2, C] log of the paper's fixed rates: row 0 slope log g_i = -beta_i, row 1 decay log alpha_i."""
   i = np.arange(channels, dtype=np.float64)
   beta = 2.0 ** (-8.0 * (i + 1) / channels)
   alpha = 1.0 - 2.0 ** (-5.0 - i)
@@ -48,7 +48,7 @@ def steps_since_reset(reset: jax.Array, count0: jax.Array) -> jax.Array:
 
 
 def slope_normaliser(log_g: jax.Array, k: jax.Array, include_current: bool) -> jax.Array:
-  """Sum of the history weights g^j: j = 1..k (strict past) or j = 0..k; log_g [c], k [b, t] -> [b, t, c]."""
+  """Sum of the history weights g^j: j = 1..k (strict past) or j = 0..k; log_g [C], k [b, t] -> [b, t, C]."""
   k = k[..., None].astype(jnp.float32)
   geometric = jnp.expm1(k * log_g) / jnp.expm1(log_g)  # sum_{j=0}^{k-1} g^j
   return jnp.exp(log_g) * geometric if not include_current else geometric + jnp.exp(k * log_g)
@@ -71,7 +71,7 @@ class MCSD(nnx.Module):
       self.rate_logits[...] = jnp.log(-rates)
 
   def log_rates(self) -> jax.Array:
-    """[2, c]: log g (slope) and log alpha (decay)."""
+    """[2, C]: log g (slope) and log alpha (decay)."""
     if self.cfg.learnable_rates:
       return -jnp.exp(self.rate_logits[...])
     return jnp.asarray(paper_log_rates(self.cfg.channels))
@@ -102,7 +102,7 @@ class MCSD(nnx.Module):
       previous = jnp.concatenate([cache.h[:, None], h[:, :-1]], axis=1)
       history = jnp.where(reset[..., None, None], 0.0, jnp.exp(log_a)[:, None] * previous)
     k = steps_since_reset(reset, cache.count)
-    z = slope_normaliser(log_rates[0], k, cfg.include_current)[..., None]  # [b, t, c, 1]
+    z = slope_normaliser(log_rates[0], k, cfg.include_current)[..., None]  # [b, t, C, 1]
     v32 = v.astype(jnp.float32)
     v_hist = jnp.where(z > 0, history[:, :, :c] / jnp.where(z > 0, z, 1.0), v32)
     theta_s = jax.nn.silu(v_hist) * u.astype(jnp.float32)

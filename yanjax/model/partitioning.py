@@ -18,7 +18,7 @@ _ACTIVE = contextvars.ContextVar("yanjax_activation_sharding", default=None)
 
 
 class Term(NamedTuple):
-  """`count` arrays of shape [batch, length, *dims] with logical axes ("batch", "length", *axes)."""
+  """`count` arrays of shape [b, t, *dims] with logical axes ("batch", "length", *axes); shapes: docs/model.md."""
   what: str
   dims: tuple[int, ...]
   axes: tuple[str | None, ...]

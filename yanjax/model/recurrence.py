@@ -1,17 +1,18 @@
 """The linear recurrence behind both MCSD sections, in three equivalent forms behind one switch.
 
-    h_t = a_t * h_{t-1} + x_t,    a_t = exp(log_a[c]) * (1 - reset_t)
+    h_t = a_t * h_{t-1} + x_t,    a_t = exp(log_a[i]) * (1 - reset_t)
 
-One rate per channel c (shared by the channel's Dc features); `reset_t` cuts the state where a new document
+One rate per channel i (shared by the channel's Dc features); `reset_t` cuts the state where a new document
 starts, so packed documents never see each other. Every form accumulates in float32 whatever the input dtype.
 
-Shape legend: b = batch, t = time, c = channels, d = features per channel, n = chunks, l = chunk length.
+Shapes: the legend in docs/model.md; C counts the recurrence's channels (MCSD runs it over its 2C).
 
 Forms:
   reference    `jax.lax.scan` over time: the slow, obviously-correct definition.
   associative  `jax.lax.associative_scan` over (a_t, x_t) pairs with
-               (a1, x1) o (a2, x2) = (a1 a2, a2 x1 + x2): O(log t) depth, the training form.
-  chunked      within chunks of length l an [l, l] decay-mask matmul, across chunks a scan over carried states.
+               (a1, x1) o (a2, x2) = (a1 a2, a2 x1 + x2): O(log T) depth, the training form.
+  chunked      within N chunks of length Lc an [Lc, Lc] decay-mask matmul, across chunks a scan over carried
+               states.
   auto         per backend, from the measurements in benchmarks/RESULTS.md (see AUTO_FORM).
 """
 
@@ -40,14 +41,14 @@ def linear_recurrence(x: jax.Array, log_a: jax.Array, reset: jax.Array, h0: jax.
   """Runs h_t = a_t h_{t-1} + x_t over time.
 
   Args:
-    x: [b, t, c, d] inputs, any float dtype.
-    log_a: [c] log of each channel's rate (negative).
+    x: [b, t, C, Dc] inputs, any float dtype.
+    log_a: [C] log of each channel's rate (negative).
     reset: [b, t] bool, True where the state restarts (h_{t-1} is dropped).
-    h0: [b, c, d] state before the first step (zeros if None).
+    h0: [b, C, Dc] state before the first step (zeros if None).
     form: "reference" | "associative" | "chunked" | "auto".
-    chunk_size: l, for the chunked form.
+    chunk_size: Lc, for the chunked form.
   Returns:
-    (h [b, t, c, d] float32, h_last [b, c, d] float32).
+    (h [b, t, C, Dc] float32, h_last [b, C, Dc] float32).
   """
   x = x.astype(jnp.float32)
   log_a = log_a.astype(jnp.float32)
@@ -95,18 +96,18 @@ def _chunked(x, log_a, reset, h0, chunk):
     reset = jnp.pad(reset, ((0, 0), (0, pad)))
   x = x.reshape(b, n, chunk, c, d)
   # Segment index inside each chunk: positions i, j are linked iff no reset lies in (j, i].
-  seg = jnp.cumsum(reset.reshape(b, n, chunk).astype(jnp.int32), axis=-1)  # [b, n, l]
+  seg = jnp.cumsum(reset.reshape(b, n, chunk).astype(jnp.int32), axis=-1)  # [b, N, Lc]
   idx = jnp.arange(chunk)
-  lag = idx[:, None] - idx[None, :]  # [l, l], i - j
-  linked = (lag >= 0)[None, None] & (seg[..., :, None] == seg[..., None, :])  # [b, n, l, l]
-  log_decay = jnp.where(lag >= 0, lag, 0)[None] * log_a[:, None, None]  # [c, l, l]
-  mask = jnp.where(linked[:, :, None], jnp.exp(log_decay)[None, None], 0.0)  # [b, n, c, l, l]
-  intra = jnp.einsum("bncij,bnjcd->bnicd", mask, x)  # [b, n, l, c, d]
+  lag = idx[:, None] - idx[None, :]  # [Lc, Lc], i - j
+  linked = (lag >= 0)[None, None] & (seg[..., :, None] == seg[..., None, :])  # [b, N, Lc, Lc]
+  log_decay = jnp.where(lag >= 0, lag, 0)[None] * log_a[:, None, None]  # [C, Lc, Lc]
+  mask = jnp.where(linked[:, :, None], jnp.exp(log_decay)[None, None], 0.0)  # [b, N, C, Lc, Lc]
+  intra = jnp.einsum("bncij,bnjcd->bnicd", mask, x)  # [b, N, Lc, C, Dc]
   # Decay from the state entering the chunk to each position (zero once a reset has occurred).
-  from_start = jnp.where((seg == 0)[..., None], jnp.exp((idx + 1)[:, None] * log_a[None, :]), 0.0)  # [b,n,l,c]
+  from_start = jnp.where((seg == 0)[..., None], jnp.exp((idx + 1)[:, None] * log_a[None, :]), 0.0)  # [b,N,Lc,C]
 
   def carry_across(h_prev, chunk_terms):
-    intra_end, decay_end = chunk_terms  # [b, c, d], [b, c]
+    intra_end, decay_end = chunk_terms  # [b, C, Dc], [b, C]
     return intra_end + decay_end[..., None] * h_prev, h_prev
 
   _, h_enter = jax.lax.scan(carry_across, h0, (jnp.swapaxes(intra[:, :, -1], 0, 1),

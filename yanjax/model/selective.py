@@ -1,10 +1,10 @@
 """Selective activation: a small router network picks, per token, which groups of FFN neurons take part.
 
-The GeGLU FFN of width `mlp_width` is split into E groups of `group_width` neurons. A router MLP
-(d -> router_hidden -> E, GELU between, no biases, float32) scores the groups; each token runs its top-k
-groups and sums them weighted by gates:
+The GeGLU FFN of width F = `mlp_width` is split into E groups of g = `group_width` neurons. A router MLP
+(D -> R -> E, R = `router_hidden`, GELU between, no biases, float32) scores the groups; each token runs its
+top-k groups and sums them weighted by gates w_e:
 
-    y = sum_{e in topk} g_e * GeGLU_e(x),    g_e = p_e / sum_{e' in topk} p_e'   (k > 1; k = 1: g_e = p_e)
+    y = sum_{e in topk} w_e * GeGLU_e(x),    w_e = p_e / sum_{e' in topk} p_e'   (k > 1; k = 1: w_e = p_e)
 
 Selection starts random and becomes learned (Yan's public statements; see docs/selective_activation.md):
 
@@ -14,10 +14,10 @@ Selection starts random and becomes learned (Yan's public statements; see docs/s
 Gates always come from p, so the router learns while the choice is still random.
 
 Dispatch ("capacity" | "dropless", `yanjax.model.dispatch`): capacity drops token-slots past each group's
-per-row capacity C = min(t, ceil(capacity_factor * t * k / E)); dropless runs them all. Both are linear in t
+per-row capacity c = min(t, ceil(capacity_factor * t * k / E)); dropless runs them all. Both are linear in t
 and keep tokens on their shard under a mesh.
 
-Shape legend: b = batch, t = time, d = width D, e/E = groups, k = top_k, f = group width.
+Shapes: the legend in docs/model.md; e indexes groups.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class Routing(NamedTuple):
   logits: jax.Array  # [b, t, E] float32
   probs: jax.Array  # [b, t, E] float32 softmax(logits)
   groups: jax.Array  # [b, t, k] int32 chosen groups, distinct per token
-  gates: jax.Array  # [b, t, k] float32 weights of the chosen groups
+  gates: jax.Array  # [b, t, k] float32 weights w_e of the chosen groups
   explore: jax.Array  # [] float32 lam
 
 
@@ -98,7 +98,7 @@ def router_stats(routing: Routing, valid: jax.Array, kept: jax.Array) -> RouterS
 
 
 class SelectiveFFN(nnx.Module):
-  """GeGLU FFN in E neuron groups, top-k of them per token chosen by a router MLP: [b, t, d] -> [b, t, d]."""
+  """GeGLU FFN in E neuron groups, top-k of them per token chosen by a router MLP: [b, t, D] -> [b, t, D]."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     if not cfg.router:
@@ -115,7 +115,7 @@ class SelectiveFFN(nnx.Module):
     self.explore_steps = cfg.explore_steps
 
   def route(self, x: jax.Array, *, step=None, key=None) -> Routing:
-    """x [b, t, d] -> the router's choice of k groups per token (float32 throughout)."""
+    """x [b, t, D] -> the router's choice of k groups per token (float32 throughout)."""
     x32 = x.astype(jnp.float32)
     hidden = jax.nn.gelu(jnp.einsum("btd,dh->bth", x32, self.router_in[...], precision=_HIGHEST))
     logits = jnp.einsum("bth,he->bte", hidden, self.router_out[...], precision=_HIGHEST)
@@ -138,13 +138,13 @@ class SelectiveFFN(nnx.Module):
     """Runs each token through its chosen groups.
 
     Args:
-      x: [b, t, d] in compute dtype.
+      x: [b, t, D] in compute dtype.
       step: scalar int (None = inference, no exploration).
       key: PRNG key for exploration (required when step is given and explore_steps > 0).
       mask: [b, t] bool of real tokens (None = all real; padding tokens are excluded from stats, losses and
         capacity).
     Returns:
-      (y [b, t, d] in x.dtype, RouterStats); padding tokens get y = 0.
+      (y [b, t, D] in x.dtype, RouterStats); padding tokens get y = 0.
     """
     b, t, _ = x.shape
     valid = jnp.ones((b, t), bool) if mask is None else mask.astype(bool)

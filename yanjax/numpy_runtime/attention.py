@@ -1,7 +1,7 @@
 """Causal self-attention with RoPE in NumPy (the baseline's mixer), and what yanjax knows about it from the
 config alone (registered in mixers.py). The JAX model is yanjax/model/attention.py.
 
-Shape legend: b = batch, t = time, D = width, H = heads, E = D / H (head dim), S = KV-cache slots.
+Shapes: the legend in docs/model.md (t: query time, s: key time or KV-cache slot).
 """
 
 from __future__ import annotations
@@ -16,16 +16,16 @@ from .layers import F32, BlockInputs, softmax
 class KVState(NamedTuple):
   """KV cache of one attention layer. Its arrays are written in place: a state passed to prefill or
   decode_step is used up (copy k and v first to branch a generation)."""
-  k: np.ndarray  # [b, S, H, E] float32 (keys after RoPE)
-  v: np.ndarray  # [b, S, H, E] float32
+  k: np.ndarray  # [b, s, H, Dh] float32 (keys after RoPE)
+  v: np.ndarray  # [b, s, H, Dh] float32
   length: int  # slots filled (the same for every row)
 
 
 def rope(x, positions, theta):
-  """Rotary embedding, rotate-half convention: x [b, t, H, E], positions [b, t]."""
+  """Rotary embedding, rotate-half convention: x [b, t, H, Dh], positions [b, t]."""
   half = x.shape[-1] // 2
   freq = (F32(theta) ** (-np.arange(half, dtype=F32) / F32(half))).astype(F32)
-  angle = positions[..., None, None].astype(F32) * freq  # [b, t, 1, E/2]
+  angle = positions[..., None, None].astype(F32) * freq  # [b, t, 1, Dh / 2]
   x1, x2 = x[..., :half], x[..., half:]
   cos, sin = np.cos(angle), np.sin(angle)
   return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(F32)
@@ -84,7 +84,7 @@ class Attention:
     earlier keys of its segment; with one, the new keys are appended to its KV cache (one document per row)."""
     c, w = self.c, self.w
     t = x.shape[1]
-    q, k, v = np.moveaxis(np.einsum("btd,dkhe->btkhe", x, w["qkv"]), 2, 0)  # each [b, t, H, E]
+    q, k, v = np.moveaxis(np.einsum("btd,dkhe->btkhe", x, w["qkv"]), 2, 0)  # each [b, t, H, Dh]
     q, k = rope(q, inputs.positions, c["rope_theta"]), rope(k, inputs.positions, c["rope_theta"])
     if state is None:
       segment_ids = inputs.segment_ids

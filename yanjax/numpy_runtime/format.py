@@ -2,10 +2,12 @@
 
 An export directory holds (docs/export.md describes each array and the order of operations):
 
-    manifest.json        format version, config, every array's name / shape / dtype / sha256, file checksums
+    manifest.json        format version, config, weights format, every array's name / shape / dtype / sha256,
+                         file checksums
     config.json          the model config (the same mapping as manifest["config"])
     weights.npz          one array per name; float32, or bfloat16 stored as its uint16 bit pattern
-    weights.safetensors  the same arrays (F32, or BF16)
+      or
+    weights.safetensors  the same arrays (F32, or BF16), whichever `manifest["weights_format"]` names
     tokenizer.model      the sentencepiece model (optional)
 
 `load_export` checks everything it reads and raises `ExportError` naming the file, the array or the config
@@ -36,6 +38,8 @@ NPZ = "weights.npz"
 SAFETENSORS = "weights.safetensors"
 TOKENIZER = "tokenizer.model"
 WEIGHT_DTYPES = ("float32", "bfloat16")
+WEIGHT_FILES = {"npz": NPZ, "safetensors": SAFETENSORS}  # weights format -> the file an export holds
+WEIGHT_FORMATS = tuple(WEIGHT_FILES)
 # Config keys the runtime reads; the others (training and kernel choices) do not change inference results.
 RUNTIME_KEYS = ("mixer", "vocab_size", "width", "layers", "mlp_width", "channels", "combine", "learnable_rates",
                 "include_current", "heads", "rope_theta", "max_decode_len", "router", "groups", "top_k",
@@ -67,10 +71,6 @@ def as_path(path) -> Any:
   return pathlib.Path(path)
 
 
-def sha256_bytes(data: bytes) -> str:
-  return hashlib.sha256(data).hexdigest()
-
-
 def sha256_file(path) -> str:
   digest = hashlib.sha256()
   with as_path(path).open("rb") as f:
@@ -80,8 +80,12 @@ def sha256_file(path) -> str:
 
 
 def array_sha256(stored: np.ndarray) -> str:
-  """sha256 of an array's bytes as stored: C order, little endian (float32, or uint16 bf16 bit patterns)."""
-  return sha256_bytes(np.ascontiguousarray(stored).astype(stored.dtype.newbyteorder("<"), copy=False).tobytes())
+  """sha256 of an array's bytes as stored: C order, little endian (float32, or uint16 bf16 bit patterns).
+
+  Copy-free when the array is already C-contiguous little endian, as the exporter's and readers' arrays are.
+  """
+  stored = np.ascontiguousarray(stored, stored.dtype.newbyteorder("<"))
+  return hashlib.sha256(stored.data).hexdigest()  # the buffer itself, not a copy
 
 
 def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
@@ -255,12 +259,13 @@ def read_safetensors(path) -> dict[str, np.ndarray]:
   return arrays
 
 
-def load_export(path, *, weights: str = "npz", verify: bool = True) -> Export:
+def load_export(path, *, weights: str | None = None, verify: bool = True) -> Export:
   """Loads an export directory and checks it; returns float32 arrays whatever the stored dtype.
 
   Args:
     path: the export directory: a local path, or a gs:// or s3:// URL.
-    weights: "npz" (default) or "safetensors": which weights file to read.
+    weights: the weights format to read, one of WEIGHT_FORMATS; None (default): the one the export holds
+      (`manifest["weights_format"]`). Asking for another raises ExportError.
     verify: check the sha256 of the config, the tokenizer and every array against the manifest.
   Raises:
     ExportError naming the file, array or config key at fault.
@@ -276,11 +281,19 @@ def load_export(path, *, weights: str = "npz", verify: bool = True) -> Export:
     why = (": version 1 names the mixer config.arch ('yan' | 'attention'), since renamed config.mixer ('mcsd' | "
            "'attention'); read it with the yanjax that wrote it" if version == 1 else "")
     raise ExportError(f"{root / MANIFEST}: format_version {version!r} is not the supported {FORMAT_VERSION}{why}")
-  for key in ("config", "weights_dtype", "arrays", "files"):
+  for key in ("config", "weights_dtype", "weights_format", "arrays", "files"):
     if key not in manifest:
       raise ExportError(f"{root / MANIFEST}: key '{key}' missing")
   if manifest["weights_dtype"] not in WEIGHT_DTYPES:
     raise ExportError(f"{root / MANIFEST}: weights_dtype {manifest['weights_dtype']!r} not in {WEIGHT_DTYPES}")
+  held = manifest["weights_format"]
+  if held not in WEIGHT_FORMATS:
+    raise ExportError(f"{root / MANIFEST}: weights_format {held!r} not in {WEIGHT_FORMATS}")
+  if weights is not None and weights not in WEIGHT_FORMATS:
+    raise ValueError(f"weights={weights!r}: choose one of {WEIGHT_FORMATS}, or None for the export's own")
+  if weights not in (None, held):
+    raise ExportError(f"{root}: holds {WEIGHT_FILES[held]} only, not {WEIGHT_FILES[weights]}; export again "
+                      f"with --format {weights}")
 
   config = _read_json(root / CONFIG)
   if verify and CONFIG in manifest["files"]:
@@ -293,10 +306,8 @@ def load_export(path, *, weights: str = "npz", verify: bool = True) -> Export:
   check_arrays_fit_config({n: a["shape"] for n, a in listed.items()}, config,
                           f"{root / CONFIG} vs {root / MANIFEST}")
 
-  if weights not in ("npz", "safetensors"):
-    raise ValueError(f"weights={weights!r}: choose 'npz' or 'safetensors'")
-  file = root / (NPZ if weights == "npz" else SAFETENSORS)
-  stored = read_npz(file) if weights == "npz" else read_safetensors(file)
+  file = root / WEIGHT_FILES[held]
+  stored = read_npz(file) if held == "npz" else read_safetensors(file)
   bf16 = manifest["weights_dtype"] == "bfloat16"
   want_dtype = np.dtype("<u2") if bf16 else np.dtype("<f4")
   arrays = {}

@@ -1,6 +1,6 @@
 """Shared NumPy building blocks: the JAX model's elementwise functions, RMSNorm, GeGLU, and the per-call inputs.
 
-Everything is float32. Shape legend: b = batch, t = time, D = width, F = FFN width.
+Everything is float32. Shapes: the legend in docs/model.md.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 The runtime runs the recurrence token by token (the O(1) decode form), so a whole sequence is the decode loop
 run over it; docs/export.md lists its steps in this order. The JAX model is yanjax/model/mcsd.py.
 
-Shape legend: b = batch, t = time, D = width, C = channels, Dc = D / C.
+Shapes: the legend in docs/model.md. U, V, E, F, g and alpha are the paper's names for values, not sizes.
 """
 
 from __future__ import annotations

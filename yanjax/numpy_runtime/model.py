@@ -5,7 +5,7 @@ export's array names. One code path serves a whole sequence and a decode step: a
 row from a `State` and returns the logits and the state after them. Each layer's mixer is the NumPy twin that
 mixers.py registers for the config's `mixer` (mcsd.py, attention.py).
 
-Shape legend: b = batch, t = time, D = width, V = vocabulary, F = FFN width, G = FFN groups, k = top_k.
+Shapes: the legend in docs/model.md.
 """
 
 from __future__ import annotations
@@ -98,11 +98,11 @@ class Model:
     c, w = self.cfg, self.w
     logits = np.einsum("bth,he->bte", gelu(np.einsum("btd,dh->bth", x, w[p + "router_in"])),
                        w[p + "router_out"])
-    probs = softmax(logits)  # [b, t, G]
+    probs = softmax(logits)  # [b, t, E]
     chosen = np.argsort(-probs, axis=-1, kind="stable")[..., :c["top_k"]]  # [b, t, k], lower id on ties
     picked = np.take_along_axis(probs, chosen, axis=-1)
     gates = picked / np.sum(picked, axis=-1, keepdims=True) if c["top_k"] > 1 else picked
-    gate_up, down = w[p + "gate_up"], w[p + "down"]  # [G, D, 2, f], [G, f, D]
+    gate_up, down = w[p + "gate_up"], w[p + "down"]  # [E, D, 2, g], [E, g, D]
     y = np.zeros_like(x)
     for g in range(c["groups"]):
       weight = np.sum(np.where(chosen == g, gates, F32(0)), axis=-1)  # [b, t]: gate of group g, or 0

@@ -4,7 +4,7 @@ Approach 3 fits L(N, D) = E + A / N^alpha + B / D^beta to every run; approach 2 
 each IsoFLOP profile and a power law through the parabolas' minima (Hoffmann et al. 2022). docs/scaling.md
 gives the formulas, the fitting details and how to read the figures.
 
-  python -m yanjax.scaling.fit --results results.jsonl --out fits/
+  python -m yanjax.main.fit --results results.jsonl --out fits/
 
 Both paths may be local or gs:// / s3:// URLs. Results that cannot support a fit are refused (`FitError`)
 before anything is written: a family with fewer distinct (N, D) points than approach 3 has parameters (5).
@@ -15,7 +15,6 @@ succeeded, each file whole or not at all. Shapes: `n` = runs, `s` = starting poi
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import io
@@ -477,26 +476,3 @@ def report(fits: dict[str, FamilyFit], written: Sequence[epath.Path]) -> None:
   for name, fit in fits.items():
     print(summary(name, fit))
   print("wrote " + ", ".join(str(p) for p in written))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--results", required=True, help="sweep results, JSONL or CSV (local or a bucket URL)")
-  parser.add_argument("--out", required=True, help="directory for fit.json and the PNGs (local or a bucket URL)")
-  parser.add_argument("--grid", choices=("full", "coarse"), default="full",
-                      help="approach-3 starting points: Chinchilla's 4,500 or a coarse 243")
-  parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples")
-  parser.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals")
-  parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-  args = parser.parse_args(argv)
-  try:
-    fits = fit_families(load_results(args.results), args.grid, args.bootstrap, args.level, args.seed)
-  except FitError as e:
-    raise FitError(f"{args.results}: {e}; nothing written to {args.out}") from e
-  report(fits, write_fits(fits, args.out))
-  return 0
-
-
-if __name__ == "__main__":
-  from yanjax.core import cli  # pylint: disable=import-outside-toplevel  # only here: it imports the data loader
-  cli.run(main)

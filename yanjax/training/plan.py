@@ -11,10 +11,9 @@ requested size; activations from the formula below, whose [b, t, ...] terms are 
 them: on the target machine, or on CPU with --local_device_count) and prints XLA's memory analysis beside
 the prediction. The trainer calls `check_fits` at start-up, before compiling anything.
 
-Memory per device. P = parameter bytes per device (float32); n = tokens per device per micro-batch
-(global_batch / grad_accum / batch-parallel devices x seq_len); a = bytes of model.dtype; D width, F FFN
-width, L layers, V vocabulary, c channels, h heads, t seq_len, E groups, k top_k, C = group capacity
-(`dispatch.group_capacity`, ~ 1.25 t k / E), R router hidden, g = F / E.
+Memory per device. Sizes: the legend in docs/model.md (D, F, L, V, H, T = seq_len, E, k, R, g, p, and
+c = `dispatch.group_capacity` ~ 1.25 T k / E). Here also: P = parameter bytes per device (float32); n = tokens
+per device per micro-batch (global_batch / grad_accum / batch-parallel devices x T); a = bytes of model.dtype.
 
   total       = state + max(activation phase, update phase)
   state       = P + 2 P (AdamW moments) + the batch (20 bytes per token of the whole step)
@@ -23,17 +22,17 @@ width, L layers, V vocabulary, c channels, h heads, t seq_len, E groups, k top_k
   saved       per layer and token, what autodiff keeps at model.remat (counted from JAX's saved residuals):
                 full       D a                                            the layer input
                 save_dots  2 D a + dense 2 F a | selective (R + E) 4      matmul outputs without batch dims
-                none       everything: norms 4 D 4; MCSD 10 D 4 + 2 D a | attention 6 D a + h t (4 + a);
+                none       everything: norms 4 D 4; MCSD 10 D 4 + 2 D a | attention 6 D a + H T (4 + a);
                            dense FFN 8 F a | selective: router (6 R + 2 E + 3 k) 4 + dispatch, with
-                           r = E C / t ~ 1.25 k slots per token: capacity 2 k E 4 + r (2 D + 3 g) a + k D a;
+                           r = E c / T ~ 1.25 k slots per token: capacity 2 k E 4 + r (2 D + 3 g) a + k D a;
                            dropless k (3 D + 3 g) a, + 3 p k D a over p > 1 expert devices (all-to-all
                            buffers, worst case), + 2 k E (D + g) a on CPU (ragged_dot runs every group)
-  working     one layer's backward: its `none` residuals recomputed, plus attention's logits cotangent h t 4
+  working     one layer's backward: its `none` residuals recomputed, plus attention's logits cotangent H T 4
   logits      2 V 4 (float32 logits and their cotangent) + 4 D 4
   gathered    FSDP all-gathers: float32 weights of 2 layers (scanned) or every layer (unscanned; the CPU
               compiler keeps them all), plus the embedding; with remat none, every layer's weights cast to a
 
-Every selective term is linear in t (C grows with t, but per token r = E C / t stays ~ 1.25 k).
+Every selective term is linear in T (c grows with T, but per token r = E c / T stays ~ 1.25 k).
 XLA's memory analysis of the compiled step agrees within 0.76-1.28x on CPU (benchmarks/RESULTS.md).
 """
 
@@ -227,7 +226,7 @@ def _state_bytes(model_cfg: ModelConfig, cfg, mesh, rules) -> dict[str, int]:
 
 
 def layer_terms(m: ModelConfig, t: int, remat: str, dense_ragged: bool = False, expert_ways: int = 1) -> list[Term]:
-  """Activations one layer keeps for its backward at `remat`, per [batch, length] position (the last two
+  """Activations one layer keeps for its backward at `remat`, per [b, t] position (the last two
   arguments: see `dispatch_terms`)."""
   a = jnp.dtype(m.dtype).itemsize
   d, f = m.width, m.mlp_width
@@ -260,8 +259,8 @@ def dispatch_terms(m: ModelConfig, t: int, dense_ragged: bool, expert_ways: int)
     rows = e * group_capacity(t, e, k, m.capacity_factor) / t  # slots per token, filled or not
     return terms + [
         Term("queue one-hots and positions (int32)", (k, e), (None, None), 4, 2),
-        Term("dispatched rows and their outputs [E, C, D]", (d,), (None,), a, 2 * rows),
-        Term("group GeGLU hidden [E, C, 3 g]", (g,), ("mlp",), a, 3 * rows),
+        Term("dispatched rows and their outputs [E, c, D]", (d,), (None,), a, 2 * rows),
+        Term("group GeGLU hidden [E, c, 3 g]", (g,), ("mlp",), a, 3 * rows),
         Term("gathered slot outputs [k, D]", (k, d), (None, None), a)]
   terms += [Term("token-slot rows: copies, sorted, outputs [k, D]", (k, d), (None, None), a, 3),
             Term("grouped GeGLU hidden [k, 3 g]", (k, g), (None, "mlp"), a, 3)]
