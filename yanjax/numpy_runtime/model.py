@@ -115,5 +115,5 @@ class Model:
 def config_summary(config: dict[str, Any]) -> str:
   c = check_config(config)
   mixer = MIXERS[c["mixer"]].twin.summary(c)
-  ffn = f"selective G={c['groups']} k={c['top_k']}" if c["router"] else f"GeGLU F={c['mlp_width']}"
+  ffn = f"selective E={c['groups']} k={c['top_k']}" if c["router"] else f"GeGLU F={c['mlp_width']}"
   return f"{c['layers']} layers, D={c['width']}, V={c['vocab_size']}, {mixer}, {ffn}"

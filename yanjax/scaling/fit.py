@@ -10,7 +10,8 @@ Both paths may be local or gs:// / s3:// URLs. Results that cannot support a fit
 before anything is written: a family with fewer distinct (N, D) points than approach 3 has parameters (5).
 Approach 2 needs 2 FLOP budgets with 3+ sizes each; where it cannot be fitted but approach 3 can, approach 3
 is reported alone and the output says why approach 2 is missing. Outputs are written only once every fit
-succeeded, each file whole or not at all. Shapes: `n` = runs, `s` = starting points, `k` = FLOP budgets.
+succeeded, each file whole or not at all.
+Shapes: the legend in docs/model.md, and here `n` = runs, `m` = starting points, `q` = FLOP budgets.
 """
 
 from __future__ import annotations
@@ -174,7 +175,7 @@ class Law:
 
 
 def init_grid(coarse: bool = False) -> np.ndarray:
-  """Starting points [s, 5] as (a, b, e, alpha, beta), a = log A, b = log B, e = log E.
+  """Starting points [m, 5] as (a, b, e, alpha, beta), a = log A, b = log B, e = log E.
 
   Chinchilla's grid: alpha, beta in {0, 0.5, ..., 2}, e in {-1, -0.5, ..., 1}, a, b in {0, 5, ..., 25}
   (4,500 points); `coarse` keeps every other value of each (3 x 3 x 3 x 3 x 3 = 243 points).
@@ -218,7 +219,7 @@ def check_approach3(runs: Runs) -> None:
 
 
 def fit_law(runs: Runs, starts: np.ndarray | None = None, delta: float = HUBER_DELTA) -> Law:
-  """Approach 3: L-BFGS-B on the Huber objective from every starting point [s, 5]; keeps the best."""
+  """Approach 3: L-BFGS-B on the Huber objective from every starting point [m, 5]; keeps the best."""
   starts = init_grid() if starts is None else np.atleast_2d(starts)
   args = (np.log(runs.params), np.log(runs.tokens), np.log(runs.loss), delta)
   bounds = [(None, None)] * 3 + [(0.0, None)] * 2
@@ -239,15 +240,15 @@ def fit_law(runs: Runs, starts: np.ndarray | None = None, delta: float = HUBER_D
 
 @dataclasses.dataclass(frozen=True)
 class Isoflop:
-  """Per budget [k], loss = p0 x^2 + p1 x + p2 in x = ln N, and ln N_opt = a_n ln C + c_n through the minima.
+  """Per budget [q], loss = p0 x^2 + p1 x + p2 in x = ln N, and ln N_opt = a_n ln C + c_n through the minima.
 
   D_opt = C / (6 N_opt), so its exponent a_d = 1 - a_n: the two are fitted separately only for the record.
   """
 
-  budgets: np.ndarray  # [k] C
-  parabolas: np.ndarray  # [k, 3] (p0, p1, p2)
-  n_min: np.ndarray  # [k] N at each parabola's minimum
-  loss_min: np.ndarray  # [k] loss there
+  budgets: np.ndarray  # [q] C
+  parabolas: np.ndarray  # [q, 3] (p0, p1, p2)
+  n_min: np.ndarray  # [q] N at each parabola's minimum
+  loss_min: np.ndarray  # [q] loss there
   a_n: float
   c_n: float
   a_d: float
