@@ -60,7 +60,8 @@ def train_tokens_per_s(config_name: str, store: pathlib.Path, global_batch: int,
   import optax  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
-  from yanjax.core.config import ModelConfig, load_config_file  # pylint: disable=import-outside-toplevel
+  from yanjax.core.config import load_config_file  # pylint: disable=import-outside-toplevel
+  from yanjax.model.config import ModelConfig
   from yanjax.model.lm import LanguageModel  # pylint: disable=import-outside-toplevel
 
   cfg = ModelConfig.from_dict(load_config_file(REPO / "configs" / f"{config_name}.py").model)

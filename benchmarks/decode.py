@@ -32,9 +32,10 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from yanjax import numpy_runtime  # pylint: disable=wrong-import-position
-from yanjax.core.config import ModelConfig, load_config_file  # pylint: disable=wrong-import-position
+from yanjax.core.config import load_config_file  # pylint: disable=wrong-import-position
 from yanjax.export.writer import export_model  # pylint: disable=wrong-import-position
 from yanjax.model.attention import KVCache  # pylint: disable=wrong-import-position
+from yanjax.model.config import ModelConfig
 from yanjax.model.counting import param_count  # pylint: disable=wrong-import-position
 from yanjax.model.lm import LanguageModel, ModelCache  # pylint: disable=wrong-import-position
 from yanjax.training.presets import matched_attention  # pylint: disable=wrong-import-position

@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from yanjax.core.config import ModelConfig
 from yanjax.model.attention import Attention
+from yanjax.model.config import ModelConfig
 from yanjax.model.layers import BlockInputs
 from yanjax.model.mcsd import MCSD
 

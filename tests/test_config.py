@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from yanjax.core.config import ConfigError, ModelConfig, load_config_file
+from yanjax.core.config import ConfigError, load_config_file
 from yanjax.main.config_table import config_rows
 from yanjax.main.config_table import main as print_table
+from yanjax.model.config import ModelConfig
 from yanjax.model.counting import flops_per_token, param_count
 from yanjax.model.lm import LanguageModel
 from yanjax.training.presets import matched_attention

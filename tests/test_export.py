@@ -21,13 +21,14 @@ import safetensors.numpy
 from flax import nnx
 from model_helpers import random_model
 
-from yanjax.core.config import ConfigError, ModelConfig
+from yanjax.core.config import ConfigError
 from yanjax.export import writer as export_module
 from yanjax.export.writer import export_model, parameter_arrays
 from yanjax.inference import loading as inference
 from yanjax.inference.generate import generate
 from yanjax.main import export as export_cli
 from yanjax.main import generate as generate_cli
+from yanjax.model.config import ModelConfig
 from yanjax.numpy_runtime import (
   ExportError,
   Model,

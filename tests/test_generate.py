@@ -14,12 +14,12 @@ import pytest
 import sentencepiece as spm
 from model_helpers import random_model
 
-from yanjax.core.config import ModelConfig
 from yanjax.inference import loading as inference
 from yanjax.inference.generate import Completion, TextStreamer, generate
 from yanjax.inference.sampling import Sampling
 from yanjax.main import export as export_cli
 from yanjax.main import generate as generate_cli
+from yanjax.model.config import ModelConfig
 
 VOCAB = 320  # > the test tokenizer's 300 pieces
 PROMPTS = [[1, 17, 40, 9, 250], [1, 33], [1, 5, 6]]

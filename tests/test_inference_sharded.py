@@ -18,13 +18,14 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from model_helpers import random_model
 
-from yanjax.core.config import ConfigError, ModelConfig
+from yanjax.core.config import ConfigError
 from yanjax.export import writer as export_module
 from yanjax.export.writer import export_model, parameter_arrays
 from yanjax.inference.generate import generate
 from yanjax.inference.loading import inference_mesh, load_inference_model, parse_mesh
 from yanjax.main import export as export_cli
 from yanjax.main import generate as generate_cli
+from yanjax.model.config import ModelConfig
 from yanjax.model.lm import LanguageModel
 from yanjax.numpy_runtime import Model, load_export
 from yanjax.numpy_runtime import generate as np_generate

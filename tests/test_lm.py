@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from yanjax.core.config import ModelConfig
+from yanjax.model.config import ModelConfig
 from yanjax.model.lm import LanguageModel
 
 # Max abs logit error for decode and packing equivalences, by compute dtype.

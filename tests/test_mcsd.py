@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from yanjax.core.config import ModelConfig
+from yanjax.model.config import ModelConfig
 from yanjax.model.layers import BlockInputs
 from yanjax.model.mcsd import MCSD, paper_log_rates
 

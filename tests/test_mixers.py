@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from yanjax.core.config import ConfigError, ModelConfig
+from yanjax.core.config import ConfigError
+from yanjax.model.config import ModelConfig
 from yanjax.model.layers import BlockInputs
 from yanjax.numpy_runtime import MIXERS, ExportError
 from yanjax.numpy_runtime import layers as np_layers

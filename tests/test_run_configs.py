@@ -8,7 +8,8 @@ import pytest
 from test_train import REPO, tiny_flags
 
 from yanjax.core.cli import USAGE_EXIT_CODE
-from yanjax.core.config import ConfigError, ModelConfig, load_config_file
+from yanjax.core.config import ConfigError, load_config_file
+from yanjax.model.config import ModelConfig
 from yanjax.training.run_config import (
   DEFAULTS,
   REQUIRED,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from yanjax.core.config import ModelConfig
+from yanjax.model.config import ModelConfig
 from yanjax.model.dispatch import capacity_positions, group_capacity
 from yanjax.model.selective import RouterStats, SelectiveFFN, exploration_weight
 

@@ -49,7 +49,8 @@ from flax import nnx
 
 import yanjax
 from yanjax.core import storage
-from yanjax.core.config import ConfigError, ModelConfig
+from yanjax.core.config import ConfigError
+from yanjax.model.config import ModelConfig
 from yanjax.numpy_runtime import format as fmt
 
 _STORED = {"float32": np.dtype("<f4"), "bfloat16": np.dtype("<u2")}  # as written: bf16 as its bit pattern

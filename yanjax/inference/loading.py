@@ -28,8 +28,9 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from yanjax.core import storage
-from yanjax.core.config import ConfigError, ModelConfig
+from yanjax.core.config import ConfigError
 from yanjax.data.store import TOKENIZER_FILE
+from yanjax.model.config import ModelConfig
 from yanjax.model.lm import LanguageModel
 from yanjax.training import sharding
 from yanjax.training.checkpointing import Checkpointer, verify_checksums

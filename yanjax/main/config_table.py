@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 import pathlib
 
-from yanjax.core.config import ModelConfig, load_config_file
+from yanjax.core.config import load_config_file
+from yanjax.model.config import ModelConfig
 from yanjax.model.counting import flops_per_token, param_count
 from yanjax.training.presets import VARIANTS
 

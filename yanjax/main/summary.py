@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from yanjax.core.config import ModelConfig, load_config_file
+from yanjax.core.config import load_config_file
+from yanjax.model.config import ModelConfig
 from yanjax.model.counting import flops_per_token, param_count
 from yanjax.model.lm import LanguageModel
 

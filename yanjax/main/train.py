@@ -30,10 +30,11 @@ from ml_collections import config_flags
 
 from yanjax.core import cli, storage
 from yanjax.core.cli import USAGE_EXIT_CODE
-from yanjax.core.config import ConfigError, ModelConfig, config_flag_error
+from yanjax.core.config import ConfigError, config_flag_error
 from yanjax.core.errors import UserError
 from yanjax.data.errors import DataError
 from yanjax.data.store import TOKENIZER_FILE
+from yanjax.model.config import ModelConfig
 from yanjax.model.counting import param_count
 from yanjax.training import compilation_cache, distributed, hooks, plan, sharding
 from yanjax.training.checkpointing import Checkpointer, check_same_shapes

@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from yanjax.core.config import ModelConfig
 from yanjax.model import layers
+from yanjax.model.config import ModelConfig
 from yanjax.model.partitioning import Term
 
 

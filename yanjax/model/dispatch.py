@@ -195,3 +195,6 @@ def capacity_dispatch(x, groups, gates, valid, gate_up, down, capacity: int):
 def dropless_dispatch(x, groups, gates, valid, gate_up, down):
   """Every token-slot runs; arguments as `capacity_dispatch` without `capacity`."""
   return _dispatch(_dropless_local, x, groups, gates, valid, gate_up, down)
+
+
+DISPATCHES = {"capacity": capacity_dispatch, "dropless": dropless_dispatch}  # model.dispatch -> the function

@@ -25,6 +25,13 @@ class BlockInputs(NamedTuple):
   step: jax.Array | None  # training step (None: inference, no router exploration)
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16")  # model.dtype; parameters are always float32
+REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole block
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}  # model.remat other than "none"
+
+
 def param(rngs: nnx.Rngs | None, shape, axes: tuple[str | None, ...], init=None) -> nnx.Param:
   """A float32 parameter of `shape` named by logical `axes`; `init(key, shape)` or ones when rngs is None."""
   assert len(axes) == len(shape), (shape, axes)

@@ -17,17 +17,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from yanjax.core.config import ModelConfig
 from yanjax.model import layers
+from yanjax.model.config import ModelConfig
 from yanjax.model.partitioning import constrain
 from yanjax.model.selective import SelectiveFFN
 from yanjax.numpy_runtime.mixers import model_class
-
-REMAT_POLICIES = {
-    "full": None,  # save nothing, recompute the whole block
-    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
 
 ACTIVATION_AXES = ("batch", "length", "embed")  # logical names of the residual stream [b, t, D]
 
@@ -139,7 +133,7 @@ class LanguageModel(nnx.Module):
     reset = jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], ((0, 0), (1, 0)))
     inputs = layers.BlockInputs(reset, segment_ids, positions, step)
     keys = jax.random.split(key, cfg.layers) if key is not None else None
-    apply = _apply if cfg.remat == "none" else nnx.remat(_apply, policy=REMAT_POLICIES[cfg.remat])
+    apply = _apply if cfg.remat == "none" else nnx.remat(_apply, policy=layers.REMAT_POLICIES[cfg.remat])
     if cfg.scan_layers:
       x, caches, aux_losses, stats = self._scan(apply, x, inputs, caches, keys)
       aux_loss = jnp.sum(aux_losses)

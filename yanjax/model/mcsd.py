@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from yanjax.core.config import ModelConfig
 from yanjax.model import layers
+from yanjax.model.config import ModelConfig
 from yanjax.model.partitioning import Term
 from yanjax.model.recurrence import linear_recurrence
 

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from yanjax.core.config import ModelConfig
+from yanjax.model.config import ModelConfig
 from yanjax.model.dispatch import capacity_dispatch, dropless_dispatch, group_capacity
 from yanjax.model.layers import normal, param
 from yanjax.model.partitioning import map_rows

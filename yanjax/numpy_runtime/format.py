@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from .mcsd import COMBINES
 from .mixers import MIXERS, arch_renamed
 
 FORMAT = "yanjax-export"
@@ -112,7 +113,7 @@ def check_config(config: dict[str, Any], where: str = CONFIG) -> dict[str, Any]:
   if missing:
     raise ExportError(f"{where}: config key(s) {missing} missing")
   c = {k: config[k] for k in RUNTIME_KEYS}
-  allowed = {"mixer": tuple(MIXERS), "combine": ("concat", "sum")}
+  allowed = {"mixer": tuple(MIXERS), "combine": COMBINES}
   for key, values in allowed.items():
     if c[key] not in values:
       raise ExportError(f"{where}: config {key}={c[key]!r} must be one of {values}")

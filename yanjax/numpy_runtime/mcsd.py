@@ -14,6 +14,7 @@ import numpy as np
 
 from .layers import F32, BlockInputs, rms_norm, sigmoid, silu
 
+COMBINES = ("concat", "sum")  # model.combine: [slope; decay] through an output projection (eq. 13), or added (eq. 20)
 
 class MCSDState(NamedTuple):
   h: np.ndarray  # [b, 2C, Dc] float32: recurrence states of [V ; E] (V channels first)

@@ -27,7 +27,8 @@ from absl import logging
 from flax import nnx
 
 from yanjax.core import storage
-from yanjax.core.config import ConfigError, ModelConfig
+from yanjax.core.config import ConfigError
+from yanjax.model.config import ModelConfig
 from yanjax.model.lm import LanguageModel
 
 

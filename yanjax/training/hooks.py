@@ -21,7 +21,7 @@ from absl import logging
 from flax import nnx
 
 from yanjax.core import storage
-from yanjax.core.config import ModelConfig
+from yanjax.model.config import ModelConfig
 from yanjax.model.counting import flops_per_token
 from yanjax.training import compilation_cache
 from yanjax.training.hosts import process_zero, say

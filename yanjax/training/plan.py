@@ -50,7 +50,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from yanjax.core.config import ConfigError, ModelConfig
+from yanjax.core.config import ConfigError
+from yanjax.model.config import ModelConfig
 from yanjax.model.counting import flops_per_token, param_count
 from yanjax.model.dispatch import group_capacity
 from yanjax.model.lm import LanguageModel

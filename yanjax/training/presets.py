@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from yanjax.core.config import ConfigError, ModelConfig
+from yanjax.core.config import ConfigError
+from yanjax.model.config import ModelConfig
 from yanjax.model.counting import param_count
 
 VARIANTS = ("", "selective", "attention")

@@ -16,7 +16,8 @@ from typing import Any
 import ml_collections
 
 from yanjax.core import storage
-from yanjax.core.config import ConfigError, ModelConfig
+from yanjax.core.config import ConfigError
+from yanjax.model.config import ModelConfig
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 REQUIRED = None  # a key every config file sets

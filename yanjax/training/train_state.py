@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from yanjax.core.config import ModelConfig
+from yanjax.model.config import ModelConfig
 from yanjax.model.lm import LanguageModel
 from yanjax.training import sharding
 

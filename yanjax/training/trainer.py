@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from yanjax.core.config import ModelConfig
+from yanjax.model.config import ModelConfig
 from yanjax.model.lm import LanguageModel
 from yanjax.training import sharding
 from yanjax.training.optim import decay_mask, learning_rate_schedule, make_optimizer

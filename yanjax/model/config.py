@@ -1,0 +1,135 @@
+"""The model's configuration: one frozen dataclass, validated when it is built.
+
+The allowed value of each choice comes from the code that implements it: mixers from the registry
+(yanjax/numpy_runtime/mixers.py), recurrence forms from yanjax/model/recurrence.py, dispatches from
+yanjax/model/dispatch.py, remat policies and compute dtypes from yanjax/model/layers.py, MCSD's combine
+modes from its NumPy twin.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from yanjax.core.config import ConfigError
+from yanjax.model.dispatch import DISPATCHES
+from yanjax.model.layers import COMPUTE_DTYPES, REMAT_POLICIES
+from yanjax.model.recurrence import FORMS
+from yanjax.numpy_runtime.mcsd import COMBINES
+from yanjax.numpy_runtime.mixers import MIXERS, arch_renamed
+
+RECURRENCE_FORMS = ("auto", *FORMS)
+REMATS = ("none", *REMAT_POLICIES)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Every architectural choice of a Yan (MCSD) or attention-baseline language model.
+
+  Sizes: the legend in docs/model.md names each field's letter (D = `width`, C = `channels`, E = `groups`, ...).
+  """
+
+  mixer: str = "mcsd"  # a name in yanjax/numpy_runtime/mixers.py: "mcsd" or "attention" (LLaMA-style baseline)
+  vocab_size: int = 512  # V
+  width: int = 128  # D
+  layers: int = 2  # L
+  mlp_width: int = 512  # F: GeGLU hidden width (all groups together)
+  # MCSD mixer (mixer="mcsd"), paper section 2.2.
+  channels: int = 4  # C; D must divide by it
+  combine: str = "concat"  # "concat" + output projection (eq. 13) or "sum" (eq. 20)
+  learnable_rates: bool = False  # paper: fixed; True: learnable, initialised at the paper's values
+  include_current: bool = False  # paper: strict past; True: history includes the current token
+  recurrence: str = "auto"  # "reference" | "associative" | "chunked" | "auto"
+  chunk_size: int = 64  # chunk length Lc of the chunked form
+  # Attention baseline (mixer="attention").
+  heads: int = 4  # H; head width Dh = D / H
+  rope_theta: float = 10_000.0
+  max_decode_len: int = 2048  # KV-cache slots s for decoding
+  # Selective activation over E groups of FFN neurons (router=False: dense FFN).
+  router: bool = False
+  groups: int = 8  # E
+  top_k: int = 2  # k
+  router_hidden: int = 64  # R: hidden width of the router MLP
+  dispatch: str = "capacity"  # "capacity" (token dropping) or "dropless" (grouped matmul)
+  capacity_factor: float = 1.25
+  explore_steps: int = 1000  # steps over which random group choice anneals to learned choice
+  lb_loss_weight: float = 0.01  # Switch load-balancing loss weight
+  router_z_loss_weight: float = 1e-3
+  # Whole model.
+  tie_embeddings: bool = True
+  scan_layers: bool = False
+  remat: str = "none"  # "none" | "full" | "save_dots"
+  dtype: str = "float32"  # compute dtype; parameters are always float32
+  norm_eps: float = 1e-6
+  init_std: float = 0.02
+
+  def __post_init__(self):
+    self._validate()
+
+  @property
+  def channel_width(self) -> int:
+    """Dc = D / C."""
+    return self.width // self.channels
+
+  @property
+  def head_dim(self) -> int:
+    """Dh = D / H."""
+    return self.width // self.heads
+
+  @property
+  def group_width(self) -> int:
+    """g = F / E neurons per FFN group (F when router=False)."""
+    return self.mlp_width // self.groups if self.router else self.mlp_width
+
+  @property
+  def max_context(self) -> int | None:
+    """The most tokens one decode cache holds (attention: max_decode_len); None: the mixer's state is fixed."""
+    return MIXERS[self.mixer].twin.max_context(self.to_dict())
+
+  @classmethod
+  def from_dict(cls, values: Any) -> ModelConfig:
+    """Builds a config from a mapping (dict or ConfigDict); unknown keys are an error naming them."""
+    values = dict(values)
+    if "arch" in values:
+      raise ConfigError(arch_renamed(values["arch"], "model."))
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ConfigError(
+          f"unknown model config key(s) {unknown}; valid keys are {sorted(known)}")
+    return cls(**values)
+
+  def replace(self, **changes) -> ModelConfig:
+    return ModelConfig.from_dict({**dataclasses.asdict(self), **changes})
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def _validate(self):
+    def fail(key, why):
+      raise ConfigError(f"model.{key}={getattr(self, key)!r}: {why}")
+
+    for key, allowed in (("mixer", tuple(MIXERS)), ("recurrence", RECURRENCE_FORMS), ("combine", COMBINES),
+                         ("dispatch", tuple(DISPATCHES)), ("remat", REMATS), ("dtype", COMPUTE_DTYPES)):
+      if getattr(self, key) not in allowed:
+        fail(key, f"must be one of {allowed}")
+    for key in ("vocab_size", "width", "layers", "mlp_width", "channels", "heads", "chunk_size",
+                "max_decode_len", "groups", "top_k", "router_hidden"):
+      if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
+        fail(key, "must be a positive integer")
+    problem = MIXERS[self.mixer].twin.check(self.to_dict())
+    if problem:
+      fail(*problem)
+    if self.router:
+      if self.top_k > self.groups:
+        fail("top_k", f"must be <= groups ({self.groups})")
+      if self.mlp_width % self.groups:
+        fail("groups", f"mlp_width {self.mlp_width} must be divisible by groups")
+      if self.capacity_factor <= 0:
+        fail("capacity_factor", "must be positive")
+      if self.explore_steps < 0:
+        fail("explore_steps", "must be >= 0")
+    for key in ("norm_eps", "init_std", "rope_theta"):
+      if not math.isfinite(getattr(self, key)) or getattr(self, key) <= 0:
+        fail(key, "must be a positive finite number")
