@@ -6,7 +6,7 @@
 # and stopped) it runs `scontrol requeue JOB` (a job id, or ARRAYJOB_TASK for one array task) and exits 0, so
 # the job queues again and resumes from that checkpoint; otherwise it exits STATUS.
 
-PREEMPTED_EXIT_CODE=42  # yanjax.main.train.PREEMPTED_EXIT_CODE: the trainer exits with this after saving on SIGTERM/SIGINT
+PREEMPTED_EXIT_CODE=42  # yanjax.core.cli.PREEMPTED_EXIT_CODE: the trainer exits with this after saving on SIGTERM/SIGINT
 
 requeue_on_preempt() {
   local status=$1 job=$2

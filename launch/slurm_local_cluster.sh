@@ -102,7 +102,7 @@ running() {  # a daemon of this name runs (any slurmctld here reads ${CONF}, whi
 start_daemon() {  # NAME ARGS...: starts it unless it runs; fails if it is not running a moment later
   local name=$1 i
   running "${name}" && return
-  "$@" || die "${name} did not start; see ${STATE}/${name}.log"
+  "$@" 9>&- || die "${name} did not start; see ${STATE}/${name}.log"  # not holding our lock
   for i in $(seq 10); do
     sleep 0.3
     running "${name}" && return
@@ -124,7 +124,7 @@ start() {
       mungekey --create && chown munge:munge /etc/munge/munge.key || die "could not create the munge key"
     fi
     mkdir -p /run/munge && chown munge:munge /run/munge
-    runuser -u munge -- munged || die "munged did not start"
+    runuser -u munge -- munged 9>&- || die "munged did not start"  # 9>&-: the daemon must not hold our lock
   fi
   start_daemon slurmctld
   start_daemon slurmd -N localhost
