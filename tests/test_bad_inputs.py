@@ -211,7 +211,7 @@ ROWS = [
                                                                    *tiny_flags(ctx["store"])), USAGE,
         "unknown storage scheme gcs://"),
     Row("generate from a workdir without checkpoints",
-        lambda ctx: _command("yanjax.inference.generate", f"--workdir={ctx['tmp'] / 'empty'}", "--prompt=a"), USAGE,
+        lambda ctx: _command("yanjax.main.generate", f"--workdir={ctx['tmp'] / 'empty'}", "--prompt=a"), USAGE,
         "no checkpoint under"),
     Row("the NumPy runtime on a missing export",
         lambda ctx: _command("yanjax.numpy_runtime", f"--export={ctx['tmp'] / 'none'}", "--prompt=a"), USAGE,

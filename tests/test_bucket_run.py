@@ -77,10 +77,10 @@ def test_a_run_that_lives_in_a_bucket(s3_bucket, tmp_path):
   assert any(storage.as_path(f"{killed}/tensorboard").iterdir())
   assert any(storage.as_path(f"{killed}/compilation_cache").iterdir())
 
-  generated = _run(["yanjax.inference.generate", f"--workdir={killed}", "--prompt", "def ", "--max_new_tokens", "8"])
+  generated = _run(["yanjax.main.generate", f"--workdir={killed}", "--prompt", "def ", "--max_new_tokens", "8"])
   assert generated.strip()
   export = f"{s3_bucket}/exports/killed"
-  _run(["yanjax.export.writer", f"--workdir={killed}", f"--out={export}"])
+  _run(["yanjax.main.export", f"--workdir={killed}", f"--out={export}"])
   assert storage.as_path(f"{export}/manifest.json").exists()
   numpy_text = _run(["yanjax.numpy_runtime", f"--export={export}", "--prompt", "def ", "--max_new_tokens", "8"])
   assert numpy_text.strip()

@@ -162,7 +162,7 @@ def test_tpu_pod_script_renders_and_its_trainer_command_parses(tmp_path):
     assert {"--zone=us-east5-a", "--worker=all", "--project=my-project"} <= set(call), call
   assert gcloud[0][5] == "my-v5p-64:yanjax.tar.gz" and gcloud[1][4] == gcloud[2][4] == "my-v5p-64"
   # The worker got HEAD, installed it with the TPU jax into the venv, and ran the trainer in the checkout.
-  assert (home / "yanjax/yanjax/train.py").exists() and (home / "yanjax" / config).exists()
+  assert (home / "yanjax/yanjax/main/train.py").exists() and (home / "yanjax" / config).exists()
   uv = [json.loads(line) for line in pathlib.Path(f"{calls}.uv").read_text().splitlines()]
   assert uv == [["venv", "--python", "3.11", f"{home}/yanjax-venv"],
                 ["pip", "install", "--python", f"{home}/yanjax-venv/bin/python", "-e", f"{home}/yanjax", "jax[tpu]"]]

@@ -43,7 +43,7 @@ def run_trainer(workdir: str, store, env: dict[str, str | None]):
 def test_the_authenticated_server_accepts_its_writer(auth_server):
   """The control for the credential rows below: the same server and bucket take the writer's probe."""
   endpoint, writer, _ = auth_server
-  probe = ("from yanjax import storage; "
+  probe = ("from yanjax.core import storage; "
            f"storage.check_writable(storage.as_path('s3://{AUTH_BUCKET}/ok'), 'workdir', 'fix it')")
   proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=_environment({"AWS_ENDPOINT_URL": endpoint,
                                                                                    **writer}),
@@ -89,9 +89,9 @@ def test_bad_storage_is_one_clear_line(case, s3_endpoint, auth_server, small_sto
 
 
 @pytest.mark.parametrize("command,fragment", [
-    (["yanjax.inference.generate", "--workdir=gcs://bucket/run", "--prompt=a"], "unknown storage scheme gcs://"),
-    (["yanjax.export.writer", "--workdir=s3:/bucket/run", "--out=/tmp/unused-export"], "malformed URL"),
-    (["yanjax.export.writer", "--workdir=/nonexistent/run", "--out=/tmp/unused-export"], "no checkpoint under"),
+    (["yanjax.main.generate", "--workdir=gcs://bucket/run", "--prompt=a"], "unknown storage scheme gcs://"),
+    (["yanjax.main.export", "--workdir=s3:/bucket/run", "--out=/tmp/unused-export"], "malformed URL"),
+    (["yanjax.main.export", "--workdir=/nonexistent/run", "--out=/tmp/unused-export"], "no checkpoint under"),
     (["yanjax.numpy_runtime", "--export=/nonexistent/export", "--prompt=a"], "export directory missing"),
 ])
 def test_other_entry_points_report_bad_paths_in_one_line(command, fragment):
