@@ -17,7 +17,8 @@ and 256 GPUs); bfloat16 compute, float32 parameters, remat full (save_dots keeps
 layer's [b, t, 2F] FFN input: 108 GB per device at 256 H100s, per `python -m yanjax.main.plan`).
 
 Variants: `configs/yan_10b.py` (dense FFN), `configs/yan_10b.py:selective` (selective activation),
-`configs/yan_10b.py:attention` (the parameter-matched attention baseline).
+`configs/yan_10b.py:mcsd_dd` (MCSD with data-dependent decay), `configs/yan_10b.py:attention` (the parameter-matched
+attention baseline).
 Print every config's size: python -m yanjax.main.config_table
 """
 

@@ -11,7 +11,8 @@ Training: about 20 tokens per parameter (400,000,000 tokens), 2048-token sequenc
 (524,288 tokens per step), AdamW with warmup and cosine decay.
 
 Variants: `configs/yan_20m.py` (dense FFN), `configs/yan_20m.py:selective` (selective activation),
-`configs/yan_20m.py:attention` (the parameter-matched attention baseline).
+`configs/yan_20m.py:mcsd_dd` (MCSD with data-dependent decay), `configs/yan_20m.py:attention` (the parameter-matched
+attention baseline).
 Print every config's size: python -m yanjax.main.config_table
 """
 

@@ -16,7 +16,8 @@ over all devices with tensor=2 (so that the batch of 1152 divides over the batch
 and 256 GPUs); bfloat16 compute, float32 parameters, remat save_dots.
 
 Variants: `configs/yan_3b.py` (dense FFN), `configs/yan_3b.py:selective` (selective activation),
-`configs/yan_3b.py:attention` (the parameter-matched attention baseline).
+`configs/yan_3b.py:mcsd_dd` (MCSD with data-dependent decay), `configs/yan_3b.py:attention` (the parameter-matched
+attention baseline).
 Print every config's size: python -m yanjax.main.config_table
 """
 

@@ -12,7 +12,8 @@ Training: about 20 tokens per parameter (1,700,000,000 tokens), 2048-token seque
 per `python -m yanjax.main.plan`), AdamW with warmup and cosine decay.
 
 Variants: `configs/yan_85m.py` (dense FFN), `configs/yan_85m.py:selective` (selective activation),
-`configs/yan_85m.py:attention` (the parameter-matched attention baseline).
+`configs/yan_85m.py:mcsd_dd` (MCSD with data-dependent decay), `configs/yan_85m.py:attention` (the parameter-matched
+attention baseline).
 Print every config's size: python -m yanjax.main.config_table
 """
 

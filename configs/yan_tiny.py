@@ -6,7 +6,8 @@ Run (README command 1; the only config that prepares its own data, the Python st
     python -m yanjax.main.train --config configs/yan_tiny.py            # --workdir runs/yan_tiny
 
 Variants: `configs/yan_tiny.py` (dense FFN), `configs/yan_tiny.py:selective` (selective activation),
-`configs/yan_tiny.py:attention` (the parameter-matched attention baseline).
+`configs/yan_tiny.py:mcsd_dd` (MCSD with data-dependent decay), `configs/yan_tiny.py:attention` (the parameter-matched
+attention baseline).
 Print every config's size: python -m yanjax.main.config_table
 """
 

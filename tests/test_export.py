@@ -51,6 +51,7 @@ MODELS = {
     "yan_scan_untied_learned_rates": dict(mixer="mcsd", scan_layers=True, tie_embeddings=False,
                                           learnable_rates=True, recurrence="chunked", chunk_size=4),
     "yan_selective_dropless": dict(mixer="mcsd", router=True, groups=4, top_k=2, dispatch="dropless"),
+    "yan_dd_learned_rates": dict(mixer="mcsd_dd", learnable_rates=True, recurrence="associative"),
     "attention": dict(mixer="attention"),
     "attention_scan_untied": dict(mixer="attention", scan_layers=True, tie_embeddings=False),
 }

@@ -179,9 +179,10 @@ def test_cli_streams_one_prompt_and_writes_json_lines_for_a_file(tokenizer, tmp_
 
 
 @pytest.mark.slow
-def test_end_to_end_train_export_generate_and_numpy_runtime(small_store, tmp_path, capsys):
-  """A 4-step training run, then both CLIs on its work directory; the NumPy runtime on the export generates
-  the same greedy text as the JAX CLI."""
+@pytest.mark.parametrize("variant,arrays", [("", 16), (":mcsd_dd", 18)])  # mcsd_dd: + rate_gate per layer
+def test_end_to_end_train_export_generate_and_numpy_runtime(small_store, tmp_path, capsys, variant, arrays):
+  """A 4-step training run of yan_tiny (or a variant), then both CLIs on its work directory; the NumPy runtime
+  on the export generates the same greedy text as the JAX CLI."""
   import pathlib  # pylint: disable=import-outside-toplevel
   import subprocess  # pylint: disable=import-outside-toplevel
 
@@ -189,7 +190,7 @@ def test_end_to_end_train_export_generate_and_numpy_runtime(small_store, tmp_pat
 
   repo = pathlib.Path(__file__).resolve().parents[1]
   workdir = tmp_path / "run"
-  flags = [f"--config={repo / 'configs/yan_tiny.py'}", f"--config.data.stores=('{small_store}',)",
+  flags = [f"--config={repo / 'configs/yan_tiny.py'}{variant}", f"--config.data.stores=('{small_store}',)",
            "--config.data.prepare_default=False", "--config.train.steps=4", "--config.train.global_batch=4",
            "--config.train.seq_len=32", "--config.train.eval_every=100", "--config.train.sample_tokens=0",
            "--config.optimizer.warmup_steps=2", "--config.checkpoint.every_steps=4",
@@ -200,7 +201,7 @@ def test_end_to_end_train_export_generate_and_numpy_runtime(small_store, tmp_pat
   assert done.returncode == 0, done.stderr[-3000:]
 
   export_cli.main(["--workdir", str(workdir), "--out", str(tmp_path / "export")])
-  assert capsys.readouterr().out.startswith("exported 16 arrays")
+  assert capsys.readouterr().out.startswith(f"exported {arrays} arrays")
   generate_cli.main(["--workdir", str(workdir), "--prompt", "def main(", "--max_new_tokens", "12"])
   jax_text = capsys.readouterr().out
   numpy_main(["--export", str(tmp_path / "export"), "--prompt", "def main(", "--max_new_tokens", "12"])

@@ -17,6 +17,7 @@ MODELS = {
     "yan_scan_remat": dict(mixer="mcsd", scan_layers=True, remat="full", recurrence="chunked", chunk_size=4),
     "yan_sum_current": dict(mixer="mcsd", combine="sum", include_current=True, recurrence="associative"),
     "yan_selective": dict(mixer="mcsd", router=True, groups=4, top_k=2, dispatch="dropless"),
+    "yan_dd_scan_chunked": dict(mixer="mcsd_dd", scan_layers=True, recurrence="chunked", chunk_size=4),
     "attention": dict(mixer="attention"),
     "attention_scan": dict(mixer="attention", scan_layers=True, tie_embeddings=False),
 }

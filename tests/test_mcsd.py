@@ -36,15 +36,20 @@ def slope_matrix(n, beta, include_current):
   return w
 
 
-def decay_matrix(n, alpha, include_current):
-  """Paper eq. 9: E'_i = sum_{m < i} alpha^(i - m) E_m (m <= i when the current token is included)."""
-  i, m = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
-  allowed = (m <= i) if include_current else (m < i)
-  return np.where(allowed, alpha ** np.maximum(i - m, 0), 0.0)
+def decay_matrix(alpha, include_current):
+  """Paper eq. 9 with the rate of each token alpha [n]: E'_i = sum_{m < i} (prod_{m < k <= i} alpha_k) E_m
+  (m <= i when the current token is included); a fixed alpha gives the paper's alpha^(i - m)."""
+  n = len(alpha)
+  w = np.zeros((n, n))
+  for i in range(n):
+    for m in range(i + 1 if include_current else i):
+      w[i, m] = np.prod(alpha[m + 1:i + 1])
+  return w
 
 
-def naive_mcsd(block: MCSD, x: np.ndarray, segments: np.ndarray) -> np.ndarray:
-  """The block in float64 NumPy, one channel and one document at a time, with explicit matrices."""
+def naive_mcsd(block: MCSD, x: np.ndarray, segments: np.ndarray, alpha: np.ndarray | None = None) -> np.ndarray:
+  """The block in float64 NumPy, one channel and one document at a time, with explicit matrices; `alpha`
+  [b, t, C]: per-token decay rates (default: the block's fixed ones)."""
   cfg = block.cfg
   c, d = cfg.channels, cfg.channel_width
   proj = np.asarray(block.proj[...], np.float64)
@@ -52,6 +57,7 @@ def naive_mcsd(block: MCSD, x: np.ndarray, segments: np.ndarray) -> np.ndarray:
   beta = -np.log(rates[0])
   scale = np.asarray(block.decay_norm.scale[...], np.float64)
   b, t, _ = x.shape
+  alpha = np.broadcast_to(rates[1], (b, t, c)) if alpha is None else alpha
   out = np.zeros((b, t, 2, c, d))
   for row in range(b):
     for seg in np.unique(segments[row]):
@@ -60,7 +66,7 @@ def naive_mcsd(block: MCSD, x: np.ndarray, segments: np.ndarray) -> np.ndarray:
       for ch in range(c):
         u, v, e, f = (xc[:, ch] @ proj[ch, :, k] for k in range(4))
         v_hist = slope_matrix(len(idx), beta[ch], cfg.include_current) @ v
-        e_hist = decay_matrix(len(idx), rates[1, ch], cfg.include_current) @ e
+        e_hist = decay_matrix(alpha[row, idx, ch], cfg.include_current) @ e
         silu = v_hist / (1 + np.exp(-v_hist))
         rms = np.sqrt(np.mean(e_hist ** 2, axis=-1, keepdims=True) + cfg.norm_eps)
         out[row, idx, 0, ch] = silu * u

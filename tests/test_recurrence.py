@@ -1,4 +1,5 @@
-"""The three recurrence forms agree with the float32 reference on outputs, final states and gradients."""
+"""The three recurrence forms agree with the float32 reference on outputs, final states and gradients, with
+fixed per-channel rates (log_a [C], MCSD) and per-token rates (log_a [b, t, C], MCSD with data-dependent decay)."""
 
 import jax
 import jax.numpy as jnp
@@ -12,10 +13,17 @@ TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 2e-5}  # inputs are cast to float3
 GRAD_TOLERANCE = 1e-4
 
 
-def _inputs(dtype, b=2, t=45, c=3, d=4, seed=0):
-  k = jax.random.split(jax.random.PRNGKey(seed), 3)
+RATES = ["fixed", "per_token"]
+
+
+def _inputs(dtype, rates="fixed", b=2, t=45, c=3, d=4, seed=0):
+  """(x [b, t, C, Dc], log_a [C] or [b, t, C], reset [b, t], h0 [b, C, Dc]); per-token rates are the fixed ones
+  times a random multiplier in ~(0.1, 8), as a data-dependent gate gives (down to a ~ 0.004 per step)."""
+  k = jax.random.split(jax.random.PRNGKey(seed), 4)
   x = jax.random.normal(k[0], (b, t, c, d)).astype(dtype)
   log_a = jnp.log(jnp.array([0.5, 0.97, 1 - 2.0 ** -14], jnp.float32))  # short to the paper's longest memory
+  if rates == "per_token":
+    log_a = (log_a * jnp.exp(jax.random.normal(k[3], (b, t, c)))).astype(dtype)
   reset = (jax.random.uniform(k[1], (b, t)) < 0.08).at[:, 0].set(False)
   h0 = jax.random.normal(k[2], (b, c, d))
   return x, log_a, reset, h0
@@ -26,21 +34,23 @@ def _relative_max_error(a, b):
   return float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))) / scale
 
 
+@pytest.mark.parametrize("rates", RATES)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("form,chunk", [("associative", 0), ("chunked", 8), ("chunked", 16), ("chunked", 64)])
-def test_forms_match_reference_outputs_and_final_state(form, chunk, dtype):
-  x, log_a, reset, h0 = _inputs(dtype)
+def test_forms_match_reference_outputs_and_final_state(form, chunk, dtype, rates):
+  x, log_a, reset, h0 = _inputs(dtype, rates)
   ref_h, ref_last = linear_recurrence(x, log_a, reset, h0, form="reference")
   h, last = linear_recurrence(x, log_a, reset, h0, form=form, chunk_size=chunk or 64)
   assert h.dtype == jnp.float32 and last.dtype == jnp.float32
   err_h, err_last = _relative_max_error(h, ref_h), _relative_max_error(last, ref_last)
-  print(f"{form} chunk={chunk} {jnp.dtype(dtype).name}: max rel err h={err_h:.2e} final={err_last:.2e}")
+  print(f"{form} chunk={chunk} {jnp.dtype(dtype).name} {rates}: max rel err h={err_h:.2e} final={err_last:.2e}")
   assert err_h < TOLERANCE[dtype] and err_last < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("rates", RATES)
 @pytest.mark.parametrize("form", ["associative", "chunked"])
-def test_forms_match_reference_gradients(form):
-  x, log_a, reset, h0 = _inputs(jnp.float32)
+def test_forms_match_reference_gradients(form, rates):
+  x, log_a, reset, h0 = _inputs(jnp.float32, rates)
   probe = jax.random.normal(jax.random.PRNGKey(9), x.shape)
 
   def loss(x, log_a, h0, form):
@@ -51,13 +61,14 @@ def test_forms_match_reference_gradients(form):
   got = jax.grad(loss, argnums=(0, 1, 2))(x, log_a, h0, form)
   for name, g, r in zip(("x", "log_a", "h0"), got, ref):
     err = _relative_max_error(g, r)
-    print(f"{form} grad {name}: max rel err {err:.2e}")
+    print(f"{form} {rates} grad {name}: max rel err {err:.2e}")
     assert err < GRAD_TOLERANCE
 
 
-def test_reset_cuts_the_state():
+@pytest.mark.parametrize("rates", RATES)
+def test_reset_cuts_the_state(rates):
   """After a reset the output does not depend on anything before it (no leak across packed documents)."""
-  x, log_a, reset, h0 = _inputs(jnp.float32)
+  x, log_a, reset, h0 = _inputs(jnp.float32, rates)
   reset = jnp.zeros_like(reset).at[:, 20].set(True)
   for form in ("reference", "associative", "chunked"):
     h1, _ = linear_recurrence(x, log_a, reset, h0, form=form, chunk_size=8)
@@ -66,29 +77,33 @@ def test_reset_cuts_the_state():
     assert not np.allclose(h1[:, :20], h2[:, :20])
 
 
-def test_split_sequence_continues_from_final_state():
-  x, log_a, reset, h0 = _inputs(jnp.float32)
+@pytest.mark.parametrize("rates", RATES)
+def test_split_sequence_continues_from_final_state(rates):
+  x, log_a, reset, h0 = _inputs(jnp.float32, rates)
+  first_a, second_a = (log_a, log_a) if rates == "fixed" else (log_a[:, :17], log_a[:, 17:])
   for form in ("reference", "associative", "chunked"):
     full, _ = linear_recurrence(x, log_a, reset, h0, form=form, chunk_size=8)
-    first, state = linear_recurrence(x[:, :17], log_a, reset[:, :17], h0, form=form, chunk_size=8)
-    second, _ = linear_recurrence(x[:, 17:], log_a, reset[:, 17:], state, form=form, chunk_size=8)
+    first, state = linear_recurrence(x[:, :17], first_a, reset[:, :17], h0, form=form, chunk_size=8)
+    second, _ = linear_recurrence(x[:, 17:], second_a, reset[:, 17:], state, form=form, chunk_size=8)
     err = float(jnp.max(jnp.abs(jnp.concatenate([first, second], 1) - full)))
-    print(f"{form}: split vs one pass {err:.2e}")
+    print(f"{form} {rates}: split vs one pass {err:.2e}")
     assert err < 1e-4
 
 
-def test_matches_explicit_sum():
-  """h_t = sum_{s<=t, same document} a^(t-s) x_s + a^(t+1) h0 (before any reset), in float64 NumPy."""
-  x, log_a, reset, h0 = _inputs(jnp.float32, b=1, t=20)
-  a = np.exp(np.asarray(log_a, np.float64))
+@pytest.mark.parametrize("rates", RATES)
+def test_matches_explicit_sum(rates):
+  """h_t = sum_{s<=t, same document} (prod_{s<k<=t} a_k) x_s + (prod_{k<=t} a_k) h0 (before any reset), in
+  float64 NumPy; with fixed rates the products are a^(t-s) and a^(t+1)."""
+  x, log_a, reset, h0 = _inputs(jnp.float32, rates, b=1, t=20)
+  a = np.exp(np.broadcast_to(np.asarray(log_a, np.float64), (1, 20, 3))[0])  # [t, C]
   xs, r, h0n = np.asarray(x[0], np.float64), np.asarray(reset[0]), np.asarray(h0[0], np.float64)
   expected = np.zeros_like(xs)
   for t in range(20):
     start = max([s for s in range(t + 1) if r[s]], default=-1)
     for s in range(max(start, 0), t + 1):
-      expected[t] += a[:, None] ** (t - s) * xs[s]
+      expected[t] += np.prod(a[s + 1:t + 1], axis=0)[:, None] * xs[s]
     if start < 0:
-      expected[t] += a[:, None] ** (t + 1) * h0n
+      expected[t] += np.prod(a[:t + 1], axis=0)[:, None] * h0n
   for form in ("reference", "associative", "chunked"):
     h, _ = linear_recurrence(x, log_a, reset, h0, form=form, chunk_size=8)
     np.testing.assert_allclose(np.asarray(h[0]), expected, rtol=1e-4, atol=1e-4)

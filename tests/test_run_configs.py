@@ -22,7 +22,7 @@ REQUIRED_KEYS = [f"{s}.{k}" for s, keys in DEFAULTS.items() if isinstance(keys, 
                  for k, v in keys.items() if v is REQUIRED]
 
 
-@pytest.mark.parametrize("config", [f"{c}{v}" for c in CONFIGS for v in ("", ":selective", ":attention")])
+@pytest.mark.parametrize("config", [f"{c}{v}" for c in CONFIGS for v in ("", ":selective", ":mcsd_dd", ":attention")])
 def test_every_config_is_a_whole_run(config):
   cfg = load_config_file(config)  # build_run_config refuses a config that leaves a REQUIRED key unset
   validate_run_config(cfg)

@@ -30,12 +30,12 @@ class ModelConfig:
   Sizes: the legend in docs/model.md names each field's letter (D = `width`, C = `channels`, E = `groups`, ...).
   """
 
-  mixer: str = "mcsd"  # a name in yanjax/numpy_runtime/mixers.py: "mcsd" or "attention" (LLaMA-style baseline)
+  mixer: str = "mcsd"  # a name in yanjax/numpy_runtime/mixers.py: "mcsd", "mcsd_dd" or "attention" (baseline)
   vocab_size: int = 512  # V
   width: int = 128  # D
   layers: int = 2  # L
   mlp_width: int = 512  # F: GeGLU hidden width (all groups together)
-  # MCSD mixer (mixer="mcsd"), paper section 2.2.
+  # MCSD mixer (mixer="mcsd", and "mcsd_dd": data-dependent decay), paper section 2.2.
   channels: int = 4  # C; D must divide by it
   combine: str = "concat"  # "concat" + output projection (eq. 13) or "sum" (eq. 20)
   learnable_rates: bool = False  # paper: fixed; True: learnable, initialised at the paper's values

@@ -5,14 +5,16 @@ Shapes: the legend in docs/model.md.
 Per layer (tests check these against the instantiated model):
   norms                      2 D
   mixer                      its `params` in the registry (yanjax/numpy_runtime/mixers.py): MCSD 4 C Dc^2
-                             + 2 D^2 (concat) + D + 2 C (learnable rates), attention 4 D^2
+                             + 2 D^2 (concat) + D + 2 C (learnable rates) (mcsd_dd: + D, its rate gate),
+                             attention 4 D^2
   dense GeGLU FFN            3 D F
   selective FFN              3 D F (all groups) + D R + R E (router); active per token: 3 D g k + D R + R E
 Model: V D embedding, + D V head when untied, + D final norm.
 
 Training FLOPs per token = 6 x (weights in matmuls that each token uses: mixer and FFN projections, the active
 groups and router, the output head; not the embedding lookup) + L x one layer's sequence mixing, its
-`mixing_flops` in the registry: attention 12 T D (QK^T and AV), MCSD 12 (2D) (the recurrence, independent of T).
+`mixing_flops` in the registry: attention 12 T D (QK^T and AV), MCSD 12 (2D) (the recurrence, independent of T;
+mcsd_dd + 6 D, its rate gate).
 """
 
 from __future__ import annotations

@@ -76,6 +76,11 @@ class MCSD(nnx.Module):
       return -jnp.exp(self.rate_logits[...])
     return jnp.asarray(paper_log_rates(self.cfg.channels))
 
+  def recurrence_log_rates(self, xc: jax.Array) -> jax.Array:
+    """The rates of the 2C recurrence channels [V ; E] for inputs xc [b, t, C, Dc]: here fixed, [2C]; a subclass
+    may return per-token rates [b, t, 2C] (yanjax/model/mcsd_dd.py)."""
+    return self.log_rates().reshape(2 * self.cfg.channels)
+
   def init_cache(self, batch: int, dtype) -> MCSDCache:
     """The state before any token; float32 whatever the compute `dtype`."""
     c, d = self.cfg.channels, self.cfg.channel_width
@@ -92,17 +97,16 @@ class MCSD(nnx.Module):
       cache = self.init_cache(b, x.dtype)
     xc = x.reshape(b, t, c, d)
     u, v, e, f = jnp.unstack(jnp.einsum("btcd,cdke->kbtce", xc, layers.cast(self.proj[...], x.dtype)))
-    log_rates = self.log_rates()
-    log_a = log_rates.reshape(2 * c)
+    log_a = self.recurrence_log_rates(xc)  # [2C] or [b, t, 2C]
     h, h_last = linear_recurrence(jnp.concatenate([v, e], axis=2), log_a, reset, cache.h,
                                   form=cfg.recurrence, chunk_size=cfg.chunk_size)
     if cfg.include_current:
       history = h
-    else:  # sum_{m<n} a^(n-m) x_m = a * h_{n-1}, and nothing at a document start
+    else:  # sum_{m<n} a^(n-m) x_m = a * h_{n-1} (a: the current token's rate), and nothing at a document start
       previous = jnp.concatenate([cache.h[:, None], h[:, :-1]], axis=1)
-      history = jnp.where(reset[..., None, None], 0.0, jnp.exp(log_a)[:, None] * previous)
+      history = jnp.where(reset[..., None, None], 0.0, jnp.exp(log_a)[..., None] * previous)
     k = steps_since_reset(reset, cache.count)
-    z = slope_normaliser(log_rates[0], k, cfg.include_current)[..., None]  # [b, t, C, 1]
+    z = slope_normaliser(self.log_rates()[0], k, cfg.include_current)[..., None]  # [b, t, C, 1]
     v32 = v.astype(jnp.float32)
     v_hist = jnp.where(z > 0, history[:, :, :c] / jnp.where(z > 0, z, 1.0), v32)
     theta_s = jax.nn.silu(v_hist) * u.astype(jnp.float32)

@@ -1,9 +1,10 @@
 """The linear recurrence behind both MCSD sections, in three equivalent forms behind one switch.
 
-    h_t = a_t * h_{t-1} + x_t,    a_t = exp(log_a[i]) * (1 - reset_t)
+    h_t = a_t * h_{t-1} + x_t,    a_t = exp(log_a[t, i]) * (1 - reset_t)
 
-One rate per channel i (shared by the channel's Dc features); `reset_t` cuts the state where a new document
-starts, so packed documents never see each other. Every form accumulates in float32 whatever the input dtype.
+One rate per channel i (shared by the channel's Dc features), fixed (`log_a` [C], MCSD) or per token (`log_a`
+[b, t, C], MCSD with data-dependent decay); `reset_t` cuts the state where a new document starts, so packed
+documents never see each other. Every form accumulates in float32 whatever the input dtype.
 
 Shapes: the legend in docs/model.md; C counts the recurrence's channels (MCSD runs it over its 2C).
 
@@ -11,8 +12,9 @@ Forms:
   reference    `jax.lax.scan` over time: the slow, obviously-correct definition.
   associative  `jax.lax.associative_scan` over (a_t, x_t) pairs with
                (a1, x1) o (a2, x2) = (a1 a2, a2 x1 + x2): O(log T) depth, the training form.
-  chunked      within N chunks of length Lc an [Lc, Lc] decay-mask matmul, across chunks a scan over carried
-               states.
+  chunked      within N chunks of length Lc an [Lc, Lc] decay-mask matmul (the decay from j to i is
+               exp(cum_i - cum_j), cum the running sum of log a inside the chunk, as in gated linear attention),
+               across chunks a scan over carried states.
   auto         per backend, from the measurements in benchmarks/RESULTS.md (see AUTO_FORM).
 """
 
@@ -42,7 +44,7 @@ def linear_recurrence(x: jax.Array, log_a: jax.Array, reset: jax.Array, h0: jax.
 
   Args:
     x: [b, t, C, Dc] inputs, any float dtype.
-    log_a: [C] log of each channel's rate (negative).
+    log_a: [C] log of each channel's rate (negative), or [b, t, C] per token.
     reset: [b, t] bool, True where the state restarts (h_{t-1} is dropped).
     h0: [b, C, Dc] state before the first step (zeros if None).
     form: "reference" | "associative" | "chunked" | "auto".
@@ -51,7 +53,7 @@ def linear_recurrence(x: jax.Array, log_a: jax.Array, reset: jax.Array, h0: jax.
     (h [b, t, C, Dc] float32, h_last [b, C, Dc] float32).
   """
   x = x.astype(jnp.float32)
-  log_a = log_a.astype(jnp.float32)
+  log_a = jnp.broadcast_to(log_a.astype(jnp.float32), x.shape[:3])  # [b, t, C]
   if h0 is None:
     h0 = jnp.zeros((x.shape[0],) + x.shape[2:], jnp.float32)
   h0 = h0.astype(jnp.float32)
@@ -59,7 +61,7 @@ def linear_recurrence(x: jax.Array, log_a: jax.Array, reset: jax.Array, h0: jax.
   if form == "chunked":
     h = _chunked(x, log_a, reset, h0, chunk_size)
   else:
-    a = jnp.exp(log_a)[None, None, :, None] * (1.0 - reset.astype(jnp.float32))[:, :, None, None]
+    a = jnp.exp(log_a)[..., None] * (1.0 - reset.astype(jnp.float32))[:, :, None, None]
     h = _reference(a, x, h0) if form == "reference" else _associative(a, x, h0)
   return h, h[:, -1]
 
@@ -93,18 +95,20 @@ def _chunked(x, log_a, reset, h0, chunk):
   pad = n * chunk - t
   if pad:
     x = jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    log_a = jnp.pad(log_a, ((0, 0), (0, pad), (0, 0)))
     reset = jnp.pad(reset, ((0, 0), (0, pad)))
   x = x.reshape(b, n, chunk, c, d)
+  cum = jnp.cumsum(log_a.reshape(b, n, chunk, c), axis=2)  # [b, N, Lc, C]: log of prod_{k<=i} a_k in the chunk
   # Segment index inside each chunk: positions i, j are linked iff no reset lies in (j, i].
   seg = jnp.cumsum(reset.reshape(b, n, chunk).astype(jnp.int32), axis=-1)  # [b, N, Lc]
   idx = jnp.arange(chunk)
-  lag = idx[:, None] - idx[None, :]  # [Lc, Lc], i - j
-  linked = (lag >= 0)[None, None] & (seg[..., :, None] == seg[..., None, :])  # [b, N, Lc, Lc]
-  log_decay = jnp.where(lag >= 0, lag, 0)[None] * log_a[:, None, None]  # [C, Lc, Lc]
-  mask = jnp.where(linked[:, :, None], jnp.exp(log_decay)[None, None], 0.0)  # [b, N, C, Lc, Lc]
+  linked = (idx[:, None] >= idx[None, :])[None, None] & (seg[..., :, None] == seg[..., None, :])  # [b, N, Lc, Lc]
+  # Decay from j to i: exp(cum_i - cum_j) <= 1 where linked; masked before exp, where it could overflow.
+  log_decay = jnp.moveaxis(cum, -1, 2)[..., :, None] - jnp.moveaxis(cum, -1, 2)[..., None, :]  # [b, N, C, Lc, Lc]
+  mask = jnp.exp(jnp.where(linked[:, :, None], log_decay, -jnp.inf))
   intra = jnp.einsum("bncij,bnjcd->bnicd", mask, x)  # [b, N, Lc, C, Dc]
   # Decay from the state entering the chunk to each position (zero once a reset has occurred).
-  from_start = jnp.where((seg == 0)[..., None], jnp.exp((idx + 1)[:, None] * log_a[None, :]), 0.0)  # [b,N,Lc,C]
+  from_start = jnp.exp(jnp.where((seg == 0)[..., None], cum, -jnp.inf))  # [b, N, Lc, C]
 
   def carry_across(h_prev, chunk_terms):
     intra_end, decay_end = chunk_terms  # [b, C, Dc], [b, C]

@@ -27,6 +27,11 @@ def silu(x):
   return (x * sigmoid(x)).astype(F32)
 
 
+def softplus(x):
+  """log(1 + exp(x)), computed without overflow (jax.nn.softplus)."""
+  return np.logaddexp(x, F32(0)).astype(F32)
+
+
 def gelu(x):
   """tanh-approximated GELU (jax.nn.gelu's default): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
   return (0.5 * x * (1.0 + np.tanh(F32(np.sqrt(2.0 / np.pi)) * (x + F32(0.044715) * x ** 3)))).astype(F32)

@@ -78,6 +78,17 @@ class MCSD:
   def __init__(self, c: dict[str, Any], w: dict[str, np.ndarray]):
     self.c, self.w = c, w  # w: this layer's arrays, named as in `shapes`
 
+  def log_rates(self) -> np.ndarray:
+    """[2, C]: log g (slope) and log alpha (decay), learned (-exp(rate_logits)) or the paper's."""
+    if self.c["learnable_rates"]:
+      return (-np.exp(self.w["rate_logits"])).astype(F32)
+    return paper_log_rates(self.c["channels"])
+
+  def recurrence_log_rates(self, xc: np.ndarray) -> np.ndarray:
+    """The log rates of the 2C recurrence channels [V ; E] for inputs xc [b, t, C, Dc]: fixed, [2C]
+    (the data-dependent-decay twin, mcsd_dd.py, returns [b, t, 2C])."""
+    return self.log_rates().reshape(-1)
+
   def init_state(self, batch: int, max_len: int | None = None) -> MCSDState:
     """Empty state (its size does not depend on `max_len`)."""
     return MCSDState(np.zeros((batch, 2 * self.c["channels"], self.c["width"] // self.c["channels"]), F32),
@@ -93,14 +104,11 @@ class MCSD:
     if state is None:
       state = self.init_state(b)
     # 1. Per-channel projections: proj [C, Dc, 4, Dc] gives U, V, E, F, each [b, t, C, Dc].
-    u, v, e, f = np.moveaxis(np.einsum("btcd,cdke->btkce", x.reshape(b, t, ch, dc), w["proj"]), 2, 0)
-    # 2. Rates: log g (slope) and log alpha (decay), [2, C].
-    if c["learnable_rates"]:
-      log_rates = (-np.exp(w["rate_logits"])).astype(F32)
-    else:
-      log_rates = paper_log_rates(ch)
-    a = np.exp(log_rates.reshape(2 * ch))[None, :, None]  # [1, 2C, 1]
-    log_g = log_rates[0]
+    xc = x.reshape(b, t, ch, dc)
+    u, v, e, f = np.moveaxis(np.einsum("btcd,cdke->btkce", xc, w["proj"]), 2, 0)
+    # 2. Rates of the 2C recurrence channels, per token: [b, t, 2C, 1].
+    a = np.broadcast_to(np.exp(self.recurrence_log_rates(xc))[..., None], (b, t, 2 * ch, 1))
+    log_g = self.log_rates()[0]
     # 3. The recurrence h_n = a h_{n-1} + [V_n ; E_n], cut at document starts, and the history each token
     #    reads: h_n (include_current) or a h_{n-1} (strict past; zero at a document start).
     h, count = state.h, state.count.copy()
@@ -110,8 +118,8 @@ class MCSD:
       r = reset[:, n][:, None, None]
       count = np.where(reset[:, n], 0, count)
       previous = np.where(r, F32(0), h)
-      h = (a * previous + np.concatenate([v[:, n], e[:, n]], axis=1)).astype(F32)
-      history[:, n] = h if c["include_current"] else a * previous
+      h = (a[:, n] * previous + np.concatenate([v[:, n], e[:, n]], axis=1)).astype(F32)
+      history[:, n] = h if c["include_current"] else a[:, n] * previous
       counts[:, n] = count
       count = count + 1
     # 4. Slope: normalised history of V; the normaliser is sum_{j=1..k} g^j (strict past) or

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 from .attention import Attention
 from .mcsd import MCSD
+from .mcsd_dd import MCSDDataDecay
 
 
 class Mixer(NamedTuple):
@@ -29,6 +30,7 @@ class Mixer(NamedTuple):
 
 MIXERS = {
     "mcsd": Mixer("yanjax.model.mcsd:MCSD", MCSD),
+    "mcsd_dd": Mixer("yanjax.model.mcsd_dd:MCSDDataDecay", MCSDDataDecay),
     "attention": Mixer("yanjax.model.attention:Attention", Attention),
 }
 ARCH_VALUES = {"yan": "mcsd", "attention": "attention"}  # the mixer's config key was `arch` (export format 1)

@@ -22,7 +22,8 @@ per device per micro-batch (global_batch / grad_accum / batch-parallel devices x
   saved       per layer and token, what autodiff keeps at model.remat (counted from JAX's saved residuals):
                 full       D a                                            the layer input
                 save_dots  2 D a + dense 2 F a | selective (R + E) 4      matmul outputs without batch dims
-                none       everything: norms 4 D 4; MCSD 10 D 4 + 2 D a | attention 6 D a + H T (4 + a);
+                none       everything: norms 4 D 4; MCSD 10 D 4 + 2 D a (mcsd_dd: + 4 D 4 + D a + 2 C 4) |
+                           attention 6 D a + H T (4 + a);
                            dense FFN 8 F a | selective: router (6 R + 2 E + 3 k) 4 + dispatch, with
                            r = E c / T ~ 1.25 k slots per token: capacity 2 k E 4 + r (2 D + 3 g) a + k D a;
                            dropless k (3 D + 3 g) a, + 3 p k D a over p > 1 expert devices (all-to-all

@@ -1,9 +1,10 @@
-"""Model variants shared by the config files: the selective-activation variant and the matched attention baseline.
+"""Model variants shared by the config files: selective activation, data-dependent decay, the attention baseline.
 
 A config file calls `build_config(model, variant)` with its Yan (MCSD) model; the variant is the text after
 the colon of `--config configs/<name>.py:<variant>`:
   ""           the Yan model as written (dense GeGLU FFN)
   "selective"  the same with the selective-activation router over FFN neuron groups
+  "mcsd_dd"    the same with MCSD's decay rates gated per token (mixer "mcsd_dd", beyond the paper; dense FFN)
   "attention"  the LLaMA-style baseline with the same width, depth and vocabulary, and the FFN width that
                matches the Yan model's total parameter count (see `matched_attention`)
 """
@@ -16,7 +17,7 @@ from yanjax.core.config import ConfigError
 from yanjax.model.config import ModelConfig
 from yanjax.model.counting import param_count
 
-VARIANTS = ("", "selective", "attention")
+VARIANTS = ("", "selective", "mcsd_dd", "attention")
 # Capacity dispatch: faster than the dense FFN on CPU where dropless (ragged_dot, dense there) is slower
 # (benchmarks/selective.py, benchmarks/RESULTS.md); both are linear in the sequence length.
 SELECTIVE_DEFAULTS = {"router": True, "groups": 16, "top_k": 4, "dispatch": "capacity"}
@@ -42,6 +43,8 @@ def model_variant(model: dict[str, Any], variant: str) -> ModelConfig:
   cfg = ModelConfig.from_dict(model)
   if variant == "selective":
     return cfg.replace(**SELECTIVE_DEFAULTS)
+  if variant == "mcsd_dd":
+    return cfg.replace(mixer="mcsd_dd")
   if variant == "attention":
     return matched_attention(cfg)
   return cfg
