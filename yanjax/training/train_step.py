@@ -85,7 +85,8 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule:
 
 
 def make_eval_step(graphdef) -> Callable[[Any, dict], dict]:
-  """(params, batch) -> validation sums, no router exploration: {"nll_sum", "tokens"} and, with a router,
+  """(params, batch) -> validation sums, no router exploration: {"nll_sum", "correct_sum" (tokens whose argmax is
+  the target), "tokens"} and, with a router,
   per layer "router_load_sum" [L, E], "router_dropped_sum" [L], "router_entropy_sum" [L] (token-weighted)."""
 
   def eval_step(params, batch):
@@ -94,7 +95,8 @@ def make_eval_step(graphdef) -> Callable[[Any, dict], dict]:
     nll, _ = token_losses(logits, batch["targets"])
     mask = batch["loss_mask"].astype(jnp.float32)
     tokens = jnp.sum(mask)
-    sums = {"nll_sum": jnp.sum(nll * mask), "tokens": tokens}
+    correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
+    sums = {"nll_sum": jnp.sum(nll * mask), "correct_sum": jnp.sum(correct * mask), "tokens": tokens}
     if aux["router"] is not None:
       stats = aux["router"]
       sums.update({"router_load_sum": stats.load * tokens, "router_dropped_sum": stats.dropped_fraction * tokens,
@@ -105,12 +107,14 @@ def make_eval_step(graphdef) -> Callable[[Any, dict], dict]:
 
 
 def eval_scalars(batch_sums: list[dict]) -> dict[str, float]:
-  """Named validation metrics from the eval step's sums over several batches: val_loss, val_perplexity and,
+  """Named validation metrics from the eval step's sums over several batches: val_loss, val_perplexity,
+  val_accuracy (next-token top-1) and,
   with a router, per layer i router/layer{i}/load_group{e}, max_load, dropped, entropy."""
   total = jax.tree.map(lambda *values: np.sum(np.stack(values), axis=0), *batch_sums)
   tokens = max(float(total["tokens"]), 1.0)
   loss = float(total["nll_sum"]) / tokens
-  scalars = {"val_loss": loss, "val_perplexity": float(np.exp(min(loss, 50.0)))}
+  scalars = {"val_loss": loss, "val_perplexity": float(np.exp(min(loss, 50.0))),
+             "val_accuracy": float(total["correct_sum"]) / tokens}
   if "router_load_sum" in total:
     for i, load in enumerate(total["router_load_sum"] / tokens):
       scalars.update({f"router/layer{i}/load_group{e}": float(v) for e, v in enumerate(load)})
