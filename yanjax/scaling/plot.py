@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 _STYLES = (("Blues", "o"), ("Oranges", "s"), ("Greens", "^"), ("Purples", "D"), ("Reds", "v"))
 
 
-def _style(i: int) -> tuple[mcolors.Colormap, str]:
+def family_style(i: int) -> tuple[mcolors.Colormap, str]:
   """Family i's colour map (its light end cut off, so every shade shows on white) and marker."""
   name, marker = _STYLES[i % len(_STYLES)]
   cmap = mcolors.ListedColormap(matplotlib.colormaps[name](np.linspace(0.4, 0.95, 256)))
@@ -44,7 +44,7 @@ def _shader(cmap: mcolors.Colormap, values: np.ndarray, ax, label: str):
   return lambda v: cmap(norm(v))
 
 
-def _save(fig: Figure, path: str | os.PathLike) -> epath.Path:
+def save_png(fig: Figure, path: str | os.PathLike) -> epath.Path:
   """Writes `fig` as a PNG whole or not at all (one upload to a bucket, a renamed file locally)."""
   png = io.BytesIO()
   fig.savefig(png, format="png", dpi=130, bbox_inches="tight")
@@ -63,7 +63,7 @@ def plot_loss_vs_flops(fits: Mapping[str, FamilyFit], path: str | os.PathLike) -
   ax = fig.add_subplot()
   handles = []
   for i, (name, fit) in enumerate(fits.items()):
-    cmap, marker = _style(i)
+    cmap, marker = family_style(i)
     runs = fit.runs
     shade = _shader(cmap, runs.params, ax, f"{name}: parameters N")
     for n in np.unique(runs.params):
@@ -83,7 +83,7 @@ def plot_loss_vs_flops(fits: Mapping[str, FamilyFit], path: str | os.PathLike) -
   ax.yaxis.set_minor_formatter(ticker.ScalarFormatter())
   ax.grid(True, which="major", alpha=0.3)
   ax.legend(handles=handles, fontsize=8)
-  return _save(fig, path)
+  return save_png(fig, path)
 
 
 def plot_isoflop(fits: Mapping[str, FamilyFit], path: str | os.PathLike) -> epath.Path | None:
@@ -98,7 +98,7 @@ def plot_isoflop(fits: Mapping[str, FamilyFit], path: str | os.PathLike) -> epat
   ax = fig.add_subplot()
   handles = []
   for i, (name, fit) in enumerate(fits.items()):
-    cmap, marker = _style(i)
+    cmap, marker = family_style(i)
     runs, iso = fit.runs, fit.isoflop
     on_any = np.isfinite(runs.budget)
     shade = _shader(cmap, runs.budget[on_any], ax, f"{name}: FLOP budget C")
@@ -118,7 +118,7 @@ def plot_isoflop(fits: Mapping[str, FamilyFit], path: str | os.PathLike) -> epat
          title="IsoFLOP profiles with approach-2 parabolas (loss against ln N)")
   ax.grid(True, alpha=0.3)
   ax.legend(handles=handles, fontsize=8)
-  return _save(fig, path)
+  return save_png(fig, path)
 
 
 def _exp(value: float, ci: tuple[float, float] | None) -> str:
@@ -135,7 +135,7 @@ def plot_frontier(fits: Mapping[str, FamilyFit], path: str | os.PathLike) -> epa
   flops = np.concatenate([f.runs.flops for f in fits.values()])
   c_grid = np.geomspace(flops.min(), flops.max(), 100)
   for i, (name, fit) in enumerate(fits.items()):
-    cmap, marker = _style(i)
+    cmap, marker = family_style(i)
     color, law, iso = cmap(0.8), fit.law, fit.isoflop
     ax_n.plot(c_grid, law.n_opt(c_grid), color=color, lw=2,
               label=f"{name} approach 3: N* ~ C^{_exp(law.a, fit.law_ci.get('a'))}")
@@ -154,4 +154,4 @@ def plot_frontier(fits: Mapping[str, FamilyFit], path: str | os.PathLike) -> epa
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=8)
   fig.suptitle("Compute-optimal frontier")
-  return _save(fig, path)
+  return save_png(fig, path)
