@@ -18,7 +18,7 @@ finished runs), <out>/decode.jsonl, then the report (benchmarks/ab_report.py): <
 and the figures <out>/*.png. Prints each record as a JSON line.
 
 Run: python benchmarks/ab.py --out runs/ab [--corpora stdlib,pydocs] [--sizes w64,w128] [--seeds 0,1]
-     [--families mcsd,selective,mcsd_dd,attention] [--steps 300]
+     [--families mcsd,selective,mcsd_dd,attention] [--steps 300] [--seq_len 128]
 """
 
 from __future__ import annotations
@@ -89,7 +89,9 @@ def run_config(family: str, size: str, seed: int, store: pathlib.Path, args) -> 
   cfg = load_config_file(str(CONFIG))
   model = model_variant({**cfg.model.to_dict(), **SIZES[size]}, FAMILIES[family])
   cfg.model.update(model.to_dict())
-  cfg.train.update(dict(seed=seed, steps=args.steps, eval_every=args.eval_every, eval_batches=args.eval_batches,
+  tokens_per_step = cfg.train.global_batch * cfg.train.seq_len  # kept at any --seq_len
+  cfg.train.update(dict(seq_len=args.seq_len, global_batch=tokens_per_step // args.seq_len,
+                        seed=seed, steps=args.steps, eval_every=args.eval_every, eval_batches=args.eval_batches,
                         sample_tokens=0, compilation_cache=""))
   cfg.optimizer.warmup_steps = args.warmup_steps
   cfg.data.stores = (str(store),)
@@ -185,6 +187,7 @@ def main(argv=None):
   parser.add_argument("--families", default=",".join(FAMILIES))
   parser.add_argument("--seeds", default="0,1")
   parser.add_argument("--steps", type=int, default=300, help="optimizer steps of every run (2048 tokens each)")
+  parser.add_argument("--seq_len", type=int, default=128, help="a power of two <= 2048; the batch holds 2048 tokens")
   parser.add_argument("--warmup_steps", type=int, default=30)
   parser.add_argument("--eval_every", type=int, default=30)
   parser.add_argument("--eval_batches", type=int, default=8, help="validation batches of 2048 tokens")
@@ -192,7 +195,7 @@ def main(argv=None):
   parser.add_argument("--contexts", default="128,1024,8192", help="decode contexts ('' skips decoding)")
   parser.add_argument("--decode_repeats", type=int, default=10)
   args = parser.parse_args(argv)
-  settings = {key: getattr(args, key) for key in ("steps", "warmup_steps", "eval_every", "eval_batches",
+  settings = {key: getattr(args, key) for key in ("steps", "seq_len", "warmup_steps", "eval_every", "eval_batches",
                                                  "validation_fraction")}
   try:
     corpora = _names(args.corpora, CORPORA, "corpora")

@@ -94,7 +94,8 @@ def tables(runs: list[dict]) -> list[str]:
   for (corpus, size), families in group(runs).items():
     first = next(iter(families.values()))[0]
     lines += [f"### {corpus}, {size}", "",
-              f"{first['steps']} steps of {first['tokens'] // first['steps']:,} tokens; seeds "
+              f"{first['steps']} steps of {first['tokens'] // first['steps']:,} tokens in sequences of "
+              f"{first['settings']['seq_len']}; seeds "
               f"{sorted({r['seed'] for rs in families.values() for r in rs})}.", ""]
     equal_flops = min(np.mean([r["curve"][-1]["flops"] for r in rs]) for rs in families.values())
     target = max(r["val_loss"] for rs in families.values() for r in rs)
