@@ -35,7 +35,7 @@ import jax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from ab_report import write_report  # noqa: E402  (benchmarks/, beside this file)
+from ab_report import FAMILY_ORDER, write_report  # noqa: E402  (benchmarks/, beside this file)
 from decode import state_bytes, time_decode  # noqa: E402
 
 from yanjax.core import storage  # noqa: E402
@@ -64,7 +64,7 @@ CORPORA = {
     "stdlib": Corpus((), ""),
     "pydocs": Corpus((str(PYDOCS),), "install Debian's python3.11-doc (apt-get install python3.11-doc)"),
 }
-FAMILIES = {"mcsd": "", "selective": "selective", "mcsd_dd": "mcsd_dd", "attention": "attention"}  # -> variant
+FAMILIES = dict(zip(FAMILY_ORDER, ("", "selective", "mcsd_dd", "attention")))  # -> config variant
 SIZES = {  # overrides of configs/yan_tiny.py's model (vocabulary 2048)
     "w64": dict(width=64, channels=4, mlp_width=192, layers=2),
     "w128": dict(width=128, channels=4, mlp_width=384, layers=2),

@@ -16,6 +16,7 @@ import sys
 from collections import defaultdict
 
 import numpy as np
+from matplotlib import ticker
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
@@ -24,18 +25,25 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from yanjax.core import storage  # noqa: E402
 from yanjax.scaling.plot import family_style, save_png  # noqa: E402
 
+FAMILY_ORDER = ("mcsd", "selective", "mcsd_dd", "attention")  # tables and colours, in every figure the same
 SIZE_STYLES = ("-", "--", ":")
 AXES = (("tokens", "training tokens", "log"), ("flops", "training FLOPs", "log"),
         ("seconds", "training seconds (CPU, compile and evaluation excluded)", "log"))
 
 
 def load(out: pathlib.Path) -> tuple[list[dict], list[dict]]:
-  """(run records, decode records) of an A/B directory."""
-  paths = sorted((out / "runs").glob("*.json"), key=lambda path: path.stat().st_mtime)  # families in training order
-  runs = [json.loads(path.read_text()) for path in paths]
+  """(run records, decode records) of an A/B directory, in report order (`_order`)."""
+  runs = [json.loads(path.read_text()) for path in (out / "runs").glob("*.json")]
   decode_file = out / "decode.jsonl"
   decode = [json.loads(line) for line in decode_file.read_text().splitlines()] if decode_file.exists() else []
-  return runs, decode
+  return sorted(runs, key=_order), sorted(decode, key=_order)
+
+
+def _order(record: dict) -> tuple:
+  """Corpus, size (by width), family (FAMILY_ORDER first), then seed or context."""
+  family = record["family"]
+  rank = FAMILY_ORDER.index(family) if family in FAMILY_ORDER else len(FAMILY_ORDER)
+  return (record.get("corpus", ""), int(record["size"][1:]), rank, family, record.get("seed", record.get("context")))
 
 
 def group(runs: list[dict]) -> dict[tuple[str, str], dict[str, list[dict]]]:
@@ -134,7 +142,7 @@ def plot_curves(corpus: str, runs: list[dict], path: pathlib.Path):
   fig = Figure(figsize=(17, 4.8))
   axes = fig.subplots(1, len(AXES), sharey=True)
   groups = {key: fams for key, fams in group(runs).items() if key[0] == corpus}
-  families = list(dict.fromkeys(f for fams in groups.values() for f in fams))
+  families = list(dict.fromkeys([*FAMILY_ORDER, *(f for fams in groups.values() for f in fams)]))
   sizes = list(dict.fromkeys(size for _, size in groups))
   for (_, size), fams in groups.items():
     for family, family_runs in fams.items():
@@ -148,6 +156,7 @@ def plot_curves(corpus: str, runs: list[dict], path: pathlib.Path):
         ax.fill_between(xs, losses.min(0), losses.max(0), color=colour, alpha=0.2, linewidth=0)
   for ax, (_, label, scale) in zip(axes, AXES):
     ax.set_xscale(scale)
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())  # decade labels only: the minor ones overlap
     ax.set_xlabel(label)
     ax.grid(True, which="both", alpha=0.3)
   axes[0].set_ylabel("validation loss (nats per token)")
@@ -162,7 +171,7 @@ def plot_decode(decode: list[dict], path: pathlib.Path):
   """Decode state bytes and tokens/s against context, a line per (family, size)."""
   fig = Figure(figsize=(12, 4.5))
   axes = fig.subplots(1, 2)
-  families = list(dict.fromkeys(r["family"] for r in decode))
+  families = list(dict.fromkeys([*FAMILY_ORDER, *(r["family"] for r in decode)]))
   sizes = list(dict.fromkeys(r["size"] for r in decode))
   for family in families:
     for size in sizes:
