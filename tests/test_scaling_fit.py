@@ -201,3 +201,34 @@ def test_intervals_that_all_have_zero_width_are_refused():
     fit.check_widths(flat, fit.LAW_NAMES)
   one_pinned = {**{name: (1.0, 2.0) for name in fit.LAW_NAMES}, fit.LAW_NAMES[0]: (0.0, 0.0)}
   fit.check_widths(one_pinned, fit.LAW_NAMES)
+
+
+def test_a_law_without_irreducible_loss_is_fitted_with_e_at_its_floor():
+  """With E = 0 (as in a short CPU sweep, where no floor shows), ln E would run to -inf, exp underflow to 0 and
+  every bootstrap refit fail: E stops at E_FLOOR, and the fit and its intervals are made."""
+  no_floor = Law(E=0.0, A=CHINCHILLA.A, B=CHINCHILLA.B, alpha=CHINCHILLA.alpha, beta=CHINCHILLA.beta)
+  runs = grid_runs(no_floor, seed=0, k=4)
+  law = fit.fit_law(runs, fit.init_grid(coarse=True))
+  assert law.E == pytest.approx(fit.E_FLOOR)
+  assert law.alpha == pytest.approx(no_floor.alpha, abs=0.05) and law.beta == pytest.approx(no_floor.beta, abs=0.05)
+  family = fit.fit_family(runs, "coarse", n_boot=20)
+  assert family.settings["kept_approach3"] >= 2 and family.law_ci["E"][0] == pytest.approx(fit.E_FLOOR)
+
+
+def test_a_diverging_fit_is_a_value_error_not_an_overflow():
+  runs = grid_runs(CHINCHILLA, seed=0, k=3)
+  with pytest.raises(ValueError, match="the fit diverged"):
+    fit.fit_law(runs, np.array([[800.0, 5.0, 0.5, 0.3, 0.3]]))  # ln A = 800: exp overflows at any fit near it
+
+
+def test_an_isoflop_minimum_beyond_the_sizes_is_not_extrapolated():
+  """A profile whose parabola bottoms out below the smallest size says only that N* is smaller: that budget is
+  left out, named with where its minimum fell."""
+  records = [r for r in isoflop_records(CHINCHILLA, "yan", seed=0)]
+  sizes = sorted({r["params"] for r in records if r["flop_budget"] == 1e17})
+  shifted = [r for r in records if not (r["flop_budget"] == 1e17 and r["params"] <= sizes[4])]
+  runs = Runs.from_records(shifted)  # at C=1e17 only the 4 sizes above the optimum remain
+  iso = fit.fit_isoflop(runs)
+  assert 1e17 in iso.skipped and len(iso.budgets) == 4
+  with pytest.raises(ValueError, match=r"C=1e\+17: minimum at N=.*, outside the sizes"):
+    fit.fit_isoflop(Runs.from_records([r for r in shifted if r["flop_budget"] <= 1e18]))

@@ -43,6 +43,9 @@ from yanjax.scaling import plot
 REQUIRED_KEYS = ("family", "params", "tokens", "flops", "val_loss")
 LAW_NAMES = ("E", "A", "B", "alpha", "beta")
 HUBER_DELTA = 1e-3
+# Lower bound of E (nats): a sweep that cannot separate an irreducible loss drives ln E towards -inf, where
+# exp(ln E) underflows to 0 and the fit cannot be restarted from it; it is reported at this bound instead.
+E_FLOOR = 1e-3
 MIN_SIZES_PER_BUDGET = 3  # a parabola through each IsoFLOP profile
 MIN_BUDGETS = 2  # a power law through the parabolas' minima
 FIGURES = ("loss_vs_flops.png", "isoflop.png", "frontier.png")
@@ -222,7 +225,7 @@ def fit_law(runs: Runs, starts: np.ndarray | None = None, delta: float = HUBER_D
   """Approach 3: L-BFGS-B on the Huber objective from every starting point [m, 5]; keeps the best."""
   starts = init_grid() if starts is None else np.atleast_2d(starts)
   args = (np.log(runs.params), np.log(runs.tokens), np.log(runs.loss), delta)
-  bounds = [(None, None)] * 3 + [(0.0, None)] * 2
+  bounds = [(None, None)] * 2 + [(math.log(E_FLOOR), None)] + [(0.0, None)] * 2
   best = None
   for x0 in starts:
     res = optimize.minimize(huber_objective, x0, args=args, jac=True, method="L-BFGS-B", bounds=bounds,
@@ -231,7 +234,10 @@ def fit_law(runs: Runs, starts: np.ndarray | None = None, delta: float = HUBER_D
       best = res
   if best is None:
     raise ValueError("no starting point reached a finite objective")
-  return Law.from_theta(best.x)
+  try:
+    return Law.from_theta(best.x)
+  except OverflowError as e:  # A / N^alpha or B / D^beta ran off to infinity against its exponent
+    raise ValueError(f"the fit diverged (ln A, ln B = {best.x[0]:.3g}, {best.x[1]:.3g})") from e
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -253,7 +259,8 @@ class Isoflop:
   c_n: float
   a_d: float
   c_d: float
-  skipped: tuple[float, ...] = ()  # budgets with under 3 sizes or a profile that is not convex
+  skipped: tuple[float, ...] = ()  # budgets with under 3 sizes, a profile that is not convex, or its minimum
+  # outside the sizes trained
 
   @property
   def d_min(self) -> np.ndarray:
@@ -271,7 +278,8 @@ class Isoflop:
 
 def fit_isoflop(runs: Runs) -> Isoflop:
   """Approach 2 on the runs that carry a `flop_budget`; raises ValueError (naming each budget's number of
-  sizes) with fewer than MIN_BUDGETS budgets of MIN_SIZES_PER_BUDGET+ sizes and a convex profile."""
+  sizes) with fewer than MIN_BUDGETS budgets of MIN_SIZES_PER_BUDGET+ sizes and a convex profile whose minimum
+  lies within the sizes trained."""
   rows, skipped, reasons = [], [], []
   for c in np.unique(runs.budget[np.isfinite(runs.budget)]):
     on = runs.budget == c
@@ -283,10 +291,15 @@ def fit_isoflop(runs: Runs) -> Isoflop:
       reasons.append(f"C={c:.3g}: {sizes} size{'s' * (sizes != 1)}" + ("" if p is None else ", not convex"))
       continue
     x_min = -p[1] / (2 * p[0])
+    if not x.min() <= x_min <= x.max():  # the optimum lies beyond the sizes trained: an extrapolation
+      skipped.append(float(c))
+      reasons.append(f"C={c:.3g}: minimum at N={math.exp(x_min):.3g}, outside the sizes "
+                     f"{math.exp(x.min()):.3g}-{math.exp(x.max()):.3g}")
+      continue
     rows.append((c, p, math.exp(x_min), np.polyval(p, x_min)))
   if len(rows) < MIN_BUDGETS:
     raise ValueError(f"approach 2 needs at least {MIN_BUDGETS} FLOP budgets with {MIN_SIZES_PER_BUDGET}+ sizes "
-                     f"each and a convex profile; got {len(rows)}"
+                     f"each and a convex profile whose minimum lies within them; got {len(rows)}"
                      + (f" ({'; '.join(reasons)})" if reasons else ""))
   budgets, parabolas, n_min, loss_min = (np.array(col, dtype=np.float64) for col in zip(*rows))
   a_n, c_n = np.polyfit(np.log(budgets), np.log(n_min), 1)
@@ -375,8 +388,8 @@ def fit_family(runs: Runs, grid: str = "full", n_boot: int = 200, level: float =
   and a grid per resample would cost the grid's size times more.
   """
   check_approach3(runs)
-  law = fit_law(runs, init_grid(coarse=grid == "coarse"), delta)
   try:
+    law = fit_law(runs, init_grid(coarse=grid == "coarse"), delta)
     law_ci, kept3 = bootstrap(runs, lambda r: fit_law(r, law.theta, delta).summary(), n_boot, level, seed)
     check_widths(law_ci, LAW_NAMES)
   except ValueError as e:
