@@ -90,6 +90,8 @@ def run_config(family: str, size: str, seed: int, store: pathlib.Path, args) -> 
   model = model_variant({**cfg.model.to_dict(), **SIZES[size]}, FAMILIES[family])
   cfg.model.update(model.to_dict())
   tokens_per_step = cfg.train.global_batch * cfg.train.seq_len  # kept at any --seq_len
+  if args.seq_len <= 0 or tokens_per_step % args.seq_len:
+    raise UserError(f"--seq_len={args.seq_len}: must divide {tokens_per_step}, the tokens of every step")
   cfg.train.update(dict(seq_len=args.seq_len, global_batch=tokens_per_step // args.seq_len,
                         seed=seed, steps=args.steps, eval_every=args.eval_every, eval_batches=args.eval_batches,
                         sample_tokens=0, compilation_cache=""))
@@ -187,7 +189,7 @@ def main(argv=None):
   parser.add_argument("--families", default=",".join(FAMILIES))
   parser.add_argument("--seeds", default="0,1")
   parser.add_argument("--steps", type=int, default=300, help="optimizer steps of every run (2048 tokens each)")
-  parser.add_argument("--seq_len", type=int, default=128, help="a power of two <= 2048; the batch holds 2048 tokens")
+  parser.add_argument("--seq_len", type=int, default=128, help="a divisor of 2048: every step holds 2048 tokens")
   parser.add_argument("--warmup_steps", type=int, default=30)
   parser.add_argument("--eval_every", type=int, default=30)
   parser.add_argument("--eval_batches", type=int, default=8, help="validation batches of 2048 tokens")
