@@ -10,8 +10,8 @@ evaluations excluded). Then it times decoding by context for every family and si
 Corpora (no download; prepared with the project's pipeline into <out>/data/<corpus>, one tokenizer each):
   stdlib  the Python standard library's source files (code; PSF licence), as README command 1 uses.
   pydocs  the Python 3.11 documentation as prose: the reStructuredText sources that Debian's python3.11-doc
-          installs under /usr/share/doc/python3.11/html/_sources (497 files, 1.4M words; PSF licence,
-          /usr/share/doc/python3.11/copyright). Install it with `apt-get install python3.11-doc`.
+          installs under /usr/share/doc/python3.11/html/_sources (497 files, 1.4M words; PSF License Agreement,
+          /usr/share/doc/python3.11-doc/copyright). Install it with `apt-get install python3.11-doc`.
 
 Writes <out>/runs/<corpus>-<size>-<family>-s<seed>.json (one per run, whole or not at all; a re-run skips
 finished runs), <out>/decode.jsonl, then the report (benchmarks/ab_report.py): <out>/ab.jsonl, <out>/report.md
