@@ -117,7 +117,8 @@ def tables(runs: list[dict]) -> list[str]:
       losses = [r["val_loss"] for r in family_runs]
       versus = "" if reference is None or family == "mcsd" else (
           f"{np.mean(losses) - np.mean([r['val_loss'] for r in reference]):+.3f}" +
-          (" (beyond seed range)" if separated(losses, [r["val_loss"] for r in reference]) else " (within)"))
+          (" (one seed: no range)" if min(len(losses), len(reference)) < 2 else
+           " (beyond seed range)" if separated(losses, [r["val_loss"] for r in reference]) else " (within)"))
       lines.append(
           f"| {family} | {family_runs[0]['params']:,} ({family_runs[0]['active_params']:,}) "
           f"| {cell(losses)} | {versus} | {cell([at(r, 'flops', equal_flops) for r in family_runs])} "

@@ -97,3 +97,11 @@ def test_a_missing_corpus_says_how_to_get_it(tmp_path, capsys, monkeypatch):
   assert ab.main(_args(tmp_path / "ab", "--corpora", "pydocs")) == 2
   error = capsys.readouterr().err
   assert error.count("\n") == 1 and "absent, which does not exist: install python3.11-doc" in error
+
+
+def test_a_difference_over_one_seed_claims_no_range():
+  runs = [_run([5.0, 4.0], corpus="c", size="w64", family=family, seed=0, val_loss=loss, val_accuracy=0.1,
+               params=1, active_params=1, steps=20, tokens=2000, tokens_per_s=1.0, settings={"seq_len": 128})
+          for family, loss in (("mcsd", 4.0), ("attention", 3.5))]
+  table = "\n".join(ab_report.tables(runs))
+  assert "-0.500 (one seed: no range)" in table and "beyond" not in table
