@@ -181,6 +181,13 @@ def _names(text: str, allowed, what: str) -> list[str]:
   return names
 
 
+def _ints(text: str, what: str) -> list[int]:
+  try:
+    return [int(value) for value in text.split(",")]
+  except ValueError:
+    raise UserError(f"--{what}={text!r}: give integers, comma-separated") from None
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", required=True, help="directory of the results and the report")
@@ -203,8 +210,8 @@ def main(argv=None):
     corpora = _names(args.corpora, CORPORA, "corpora")
     sizes = _names(args.sizes, SIZES, "sizes")
     families = _names(args.families, FAMILIES, "families")
-    seeds = [int(s) for s in args.seeds.split(",")]
-    contexts = [int(c) for c in args.contexts.split(",") if c]
+    seeds = _ints(args.seeds, "seeds")
+    contexts = _ints(args.contexts, "contexts") if args.contexts else []
     out = pathlib.Path(args.out)
     for family, size in itertools.product(families, sizes):  # every config checked before anything trains
       validate_run_config(run_config(family, size, seeds[0], out, args))

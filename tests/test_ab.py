@@ -84,6 +84,7 @@ def test_tiny_ab_writes_records_report_and_figures_and_a_rerun_trains_nothing(tm
     (["--families", "mcsd,rwkv"], "--families='mcsd,rwkv': choose from"),
     (["--steps", "4", "--warmup_steps", "30"], "optimizer.warmup_steps=30: must be in [0, train.steps=4)"),
     (["--seq_len", "3000"], "--seq_len=3000: must divide 2048, the tokens of every step"),
+    (["--seeds", "0,a"], "--seeds='0,a': give integers, comma-separated"),
 ])
 def test_bad_arguments_are_one_line_and_train_nothing(tmp_path, capsys, extra, message):
   assert ab.main(_args(tmp_path / "ab", *extra)) == 2
