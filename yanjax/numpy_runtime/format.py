@@ -32,7 +32,7 @@ from .mcsd import COMBINES
 from .mixers import MIXERS, arch_renamed
 
 FORMAT = "yanjax-export"
-FORMAT_VERSION = 2  # 2: the config names its mixer `mixer` ("mcsd" | "attention"), not `arch` ("yan" | ...)
+FORMAT_VERSION = 2  # 2: the config names its mixer `mixer` (a name in mixers.py), not `arch` ("yan" | "attention")
 MANIFEST = "manifest.json"
 CONFIG = "config.json"
 NPZ = "weights.npz"
