@@ -173,6 +173,11 @@ def decode_records(families: list[str], sizes: list[str], contexts: list[int], r
   return records
 
 
+def run_path(out: pathlib.Path, corpus: str, size: str, seed: int, family: str) -> pathlib.Path:
+  """The record of one run under `out`."""
+  return out / "runs" / f"{corpus}-{size}-{family}-s{seed}.json"
+
+
 def _names(text: str, allowed, what: str) -> list[str]:
   names = [name for name in text.split(",") if name]
   unknown = [name for name in names if name not in allowed]
@@ -217,10 +222,9 @@ def main(argv=None):
       validate_run_config(run_config(family, size, seeds[0], out, args))
     stores = {name: prepare_corpus(name, out, load_config_file(str(CONFIG)).model.vocab_size,
                                    args.validation_fraction) for name in corpora}
-    runs = [(corpus, size, seed, family) for corpus, size, seed, family in
-            itertools.product(corpora, sizes, seeds, families)]  # a seed's families back to back
-    for corpus, size, seed, family in runs:
-      path = out / "runs" / f"{corpus}-{size}-{family}-s{seed}.json"
+    runs = list(itertools.product(corpora, sizes, seeds, families))  # a seed's families back to back
+    for run in runs:
+      path = run_path(out, *run)
       if path.exists() and json.loads(path.read_text())["settings"] != settings:
         raise UserError(f"{path} was trained with other settings: give another --out, or delete it to train it again")
   except ValueError as error:  # UserError and ConfigError included
@@ -228,7 +232,7 @@ def main(argv=None):
     return 2
   (out / "runs").mkdir(parents=True, exist_ok=True)
   for corpus, size, seed, family in runs:
-    path = out / "runs" / f"{corpus}-{size}-{family}-s{seed}.json"
+    path = run_path(out, corpus, size, seed, family)
     if not path.exists():
       cfg = run_config(family, size, seed, stores[corpus], args)
       record = {"record": "run", "corpus": corpus, "size": size, "family": family, "seed": seed,
