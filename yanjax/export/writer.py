@@ -7,12 +7,12 @@ local or a bucket URL, gs:// or s3://):
         [--dtype bfloat16] [--mesh fsdp=4]
 
 writes the weights in the one format asked for (`weights.npz`, the default, or `weights.safetensors`),
-`config.json`, `tokenizer.model` (when the run has one) and `manifest.json` (format version, config, weights
-format, every array's shape / dtype / sha256, file checksums). Array names are the model's parameter paths
-joined with dots (`embed.embedding`, `blocks.0.mixer.proj`); parameters of
-scanned layers (`scan_layers=True`, stacked over a leading layers axis) are written per layer, so the names
-and shapes do not depend on `scan_layers`. The manifest is written last: a directory without one is an
-unfinished export.
+`config.json`, the run's tokenizer under its own name (`tokenizer.model` or `tokenizer.json`, when the run has
+one) and `manifest.json` (format version, config, weights format, every array's shape / dtype / sha256, file
+checksums). Array names are the model's parameter paths joined with dots (`embed.embedding`,
+`blocks.0.mixer.proj`); parameters of scanned layers (`scan_layers=True`, stacked over a leading layers axis)
+are written per layer, so the names and shapes do not depend on `scan_layers`. The manifest is written last:
+a directory without one is an unfinished export.
 
 Nothing is lost: the export is written into a new sibling `<out>.tmp-<random>` and replaces `<out>` only
 once complete (locally by renames; on object stores by server-side copies, the old manifest deleted first and
@@ -50,12 +50,14 @@ from flax import nnx
 import yanjax
 from yanjax.core import storage
 from yanjax.core.config import ConfigError
+from yanjax.data import tokenizer as tokenization
+from yanjax.data.errors import TokenizerMismatchError
 from yanjax.model.config import ModelConfig
 from yanjax.numpy_runtime import format as fmt
 
 _STORED = {"float32": np.dtype("<f4"), "bfloat16": np.dtype("<u2")}  # as written: bf16 as its bit pattern
 _SAFETENSORS_DTYPE = {"float32": "F32", "bfloat16": "BF16"}
-EXPORT_FILES = (fmt.MANIFEST, fmt.CONFIG, fmt.NPZ, fmt.SAFETENSORS, fmt.TOKENIZER)
+EXPORT_FILES = (fmt.MANIFEST, fmt.CONFIG, fmt.NPZ, fmt.SAFETENSORS, *tokenization.FILE_NAMES.values())
 # The names an export directory may hold: its files, and the `<name>.tmp` an interrupted export of earlier
 # yanjax versions (which wrote in place) left behind.
 _REPLACEABLE = EXPORT_FILES + tuple(f"{name}.tmp" for name in EXPORT_FILES)
@@ -251,7 +253,8 @@ def export_model(model, cfg: ModelConfig, out_dir, tokenizer_path=None, dtype: s
     cfg: its `ModelConfig`.
     out_dir: directory to write, local or gs:// / s3://: created, or replaced if it holds an earlier export
       (ConfigError if it holds anything else, see `check_replaceable`).
-    tokenizer_path: the sentencepiece model to ship with the weights (local or a URL), or None.
+    tokenizer_path: the tokenizer.model or tokenizer.json to ship with the weights (local or a URL), or None;
+      refused (TokenizerMismatchError) when it has more ids than the model's vocabulary.
     dtype: "float32" (default) or "bfloat16" (see the module docstring).
     weights_format: "npz" (default) or "safetensors" (`fmt.WEIGHT_FORMATS`): the one weights file written.
   """
@@ -262,10 +265,9 @@ def export_model(model, cfg: ModelConfig, out_dir, tokenizer_path=None, dtype: s
   if getattr(model, "cfg", cfg) != cfg:
     raise ValueError("export_model: cfg is not the config the model was built with")
   sources = parameter_sources(model, cfg)
-  tokenizer_bytes = tokenizer = None
+  tokenizer = None
   if tokenizer_path is not None:
-    tokenizer_bytes = storage.as_path(tokenizer_path).read_bytes()
-    tokenizer = _tokenizer_entry(tokenizer_bytes, tokenizer_path, cfg)
+    tokenizer = _check_tokenizer(storage.as_path(tokenizer_path).read_bytes(), tokenizer_path, cfg)
   out = storage.as_path(out_dir)
   check_replaceable(out)
   temp = storage.temporary_sibling(out)
@@ -273,7 +275,7 @@ def export_model(model, cfg: ModelConfig, out_dir, tokenizer_path=None, dtype: s
     out.parent.mkdir(parents=True, exist_ok=True)
     temp.mkdir()
   try:
-    manifest = _write_export(temp, sources, cfg, dtype, weights_format, tokenizer_bytes, tokenizer)
+    manifest = _write_export(temp, sources, cfg, dtype, weights_format, tokenizer)
     check_replaceable(out)  # again: something may have appeared there while the export was written
     _publish(temp, out)
   except BaseException:
@@ -294,8 +296,7 @@ def _publish(temp: epath.Path, out: epath.Path) -> None:
 
 
 def _write_export(out: epath.Path, sources: dict[str, Source], cfg: ModelConfig, dtype: str,
-                  weights_format: str, tokenizer_bytes: bytes | None, tokenizer: dict[str, Any] | None
-                  ) -> dict[str, Any]:
+                  weights_format: str, tokenizer: tokenization.Tokenizer | None) -> dict[str, Any]:
   """Writes the export's files into the (new, empty) directory `out`, the manifest last; returns it."""
   files = {}
   weights = fmt.WEIGHT_FILES[weights_format]
@@ -306,9 +307,10 @@ def _write_export(out: epath.Path, sources: dict[str, Source], cfg: ModelConfig,
     files[weights], digests = _write_safetensors(out / weights, sources, dtype, metadata)
   config = cfg.to_dict()
   files[fmt.CONFIG] = _write_bytes(out / fmt.CONFIG, (json.dumps(config, indent=2) + "\n").encode("utf-8"))
-  if tokenizer_bytes is not None:
-    files[fmt.TOKENIZER] = _write_bytes(out / fmt.TOKENIZER, tokenizer_bytes)
-    tokenizer.update(file=fmt.TOKENIZER, **files[fmt.TOKENIZER])
+  tokenizer_entry = None
+  if tokenizer is not None:
+    files[tokenizer.file_name] = _write_bytes(out / tokenizer.file_name, tokenizer.data)
+    tokenizer_entry = {**tokenizer.metadata(), **files[tokenizer.file_name]}  # file, kind, ids, sha256, bytes
 
   manifest = {
       "format": fmt.FORMAT,
@@ -321,20 +323,17 @@ def _write_export(out: epath.Path, sources: dict[str, Source], cfg: ModelConfig,
                   "npz_dtype": "uint16" if dtype == "bfloat16" else "float32",
                   "sha256": digests[n]} for n, s in sources.items()],
       "files": files,
-      "tokenizer": tokenizer,
+      "tokenizer": tokenizer_entry,
   }
   _write_bytes(out / fmt.MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
   return manifest
 
 
-def _tokenizer_entry(data: bytes, path, cfg: ModelConfig) -> dict[str, Any]:
-  import sentencepiece as spm  # pylint: disable=import-outside-toplevel
-  try:
-    processor = spm.SentencePieceProcessor(model_proto=data)
-  except (OSError, RuntimeError) as e:
-    raise ValueError(f"{path}: not a readable sentencepiece model ({e})") from e
-  if processor.vocab_size() > cfg.vocab_size:
-    raise ValueError(f"{path}: the tokenizer has {processor.vocab_size()} pieces but the model's "
-                     f"vocab_size is {cfg.vocab_size}")
-  return {"vocab_size": processor.vocab_size(), "bos_id": processor.bos_id(), "eos_id": processor.eos_id(),
-          "unk_id": processor.unk_id(), "pad_id": processor.pad_id()}
+def _check_tokenizer(data: bytes, path, cfg: ModelConfig) -> tokenization.Tokenizer:
+  """The tokenizer in `data`, refused when it produces ids the model lacks."""
+  tokenizer = tokenization.from_bytes(data, str(path))
+  if tokenizer.vocab_size > cfg.vocab_size:
+    raise TokenizerMismatchError(f"{path}: the tokenizer has {tokenizer.vocab_size} pieces but the model's "
+                                 f"vocab_size is {cfg.vocab_size}")
+  return tokenizer
+

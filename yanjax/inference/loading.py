@@ -29,7 +29,7 @@ from jax.sharding import Mesh
 
 from yanjax.core import storage
 from yanjax.core.config import ConfigError
-from yanjax.data.store import TOKENIZER_FILE
+from yanjax.data import tokenizer
 from yanjax.model.config import ModelConfig
 from yanjax.model.lm import LanguageModel
 from yanjax.training import sharding
@@ -95,17 +95,18 @@ def load_inference_model(workdir: str | os.PathLike, mesh_spec: str | None = Non
     workdir: the training run's work directory (local path, gs:// or s3:// URL).
     mesh_spec: e.g. "fsdp=4" or "data=1,fsdp=-1,tensor=2"; None: the run's own mesh (see the module doc).
   Returns:
-    The model (parameters as NamedSharding-placed jax.Arrays), its config, and `workdir/tokenizer.model` as
-    an epath when the run has one.
+    The model (parameters as NamedSharding-placed jax.Arrays), its config, and the run's tokenizer file
+    (`workdir/tokenizer.model` or `workdir/tokenizer.json`) as an epath when the run has one.
   Raises:
     FileNotFoundError when there is no (readable) checkpoint; ConfigError for a bad `mesh_spec` or an
-    unreachable store.
+    unreachable store; TokenizerMismatchError when the workdir holds both tokenizer files.
   """
   root = storage.as_path(workdir)
   if not storage.check_readable(root / "checkpoints", "workdir",
                                 "give the --workdir of a training run (local path, gs:// or s3:// URL)"):
     raise FileNotFoundError(f"no checkpoint under {root / 'checkpoints'}; train first with "
                             f"python -m yanjax.main.train --workdir {workdir}")
+  tokenizer_file = tokenizer.find_file(root)  # before the restore: refusing takes a moment
   checkpointer = Checkpointer(os.fspath(workdir), async_save=False)
   try:
     steps = checkpointer.steps()
@@ -121,8 +122,7 @@ def load_inference_model(workdir: str | os.PathLike, mesh_spec: str | None = Non
         logging.warning("checkpoint at step %d is unreadable (%s: %s); trying the previous one", step,
                         type(error).__name__, (str(error).splitlines() or [""])[0][:300])
         continue
-      tokenizer = root / TOKENIZER_FILE
-      return model, cfg, tokenizer if tokenizer.exists() else None
+      return model, cfg, tokenizer_file
   finally:
     checkpointer.close()
   raise FileNotFoundError(f"no readable checkpoint under {root / 'checkpoints'}")

@@ -14,6 +14,8 @@ import sys
 import numpy as np
 
 from yanjax.core import cli, storage
+from yanjax.data.errors import TokenizerMismatchError
+from yanjax.data.tokenizer import FILE_NAMES, Tokenizer, from_bytes
 from yanjax.inference.generate import TextStreamer, generate
 from yanjax.inference.sampling import Sampling
 
@@ -42,36 +44,33 @@ def _parse(argv):
 def run(model, tokenizer_path, args, out=None, err=None) -> None:
   """The CLI after loading: generates for `args` (parsed flags) and writes the results to `out` (stdout).
 
-  `tokenizer_path`: the run's sentencepiece model (a path, a gs:// / s3:// URL, or an epath), or None.
+  `tokenizer_path`: the run's tokenizer.model or tokenizer.json (a path, a gs:// / s3:// URL, or an epath), or
+  None. A tokenizer with more ids than the model's vocabulary is refused (TokenizerMismatchError).
   """
   out = sys.stdout if out is None else out
   err = sys.stderr if err is None else err
+  tokenizer = None if tokenizer_path is None else _load_tokenizer(tokenizer_path, model.cfg.vocab_size)
   sampling = Sampling(args.temperature, args.top_k, args.top_p)
   if args.prompt_ids is not None:
     prompt = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
-    eos = limit = None
-    if tokenizer_path is not None:
-      processor = _load_tokenizer(tokenizer_path)
-      eos, limit = processor.eos_id(), processor.vocab_size()
+    eos, limit = (None, None) if tokenizer is None else (tokenizer.eos_id, tokenizer.vocab_size)
     def stream(tokens, emitted):
       out.write("".join(f"{t} " for t in tokens[emitted]))
     (completion,) = generate(model, [prompt], max_new_tokens=args.max_new_tokens, sampling=sampling,
-                             eos_id=eos if eos is not None and eos >= 0 else None, seed=args.seed,
-                             vocab_limit=limit, on_tokens=stream)
+                             eos_id=eos, seed=args.seed, vocab_limit=limit, on_tokens=stream)
     out.write(f"\n[{completion.stop_reason}]\n")
     return
-  if tokenizer_path is None:
-    raise SystemExit(f"{args.workdir} has no tokenizer.model: give --prompt_ids instead of text")
-  processor = _load_tokenizer(tokenizer_path)
-  eos = processor.eos_id() if processor.eos_id() >= 0 else None
-  limit = processor.vocab_size()  # the model's vocabulary may be padded past the tokenizer's
+  if tokenizer is None:
+    raise TokenizerMismatchError(f"{args.workdir} has no {' or '.join(FILE_NAMES.values())}: give --prompt_ids "
+                                 "instead of text")
+  eos = tokenizer.eos_id
+  limit = tokenizer.vocab_size  # the model's vocabulary may be padded past the tokenizer's
 
   def encode(text):
-    ids = processor.encode(text)
-    return ([processor.bos_id()] if processor.bos_id() >= 0 and not args.no_bos else []) + ids
+    return ([] if args.no_bos else [tokenizer.bos_id]) + tokenizer.encode(text)
 
   if args.prompt is not None:
-    streamer = TextStreamer(processor, 1)
+    streamer = TextStreamer(tokenizer, 1)
 
     def stream(tokens, emitted):
       if emitted[0]:
@@ -91,7 +90,7 @@ def run(model, tokenizer_path, args, out=None, err=None) -> None:
   results = {}
   for start in range(0, len(order), args.batch_size):
     batch = order[start:start + args.batch_size]
-    streamer = TextStreamer(processor, len(batch))
+    streamer = TextStreamer(tokenizer, len(batch))
 
     def stream(tokens, emitted, batch=batch, streamer=streamer):
       for row in np.flatnonzero(emitted[:len(batch)]):
@@ -106,14 +105,17 @@ def run(model, tokenizer_path, args, out=None, err=None) -> None:
     results.update(zip(batch, completions))
   for i, text in enumerate(texts):
     c = results[i]
-    out.write(json.dumps({"index": i, "prompt": text, "completion": processor.decode(c.tokens),
+    out.write(json.dumps({"index": i, "prompt": text, "completion": tokenizer.decode(c.tokens),
                           "tokens": c.tokens, "stop_reason": c.stop_reason}, ensure_ascii=False) + "\n")
 
 
-def _load_tokenizer(path):
-  """The sentencepiece model at `path` (local, gs:// or s3://), read through epath."""
-  import sentencepiece as spm  # pylint: disable=import-outside-toplevel
-  return spm.SentencePieceProcessor(model_proto=storage.as_path(path).read_bytes())
+def _load_tokenizer(path, model_vocab_size: int) -> Tokenizer:
+  """The tokenizer file at `path` (local, gs:// or s3://); refused when it has ids the model lacks."""
+  tokenizer = from_bytes(storage.as_path(path).read_bytes(), str(path))
+  if tokenizer.vocab_size > model_vocab_size:
+    raise TokenizerMismatchError(f"{path} has {tokenizer.vocab_size} ids but the checkpoint's model has "
+                                 f"vocab_size {model_vocab_size}: use the tokenizer the run was trained with")
+  return tokenizer
 
 
 def main(argv=None) -> None:

@@ -32,8 +32,8 @@ from yanjax.core import cli, storage
 from yanjax.core.cli import USAGE_EXIT_CODE
 from yanjax.core.config import ConfigError, config_flag_error
 from yanjax.core.errors import UserError
+from yanjax.data import tokenizer
 from yanjax.data.errors import DataError
-from yanjax.data.store import TOKENIZER_FILE
 from yanjax.model.config import ModelConfig
 from yanjax.model.counting import param_count
 from yanjax.training import compilation_cache, distributed, hooks, plan, sharding
@@ -139,10 +139,18 @@ def check_resume(meta: dict, model_cfg: ModelConfig, identity: dict):
 
 
 def write_tokenizer(workdir, loader):
-  """The workdir's tokenizer.model is the one its checkpoints were trained with (replaced with the data)."""
-  path = workdir / TOKENIZER_FILE
-  if process_zero() and (not path.exists() or path.read_bytes() != loader.tokenizer_bytes()):
-    storage.write_atomic(path, loader.tokenizer_bytes())
+  """The workdir's tokenizer (tokenizer.model or tokenizer.json) is the one its checkpoints were trained with:
+  replaced with the data's, the other kind's file removed."""
+  if not process_zero():
+    return
+  data = loader.tokenizer_bytes()
+  name = tokenizer.from_bytes(data, "the data stores' tokenizer").file_name
+  for other in tokenizer.FILE_NAMES.values():
+    if other != name and (workdir / other).exists():
+      (workdir / other).unlink()
+  path = workdir / name
+  if not path.exists() or path.read_bytes() != data:
+    storage.write_atomic(path, data)
 
 
 def main(argv):

@@ -1,7 +1,8 @@
 """A NumPy-only runtime for yanjax exports: load, check, run the forward pass and the recurrent decode.
 
-Depends on NumPy (and sentencepiece for text, in __main__ only); nothing here imports JAX, so the package can
-be copied out of the repository as it is. docs/export.md is its specification.
+Depends on NumPy; nothing here imports JAX, so the package can be copied out of the repository as it is.
+Text (__main__ only) also needs yanjax.data.tokenizer, with sentencepiece or tokenizers (no JAX either).
+docs/export.md is its specification.
 
     from yanjax.numpy_runtime import Model, generate, load_export
     model = Model(load_export("export_dir"))

@@ -26,32 +26,35 @@ def main(argv=None) -> None:
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
 
-  import sentencepiece as spm  # pylint: disable=import-outside-toplevel
+  # A sentencepiece model or a tokenizer.json (NumPy, sentencepiece and tokenizers only; no JAX).
+  from yanjax.data.tokenizer import FILE_NAMES, from_bytes  # pylint: disable=import-outside-toplevel
 
   export = load_export(args.export)
   if export.tokenizer_path is None:
-    raise ExportError(f"{args.export} has no tokenizer.model: export from a run that has one")
+    raise ExportError(f"{args.export} has no {' or '.join(FILE_NAMES.values())}: export from a run that has one")
+  tokenizer = from_bytes(export.tokenizer_path.read_bytes(), str(export.tokenizer_path))  # a path or a URL
+  kind = export.manifest["tokenizer"].get("kind", "sentencepiece")  # exports before tokenizer.json: sentencepiece
+  if tokenizer.kind != kind:
+    raise ExportError(f"{export.tokenizer_path}: a {tokenizer.kind} tokenizer, but the manifest says {kind}")
   model = Model(export)
   print(config_summary(export.config), file=sys.stderr)
-  processor = spm.SentencePieceProcessor(model_proto=export.tokenizer_path.read_bytes())  # a path or a URL
-  prompt = ([processor.bos_id()] if processor.bos_id() >= 0 else []) + processor.encode(args.prompt)
+  prompt = [tokenizer.bos_id] + tokenizer.encode(args.prompt)
   ids, shown = [], ""
 
   def stream(tokens, emitted):
     nonlocal shown
     if emitted[0]:
       ids.append(int(tokens[0]))
-      text = processor.decode(ids)
+      text = tokenizer.decode(ids)
       if not text.endswith("\ufffd") and text.startswith(shown):
         sys.stdout.write(text[len(shown):])
         sys.stdout.flush()
         shown = text
 
-  eos = processor.eos_id() if processor.eos_id() >= 0 else None
   generate(model, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-           top_p=args.top_p, eos_id=eos, seed=args.seed,
-           vocab_limit=processor.vocab_size(), on_tokens=stream)
-  text = processor.decode(ids)
+           top_p=args.top_p, eos_id=tokenizer.eos_id, seed=args.seed, vocab_limit=tokenizer.vocab_size,
+           on_tokens=stream)
+  text = tokenizer.decode(ids)
   sys.stdout.write((text[len(shown):] if text.startswith(shown) else "") + "\n")
 
 

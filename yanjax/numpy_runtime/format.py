@@ -8,7 +8,9 @@ An export directory holds (docs/export.md describes each array and the order of 
     weights.npz          one array per name; float32, or bfloat16 stored as its uint16 bit pattern
       or
     weights.safetensors  the same arrays (F32, or BF16), whichever `manifest["weights_format"]` names
-    tokenizer.model      the sentencepiece model (optional)
+    tokenizer.model      the run's tokenizer (optional): a sentencepiece model,
+      or
+    tokenizer.json       a Hugging Face tokenizer; `manifest["tokenizer"]` names the file and its "kind"
 
 `load_export` checks everything it reads and raises `ExportError` naming the file, the array or the config
 key at fault: a missing or unreadable file, a checksum that does not match, an array that is missing,
@@ -37,7 +39,6 @@ MANIFEST = "manifest.json"
 CONFIG = "config.json"
 NPZ = "weights.npz"
 SAFETENSORS = "weights.safetensors"
-TOKENIZER = "tokenizer.model"
 WEIGHT_DTYPES = ("float32", "bfloat16")
 WEIGHT_FILES = {"npz": NPZ, "safetensors": SAFETENSORS}  # weights format -> the file an export holds
 WEIGHT_FORMATS = tuple(WEIGHT_FILES)
@@ -57,7 +58,7 @@ class Export(NamedTuple):
   config: dict[str, Any]
   arrays: dict[str, np.ndarray]  # name -> float32 array, in the canonical order of `expected_shapes`
   manifest: dict[str, Any]
-  tokenizer_path: Any  # None when the export has no tokenizer
+  tokenizer_path: Any  # the file manifest["tokenizer"] names; None when the export has no tokenizer
 
 
 URL_SCHEMES = ("gs://", "s3://")

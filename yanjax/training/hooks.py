@@ -219,18 +219,17 @@ class Sample:
   def __call__(self, info: StepInfo):
     if info.exit_code:
       return
-    import sentencepiece  # pylint: disable=import-outside-toplevel
-
-    from yanjax.data.store import TOKENIZER_FILE  # pylint: disable=import-outside-toplevel
+    from yanjax.data import tokenizer as tokenization  # pylint: disable=import-outside-toplevel
     from yanjax.inference.generate import generate  # pylint: disable=import-outside-toplevel
     from yanjax.inference.sampling import Sampling  # pylint: disable=import-outside-toplevel
     train_cfg = self.train_cfg
-    tokenizer = sentencepiece.SentencePieceProcessor(model_proto=(self.workdir / TOKENIZER_FILE).read_bytes())
-    prompt = [tokenizer.bos_id()] + tokenizer.encode(train_cfg.sample_prompt)
+    path = tokenization.find_file(self.workdir)  # written by the trainer before the first step
+    tokenizer = tokenization.from_bytes(path.read_bytes(), str(path))
+    prompt = [tokenizer.bos_id] + tokenizer.encode(train_cfg.sample_prompt)
     model = nnx.merge(self.graphdef, info.state["params"])
     completion = generate(model, [prompt], max_new_tokens=train_cfg.sample_tokens,
-                          sampling=Sampling(temperature=0.7, top_p=0.9), eos_id=tokenizer.eos_id(),
-                          seed=train_cfg.seed)[0]
+                          sampling=Sampling(temperature=0.7, top_p=0.9), eos_id=tokenizer.eos_id,
+                          seed=train_cfg.seed, vocab_limit=tokenizer.vocab_size)[0]
     if not process_zero():
       return
     text = tokenizer.decode(prompt[1:] + completion.tokens)
