@@ -1,16 +1,34 @@
-"""Test session set-up: 8 simulated CPU devices (sharding tests), a small prepared token store, and an S3
-server (moto's, on 127.0.0.1) started once per session."""
+"""Test session set-up: 8 simulated CPU devices (sharding tests), a small prepared token store, a Ray cluster
+that every test process joins, and an S3 server (moto's, on 127.0.0.1), each started once per session."""
 
+import contextlib
 import os
 import pathlib
 import re
 import sysconfig
+import tempfile
 
 import jax
 import pytest
+import ray_cluster
 import s3_server
 
 jax.config.update("jax_num_cpu_devices", 8)  # before any backend starts; single-device code uses device 0
+_SESSION = contextlib.ExitStack()
+
+
+def pytest_configure(config):
+  """The controlling process starts the session's Ray head; xdist workers, started later, inherit RAY_ADDRESS."""
+  if hasattr(config, "workerinput") or os.environ.get("RAY_ADDRESS"):
+    return
+  temp_dir = _SESSION.enter_context(tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp"))
+  os.environ.update(ray_cluster.ENV)
+  os.environ["RAY_ADDRESS"] = _SESSION.enter_context(ray_cluster.head_node(temp_dir))
+
+
+def pytest_unconfigure(config):
+  del config
+  _SESSION.close()
 
 
 @pytest.fixture(scope="session")

@@ -5,8 +5,10 @@ import pathlib
 
 import numpy as np
 import pytest
+from etils import epath
 
-from yanjax.data import sources, store_writer, tokenizer
+from yanjax.data import shard_writer, sources, store_writer, tokenizer
+from yanjax.data import store as store_format
 from yanjax.data.errors import DataError, SequenceLengthError, TokenizerMismatchError
 from yanjax.data.loader import make_loader
 from yanjax.data.packing import DocumentRows, PackedSequences
@@ -14,13 +16,14 @@ from yanjax.data.store import open_store
 
 VOCAB = 400
 BOS, EOS = 1, 2
+SHARDS = 3  # shards per split: the loader reads them end to end
 KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
 
 def _train_tokenizer(vocab_size: int) -> bytes:
   texts = (sources.stdlib_root() / name for name in ("textwrap.py", "bisect.py", "json/decoder.py"))
   sentences = tokenizer.sample_sentences((p.read_text() for p in texts), 100_000)
-  return tokenizer.train(sentences, vocab_size, "bpe", num_threads=1)
+  return tokenizer.train_sentencepiece(sentences, vocab_size, "bpe", num_threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +43,25 @@ def random_documents(rng: np.random.Generator, count: int, low: int, high: int,
 
 def write_store(path: pathlib.Path, model: bytes, train: list[np.ndarray],
                 validation: list[np.ndarray] = ()) -> pathlib.Path:
-  with store_writer.StoreBuilder(path, model) as builder:
-    builder.splits["train"].add(list(train))
-    builder.splits["validation"].add(list(validation))
-    builder.publish({"fingerprint": "synthetic"}, overwrite=False)
+  """A store of these documents, each split cut into SHARDS shards (as input shards cut them)."""
+  processor = tokenizer.from_bytes(model, "the test tokenizer")
+  dtype = store_format.token_dtype(processor.vocab_size)
+  temp = store_writer.temporary_directory(epath.Path(path), "synthetic")
+  temp.mkdir(parents=True)
+  (temp / processor.file_name).write_bytes(model)
+  splits = {}
+  for name, documents in (("train", train), ("validation", validation)):
+    shards = []
+    for index, part in enumerate(np.array_split(np.arange(len(documents)), SHARDS)):
+      writer = shard_writer.ShardWriter(temp / name / f"{index:06d}", dtype)
+      writer.add([documents[i] for i in part])
+      shards += [entry for entry in [writer.finish()] if entry["num_documents"]]
+    splits[name] = {"num_tokens": sum(s["num_tokens"] for s in shards), "shards": shards,
+                    "num_documents": sum(s["num_documents"] for s in shards)}
+  metadata = {"format": store_format.FORMAT_NAME, "format_version": store_format.FORMAT_VERSION,
+              "fingerprint": "synthetic", "tokenizer": processor.metadata(), "token_dtype": dtype.name,
+              "splits": splits}
+  store_writer.publish(temp, epath.Path(path), metadata, overwrite=False)
   return path
 
 

@@ -1,4 +1,4 @@
-"""Preparation tests on tiny corpora: round trip, store contents, formats, bad input, atomicity."""
+"""Preparation tests on tiny corpora: round trip, store contents, formats, bad input, atomicity, resumption."""
 
 import gzip
 import json
@@ -14,7 +14,7 @@ import pytest
 
 from data_pipelines.prepare import main as prepare_main
 from data_pipelines.prepare import parse_settings
-from yanjax.data import prepare, sources, store_writer
+from yanjax.data import content, prepare, sources, store_writer
 from yanjax.data.errors import CorpusError, StoreError, TokenizerMismatchError
 from yanjax.data.store import TEMP_MARKER, open_store
 
@@ -40,7 +40,7 @@ def write_text_corpus(directory: pathlib.Path) -> list[str]:
 
 def run_prepare(output: pathlib.Path, *argv: str):
   args = ["--output", str(output), "--vocab_size", str(VOCAB), "--tokenizer_sample_bytes", "200000",
-          "--validation_fraction", "0.25", "--num_threads", "2", *argv]
+          "--validation_fraction", "0.25", "--input_shard_bytes", "20000", "--no_progress", *argv]
   return prepare.prepare_store(parse_settings(args))
 
 
@@ -53,9 +53,9 @@ def text_store(tmp_path_factory):
   """(store, corpus directory, texts) prepared once from the text corpus."""
   root = tmp_path_factory.mktemp("prepared")
   texts = write_text_corpus(root / "corpus")
-  # The split hashes absolute paths, which differ per run: pick the first seed giving both splits documents.
-  paths = [p.absolute() for p in sorted((root / "corpus").iterdir())]
-  seed = next(s for s in range(1000) if 0 < sum(prepare.is_validation(s, p, 0, 0.25) for p in paths) < len(paths))
+  # The first seed that gives both splits documents.
+  digests = [content.digest(text) for text in texts]
+  seed = next(s for s in range(1000) if 0 < sum(content.is_validation(s, d, 0.25) for d in digests) < len(texts))
   run_prepare(root / "store", str(root / "corpus"), "--seed", str(seed))
   return open_store(root / "store"), root / "corpus", texts
 
@@ -74,9 +74,9 @@ def test_store_equals_direct_tokenization(text_store):
   store, corpus, texts = text_store
   processor = store.tokenizer()
   expected = {"train": [], "validation": []}
-  for index, path in enumerate(sorted(corpus.iterdir())):
-    held_out = prepare.is_validation(store.metadata["settings"]["seed"], path.absolute(), 0, 0.25)
-    ids = [store.bos_id] + processor.encode(texts[index]) + [store.eos_id]
+  for text in texts:  # the files' order is the texts' order
+    held_out = content.is_validation(store.metadata["settings"]["seed"], content.digest(text), 0.25)
+    ids = [store.bos_id] + processor.encode(text) + [store.eos_id]
     expected["validation" if held_out else "train"].append(ids)
   assert expected["train"] and expected["validation"]
   for split, documents in expected.items():
@@ -85,6 +85,8 @@ def test_store_equals_direct_tokenization(text_store):
   assert store.metadata["token_dtype"] == "uint16" and store.vocab_size == VOCAB
   assert store.split("train").tokens.dtype.numpy_dtype == np.uint16
   assert store.metadata["sources"]["num_documents"] == len(texts)
+  assert store.metadata["sources"]["num_units"] > 2  # several shards, concatenated in input order
+  assert len(store.metadata["splits"]["train"]["shards"]) > 1
 
 
 def test_jsonl_gz_parquet_and_glob_inputs(tmp_path):
@@ -167,8 +169,9 @@ def test_reused_tokenizer_and_vocabulary_mismatch(tmp_path, text_store):
   assert open_store(tmp_path / "store").tokenizer_sha256 == store.tokenizer_sha256
 
 
-def test_failure_before_publishing_leaves_no_store(tmp_path, monkeypatch):
+def test_failure_before_publishing_leaves_no_store_and_a_rerun_resumes(tmp_path, monkeypatch, capsys):
   write_text_corpus(tmp_path / "corpus")
+  publish = store_writer.replace_directory
 
   def fail(*unused):
     raise OSError("disk full")
@@ -176,14 +179,22 @@ def test_failure_before_publishing_leaves_no_store(tmp_path, monkeypatch):
   monkeypatch.setattr(store_writer, "replace_directory", fail)
   with pytest.raises(OSError, match="disk full"):
     run_prepare(tmp_path / "store", str(tmp_path / "corpus"))
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]  # temporary directory removed
-  with pytest.raises(StoreError, match="no prepared store"):
-    open_store(tmp_path / "store")
+  (leftover,) = tmp_path.glob(f"store{TEMP_MARKER}*")  # kept for the re-run, never trusted
+  for path in (leftover, tmp_path / "store"):
+    with pytest.raises(StoreError):
+      open_store(path)
+  monkeypatch.setattr(store_writer, "replace_directory", publish)
+  capsys.readouterr()
+  run_prepare(tmp_path / "store", str(tmp_path / "corpus"))
+  assert "resuming the interrupted preparation" in capsys.readouterr().err
+  store = open_store(tmp_path / "store")
+  assert store.metadata["preparation"]["units_resumed"] == store.metadata["sources"]["num_units"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "store"]
 
 
 def test_killed_preparation_is_never_trusted_and_a_rerun_completes(tmp_path):
   write_text_corpus(tmp_path / "corpus")
-  argv = ["--output", str(tmp_path / "store"), "--vocab_size", str(VOCAB),
+  argv = ["--output", str(tmp_path / "store"), "--vocab_size", str(VOCAB), "--no_progress",
           "--tokenizer_sample_bytes", "200000", str(tmp_path / "corpus")]
   # The process dies the moment it would rename the finished temporary directory into place.
   script = ("import os, signal, sys\n"
@@ -225,13 +236,13 @@ def test_help_and_cli_error_exit(tmp_path, capsys):
 
 def test_default_corpus_is_the_standard_library():
   files = sources.stdlib_files()
-  assert len(files) > 100 and all(f.path.suffix == ".py" for f in files)
-  assert not any(sources.STDLIB_EXCLUDED_DIRS.intersection(f.path.parts) for f in files)
+  assert len(files) > 100 and all(f.url.endswith(".py") for f in files)
+  assert not any(sources.STDLIB_EXCLUDED_DIRS.intersection(pathlib.Path(f.url).parts) for f in files)
 
 
 @pytest.mark.slow
 def test_default_preparation(tmp_path):
-  prepare.prepare_store(parse_settings(["--output", str(tmp_path / "stdlib")]))
+  prepare.prepare_store(parse_settings(["--output", str(tmp_path / "stdlib"), "--no_progress"]))
   store = open_store(tmp_path / "stdlib")
   assert store.metadata["sources"]["num_files"] == len(sources.stdlib_files())
   assert store.num_tokens["train"] > 1_000_000

@@ -1,73 +1,88 @@
-"""Prepares a token store from a text corpus: tokenizer, train/validation token arrays, metadata.
+"""Prepares a token store from a corpus on Ray Data: tokenizer, train/validation shards, metadata.
 
 The library call behind `python -m data_pipelines.prepare` (its command line) and the trainer's default
-corpus: `prepare_store(PrepareSettings(output=..., ...))`. With no inputs it reads the running Python's
-standard-library sources. Re-running with the same inputs (paths, sizes, mtimes) and settings is a no-op;
-the store is published atomically (on object stores: metadata.json last). See docs/data.md.
+corpus: `prepare_store(PrepareSettings(output=..., ...))`. The same code runs on a laptop (Ray started in this
+process) and on a Ray cluster (`ray_address`). The corpus is cut into input shards (yanjax.data.units);
+Ray tasks draw the tokenizer's sample from all of them, hash their documents for dedup, and tokenize each
+into its own shard of every split (yanjax.data.prepare_tasks). The store is built in
+`<output>.tmp-<fingerprint>` and published atomically once every shard is written (metadata.json last); a
+re-run after an interruption keeps the shards whose checksums verify. Re-running a finished preparation
+with the same inputs and settings is a no-op. See docs/data.md.
 """
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import dataclasses
 import hashlib
 import json
 import os
-import pathlib
-import random
 import secrets
 import sys
 import time
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Sequence
 
-import tqdm
+import numpy as np
 from etils import epath
 
 from yanjax.core import storage
-from yanjax.data import sources, store_writer, tokenizer
+from yanjax.core.errors import UserError
+from yanjax.data import content, hf_datasets, prepare_tasks, ray_runner, sources, store_writer, units
 from yanjax.data import store as store_format
-from yanjax.data.errors import (
-  CorpusError,
-  DataError,
-  StoreError,
-  TokenizerMismatchError,
-)
+from yanjax.data import tokenizer as tokenizers
+from yanjax.data.errors import CorpusError, DataError, StoreError, TokenizerMismatchError
 
 DEFAULT_VOCAB_SIZE = 2048
-_BATCH_CHARS = 1 << 20  # characters handed to the tokenizer threads at once
+TOKEN_DTYPES = ("auto", "uint16", "uint32")
 # Settings that change the prepared data; they enter the fingerprint and the metadata.
-_DATA_SETTINGS = ("vocab_size", "tokenizer_type", "tokenizer_sample_bytes", "text_field",
-                  "validation_fraction", "seed", "on_bad_input")
+_DATA_SETTINGS = ("vocab_size", "tokenizer_type", "tokenizer_sample_bytes", "text_field", "text_sample_by",
+                  "hf_config", "hf_split", "validation_fraction", "seed", "dedup", "on_bad_input", "token_dtype",
+                  "input_shard_bytes")
 
 
 @dataclasses.dataclass(frozen=True)
 class PrepareSettings:
   """What to prepare; the command line's flags of the same names (python -m data_pipelines.prepare --help)."""
   output: str  # directory of the store to publish: a local path, gs://bucket/path or s3://bucket/path
-  inputs: Sequence[str] = ()  # files, directories, globs, .jsonl[.gz], .parquet; () = the Python stdlib
-  vocab_size: int | None = None  # pieces of the trained tokenizer (None: DEFAULT_VOCAB_SIZE, or the given model's)
-  tokenizer_type: str = "bpe"  # one of tokenizer.MODEL_TYPES
-  tokenizer_model: str | None = None  # reuse this sentencepiece .model (local, gs:// or s3://)
-  tokenizer_sample_bytes: int = 4_000_000  # text (files in seeded random order) the tokenizer trains on
-  text_field: str = "text"  # JSONL field / Parquet column with the text
-  validation_fraction: float = 0.01  # documents held out for validation
-  seed: int = 0  # seed of the validation split and the tokenizer's sample
+  inputs: Sequence[str] = ()  # files, directories, globs, local or gs:// / s3://; () and no hf_datasets: the stdlib
+  hf_datasets: Sequence[str] = ()  # Hugging Face datasets: save_to_disk directories, .parquet/.arrow globs, hub names
+  hf_config: str | None = None  # the hub datasets' configuration
+  hf_split: str = "train"  # the split of every Hugging Face dataset
+  vocab_size: int | None = None  # pieces of the trained tokenizer (None: DEFAULT_VOCAB_SIZE, or the given one's)
+  tokenizer_type: str = "bpe"  # one of tokenizers.MODEL_TYPES (a trained sentencepiece model)
+  tokenizer_model: str | None = None  # use this sentencepiece .model or tokenizer.json (local, gs:// or s3://)
+  tokenizer_sample_bytes: int = 4_000_000  # text, drawn from every input shard, the tokenizer trains on
+  text_field: str = "text"  # JSONL field / Parquet or dataset column with the text
+  text_sample_by: str = "document"  # one of sources.SAMPLE_BY: what a document of a plain-text file is
+  validation_fraction: float = 0.01  # documents held out for validation, chosen by content hash
+  seed: int = 0  # seed of the validation split
+  dedup: bool = False  # drop documents whose exact text occurred earlier in the corpus
   on_bad_input: str = "skip"  # one of sources.BAD_INPUT_POLICIES
+  token_dtype: str = "auto"  # one of TOKEN_DTYPES: the stored ids' type (auto: uint16 when the vocabulary fits)
+  input_shard_bytes: int | None = None  # input bytes one task reads (None: units.target_bytes of the corpus)
   overwrite: bool = False  # replace a store prepared from other inputs or settings
-  num_threads: int = dataclasses.field(default_factory=lambda: len(os.sched_getaffinity(0)))  # tokenizer threads
+  ray_address: str | None = None  # the Ray cluster to run on (None: $RAY_ADDRESS, else Ray on this machine)
+  num_workers: int | None = None  # tasks at once (None: every CPU of the cluster, or of this machine)
+  progress: bool = True  # Ray Data's progress bars on stderr
 
 
-def is_validation(seed: int, path: pathlib.Path, index: int, fraction: float) -> bool:
-  """Whether document `index` of file `path` is held out: a seeded hash of both, below `fraction`."""
-  digest = hashlib.blake2b(f"{seed}:{path}:{index}".encode("utf-8"), digest_size=8).digest()
-  return int.from_bytes(digest, "little") / 2.0**64 < fraction
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+  """The inputs a preparation reads, cut into units."""
+  files: list[sources.InputFile]
+  datasets: list[units.DatasetSize]
+  dataset_versions: list[str]
+  units: list[units.Unit]
+
+  def listing(self) -> dict[str, Any]:
+    """What identifies the inputs in the fingerprint: every file's URL, size and version; every dataset's."""
+    return {"files": [[f.url, f.size, f.version] for f in self.files],
+            "datasets": [[d.dataset, d.config, d.split, d.num_rows, v]
+                         for d, v in zip(self.datasets, self.dataset_versions)]}
 
 
-def fingerprint(files: Sequence[sources.SourceFile], settings: dict[str, Any]) -> str:
-  """sha256 of the file list (paths, sizes, mtimes) and the data settings."""
-  listing = [[str(f.path), f.size, f.mtime_ns] for f in files]
-  payload = {"format_version": store_format.FORMAT_VERSION, "settings": settings, "files": listing}
+def fingerprint(corpus: Corpus, settings: dict[str, Any]) -> str:
+  """sha256 of the inputs (`Corpus.listing`) and the data settings."""
+  payload = {"format_version": store_format.FORMAT_VERSION, "settings": settings, "inputs": corpus.listing()}
   return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
 
 
@@ -76,46 +91,41 @@ def prepare_store(args: PrepareSettings) -> epath.Path:
   (or ConfigError for unreachable storage) naming the setting at fault."""
   _check_args(args)
   out = store_format.store_path(args.output)
-  urls = [spec for spec in args.inputs if "://" in spec]
-  if urls:
-    raise CorpusError(f"input {urls[0]}: inputs are read from local files only (the output and "
-                      "--tokenizer_model may be gs:// or s3:// URLs); copy the corpus to local disk")
-  files = sources.list_files(args.inputs) if args.inputs else sources.stdlib_files()
-  if not files:
-    raise CorpusError("no input files: name text, JSONL or Parquet files, directories or globs")
-  given_model = _given_tokenizer(args)
-  vocab_size = (tokenizer.load(given_model).vocab_size() if given_model else
-                args.vocab_size or DEFAULT_VOCAB_SIZE)
+  corpus = _corpus(args)
+  given = _given_tokenizer(args)
+  vocab_size = given.vocab_size if given else args.vocab_size or DEFAULT_VOCAB_SIZE
+  dtype = _token_dtype(args.token_dtype, vocab_size)
   settings = {**{k: getattr(args, k) for k in _DATA_SETTINGS}, "vocab_size": vocab_size,
-              "tokenizer_model_sha256": given_model and hashlib.sha256(given_model).hexdigest()}
-  data_fingerprint = fingerprint(files, settings)
-  inside = [str(f.path) for f in files if _is_within(f.path, out)]
+              "tokenizer_model_sha256": given and given.sha256}
+  data_fingerprint = fingerprint(corpus, settings)
+  inside = [f.url for f in corpus.files if _is_within(f.url, out)]
   if inside:
     raise StoreError(f"--output {out} contains the input {inside[0]}; choose an --output outside the inputs")
   if _up_to_date(out, data_fingerprint, args.overwrite):
     print(f"{out} is up to date (fingerprint {data_fingerprint[:12]}); nothing to do")
     return out
+  if storage.is_bucket_root(out):
+    raise StoreError(f"{out} is a bucket; a store needs a path inside it, such as {out}/stores/name")
   _check_writable(out)
-  for leftover in sorted(out.parent.glob(f"{out.name}{store_format.TEMP_MARKER}*")):
-    print(f"warning: {leftover} is left from an interrupted preparation and is never read; delete it",
-          file=sys.stderr)
-
+  temp_dir = store_writer.temporary_directory(out, data_fingerprint)
+  _warn_about_leftovers(out, temp_dir)
   start = time.time()
-  model = given_model or _train_tokenizer(args, files, vocab_size)
-  processor = tokenizer.load(model)
-  report = sources.ReadReport(args.on_bad_input)
-  with store_writer.StoreBuilder(out, model) as builder:
-    documents = sources.read_documents(files, args.text_field, report)
-    _tokenize_into(builder, documents, processor, files, args)
-    if report.documents == 0:
-      raise CorpusError(f"the corpus ({len(files)} files) holds no text after skipping "
-                        f"{report.skipped} bad inputs; check the inputs")
-    if builder.splits["train"].num_documents == 0:
-      raise CorpusError(f"all {report.documents} documents went to validation; lower "
-                        "--validation_fraction")
-    builder.publish(_metadata(args, files, settings, data_fingerprint, report),
-                    overwrite=args.overwrite)
-  _print_summary(out, report, time.time() - start)
+  read = prepare_tasks.ReadSettings(args.text_field, args.text_sample_by, args.on_bad_input)
+  try:
+    with ray_runner.connect(args.ray_address, args.num_workers):
+      tokenizer = _tokenizer(args, corpus, read, temp_dir, given, vocab_size)
+      repeated = _repeated_copies(args, corpus, read)
+      task = prepare_tasks.TokenizeTask(tuple(corpus.units), read, os.fspath(temp_dir), data_fingerprint,
+                                        tokenizer.data, dtype.name, args.seed, args.validation_fraction)
+      items = [{"unit": u.index, "repeated": repeated[u.index].astype(np.int64).tobytes()} for u in corpus.units]
+      records = sorted(ray_runner.run(task, items, args.num_workers, args.progress), key=lambda r: r["unit"])
+    metadata = _metadata(args, corpus, settings, data_fingerprint, tokenizer, dtype, records)
+    _check_splits(metadata, corpus)
+    store_writer.publish(temp_dir, out, metadata, overwrite=args.overwrite)
+  except UserError:  # the inputs or settings must change, which changes the fingerprint: nothing to resume
+    storage.remove_tree(temp_dir, missing_ok=True)
+    raise
+  _print_summary(out, metadata, time.time() - start)
   return out
 
 
@@ -124,43 +134,156 @@ def _check_args(args: PrepareSettings):
     raise DataError(f"--vocab_size={args.vocab_size} must be positive")
   if not 0 <= args.validation_fraction < 1:
     raise DataError(f"--validation_fraction={args.validation_fraction} must be in [0, 1)")
-  if args.tokenizer_sample_bytes <= 0 or args.num_threads <= 0:
-    raise DataError("--tokenizer_sample_bytes and --num_threads must be positive")
+  if args.tokenizer_sample_bytes <= 0:
+    raise DataError(f"--tokenizer_sample_bytes={args.tokenizer_sample_bytes} must be positive")
+  for name in ("num_workers", "input_shard_bytes"):
+    if getattr(args, name) is not None and getattr(args, name) <= 0:
+      raise DataError(f"--{name}={getattr(args, name)} must be positive")
+  choices = {"text_sample_by": sources.SAMPLE_BY, "on_bad_input": sources.BAD_INPUT_POLICIES,
+             "token_dtype": TOKEN_DTYPES, "tokenizer_type": tokenizers.MODEL_TYPES}
+  for name, allowed in choices.items():
+    if getattr(args, name) not in allowed:
+      raise DataError(f"--{name}={getattr(args, name)!r} must be one of {', '.join(allowed)}")
 
 
-def _given_tokenizer(args: PrepareSettings) -> bytes | None:
-  """The bytes of --tokenizer_model, checked against --vocab_size; None when none is given."""
+def _corpus(args: PrepareSettings) -> Corpus:
+  """The input files and datasets, measured and cut into units."""
+  default = not args.inputs and not args.hf_datasets
+  files = sources.stdlib_files() if default else sources.list_inputs(args.inputs) if args.inputs else []
+  sizes, versions = [], []
+  for dataset in args.hf_datasets:
+    num_rows, num_bytes, version = hf_datasets.describe(dataset, args.hf_config, args.hf_split)
+    sizes.append(units.DatasetSize(dataset, args.hf_config, args.hf_split, num_rows, num_bytes))
+    versions.append(version)
+  corpus = Corpus(files, sizes, versions, units.plan(files, sizes, args.input_shard_bytes))
+  if not corpus.units:
+    raise CorpusError("no input files or rows: name text, JSONL or Parquet files, directories or globs, or "
+                      "--hf_dataset")
+  return corpus
+
+
+def _given_tokenizer(args: PrepareSettings) -> tokenizers.Tokenizer | None:
+  """The tokenizer --tokenizer_model names, checked against --vocab_size; None when none is given."""
   if not args.tokenizer_model:
     return None
   path = storage.as_path(args.tokenizer_model)
   fix = "check --tokenizer_model, the bucket and the credentials"
   if not storage.run_with_deadline(path.is_file, path, "--tokenizer_model", fix):
     raise DataError(f"--tokenizer_model {path} is not a file")
-  model = storage.run_with_deadline(path.read_bytes, path, "--tokenizer_model", fix)
-  vocab_size = tokenizer.load(model).vocab_size()
-  if args.vocab_size not in (None, vocab_size):
+  tokenizer = tokenizers.from_bytes(storage.run_with_deadline(path.read_bytes, path, "--tokenizer_model", fix),
+                                    f"--tokenizer_model {path}")
+  if args.vocab_size not in (None, tokenizer.vocab_size):
     raise TokenizerMismatchError(
-        f"--tokenizer_model {path} has {vocab_size} pieces but --vocab_size is {args.vocab_size}; "
-        f"drop --vocab_size or pass --vocab_size={vocab_size}")
-  return model
+        f"--tokenizer_model {path} has {tokenizer.vocab_size} ids but --vocab_size is {args.vocab_size}; "
+        f"drop --vocab_size or pass --vocab_size={tokenizer.vocab_size}")
+  return tokenizer
 
 
-def _train_tokenizer(args: PrepareSettings, files: Sequence[sources.SourceFile],
-                     vocab_size: int) -> bytes:
-  """A tokenizer trained on the first --tokenizer_sample_bytes of the files in seeded random order."""
-  order = random.Random(args.seed).sample(range(len(files)), len(files))
+def _token_dtype(name: str, vocab_size: int) -> np.dtype:
+  """The dtype --token_dtype asks for; DataError when the vocabulary does not fit it."""
+  dtype = store_format.token_dtype(vocab_size) if name == "auto" else np.dtype(name)
+  if vocab_size - 1 > np.iinfo(dtype).max:
+    raise DataError(f"--token_dtype={name}: a vocabulary of {vocab_size} ids does not fit {dtype.name} (at most "
+                    f"{np.iinfo(dtype).max + 1}); pass --token_dtype=uint32 or auto")
+  return dtype
+
+
+def _warn_about_leftovers(out: epath.Path, temp_dir: epath.Path):
+  """Says what earlier, interrupted preparations of other inputs or settings left beside `out`."""
+  storage.forget_listings(out.parent)
+  for leftover in sorted(out.parent.glob(f"{out.name}{store_format.TEMP_MARKER}*")):
+    if leftover.name == temp_dir.name:
+      print(f"resuming the interrupted preparation in {leftover}: its verified shards are kept", file=sys.stderr)
+    else:
+      print(f"warning: {leftover} is left from an interrupted preparation of other inputs or settings and is "
+            "never read; delete it", file=sys.stderr)
+
+
+def _tokenizer(args: PrepareSettings, corpus: Corpus, read: prepare_tasks.ReadSettings, temp_dir: epath.Path,
+               given: tokenizers.Tokenizer | None, vocab_size: int) -> tokenizers.Tokenizer:
+  """The store's tokenizer, written into `temp_dir`: the given one, the one an interrupted run of this
+  preparation trained (its shards were tokenized with it), or one trained on a sample of every unit."""
+  resumed = tokenizers.find_file(temp_dir)
+  if given is None and resumed is not None:
+    return tokenizers.from_bytes(resumed.read_bytes(), str(resumed))
+  if given is None:
+    task = prepare_tasks.SampleTask(tuple(corpus.units), read, args.tokenizer_sample_bytes)
+    samples = dict(ray_runner.run(task, [{"unit": u.index} for u in corpus.units], args.num_workers,
+                                  args.progress))
+    sentences = [s for index in sorted(samples) for s in samples[index]]
+    if not sentences:
+      raise CorpusError(f"the corpus ({len(corpus.units)} input shards) holds no text; check the inputs "
+                        "(bad inputs are skipped under --on_bad_input=skip)")
+    model = tokenizers.train_sentencepiece(sentences, vocab_size, args.tokenizer_type, len(os.sched_getaffinity(0)))
+    given = tokenizers.from_bytes(model, "the trained tokenizer")
+  if not storage.is_remote(temp_dir):
+    (temp_dir / store_format.UNITS_DIR).mkdir(parents=True, exist_ok=True)
+  storage.write_atomic(temp_dir / given.file_name, given.data)
+  return given
+
+
+def _repeated_copies(args: PrepareSettings, corpus: Corpus, read: prepare_tasks.ReadSettings) -> list[np.ndarray]:
+  """Per unit, the indices of the documents exact dedup removes (none without --dedup)."""
+  if not args.dedup:
+    return [np.zeros(0, np.int64)] * len(corpus.units)
+  task = prepare_tasks.DigestTask(tuple(corpus.units), read)
+  digests = dict(ray_runner.run(task, [{"unit": u.index} for u in corpus.units], args.num_workers, args.progress))
+  return content.repeated_copies([digests[u.index] for u in corpus.units])
+
+
+def _metadata(args, corpus: Corpus, settings, data_fingerprint, tokenizer: tokenizers.Tokenizer, dtype: np.dtype,
+              records: list[dict[str, Any]]) -> dict[str, Any]:
+  """metadata.json: the manifest of every shard, what was read and skipped, how it was prepared."""
   report = sources.ReadReport(args.on_bad_input)
-  texts = (d.text for d in sources.read_documents([files[i] for i in order], args.text_field, report))
-  sentences = tokenizer.sample_sentences(texts, args.tokenizer_sample_bytes)
-  if not sentences:
-    raise CorpusError(f"the corpus ({len(files)} files) holds no text after skipping {report.skipped} "
-                      "bad inputs; check the inputs")
-  return tokenizer.train(sentences, vocab_size, args.tokenizer_type, args.num_threads)
+  for record in records:
+    report.merge(sources.ReadReport(**record["report"]))
+  splits = {}
+  for split in store_format.SPLITS:
+    shards = [r["splits"][split] for r in records if r["splits"][split]["num_documents"]]
+    splits[split] = {"num_tokens": sum(s["num_tokens"] for s in shards),
+                     "num_documents": sum(s["num_documents"] for s in shards), "shards": shards}
+  default = not args.inputs and not args.hf_datasets
+  return {
+      "format": store_format.FORMAT_NAME,
+      "format_version": store_format.FORMAT_VERSION,
+      "fingerprint": data_fingerprint,
+      "settings": settings,
+      "tokenizer": {**tokenizer.metadata(), "origin": args.tokenizer_model or f"trained ({args.tokenizer_type})"},
+      "token_dtype": dtype.name,
+      "splits": splits,
+      "document_format": "bos_id, tokens of the text, eos_id",
+      "sources": {
+          "inputs": [f"python stdlib: {sources.stdlib_root()}"] if default else list(args.inputs),
+          "hf_datasets": list(args.hf_datasets),
+          "num_files": len(corpus.files),
+          "num_bytes": sum(u.num_bytes for u in corpus.units),
+          "num_units": len(corpus.units),
+          "num_documents": report.documents,
+          "empty_documents": report.empty_documents,
+          "duplicates_removed": sum(r["duplicates_removed"] for r in records),
+          "skipped_inputs": report.skipped,
+          "skipped_examples": report.skipped_examples,
+      },
+      "preparation": {
+          "units_resumed": sum(r["resumed"] for r in records),
+          "peak_rss_bytes_per_worker": max(r["peak_rss_bytes"] for r in records),
+      },
+  }
+
+
+def _check_splits(metadata: dict[str, Any], corpus: Corpus):
+  sources_meta, splits = metadata["sources"], metadata["splits"]
+  if sources_meta["num_documents"] == 0:
+    raise CorpusError(f"the corpus ({len(corpus.units)} input shards) holds no text after skipping "
+                      f"{sources_meta['skipped_inputs']} bad inputs; check the inputs")
+  if splits["train"]["num_documents"] == 0:
+    raise CorpusError(f"all {splits['validation']['num_documents']} documents went to validation; lower "
+                      "--validation_fraction")
 
 
 def _is_within(path, directory: epath.Path) -> bool:
-  """Whether local `path` is `directory` or inside it (False for a bucket `directory`)."""
-  if storage.is_remote(directory):
+  """Whether `path` is `directory` or inside it (False when either is in a bucket)."""
+  if storage.is_remote(directory) or storage.is_remote(path):
     return False
   return os.path.commonpath([os.path.abspath(path), os.fspath(directory)]) == os.fspath(directory)
 
@@ -203,73 +326,19 @@ def _check_writable(out: epath.Path):
                             "check the bucket name, the credentials and (for s3://) AWS_ENDPOINT_URL")
 
 
-def _batches(documents: Iterable[sources.Document], max_chars: int) -> Iterator[list[sources.Document]]:
-  batch, size = [], 0
-  for document in documents:
-    batch.append(document)
-    size += len(document.text)
-    if size >= max_chars:
-      yield batch
-      batch, size = [], 0
-  if batch:
-    yield batch
-
-
-def _tokenize_into(builder: store_writer.StoreBuilder, documents: Iterable[sources.Document],
-                   processor, files: Sequence[sources.SourceFile], args: PrepareSettings):
-  """Encodes batches on all threads while the next batch is read; routes documents to their split."""
-  progress = tqdm.tqdm(total=len(files), unit="file", desc="tokenizing", file=sys.stderr)
-  in_flight = collections.deque()
-  with concurrent.futures.ThreadPoolExecutor(max_workers=1) as executor, progress:
-
-    def write_oldest():
-      future, batch = in_flight.popleft()
-      routed = {name: [] for name in builder.splits}
-      for document, ids in zip(batch, future.result()):
-        held_out = is_validation(args.seed, files[document.source].path, document.index,
-                                 args.validation_fraction)
-        routed["validation" if held_out else "train"].append(ids)
-      for name, ids in routed.items():
-        builder.splits[name].add(ids)
-      progress.update(batch[-1].source - progress.n)
-      progress.set_postfix(tokens=sum(s.num_tokens for s in builder.splits.values()), refresh=False)
-
-    for batch in _batches(documents, _BATCH_CHARS):
-      texts = [d.text for d in batch]
-      in_flight.append((executor.submit(tokenizer.encode, processor, texts, args.num_threads), batch))
-      if len(in_flight) > 1:
-        write_oldest()
-    while in_flight:
-      write_oldest()
-    progress.update(len(files) - progress.n)
-
-
-def _metadata(args, files, settings, data_fingerprint, report) -> dict[str, Any]:
-  return {
-      "fingerprint": data_fingerprint,
-      "settings": settings,
-      "tokenizer": {"origin": args.tokenizer_model or f"trained ({args.tokenizer_type})"},
-      "document_format": "bos_id, tokens of the text, eos_id",
-      "sources": {
-          "inputs": list(args.inputs) or [f"python stdlib: {sources.stdlib_root()}"],
-          "num_files": len(files),
-          "num_bytes": sum(max(f.size, 0) for f in files),
-          "num_documents": report.documents,
-          "empty_documents": report.empty_documents,
-          "skipped_inputs": report.skipped,
-          "skipped_examples": report.skipped_examples,
-      },
-  }
-
-
-def _print_summary(out: epath.Path, report: sources.ReadReport, seconds: float):
-  metadata = store_format.open_store(out).metadata
+def _print_summary(out: epath.Path, metadata: dict[str, Any], seconds: float):
   splits = ", ".join(f"{name}: {s['num_documents']} documents, {s['num_tokens']} tokens"
                      for name, s in metadata["splits"].items())
-  print(f"prepared {out} in {seconds:.1f}s ({splits}); vocabulary {metadata['tokenizer']['vocab_size']}")
+  tokens = sum(s["num_tokens"] for s in metadata["splits"].values())
+  found = metadata["sources"]
+  print(f"prepared {out} in {seconds:.1f}s ({splits}; {tokens / max(seconds, 1e-9):,.0f} tokens/s); vocabulary "
+        f"{metadata['tokenizer']['vocab_size']}; {found['num_units']} input shards "
+        f"({metadata['preparation']['units_resumed']} kept from an interrupted run)")
+  if found["duplicates_removed"]:
+    print(f"removed {found['duplicates_removed']} exact duplicate documents", file=sys.stderr)
   if metadata["splits"]["validation"]["num_documents"] == 0:
     print("warning: the validation split is empty; raise --validation_fraction to hold documents out",
           file=sys.stderr)
-  if report.skipped:
-    print(f"skipped {report.skipped} bad inputs (listed in metadata.json), e.g. "
-          f"{report.skipped_examples[0]}", file=sys.stderr)
+  if found["skipped_inputs"]:
+    print(f"skipped {found['skipped_inputs']} bad inputs (listed in metadata.json), e.g. "
+          f"{found['skipped_examples'][0]}", file=sys.stderr)

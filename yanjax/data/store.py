@@ -3,11 +3,13 @@
 A store is the directory (or object-store prefix: gs://bucket/..., s3://bucket/...) that
 `python -m data_pipelines.prepare` publishes (layout in docs/data.md):
 
-  <store>/metadata.json        written last; without it (complete and consistent) the store is not trusted
-  <store>/tokenizer.model      sentencepiece model; its sha256 is in the metadata
-  <store>/<split>/tokens       zarr3 array [n_tokens] of uint16 or uint32 token ids
-  <store>/<split>/doc_offsets  zarr3 array [n_docs + 1] int64; document i is tokens[offsets[i]:offsets[i+1]]
+  <store>/metadata.json                 written last; without it (complete and consistent) the store is not trusted
+  <store>/tokenizer.model | .json       sentencepiece model or Hugging Face tokenizer.json; sha256 in the metadata
+  <store>/<split>/<shard>/tokens        zarr3 array [n_tokens] of uint16 or uint32 token ids
+  <store>/<split>/<shard>/doc_offsets   zarr3 array [n_docs + 1] int64; document i is tokens[offsets[i]:offsets[i+1]]
+  <store>/units/<shard>.json            what preparing that input shard read, wrote and skipped
 
+A split is its shards in order, concatenated (the metadata lists them with their sizes and checksums).
 Every document is stored as `bos_id, <tokens of its text>, eos_id`. Files are read through
 `yanjax.core.storage` (epath), arrays through tensorstore's file, gcs or s3 kvstore.
 """
@@ -22,18 +24,18 @@ import os
 from typing import Any, Callable
 
 import numpy as np
-import sentencepiece as spm
 import tensorstore as ts
 from etils import epath
 
 from yanjax.core import storage
 from yanjax.core.config import ConfigError
+from yanjax.data import tokenizer as tokenizers
 from yanjax.data.errors import StoreError
 
 FORMAT_NAME = "yanjax-token-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: splits are lists of shards; the tokenizer may be a tokenizer.json
 METADATA_FILE = "metadata.json"
-TOKENIZER_FILE = "tokenizer.model"
+UNITS_DIR = "units"
 TOKENS_ARRAY = "tokens"
 OFFSETS_ARRAY = "doc_offsets"
 SPLITS = ("train", "validation")
@@ -55,36 +57,53 @@ def store_path(path: str | os.PathLike) -> epath.Path:
     raise StoreError(str(e)) from e
 
 
-def _open_array(path: epath.Path, context: ts.Context | None = None) -> ts.TensorStore:
-  """Opens an existing 1-D zarr3 array for reading."""
+def _open_array(path: epath.Path, context: ts.Context | None = None) -> ts.Future:
+  """Starts opening an existing 1-D zarr3 array for reading."""
   spec = {"driver": "zarr3", "kvstore": storage.kvstore(path)}
-  return ts.open(spec, read=True, open=True, context=context).result()
+  return ts.open(spec, read=True, open=True, context=context)
 
 
 class StoreSplit:
-  """One split (train or validation) of a store: its token array and document offsets."""
+  """One split (train or validation) of a store: its shards' token arrays and document offsets, end to end."""
 
-  def __init__(self, name: str, directory: epath.Path, num_tokens: int, num_documents: int,
-               context: ts.Context):
+  def __init__(self, name: str, directory: epath.Path, info: dict[str, Any], dtype: np.dtype, context: ts.Context):
     self.name = name
-    self.num_tokens = num_tokens
-    self.num_documents = num_documents
-    try:
-      self.tokens = _open_array(directory / TOKENS_ARRAY, context)
-      self._offsets = _open_array(directory / OFFSETS_ARRAY, context)
-    except ValueError as e:
-      raise StoreError(f"split {name!r} at {directory} cannot be opened ({e}); the store is corrupt: "
-                       "re-run data_pipelines.prepare with --overwrite") from e
-    if self.tokens.shape != (num_tokens,) or self._offsets.shape != (num_documents + 1,):
-      raise StoreError(
-          f"split {name!r} at {directory} has arrays of shape {self.tokens.shape} and "
-          f"{self._offsets.shape} but metadata says {num_tokens} tokens and {num_documents} documents; "
-          "the store is corrupt: re-run data_pipelines.prepare with --overwrite")
+    self.num_tokens = info["num_tokens"]
+    self.num_documents = info["num_documents"]
+    self.shards = info["shards"]
+    rerun = "the store is corrupt: re-run data_pipelines.prepare with --overwrite"
+    opening = [(_open_array(directory / s["name"] / TOKENS_ARRAY, context),
+                _open_array(directory / s["name"] / OFFSETS_ARRAY, context)) for s in self.shards]
+    self._shard_tokens, self._shard_offsets = [], []
+    for shard, (tokens, offsets) in zip(self.shards, opening):
+      try:
+        tokens, offsets = tokens.result(), offsets.result()
+      except ValueError as e:
+        raise StoreError(f"shard {shard['name']} of split {name!r} at {directory} cannot be opened ({e}); "
+                         f"{rerun}") from e
+      if tokens.shape != (shard["num_tokens"],) or offsets.shape != (shard["num_documents"] + 1,):
+        raise StoreError(f"shard {shard['name']} of split {name!r} at {directory} has arrays of shape "
+                         f"{tokens.shape} and {offsets.shape} but metadata says {shard['num_tokens']} tokens "
+                         f"and {shard['num_documents']} documents; {rerun}")
+      self._shard_tokens.append(tokens)
+      self._shard_offsets.append(offsets)
+    if (sum(s["num_tokens"] for s in self.shards), sum(s["num_documents"] for s in self.shards)) != (
+        self.num_tokens, self.num_documents):
+      raise StoreError(f"split {name!r} at {directory}: its shards do not add up to the metadata's "
+                       f"{self.num_tokens} tokens and {self.num_documents} documents; {rerun}")
+    self.tokens = (ts.concat(self._shard_tokens, axis=0) if self._shard_tokens else
+                   ts.array(np.zeros(0, dtype)))
 
   @functools.cached_property
   def doc_offsets(self) -> np.ndarray:
-    """[n_docs + 1] int64 document boundaries into `tokens`."""
-    return self._offsets.read().result()
+    """[n_docs + 1] int64 document boundaries into `tokens` (the shards' offsets, shifted end to end)."""
+    reads = [offsets.read() for offsets in self._shard_offsets]
+    parts, start = [np.zeros(1, np.int64)], 0
+    for read in reads:
+      offsets = read.result()
+      parts.append(offsets[1:] + start)
+      start += int(offsets[-1])
+    return np.concatenate(parts)
 
   def document(self, index: int) -> np.ndarray:
     """Tokens [n] int32 of document `index`, bos and eos included."""
@@ -118,7 +137,8 @@ class Store:
 
   @property
   def tokenizer_path(self) -> epath.Path:
-    return self.path / TOKENIZER_FILE
+    """tokenizer.model or tokenizer.json, as the metadata names it."""
+    return self.path / self.metadata["tokenizer"]["file"]
 
   @property
   def tokenizer_sha256(self) -> str:
@@ -147,13 +167,13 @@ class Store:
     return self.splits[name]
 
   def tokenizer_bytes(self) -> bytes:
-    """The serialized sentencepiece model (its sha256 is `tokenizer_sha256`); write it anywhere with
+    """The serialized tokenizer file (its sha256 is `tokenizer_sha256`); write it anywhere with
     `storage.as_path(dest).write_bytes(...)`."""
     return self.tokenizer_model
 
-  def tokenizer(self) -> spm.SentencePieceProcessor:
-    """The store's sentencepiece tokenizer."""
-    return spm.SentencePieceProcessor(model_proto=self.tokenizer_model)
+  def tokenizer(self) -> tokenizers.Tokenizer:
+    """The store's tokenizer (sentencepiece or Hugging Face)."""
+    return tokenizers.from_bytes(self.tokenizer_model, str(self.tokenizer_path))
 
 
 def _storage_call(fn: Callable[[], Any], path: epath.Path, what: str) -> Any:
@@ -204,6 +224,9 @@ def _read_metadata(path: epath.Path) -> dict[str, Any]:
   missing = [key for key in _REQUIRED_KEYS if key not in metadata]
   if missing:
     raise StoreError(f"{path}/{METADATA_FILE} lacks {missing}; {rerun} with --overwrite")
+  if metadata["tokenizer"].get("file") not in tokenizers.FILE_NAMES.values():
+    raise StoreError(f"{path}/{METADATA_FILE} names no tokenizer file of {sorted(tokenizers.FILE_NAMES.values())}; "
+                     f"{rerun} with --overwrite")
   if (metadata["format"], metadata["format_version"]) != (FORMAT_NAME, FORMAT_VERSION):
     raise StoreError(
         f"{path} holds format {metadata['format']!r} version {metadata['format_version']}, this "
@@ -216,14 +239,14 @@ def open_store(path: str | os.PathLike) -> Store:
   shapes)."""
   path = store_path(path)
   metadata = _read_metadata(path)
-  tokenizer_file = path / TOKENIZER_FILE
-  model = _read_file(path, TOKENIZER_FILE)
+  tokenizer_file = path / metadata["tokenizer"]["file"]
+  model = _read_file(path, metadata["tokenizer"]["file"])
   if model is None or hashlib.sha256(model).hexdigest() != metadata["tokenizer"]["sha256"]:
     raise StoreError(f"{tokenizer_file} is missing or its sha256 differs from the metadata's; the store "
                      f"is corrupt: re-run data_pipelines.prepare with --overwrite")
   context = ts.Context({"cache_pool": {"total_bytes_limit": _CACHE_BYTES}})
   splits = {
-      name: StoreSplit(name, path / name, info["num_tokens"], info["num_documents"], context)
+      name: StoreSplit(name, path / name, info, np.dtype(metadata["token_dtype"]), context)
       for name, info in metadata["splits"].items()
   }
   if sorted(splits) != sorted(SPLITS):

@@ -1,0 +1,95 @@
+"""Running preparation tasks on Ray Data: locally (Ray started in this process) or on a cluster.
+
+`connect` joins the cluster at `--ray_address` (or $RAY_ADDRESS), or starts Ray on this machine with one CPU a
+worker. Tasks run with the driver's storage variables (FORWARDED_ENV, where set), so a bucket the driver
+reaches is reached by every task; the variables travel in the tasks' runtime environment.
+
+`run` maps a task over items, one item a block, so Ray schedules, retries (a task whose worker dies is run
+again: Ray Data's default for tasks) and streams the results back. A task's result crosses as one pickled
+value (rows of one schema, whatever the task returns), and a `UserError` it raises as a value too, which `run`
+raises again on the driver as that class, so the user sees one line, not a remote traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+from typing import Any, Callable, Iterator
+
+from yanjax.core.errors import UserError
+from yanjax.data import errors as data_errors
+
+# Each task is one core: the tokenizers' own thread pools stay at one thread.
+_WORKER_ENV = {"RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+# Where buckets are and who reads them: the driver's settings, when it has them, are the tasks' too.
+FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION",
+                 "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT",
+                 "YANJAX_STORAGE_TIMEOUT_S")
+
+
+@contextlib.contextmanager
+def connect(address: str | None, num_workers: int | None) -> Iterator[None]:
+  """Ray for the block: the cluster at `address` (or $RAY_ADDRESS), an already initialized Ray, or a local one
+  with `num_workers` CPUs (default: the cores this process may use). A Ray this call started is shut down."""
+  import ray  # pylint: disable=import-outside-toplevel  # Ray is slow to import; only preparation needs it
+  if ray.is_initialized():
+    yield
+    return
+  address = address or os.environ.get("RAY_ADDRESS")
+  options: dict[str, Any] = dict(logging_level=logging.ERROR, log_to_driver=False, include_dashboard=False)
+  if not address:
+    options["num_cpus"] = num_workers or len(os.sched_getaffinity(0))
+  try:
+    ray.init(address=address, **options)
+  except (ConnectionError, ValueError, RuntimeError) as e:
+    raise data_errors.DataError(f"--ray_address {address}: cannot join the Ray cluster ({e}); start it with "
+                                "`ray start --head`, or leave --ray_address out to run on this machine") from e
+  try:
+    yield
+  finally:
+    ray.shutdown()
+
+
+def run(task: Callable[[dict[str, Any]], Any], items: list[dict[str, Any]], num_workers: int | None,
+        progress: bool) -> Iterator[Any]:
+  """task(item) for every item, at most `num_workers` at once (None: as many as the cluster has CPUs), results
+  in completion order. Raises the first UserError a task raised."""
+  import ray.data  # pylint: disable=import-outside-toplevel
+  context = ray.data.DataContext.get_current()
+  context.enable_progress_bars = progress
+  context.print_on_execution_start = False
+  logging.getLogger("ray.data").setLevel(logging.WARNING)
+  env = {**_WORKER_ENV, **{name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}}
+  dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items))).map(
+      _Pickling(task), num_cpus=1, concurrency=num_workers, runtime_env={"env_vars": env})
+  rows = iter(dataset.iter_rows())
+  try:
+    for row in rows:
+      if row["error"]:
+        raise _user_error(row["error"], row["message"])
+      yield pickle.loads(row["result"])
+  finally:
+    rows.close()  # stops the execution now, not when the generator is collected (after Ray is shut down)
+
+
+class _Pickling:
+  """`task` returning {"result": its pickled value, "error": "", "message": ""}, or a UserError's class name
+  and message."""
+
+  def __init__(self, task: Callable[[dict[str, Any]], Any]):
+    self.task = task
+
+  def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
+    try:
+      return {"result": pickle.dumps(self.task(item)), "error": "", "message": ""}
+    except UserError as e:
+      return {"result": b"", "error": type(e).__name__, "message": str(e)}
+
+
+def _user_error(name: str, message: str) -> UserError:
+  error_class = getattr(data_errors, name, None)
+  if not (isinstance(error_class, type) and issubclass(error_class, UserError)):
+    error_class = data_errors.DataError
+  return error_class(message)
