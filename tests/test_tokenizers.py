@@ -20,8 +20,8 @@ import sentencepiece as spm
 from flax import nnx
 from model_helpers import random_model
 from test_inference_sharded import write_checkpoint
+from tokenizer_helpers import byte_level_bpe
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from yanjax.core import cli
 from yanjax.data import tokenizer as tokenization
@@ -47,24 +47,13 @@ def _corpus() -> list[str]:
   return [(STDLIB / name).read_text(encoding="utf-8")[:6000] for name in ("textwrap.py", "string.py", "abc.py")]
 
 
-def _byte_level_bpe(special_tokens, vocab_size=400) -> bytes:
-  """A byte-level BPE tokenizer.json (as GPT-2 / Llama-3 / Qwen use) trained on a few KB of stdlib source."""
-  hf = HFTokenizer(models.BPE())
-  hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  hf.decoder = decoders.ByteLevel()
-  hf.train_from_iterator(_corpus(), trainers.BpeTrainer(
-      vocab_size=vocab_size, special_tokens=special_tokens, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-      show_progress=False))
-  return hf.to_str().encode("utf-8")
-
-
 @pytest.fixture(scope="module")
 def files():
   """kind -> the bytes of a test tokenizer of that kind; "s_tokens": a tokenizer.json with <s> and </s>."""
   sentences = tokenization.sample_sentences(_corpus(), 20_000)
   return {"sentencepiece": tokenization.train_sentencepiece(sentences, 400, "bpe", 1),
-          "huggingface": _byte_level_bpe(["<|endoftext|>"]),
-          "s_tokens": _byte_level_bpe(["<pad>", "<s>", "</s>"])}
+          "huggingface": byte_level_bpe(_corpus(), ["<|endoftext|>"]),
+          "s_tokens": byte_level_bpe(_corpus(), ["<pad>", "<s>", "</s>"])}
 
 
 @pytest.fixture(scope="module")
@@ -140,9 +129,9 @@ REFUSALS = {
     "a JSON list": (lambda files: b"[1, 2]", 'JSON without a "model" key'),
     "invalid JSON": (lambda files: b'{"model": {"type": "BPE", ', "invalid JSON"),
     "a model tokenizers cannot read": (lambda files: b'{"model": 3}', "the tokenizers library cannot read it"),
-    "tokenizer.json without bos": (lambda files: _byte_level_bpe(["<pad>", "</s>"], 300),
+    "tokenizer.json without bos": (lambda files: byte_level_bpe(_corpus(), ["<pad>", "</s>"], 300),
                                    "no special token for bos, .*<\\|begin_of_text\\|>, <s>, <bos>"),
-    "tokenizer.json without eos": (lambda files: _byte_level_bpe(["<pad>", "<s>"], 300),
+    "tokenizer.json without eos": (lambda files: byte_level_bpe(_corpus(), ["<pad>", "<s>"], 300),
                                    "no special token for eos, .*<\\|end_of_text\\|>, </s>, <eos>"),
     "sentencepiece without bos/eos": (lambda files: _sentencepiece_without_bos_eos(), "defines no bos or eos"),
 }

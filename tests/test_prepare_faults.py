@@ -1,0 +1,135 @@
+"""Faults during a preparation: a Ray worker killed mid-task, the driver killed mid-run. The store is never
+trusted before it is complete, and what is finally published equals an uninterrupted preparation.
+
+Each interrupted run is a `python -m data_pipelines.prepare` process with its own local Ray (no RAY_ADDRESS),
+so the processes killed here are its own, never the session cluster's that other tests use.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from data_pipelines.prepare import parse_settings
+from yanjax.data import sources
+from yanjax.data.errors import StoreError
+from yanjax.data.prepare import prepare_store
+from yanjax.data.store import TEMP_MARKER, UNITS_DIR, open_store
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, small_store) -> tuple[list[str], pathlib.Path]:
+  """(the preparation's arguments but --output, the reference store prepared without interruption)."""
+  files = [f.url for f in sources.stdlib_files()][:300]
+  argv = ["--tokenizer_model", str(small_store / "tokenizer.model"), "--input_shard_bytes", "100000",
+          "--num_workers", "1", "--no_progress", *files]
+  reference = tmp_path_factory.mktemp("reference") / "store"
+  prepare_store(parse_settings(["--output", str(reference), *argv]))
+  return argv, reference
+
+
+def start_preparation(output: pathlib.Path, argv: list[str]) -> subprocess.Popen:
+  """The preparation as its own process group, with a Ray of its own."""
+  env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+  return subprocess.Popen([sys.executable, "-m", "data_pipelines.prepare", "--output", str(output), *argv],
+                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True)
+
+
+def wait_for_units(output: pathlib.Path, count: int, proc: subprocess.Popen) -> int:
+  """Waits until the run has finished `count` units; returns how many it has."""
+  deadline = time.monotonic() + 300
+  while time.monotonic() < deadline:
+    done = len(list(output.parent.glob(f"{output.name}{TEMP_MARKER}*/{UNITS_DIR}/*.json")))
+    if done >= count:
+      return done
+    assert proc.poll() is None, f"the preparation ended early: {proc.communicate()}"
+    time.sleep(0.05)
+  raise AssertionError(f"fewer than {count} units finished in time")
+
+
+def descendants(pid: int) -> list[int]:
+  """Every process below `pid`."""
+  children: dict[int, list[int]] = {}
+  for entry in pathlib.Path("/proc").iterdir():
+    if not entry.name.isdigit():
+      continue
+    try:
+      parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (ValueError, OSError, IndexError):
+      continue
+    children.setdefault(parent, []).append(int(entry.name))
+  found, stack = [], [pid]
+  while stack:
+    for child in children.get(stack.pop(), []):
+      found.append(child)
+      stack.append(child)
+  return found
+
+
+def command_line(pid: int) -> str:
+  try:
+    return pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+  except OSError:
+    return ""
+
+
+def assert_same_store(path: pathlib.Path, reference: pathlib.Path):
+  store, expected = open_store(path), open_store(reference)
+  for split in ("train", "validation"):
+    np.testing.assert_array_equal(store.split(split).tokens.read().result(),
+                                  expected.split(split).tokens.read().result())
+    np.testing.assert_array_equal(store.split(split).doc_offsets, expected.split(split).doc_offsets)
+  assert store.metadata["fingerprint"] == expected.metadata["fingerprint"]
+
+
+def test_a_worker_killed_mid_task_is_retried_and_the_store_is_whole(tmp_path, corpus):
+  argv, reference = corpus
+  output = tmp_path / "store"
+  proc = start_preparation(output, argv)
+  wait_for_units(output, 2, proc)
+  tasks = [pid for pid in descendants(proc.pid) if command_line(pid).startswith("ray::Map")]
+  assert tasks, "no Ray task was running"
+  for pid in tasks:
+    os.kill(pid, signal.SIGKILL)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err
+  assert_same_store(output, reference)
+  assert not list(tmp_path.glob(f"store{TEMP_MARKER}*"))
+
+
+def test_a_killed_driver_leaves_no_trusted_store_and_a_rerun_keeps_the_verified_shards(tmp_path, corpus, capsys):
+  argv, reference = corpus
+  output = tmp_path / "store"
+  proc = start_preparation(output, argv)
+  finished = wait_for_units(output, 3, proc)
+  for pid in [proc.pid, *descendants(proc.pid)]:  # the driver and the Ray it started, at once
+    os.kill(pid, signal.SIGKILL)
+  proc.wait()
+  with pytest.raises(StoreError):
+    open_store(output)
+  (temp,) = tmp_path.glob(f"store{TEMP_MARKER}*")
+  with pytest.raises(StoreError):
+    open_store(temp)
+  records = sorted((temp / UNITS_DIR).glob("*.json"))
+  assert len(records) >= finished
+  damaged = json.loads(records[0].read_text())["unit"]
+  zarr_shard = next(p for p in (temp / "train" / f"{damaged:06d}" / "tokens").rglob("*") if p.name == "0")
+  data = bytearray(zarr_shard.read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  zarr_shard.write_bytes(bytes(data))
+  capsys.readouterr()
+  prepare_store(parse_settings(["--output", str(output), *argv]))  # on the session's Ray cluster
+  assert "resuming the interrupted preparation" in capsys.readouterr().err
+  assert_same_store(output, reference)
+  resumed = open_store(output).metadata["preparation"]["units_resumed"]
+  assert resumed == len(records) - 1  # every verified unit kept, the damaged one written again
