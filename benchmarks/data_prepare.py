@@ -200,7 +200,8 @@ def summary(kind: str, floors: list[dict[str, Any]], rows: dict[int, dict[str, A
     speedup_wall = round(rows[2]["wall_tokens_per_s"] / rows[1]["wall_tokens_per_s"], 3)
   per_core = rows[max(rows)]["per_core_tokens_per_s"]
   return {
-      "record": "summary", "tokenizer": kind, "floor_tokens_per_s": round(max(f["tokens"] / f["seconds"] for f in floors)),
+      "record": "summary", "tokenizer": kind,
+      "floor_tokens_per_s": round(max(f["tokens"] / f["seconds"] for f in floors)),
       "floor_peak_rss_mib": round(max(f["peak_rss_mib"] for f in floors), 1),
       "tokens_match_floor": all(row["tokens"] == floors[0]["tokens"] for row in rows.values()),
       "floor_over_per_core": ratios, "floor_over_per_core_goal": GOAL_FLOOR_OVER_PER_CORE,
@@ -213,6 +214,34 @@ def summary(kind: str, floors: list[dict[str, Any]], rows: dict[int, dict[str, A
       "projection_basis": f"projection, not a measurement: {per_core:,} tokens/s per worker (stage rate at "
                           f"{max(rows)} workers here) x N workers, linear scaling, I/O and driver not limiting",
   }
+
+
+def measure(kind: str, tokenizer_file: str, work: pathlib.Path, worker_counts: list[int], repeats: int,
+            shard_bytes: int):
+  """Floor, start-up and pipeline runs of one tokenizer, interleaved by repeat (a slow spell of the machine falls
+  on every mode); their lines, aggregates and summary."""
+  corpus = str(work / "corpus")
+  floors, startups, runs = [], {w: [] for w in worker_counts}, {w: [] for w in worker_counts}
+  for repeat in range(repeats):
+    floors.append(in_fresh_process(floor, corpus, tokenizer_file))
+    rate = floors[-1]["tokens"] / floors[-1]["seconds"]
+    emit({"record": "run", "tokenizer": kind, "mode": "floor", "workers": 1, "repeat": repeat, **floors[-1],
+          "tokens_per_s": round(rate), "per_core_tokens_per_s": round(rate)})
+    for workers in worker_counts:
+      startups[workers].append(in_fresh_process(ray_startup, workers)["seconds"])
+      output = work / f"store-{kind}-{workers}-{repeat}"
+      run = in_fresh_process(pipeline, corpus, tokenizer_file, str(output), workers, shard_bytes)
+      shutil.rmtree(output)
+      runs[workers].append(run)
+      emit({"record": "run", "tokenizer": kind, "mode": "pipeline", "workers": workers, "repeat": repeat,
+            "startup_s": round(startups[workers][-1], 2), **run, "tokens_per_s": round(run["tokens"] / run["wall_s"]),
+            "stage_tokens_per_s": round(run["tokens"] / run["stage_s"]),
+            "per_core_tokens_per_s": round(run["tokens"] / run["stage_s"] / workers)})
+  floor_rate = max(f["tokens"] / f["seconds"] for f in floors)
+  rows = {w: aggregate(kind, w, runs[w], statistics.median(startups[w]), floor_rate) for w in worker_counts}
+  for row in rows.values():
+    emit(row)
+  emit(summary(kind, floors, rows))
 
 
 def _positive_ints(text: str, what: str) -> list[int]:
@@ -258,37 +287,16 @@ def main(argv=None) -> int:
 
   with tempfile.TemporaryDirectory(prefix="data_prepare-", dir=args.work_dir) as work:
     work = pathlib.Path(work)
-    corpus = work / "corpus"
-    files = make_corpus(corpus, args.copies, args.max_files)
+    files = make_corpus(work / "corpus", args.copies, args.max_files)
     tokenizer_files = make_tokenizers(files, kinds, args.vocab_size, args.sample_bytes, work)
     corpus_bytes = sum(f.size for f in files) * args.copies
     shard_bytes = math.ceil(corpus_bytes / args.units)
     emit({"record": "setup", "corpus": f"python stdlib .py files x {args.copies}", "files": len(files) * args.copies,
           "bytes": corpus_bytes, "input_shard_bytes": shard_bytes, "vocab_size": args.vocab_size,
-          "cpus": len(os.sched_getaffinity(0)), "floor_threads": "1 (RAYON_NUM_THREADS=1, sentencepiece num_threads=1)"})
+          "cpus": len(os.sched_getaffinity(0)), "floor_threads": 1,
+          "floor_settings": "RAYON_NUM_THREADS=1, TOKENIZERS_PARALLELISM=false, sentencepiece num_threads=1"})
     for kind in kinds:
-      floors, startups, runs = [], {w: [] for w in worker_counts}, {w: [] for w in worker_counts}
-      for repeat in range(args.repeats):  # interleaved, so a slow spell of the machine falls on every mode
-        floors.append(in_fresh_process(floor, str(corpus), tokenizer_files[kind]))
-        f = floors[-1]
-        emit({"record": "run", "tokenizer": kind, "mode": "floor", "workers": 1, "repeat": repeat, **f,
-              "tokens_per_s": round(f["tokens"] / f["seconds"]), "per_core_tokens_per_s": round(f["tokens"] / f["seconds"])})
-        for workers in worker_counts:
-          startups[workers].append(in_fresh_process(ray_startup, workers)["seconds"])
-          output = work / f"store-{kind}-{workers}-{repeat}"
-          run = in_fresh_process(pipeline, str(corpus), tokenizer_files[kind], str(output), workers, shard_bytes)
-          shutil.rmtree(output)
-          runs[workers].append(run)
-          emit({"record": "run", "tokenizer": kind, "mode": "pipeline", "workers": workers, "repeat": repeat,
-                "startup_s": round(startups[workers][-1], 2), **run,
-                "tokens_per_s": round(run["tokens"] / run["wall_s"]),
-                "stage_tokens_per_s": round(run["tokens"] / run["stage_s"]),
-                "per_core_tokens_per_s": round(run["tokens"] / run["stage_s"] / workers)})
-      floor_rate = max(f["tokens"] / f["seconds"] for f in floors)
-      rows = {w: aggregate(kind, w, runs[w], statistics.median(startups[w]), floor_rate) for w in worker_counts}
-      for row in rows.values():
-        emit(row)
-      emit(summary(kind, floors, rows))
+      measure(kind, tokenizer_files[kind], work, worker_counts, args.repeats, shard_bytes)
   return 0
 
 
