@@ -25,7 +25,6 @@ import numpy as np
 from etils import epath
 
 from yanjax.core import storage
-from yanjax.core.errors import UserError
 from yanjax.data import content, hf_datasets, prepare_tasks, ray_runner, sources, store_writer, units
 from yanjax.data import store as store_format
 from yanjax.data import tokenizer as tokenizers
@@ -122,7 +121,7 @@ def prepare_store(args: PrepareSettings) -> epath.Path:
     metadata = _metadata(args, corpus, settings, data_fingerprint, tokenizer, dtype, records)
     _check_splits(metadata, corpus)
     store_writer.publish(temp_dir, out, metadata, overwrite=args.overwrite)
-  except UserError:  # the inputs or settings must change, which changes the fingerprint: nothing to resume
+  except (CorpusError, TokenizerMismatchError):  # the inputs must change, and so the fingerprint: nothing to resume
     storage.remove_tree(temp_dir, missing_ok=True)
     raise
   _print_summary(out, metadata, time.time() - start)
