@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from s3_server import free_port
 from tokenizer_helpers import byte_level_bpe, word_level
 
 from data_pipelines.prepare import parse_settings
@@ -141,6 +142,14 @@ def test_token_dtype_and_tokenizer_file_refusals(tmp_path):
     run_prepare(tmp_path / "bad", str(tmp_path / "corpus.txt"), "--tokenizer_model",
                 str(tmp_path / "not_a_tokenizer.json"))
   assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "not_a_tokenizer.json", "s32", "tokenizer.json"]
+
+
+def test_an_unreachable_ray_cluster_is_one_line_and_leaves_nothing(tmp_path):
+  (tmp_path / "corpus.txt").write_text("some text\n")
+  with pytest.raises(DataError, match=r"--ray_address 127.0.0.1:\d+: cannot join the Ray cluster") as error:
+    run_prepare(tmp_path / "store", str(tmp_path / "corpus.txt"), "--ray_address", f"127.0.0.1:{free_port()}")
+  assert "\n" not in str(error.value)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt"]
 
 
 def test_a_store_of_the_previous_format_is_refused(tmp_path, small_store):

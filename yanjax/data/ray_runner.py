@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import pickle
+import socket
 from typing import Any, Callable, Iterator
 
 from yanjax.core.errors import UserError
@@ -23,6 +24,7 @@ from yanjax.data import errors as data_errors
 
 # Each task is one core: the tokenizers' own thread pools stay at one thread.
 _WORKER_ENV = {"RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+_CONNECT_TIMEOUT_S = 10
 # Where buckets are and who reads them: the driver's settings, when it has them, are the tasks' too.
 FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION",
                  "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT",
@@ -42,14 +44,24 @@ def connect(address: str | None, num_workers: int | None) -> Iterator[None]:
   if not address:
     options["num_cpus"] = num_workers or len(os.sched_getaffinity(0))
   try:
+    _check_reachable(address)
     ray.init(address=address, **options)
-  except (ConnectionError, ValueError, RuntimeError) as e:
+  except (ConnectionError, OSError, ValueError, RuntimeError) as e:
     raise data_errors.DataError(f"--ray_address {address}: cannot join the Ray cluster ({e}); start it with "
                                 "`ray start --head`, or leave --ray_address out to run on this machine") from e
   try:
     yield
   finally:
     ray.shutdown()
+
+
+def _check_reachable(address: str | None):
+  """OSError unless a cluster's `host:port` accepts a connection (ray.init would retry it for minutes)."""
+  host, _, port = (address or "").rpartition(":")
+  if "://" in (address or "") or not host or not port.isdigit():
+    return  # none, "auto" (found by Ray itself) or a ray:// client address, which times out by itself
+  with socket.create_connection((host, int(port)), timeout=_CONNECT_TIMEOUT_S):
+    pass
 
 
 def run(task: Callable[[dict[str, Any]], Any], items: list[dict[str, Any]], num_workers: int | None,
