@@ -5,12 +5,15 @@ import gzip
 import json
 import pathlib
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from s3_server import free_port
+from test_train import REPO, run_train, tiny_flags
 from tokenizer_helpers import byte_level_bpe, word_level
 
 from data_pipelines.prepare import parse_settings
@@ -105,6 +108,34 @@ def test_hugging_face_dataset_with_a_tokenizer_json_trains_the_loader(tmp_path, 
   with pytest.raises(DataError, match="no column 'text'"):
     run_prepare(tmp_path / "other", "--hf_dataset", str(tmp_path / "saved"), "--tokenizer_model",
                 str(tokenizer_json))
+
+
+@pytest.mark.slow
+def test_a_run_trains_samples_and_generates_with_a_tokenizer_json_and_refuses_another_tokenizer(tmp_path,
+                                                                                                tokenizer_json):
+  common = ("--validation_fraction", "0.2", "--input_shard_bytes", "30000")
+  run_prepare(tmp_path / "hf", *[str(sources.stdlib_root() / m) for m in STDLIB_MODULES], "--tokenizer_model",
+              str(tokenizer_json), *common)
+  vocab = open_store(tmp_path / "hf").vocab_size
+  flags = tiny_flags(tmp_path / "hf", steps=6) + [f"--config.model.vocab_size={vocab}",
+                                                  "--config.train.sample_tokens=8"]
+  code, out, err = run_train(tmp_path / "run", flags)
+  assert code == 0, err
+  assert (tmp_path / "run" / "tokenizer.json").read_bytes() == tokenizer_json.read_bytes()
+  assert (tmp_path / "run" / "sample.txt").read_text().startswith("def")  # the config's prompt, decoded back
+  (tmp_path / "prompts.txt").write_text("import os\n")
+  generated = subprocess.run([sys.executable, "-m", "yanjax.main.generate", "--workdir", str(tmp_path / "run"),
+                              "--prompts_file", str(tmp_path / "prompts.txt"), "--max_new_tokens", "4"], cwd=REPO,
+                             capture_output=True, text=True)
+  assert generated.returncode == 0, generated.stderr
+  (line,) = generated.stdout.splitlines()
+  assert json.loads(line)["prompt"] == "import os" and len(json.loads(line)["tokens"]) <= 4
+  # The same files with a trained sentencepiece model of the same size: resuming on it is refused.
+  run_prepare(tmp_path / "spm", *[str(sources.stdlib_root() / m) for m in STDLIB_MODULES], "--vocab_size", str(vocab),
+              *common)
+  code, _, err = run_train(tmp_path / "run", tiny_flags(tmp_path / "spm", steps=8) +
+                           [f"--config.model.vocab_size={vocab}"])
+  assert code == 2 and "trained on other data" in err and "tokenizer" in err
 
 
 def test_a_corpus_in_a_bucket_prepares_the_same_store_as_local_files(tmp_path, s3_bucket, tokenizer_json):
