@@ -12,6 +12,8 @@ Each measurement runs in a fresh spawned process, so its imports, its Ray and it
   floor     one process reads the corpus as the pipeline does (`sources.read_documents`) and encodes it with
             `Tokenizer.encode_documents` in 1 MiB batches, on one core (sentencepiece with num_threads=1,
             `tokenizers`' encode_batch with RAYON_NUM_THREADS=1), counting tokens; nothing is written.
+  floor_parallel  as many floors at once as the most workers, each on its share of the files, no Ray: this
+            machine's own speed-up on that many processes, the ceiling the pipeline's speed-up is read against.
   startup   `import ray` and a local Ray's init and shutdown (`ray_runner.connect`), num_cpus = workers.
   pipeline  one `prepare_store` call into a new store (Ray started locally, num_cpus = workers), timed as
               wall    the whole call: what a user waits for (Ray and worker start-up and the publish included);
@@ -68,6 +70,7 @@ TARGET_TOKENS = 1e11
 PROJECTED_WORKERS = (1, 2, 64, 512)
 GOAL_FLOOR_OVER_PER_CORE, GOAL_SPEEDUP = 1.5, 1.7
 MIB = 1 << 20
+SPAWN_SECONDS = 5.0  # concurrent floors start this long after they are launched, once every process is up
 
 
 def emit(record: dict[str, Any]):
@@ -108,8 +111,8 @@ def make_tokenizers(files: list[sources.InputFile], kinds: list[str], vocab_size
   paths = {}
   for kind in kinds:
     if kind == "sentencepiece":
-      path, data = directory / "tokenizer.model", tokenizers.train_sentencepiece(sample, vocab_size, "bpe",
-                                                                                         len(os.sched_getaffinity(0)))
+      path = directory / "tokenizer.model"
+      data = tokenizers.train_sentencepiece(sample, vocab_size, "bpe", len(os.sched_getaffinity(0)))
     else:  # as GPT-2 / Llama-3 build theirs; <|endoftext|> is both bos and eos
       hf = Tokenizer(models.BPE())
       hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -123,11 +126,13 @@ def make_tokenizers(files: list[sources.InputFile], kinds: list[str], vocab_size
   return paths
 
 
-def floor(corpus: str, tokenizer_file: str) -> dict[str, Any]:
-  """Reads and encodes the corpus in this process, one core, nothing written."""
+def floor(corpus: str, tokenizer_file: str, part: int = 0, parts: int = 1, start_at: float = 0.0) -> dict[str, Any]:
+  """Reads and encodes every `parts`-th file of the corpus from `part` on one core, writing nothing; starts at
+  `start_at` (epoch seconds), so that concurrent floors start together."""
   tokenizer = tokenizers.from_bytes(pathlib.Path(tokenizer_file).read_bytes(), tokenizer_file)
-  files, report = sources.list_inputs([corpus]), sources.ReadReport("fail")
-  start = time.perf_counter()
+  files, report = sources.list_inputs([corpus])[part::parts], sources.ReadReport("fail")
+  time.sleep(max(0.0, start_at - time.time()))
+  start = time.time()
   tokens, batch, chars = 0, [], 0
   for file in files:
     for document in sources.read_documents(file, "text", "document", report):
@@ -138,7 +143,22 @@ def floor(corpus: str, tokenizer_file: str) -> dict[str, Any]:
         batch, chars = [], 0
   if batch:
     tokens += sum(len(ids) for ids in tokenizer.encode_documents(batch))
-  return {"tokens": tokens, "seconds": round(time.perf_counter() - start, 3), "peak_rss_mib": round(peak_rss_mib(), 1)}
+  end = time.time()
+  return {"tokens": tokens, "seconds": round(end - start, 3), "peak_rss_mib": round(peak_rss_mib(), 1),
+          "start": start, "end": end, "pid": os.getpid()}
+
+
+def parallel_floors(corpus: str, tokenizer_file: str, parts: int) -> dict[str, Any]:
+  """`parts` floors at once in their own processes, each on its share of the files, no Ray: the machine's own
+  scaling. Seconds from the first start to the last end."""
+  start_at = time.time() + SPAWN_SECONDS
+  with concurrent.futures.ProcessPoolExecutor(parts, mp_context=multiprocessing.get_context("spawn")) as pool:
+    results = list(pool.map(floor, *zip(*[(corpus, tokenizer_file, part, parts, start_at) for part in range(parts)])))
+  if len({r["pid"] for r in results}) < parts or min(r["start"] for r in results) > start_at + 1:
+    raise RuntimeError(f"the {parts} floors did not start together; raise SPAWN_SECONDS")
+  return {"tokens": sum(r["tokens"] for r in results),
+          "seconds": round(max(r["end"] for r in results) - min(r["start"] for r in results), 3),
+          "peak_rss_mib": max(r["peak_rss_mib"] for r in results)}
 
 
 def ray_startup(workers: int) -> dict[str, Any]:
@@ -191,8 +211,10 @@ def aggregate(kind: str, workers: int, runs: list[dict[str, Any]], startup_s: fl
           "driver_peak_rss_mib": round(max(r["driver_peak_rss_mib"] for r in runs), 1)}
 
 
-def summary(kind: str, floors: list[dict[str, Any]], rows: dict[int, dict[str, Any]]) -> dict[str, Any]:
-  """The goals' ratios and whether each is met, and the 100B-token projection."""
+def summary(kind: str, floors: list[dict[str, Any]], parallels: list[dict[str, Any]],
+            rows: dict[int, dict[str, Any]]) -> dict[str, Any]:
+  """The goals' ratios and whether each is met, the floors' own speed-up, and the 100B-token projection."""
+  floor_rate = max(f["tokens"] / f["seconds"] for f in floors)
   ratios = {w: row["floor_over_per_core"] for w, row in rows.items()}
   speedup = speedup_wall = None
   if 1 in rows and 2 in rows:
@@ -201,15 +223,18 @@ def summary(kind: str, floors: list[dict[str, Any]], rows: dict[int, dict[str, A
   per_core = rows[max(rows)]["per_core_tokens_per_s"]
   return {
       "record": "summary", "tokenizer": kind,
-      "floor_tokens_per_s": round(max(f["tokens"] / f["seconds"] for f in floors)),
+      "floor_tokens_per_s": round(floor_rate),
       "floor_peak_rss_mib": round(max(f["peak_rss_mib"] for f in floors), 1),
-      "tokens_match_floor": all(row["tokens"] == floors[0]["tokens"] for row in rows.values()),
+      "tokens_match_floor": all(r["tokens"] == floors[0]["tokens"] for r in [*rows.values(), *parallels]),
       "floor_over_per_core": ratios, "floor_over_per_core_goal": GOAL_FLOOR_OVER_PER_CORE,
       "floor_over_per_core_met": all(r <= GOAL_FLOOR_OVER_PER_CORE for r in ratios.values()),
       "floor_over_per_core_wall": {w: row["floor_over_per_core_wall"] for w, row in rows.items()},
       "speedup_2_over_1": speedup, "speedup_goal": GOAL_SPEEDUP,
       "speedup_met": None if speedup is None else speedup >= GOAL_SPEEDUP, "speedup_2_over_1_wall": speedup_wall,
-      "projection_hours_for_100b_tokens": {n: round(TARGET_TOKENS / (per_core * n) / 3600, 1)
+      "floor_parallel_processes": max(rows) if parallels else None,
+      "floor_parallel_speedup": round(max(p["tokens"] / p["seconds"] for p in parallels) / floor_rate, 3)
+                                if parallels else None,
+      "projection_hours_for_100b_tokens": {n: round(TARGET_TOKENS / (per_core * n) / 3600, 2)
                                            for n in PROJECTED_WORKERS},
       "projection_basis": f"projection, not a measurement: {per_core:,} tokens/s per worker (stage rate at "
                           f"{max(rows)} workers here) x N workers, linear scaling, I/O and driver not limiting",
@@ -221,12 +246,20 @@ def measure(kind: str, tokenizer_file: str, work: pathlib.Path, worker_counts: l
   """Floor, start-up and pipeline runs of one tokenizer, interleaved by repeat (a slow spell of the machine falls
   on every mode); their lines, aggregates and summary."""
   corpus = str(work / "corpus")
-  floors, startups, runs = [], {w: [] for w in worker_counts}, {w: [] for w in worker_counts}
+  parallel = max(worker_counts)
+  floors, parallels = [], []
+  startups, runs = {w: [] for w in worker_counts}, {w: [] for w in worker_counts}
   for repeat in range(repeats):
-    floors.append(in_fresh_process(floor, corpus, tokenizer_file))
-    rate = floors[-1]["tokens"] / floors[-1]["seconds"]
-    emit({"record": "run", "tokenizer": kind, "mode": "floor", "workers": 1, "repeat": repeat, **floors[-1],
-          "tokens_per_s": round(rate), "per_core_tokens_per_s": round(rate)})
+    single = in_fresh_process(floor, corpus, tokenizer_file)
+    floors.append({k: single[k] for k in ("tokens", "seconds", "peak_rss_mib")})
+    measured = [("floor", 1, floors[-1])]
+    if parallel > 1:
+      parallels.append(parallel_floors(corpus, tokenizer_file, parallel))
+      measured.append(("floor_parallel", parallel, parallels[-1]))
+    for mode, processes, record in measured:
+      rate = record["tokens"] / record["seconds"]
+      emit({"record": "run", "tokenizer": kind, "mode": mode, "workers": processes, "repeat": repeat, **record,
+            "tokens_per_s": round(rate), "per_core_tokens_per_s": round(rate / processes)})
     for workers in worker_counts:
       startups[workers].append(in_fresh_process(ray_startup, workers)["seconds"])
       output = work / f"store-{kind}-{workers}-{repeat}"
@@ -241,15 +274,15 @@ def measure(kind: str, tokenizer_file: str, work: pathlib.Path, worker_counts: l
   rows = {w: aggregate(kind, w, runs[w], statistics.median(startups[w]), floor_rate) for w in worker_counts}
   for row in rows.values():
     emit(row)
-  emit(summary(kind, floors, rows))
+  emit(summary(kind, floors, parallels, rows))
 
 
 def _positive_ints(text: str, what: str) -> list[int]:
   try:
     values = [int(value) for value in text.split(",")]
   except ValueError:
-    raise UserError(f"--{what}={text!r}: give positive integers, comma-separated") from None
-  if not all(value > 0 for value in values):
+    values = []
+  if not values or min(values) <= 0:
     raise UserError(f"--{what}={text!r}: give positive integers, comma-separated")
   return values
 
@@ -262,6 +295,8 @@ def _check(args: argparse.Namespace) -> tuple[list[str], list[int]]:
     value = getattr(args, name)
     if value is not None and value <= 0:
       raise UserError(f"--{name}={value} must be positive")
+  if args.work_dir and not os.path.isdir(args.work_dir):
+    raise UserError(f"--work_dir={args.work_dir}: not a directory")
   if os.environ.get("RAY_ADDRESS"):
     raise UserError("RAY_ADDRESS is set: this benchmark measures a Ray it starts on this machine; unset it")
   return kinds, sorted(set(_positive_ints(args.workers, "workers")))
