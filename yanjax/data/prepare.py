@@ -114,9 +114,9 @@ def prepare_store(args: PrepareSettings) -> epath.Path:
     with ray_runner.connect(args.ray_address, args.num_workers):
       tokenizer = _tokenizer(args, corpus, read, temp_dir, given, vocab_size)
       repeated = _repeated_copies(args, corpus, read)
-      task = prepare_tasks.TokenizeTask(tuple(corpus.units), read, os.fspath(temp_dir), data_fingerprint,
-                                        tokenizer.data, dtype.name, args.seed, args.validation_fraction)
-      items = [{"unit": u.index, "repeated": repeated[u.index].astype(np.int64).tobytes()} for u in corpus.units]
+      task = prepare_tasks.TokenizeTask(read, os.fspath(temp_dir), data_fingerprint, tokenizer.data, dtype.name,
+                                        args.seed, args.validation_fraction)
+      items = [prepare_tasks.item(u, repeated=repeated[u.index].astype(np.int64).tobytes()) for u in corpus.units]
       records = sorted(ray_runner.run(task, items, args.num_workers, args.progress), key=lambda r: r["unit"])
     metadata = _metadata(args, corpus, settings, data_fingerprint, tokenizer, dtype, records)
     _check_splits(metadata, corpus)
@@ -204,10 +204,10 @@ def _tokenizer(args: PrepareSettings, corpus: Corpus, read: prepare_tasks.ReadSe
   preparation trained (its shards were tokenized with it), or one trained on a sample of every unit."""
   resumed = tokenizers.find_file(temp_dir)
   if given is None and resumed is not None:
-    return tokenizers.from_bytes(resumed.read_bytes(), str(resumed))
+    return tokenizers.read(resumed)
   if given is None:
-    task = prepare_tasks.SampleTask(tuple(corpus.units), read, args.tokenizer_sample_bytes)
-    samples = dict(ray_runner.run(task, [{"unit": u.index} for u in corpus.units], args.num_workers,
+    task = prepare_tasks.SampleTask(read, args.tokenizer_sample_bytes, sum(u.num_bytes for u in corpus.units))
+    samples = dict(ray_runner.run(task, [prepare_tasks.item(u) for u in corpus.units], args.num_workers,
                                   args.progress))
     sentences = [s for index in sorted(samples) for s in samples[index]]
     if not sentences:
@@ -225,8 +225,9 @@ def _repeated_copies(args: PrepareSettings, corpus: Corpus, read: prepare_tasks.
   """Per unit, the indices of the documents exact dedup removes (none without --dedup)."""
   if not args.dedup:
     return [np.zeros(0, np.int64)] * len(corpus.units)
-  task = prepare_tasks.DigestTask(tuple(corpus.units), read)
-  digests = dict(ray_runner.run(task, [{"unit": u.index} for u in corpus.units], args.num_workers, args.progress))
+  task = prepare_tasks.DigestTask(read)
+  digests = dict(ray_runner.run(task, [prepare_tasks.item(u) for u in corpus.units], args.num_workers,
+                                args.progress))
   return content.repeated_copies([digests[u.index] for u in corpus.units])
 
 

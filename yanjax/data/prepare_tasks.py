@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import pickle
 import resource
 import socket
 import time
@@ -44,29 +45,36 @@ def read_unit(unit: Unit, read: ReadSettings, report: sources.ReadReport) -> Ite
     yield from sources.read_documents(part, read.text_field, read.text_sample_by, report)
 
 
+def item(unit: Unit, **fields: Any) -> dict[str, Any]:
+  """The Ray Data row of a task on `unit`: the unit itself (pickled), so a task carries no other unit."""
+  return {"unit": pickle.dumps(unit), **fields}
+
+
+def _unit(row: dict[str, Any]) -> Unit:
+  return pickle.loads(row["unit"])
+
+
 @dataclasses.dataclass(frozen=True)
 class SampleTask:
-  """item {"unit"} -> (unit, training sentences from its first documents: its share of `budget_bytes`)."""
-  units: tuple[Unit, ...]
+  """item -> (unit index, training sentences from its first documents: its share of `budget_bytes`)."""
   read: ReadSettings
   budget_bytes: int
+  total_bytes: int  # of every unit
 
-  def __call__(self, item: dict[str, Any]) -> tuple[int, list[str]]:
-    unit = self.units[item["unit"]]
-    total = sum(u.num_bytes for u in self.units)
-    share = max(1, self.budget_bytes * unit.num_bytes // max(total, 1))
+  def __call__(self, row: dict[str, Any]) -> tuple[int, list[str]]:
+    unit = _unit(row)
+    share = max(1, self.budget_bytes * unit.num_bytes // max(self.total_bytes, 1))
     texts = (d.text for d in read_unit(unit, self.read, sources.ReadReport(self.read.on_bad_input)))
     return unit.index, tokenizers.sample_sentences(texts, share)
 
 
 @dataclasses.dataclass(frozen=True)
 class DigestTask:
-  """item {"unit"} -> (unit, the content digests of its documents: uint8 [n, content.DIGEST_BYTES])."""
-  units: tuple[Unit, ...]
+  """item -> (unit index, the content digests of its documents: uint8 [n, content.DIGEST_BYTES])."""
   read: ReadSettings
 
-  def __call__(self, item: dict[str, Any]) -> tuple[int, np.ndarray]:
-    unit = self.units[item["unit"]]
+  def __call__(self, row: dict[str, Any]) -> tuple[int, np.ndarray]:
+    unit = _unit(row)
     digests = b"".join(content.digest(d.text) for d in
                        read_unit(unit, self.read, sources.ReadReport(self.read.on_bad_input)))
     return unit.index, np.frombuffer(digests, np.uint8).reshape(-1, content.DIGEST_BYTES)
@@ -74,8 +82,7 @@ class DigestTask:
 
 @dataclasses.dataclass(frozen=True)
 class TokenizeTask:
-  """item {"unit", "repeated": int64 bytes of the document indices dedup removes} -> the unit's record."""
-  units: tuple[Unit, ...]
+  """item(unit, repeated=int64 bytes of the document indices dedup removes) -> the unit's record."""
   read: ReadSettings
   temp_dir: str  # the store being built
   fingerprint: str
@@ -84,8 +91,8 @@ class TokenizeTask:
   seed: int
   validation_fraction: float
 
-  def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
-    unit = self.units[item["unit"]]
+  def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+    unit = _unit(row)
     root = storage.as_path(self.temp_dir)
     kept = self._verified_record(root, unit)
     if kept is not None:
@@ -97,7 +104,7 @@ class TokenizeTask:
     writers = {split: shard_writer.ShardWriter(root / split / unit.name, np.dtype(self.token_dtype))
                for split in store_format.SPLITS}
     report = sources.ReadReport(self.read.on_bad_input)
-    repeated = set(np.frombuffer(item["repeated"], np.int64).tolist())
+    repeated = set(np.frombuffer(row["repeated"], np.int64).tolist())
     batch, chars = [], 0
     for index, document in enumerate(read_unit(unit, self.read, report)):
       if index in repeated:

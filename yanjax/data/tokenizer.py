@@ -179,6 +179,11 @@ def _first_line(error: BaseException) -> str:
   return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
+def read(path) -> Tokenizer:
+  """The tokenizer in the file `path` (a pathlib or etils path: local, gs:// or s3://), named by it in errors."""
+  return from_bytes(path.read_bytes(), str(path))
+
+
 def find_file(directory) -> Any:
   """The tokenizer file of `directory` (a pathlib or etils path): tokenizer.model or tokenizer.json, or None.
 

@@ -15,7 +15,8 @@ import numpy as np
 
 from yanjax.core import cli, storage
 from yanjax.data.errors import TokenizerMismatchError
-from yanjax.data.tokenizer import FILE_NAMES, Tokenizer, from_bytes
+from yanjax.data.tokenizer import FILE_NAMES, Tokenizer
+from yanjax.data.tokenizer import read as read_tokenizer
 from yanjax.inference.generate import TextStreamer, generate
 from yanjax.inference.sampling import Sampling
 
@@ -111,7 +112,7 @@ def run(model, tokenizer_path, args, out=None, err=None) -> None:
 
 def _load_tokenizer(path, model_vocab_size: int) -> Tokenizer:
   """The tokenizer file at `path` (local, gs:// or s3://); refused when it has ids the model lacks."""
-  tokenizer = from_bytes(storage.as_path(path).read_bytes(), str(path))
+  tokenizer = read_tokenizer(storage.as_path(path))
   if tokenizer.vocab_size > model_vocab_size:
     raise TokenizerMismatchError(f"{path} has {tokenizer.vocab_size} ids but the checkpoint's model has "
                                  f"vocab_size {model_vocab_size}: use the tokenizer the run was trained with")

@@ -27,12 +27,13 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
 
   # A sentencepiece model or a tokenizer.json (NumPy, sentencepiece and tokenizers only; no JAX).
-  from yanjax.data.tokenizer import FILE_NAMES, from_bytes  # pylint: disable=import-outside-toplevel
+  from yanjax.data.tokenizer import FILE_NAMES  # pylint: disable=import-outside-toplevel
+  from yanjax.data.tokenizer import read as read_tokenizer  # pylint: disable=import-outside-toplevel
 
   export = load_export(args.export)
   if export.tokenizer_path is None:
     raise ExportError(f"{args.export} has no {' or '.join(FILE_NAMES.values())}: export from a run that has one")
-  tokenizer = from_bytes(export.tokenizer_path.read_bytes(), str(export.tokenizer_path))  # a path or a URL
+  tokenizer = read_tokenizer(export.tokenizer_path)  # a path or a URL
   kind = export.manifest["tokenizer"].get("kind", "sentencepiece")  # exports before tokenizer.json: sentencepiece
   if tokenizer.kind != kind:
     raise ExportError(f"{export.tokenizer_path}: a {tokenizer.kind} tokenizer, but the manifest says {kind}")

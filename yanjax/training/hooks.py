@@ -224,7 +224,7 @@ class Sample:
     from yanjax.inference.sampling import Sampling  # pylint: disable=import-outside-toplevel
     train_cfg = self.train_cfg
     path = tokenization.find_file(self.workdir)  # written by the trainer before the first step
-    tokenizer = tokenization.from_bytes(path.read_bytes(), str(path))
+    tokenizer = tokenization.read(path)
     prompt = [tokenizer.bos_id] + tokenizer.encode(train_cfg.sample_prompt)
     model = nnx.merge(self.graphdef, info.state["params"])
     completion = generate(model, [prompt], max_new_tokens=train_cfg.sample_tokens,
