@@ -76,6 +76,19 @@ def descendants(pid: int) -> list[int]:
   return found
 
 
+def running_tasks(proc: subprocess.Popen) -> list[int]:
+  """The worker processes running a Ray Data task under `proc`, as soon as there is one (between two tasks a
+  worker is idle)."""
+  deadline = time.monotonic() + 60
+  while time.monotonic() < deadline:
+    tasks = [pid for pid in descendants(proc.pid) if command_line(pid).startswith("ray::Map")]
+    if tasks:
+      return tasks
+    assert proc.poll() is None, f"the preparation ended before a task was seen running: {proc.communicate()}"
+    time.sleep(0.005)
+  raise AssertionError("no Ray task was seen running")
+
+
 def command_line(pid: int) -> str:
   try:
     return pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
@@ -97,9 +110,7 @@ def test_a_worker_killed_mid_task_is_retried_and_the_store_is_whole(tmp_path, co
   output = tmp_path / "store"
   proc = start_preparation(output, argv)
   wait_for_units(output, 2, proc)
-  tasks = [pid for pid in descendants(proc.pid) if command_line(pid).startswith("ray::Map")]
-  assert tasks, "no Ray task was running"
-  for pid in tasks:
+  for pid in running_tasks(proc):
     os.kill(pid, signal.SIGKILL)
   _, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, err

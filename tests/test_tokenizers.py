@@ -25,7 +25,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from yanjax.core import cli
 from yanjax.data import tokenizer as tokenization
-from yanjax.data.errors import TokenizerMismatchError
+from yanjax.data.errors import CorpusError, TokenizerMismatchError
 from yanjax.export.writer import export_model
 from yanjax.inference import loading as inference
 from yanjax.inference.generate import generate
@@ -280,3 +280,11 @@ def test_the_trainer_writes_the_stores_tokenizer_under_its_own_name(files, tmp_p
     assert (tmp_path / tokenization.FILE_NAMES[kind]).read_bytes() == files[kind]
     assert not (tmp_path / tokenization.FILE_NAMES[other]).exists()
   assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "tokenizer.json"]
+
+
+@pytest.mark.parametrize("vocab_size, fix", [(100, "Raise --vocab_size"), (100_000, "Lower --vocab_size")])
+def test_a_failed_tokenizer_training_says_which_way_to_move_the_vocabulary(vocab_size, fix):
+  sentences = tokenization.sample_sentences(_corpus(), 20_000)
+  with pytest.raises(CorpusError, match=fix) as caught:
+    tokenization.train_sentencepiece(sentences, vocab_size, "bpe", num_threads=1)
+  assert "\n" not in str(caught.value)

@@ -75,7 +75,8 @@ def run(task: Callable[[dict[str, Any]], Any], items: list[dict[str, Any]], num_
   logging.getLogger("ray.data").setLevel(logging.WARNING)
   env = {**_WORKER_ENV, **{name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}}
   dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items))).map(
-      _Pickling(task), num_cpus=1, concurrency=num_workers, runtime_env={"env_vars": env})
+      _Pickling(task), compute=ray.data.TaskPoolStrategy(size=num_workers), num_cpus=1,
+      runtime_env={"env_vars": env})
   rows = iter(dataset.iter_rows())
   try:
     for row in rows:

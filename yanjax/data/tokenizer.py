@@ -238,6 +238,8 @@ def train_sentencepiece(sentences: list[str], vocab_size: int, model_type: str, 
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=num_threads, minloglevel=2)
   except RuntimeError as e:
     size = sum(len(s.encode("utf-8")) for s in sentences)
+    fix = ("Raise --vocab_size: it must hold every character of the sample" if "required_chars" in str(e)
+           else "Lower --vocab_size or raise --tokenizer_sample_bytes")
     raise CorpusError(f"training a {model_type} tokenizer of {vocab_size} pieces on a {size}-byte "
-                      f"sample failed: {e}. Lower --vocab_size or raise --tokenizer_sample_bytes") from e
+                      f"sample failed: {e}. {fix}") from e
   return model.getvalue()
