@@ -1,11 +1,11 @@
 """Train-step throughput: tokens/s and MFU of MCSD and its parameter-matched attention baseline, same run.
 
 The full jitted train step of yanjax.main.train (forward, backward, AdamW update) on random tokens, on all local
-devices with the config's mesh. Prints JSON lines: one per (mixer, sequence length), then a ratio line per
-length (MCSD tokens/s over attention tokens/s).
+devices with the config's mesh. Prints JSON lines: one per (MCSD recurrence form or attention, sequence
+length), then a ratio line per length (each MCSD form's tokens/s over attention's).
 
 Run: PYTHONPATH=. python3 benchmarks/train.py [--config configs/yan_tiny.py] [--seq_lens 512,2048,8192]
-     [--tokens_per_step 16384] [--steps 5]
+     [--tokens_per_step 16384] [--steps 5] [--recurrence auto,chunked,associative]
 """
 
 from __future__ import annotations
@@ -63,12 +63,16 @@ def main(argv=None):
   parser.add_argument("--tokens_per_step", type=int, default=16384, help="global batch = this / sequence length")
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--dtype", default=None, help="override model.dtype (e.g. bfloat16)")
+  parser.add_argument("--recurrence", default="auto", help="MCSD recurrence forms to time, comma-separated")
   args = parser.parse_args(argv)
   device = jax.devices()[0]
+  runs = [("", form) for form in args.recurrence.split(",")] + [("attention", None)]
   for seq_len in map(int, args.seq_lens.split(",")):
     throughput = {}
-    for variant in ("", "attention"):
+    for variant, form in runs:
       cfg = load_config_file(f"{args.config}:{variant}" if variant else args.config)
+      if form:
+        cfg.model.recurrence = form
       cfg.train.seq_len = seq_len
       cfg.train.global_batch = max(jax.device_count(), args.tokens_per_step // seq_len)
       cfg.model.max_decode_len = max(cfg.model.max_decode_len, seq_len)
@@ -78,15 +82,17 @@ def main(argv=None):
       model_cfg = validate_run_config(cfg)
       tokens_per_s = cfg.train.global_batch * seq_len / seconds
       utilisation = mfu(flops_per_token(model_cfg, seq_len), tokens_per_s, jax.device_count(), device.device_kind)
-      throughput[model_cfg.mixer] = tokens_per_s
-      print(json.dumps({"bench": "train_step", "config": args.config, "mixer": model_cfg.mixer, "seq_len": seq_len,
+      throughput[form or model_cfg.mixer] = tokens_per_s
+      print(json.dumps({"bench": "train_step", "config": args.config, "mixer": model_cfg.mixer,
+                        "recurrence": form, "seq_len": seq_len,
                         "global_batch": cfg.train.global_batch, "dtype": model_cfg.dtype,
                         "step_ms": round(seconds * 1e3, 2), "tokens_per_s": round(tokens_per_s, 1),
                         "mfu": "n/a" if utilisation is None else round(utilisation, 4),
                         "backend": jax.default_backend(), "device": device.device_kind,
                         "devices": jax.device_count()}), flush=True)
+    attention = throughput.pop("attention")
     print(json.dumps({"bench": "train_step", "ratio": "mcsd/attention tokens_per_s", "seq_len": seq_len,
-                      "value": round(throughput["mcsd"] / throughput["attention"], 3)}), flush=True)
+                      **{form: round(value / attention, 3) for form, value in throughput.items()}}), flush=True)
 
 
 if __name__ == "__main__":
