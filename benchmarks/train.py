@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from yanjax.core.config import load_config_file
+from yanjax.model.config import RECURRENCE_FORMS
 from yanjax.model.counting import flops_per_token
 from yanjax.training.metrics import mfu
 from yanjax.training.run_config import validate_run_config
@@ -56,6 +57,15 @@ def time_steps(state, step, batch, steps: int) -> float:
   return float(np.median(times))
 
 
+def recurrence_forms(text: str) -> list[str]:
+  """The distinct MCSD recurrence forms named in `text` (comma-separated), in order."""
+  forms = list(dict.fromkeys(text.split(",")))
+  unknown = [form for form in forms if form not in RECURRENCE_FORMS]
+  if unknown:
+    raise argparse.ArgumentTypeError(f"{', '.join(map(repr, unknown))} not among {', '.join(RECURRENCE_FORMS)}")
+  return forms
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--config", default="configs/yan_tiny.py")
@@ -63,10 +73,11 @@ def main(argv=None):
   parser.add_argument("--tokens_per_step", type=int, default=16384, help="global batch = this / sequence length")
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--dtype", default=None, help="override model.dtype (e.g. bfloat16)")
-  parser.add_argument("--recurrence", default="auto", help="MCSD recurrence forms to time, comma-separated")
+  parser.add_argument("--recurrence", type=recurrence_forms, default=["auto"],
+                      help="MCSD recurrence forms to time, comma-separated")
   args = parser.parse_args(argv)
   device = jax.devices()[0]
-  runs = [("", form) for form in args.recurrence.split(",")] + [("attention", None)]
+  runs = [("", form) for form in args.recurrence] + [("attention", None)]
   for seq_len in map(int, args.seq_lens.split(",")):
     throughput = {}
     for variant, form in runs:
