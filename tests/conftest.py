@@ -6,24 +6,24 @@ import os
 import pathlib
 import re
 import sysconfig
-import tempfile
 
 import jax
 import pytest
-import ray_cluster
 import s3_server
+
+from yanjax.data import ray_local
 
 jax.config.update("jax_num_cpu_devices", 8)  # before any backend starts; single-device code uses device 0
 _SESSION = contextlib.ExitStack()
+RAY_CPUS = 2
 
 
 def pytest_configure(config):
   """The controlling process starts the session's Ray head; xdist workers, started later, inherit RAY_ADDRESS."""
   if hasattr(config, "workerinput") or os.environ.get("RAY_ADDRESS"):
     return
-  temp_dir = _SESSION.enter_context(tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp"))
-  os.environ.update(ray_cluster.ENV)
-  os.environ["RAY_ADDRESS"] = _SESSION.enter_context(ray_cluster.head_node(temp_dir))
+  os.environ.update(ray_local.ENV)
+  os.environ["RAY_ADDRESS"] = _SESSION.enter_context(ray_local.head_node(RAY_CPUS, object_store_bytes=500_000_000))
 
 
 def pytest_unconfigure(config):

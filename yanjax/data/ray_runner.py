@@ -1,8 +1,9 @@
-"""Running preparation tasks on Ray Data: locally (Ray started in this process) or on a cluster.
+"""Running preparation tasks on Ray Data: locally (a Ray head started for the run) or on a cluster.
 
-`connect` joins the cluster at `--ray_address` (or $RAY_ADDRESS), or starts Ray on this machine with one CPU a
-worker. Tasks run with the driver's storage variables (FORWARDED_ENV, where set), so a bucket the driver
-reaches is reached by every task; the variables travel in the tasks' runtime environment.
+`connect` joins the cluster at `--ray_address` (or $RAY_ADDRESS), or starts a Ray head on this machine with one
+CPU a worker (yanjax.data.ray_local: its own program, not a fork of this process). Tasks run with the driver's
+storage variables (FORWARDED_ENV, where set), so a bucket the driver reaches is reached by every task; the
+variables travel in the tasks' runtime environment.
 
 `run` maps a task over items, one item a block, so Ray schedules, retries (a task whose worker dies is run
 again: Ray Data's default for tasks) and streams the results back. A task's result crosses as one pickled
@@ -21,6 +22,7 @@ from typing import Any, Callable, Iterator
 
 from yanjax.core.errors import UserError
 from yanjax.data import errors as data_errors
+from yanjax.data import ray_local
 
 # Each task is one core: the tokenizers' own thread pools stay at one thread.
 _WORKER_ENV = {"RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
@@ -40,19 +42,36 @@ def connect(address: str | None, num_workers: int | None) -> Iterator[None]:
     yield
     return
   address = address or os.environ.get("RAY_ADDRESS")
-  options: dict[str, Any] = dict(logging_level=logging.ERROR, log_to_driver=False, include_dashboard=False)
-  if not address:
-    options["num_cpus"] = num_workers or len(os.sched_getaffinity(0))
-  try:
-    _check_reachable(address)
-    ray.init(address=address, **options)
-  except (ConnectionError, OSError, ValueError, RuntimeError) as e:
-    raise data_errors.DataError(f"--ray_address {address}: cannot join the Ray cluster ({e}); start it with "
-                                "`ray start --head`, or leave --ray_address out to run on this machine") from e
+  with contextlib.ExitStack() as stack:
+    if not address:  # a head of our own, started as a program: never forked from this (maybe JAX) process
+      try:
+        address = stack.enter_context(ray_local.head_node(num_workers or len(os.sched_getaffinity(0))))
+      except RuntimeError as e:
+        raise data_errors.DataError(f"cannot start Ray on this machine: {e}") from e
+      stack.enter_context(_environment(ray_local.ENV))
+    try:
+      _check_reachable(address)
+      ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
+    except (ConnectionError, OSError, ValueError, RuntimeError) as e:
+      raise data_errors.DataError(f"--ray_address {address}: cannot join the Ray cluster ({e}); start it with "
+                                  "`ray start --head`, or leave --ray_address out to run on this machine") from e
+    stack.callback(ray.shutdown)
+    yield
+
+
+@contextlib.contextmanager
+def _environment(variables: dict[str, str]) -> Iterator[None]:
+  """These environment variables set for the block, the previous values back after."""
+  saved = {name: os.environ.get(name) for name in variables}
+  os.environ.update(variables)
   try:
     yield
   finally:
-    ray.shutdown()
+    for name, value in saved.items():
+      if value is None:
+        os.environ.pop(name, None)
+      else:
+        os.environ[name] = value
 
 
 def _check_reachable(address: str | None):

@@ -1,0 +1,84 @@
+"""A Ray head on this machine for the length of a block, started as its own program, never forked.
+
+`ray.init()` without an address starts Ray's processes with a `preexec_fn`, which makes CPython run its
+at-fork handlers in this process; when this process runs JAX (the trainer preparing its default corpus), JAX's
+handler warns that the fork may deadlock, and it may. `ray start --head --block` runs as a new program in its
+own session instead (exec, no Python fork), the caller joins it by address, and the block's end stops it and
+every process it started (one signal to its process group). The tests start their session's cluster the same
+way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Iterator
+
+HOST = "127.0.0.1"
+# A cluster that only this machine reaches: no token to hand around.
+ENV = {"RAY_AUTH_MODE": "disabled"}
+START_TIMEOUT_S = 120
+STOP_TIMEOUT_S = 60
+
+
+def free_port() -> int:
+  """A TCP port on 127.0.0.1 that was free a moment ago."""
+  with socket.socket() as probe:
+    probe.bind((HOST, 0))
+    return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def head_node(num_cpus: int, temp_dir: str | None = None, object_store_bytes: int | None = None) -> Iterator[str]:
+  """Yields the `host:port` of a running Ray head with `num_cpus` CPUs; stops it and its processes after.
+
+  `temp_dir`: Ray's session files (default: a new directory under /tmp, removed after). A head that does not
+  start within START_TIMEOUT_S raises RuntimeError with the end of its output.
+  """
+  with contextlib.ExitStack() as stack:
+    if temp_dir is None:  # Ray's socket paths must stay short: /tmp, not $TMPDIR
+      temp_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp"))
+    port = free_port()
+    command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}",
+               f"--node-ip-address={HOST}", f"--num-cpus={num_cpus}", "--include-dashboard=false",
+               "--disable-usage-stats", f"--temp-dir={temp_dir}"]
+    if object_store_bytes:
+      command.append(f"--object-store-memory={object_store_bytes}")
+    log_path = os.path.join(temp_dir, "head.log")  # a file, not a pipe: a full pipe would stall the head
+    with open(log_path, "wb") as log:
+      head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                              env={**os.environ, **ENV})
+    stack.callback(_stop, head)
+    _wait_started(head, log_path, f"{HOST}:{port}")
+    yield f"{HOST}:{port}"
+
+
+def _wait_started(head: subprocess.Popen, log_path: str, address: str):
+  """Returns once `head` logs that its runtime started; RuntimeError when it exits or takes too long."""
+  deadline = time.monotonic() + START_TIMEOUT_S
+  while time.monotonic() < deadline and head.poll() is None:
+    with open(log_path, encoding="utf-8", errors="replace") as log:
+      if "Ray runtime started" in log.read():
+        return
+    time.sleep(0.1)
+  with open(log_path, encoding="utf-8", errors="replace") as log:
+    tail = " | ".join(line.strip() for line in log.read().splitlines()[-5:])
+  raise RuntimeError(f"the local Ray head on {address} did not start (status {head.poll()}): {tail}")
+
+
+def _stop(head: subprocess.Popen):
+  """SIGTERM to the head's process group (`ray start --block` stops its node's processes), SIGKILL if it hangs."""
+  with contextlib.suppress(ProcessLookupError):
+    os.killpg(head.pid, signal.SIGTERM)
+  try:
+    head.wait(timeout=STOP_TIMEOUT_S)
+  except subprocess.TimeoutExpired:
+    with contextlib.suppress(ProcessLookupError):
+      os.killpg(head.pid, signal.SIGKILL)
+    head.wait()
