@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "$RAY_ADDRESS, else Ray started on this machine)")
   parser.add_argument("--num_workers", type=int,
                       help="tasks at once (default: every CPU of the cluster, or of this machine)")
+  parser.add_argument("--max_unit_tries", type=int,
+                      help="tries of an input shard whose Ray worker dies (killed for memory, or crashed) before "
+                      f"the run fails naming it (default {_DEFAULTS.max_unit_tries})")
   parser.add_argument("--no_progress", dest="progress", action="store_false", help="no progress bars")
   return parser
 

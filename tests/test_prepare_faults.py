@@ -1,16 +1,19 @@
-"""Faults during a preparation: a Ray worker killed mid-task, the driver killed mid-run. The store is never
-trusted before it is complete, and what is finally published equals an uninterrupted preparation.
+"""Faults during a preparation: a Ray worker killed mid-task, an input whose workers are killed every time, the
+driver killed mid-run. The store is never trusted before it is complete, and what is finally published equals an
+uninterrupted preparation.
 
 Each interrupted run is a `python -m data_pipelines.prepare` process with its own local Ray (no RAY_ADDRESS),
 so the processes killed here are its own, never the session cluster's that other tests use.
 """
 
+import concurrent.futures
 import json
 import os
 import pathlib
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -144,3 +147,50 @@ def test_a_killed_driver_leaves_no_trusted_store_and_a_rerun_keeps_the_verified_
   assert_same_store(output, reference)
   resumed = open_store(output).metadata["preparation"]["units_resumed"]
   assert resumed == len(records) - 1  # every verified unit kept, the damaged one written again
+
+
+def kill_readers_of(path: pathlib.Path, proc: subprocess.Popen, stop) -> int:
+  """Kills, as the kernel's OOM killer would, every process under `proc` that has `path` open, until `stop` is
+  set or `proc` ends; returns how many it killed."""
+  killed = 0
+  while not stop.is_set() and proc.poll() is None:
+    for pid in descendants(proc.pid):
+      try:
+        opened = any(os.readlink(fd) == str(path) for fd in pathlib.Path(f"/proc/{pid}/fd").iterdir())
+      except OSError:  # it ended, or closed the file, while looked at
+        continue
+      if opened:
+        os.kill(pid, signal.SIGKILL)
+        killed += 1
+    time.sleep(0.002)
+  return killed
+
+
+def test_an_input_that_kills_its_worker_every_time_fails_the_run_naming_it(tmp_path, corpus):
+  argv, _ = corpus
+  poison = tmp_path / "huge.jsonl"  # a unit of its own, open while it is tokenized (a few seconds)
+  poison.write_text("".join(json.dumps({"text": f"line {i} " * 50}) + "\n" for i in range(20000)))
+  output = tmp_path / "store"
+  run_argv = ["--max_unit_tries", "2", *argv, str(poison)]
+  proc = start_preparation(output, run_argv)
+  stop = threading.Event()
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    killer = pool.submit(kill_readers_of, poison, proc, stop)
+    start = time.monotonic()
+    _, err = proc.communicate(timeout=300)
+    stop.set()
+  assert proc.returncode == 2, err
+  assert killer.result() == 2, err
+  assert time.monotonic() - start < 300
+  lines = [line for line in err.splitlines() if line.strip()]
+  assert lines[-1].startswith("error: input shard ") and "killed its Ray worker 2 times" in lines[-1]
+  assert f"{poison})" in lines[-1]  # the last file of its unit
+  assert "Traceback" not in err
+  (temp,) = tmp_path.glob(f"store{TEMP_MARKER}*")
+  assert str(temp) in lines[-1]
+  kept = len(list((temp / UNITS_DIR).glob("*.json")))
+  assert kept >= 1
+  proc = start_preparation(output, run_argv)  # the same command, nothing killing it now: resumes
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err
+  assert open_store(output).metadata["preparation"]["units_resumed"] >= kept

@@ -21,3 +21,12 @@ class TokenizerMismatchError(DataError):
 
 class SequenceLengthError(DataError):
   """A split holds too little data for the requested sequence length and batch."""
+
+
+class WorkerKilledError(DataError):
+  """Every try of one task ended with its Ray worker dead (killed for memory, or crashed); `index` is the
+  task's item."""
+
+  def __init__(self, index: int, tries: int):
+    super().__init__(f"task {index} killed its Ray worker {tries} times")
+    self.index, self.tries = index, tries

@@ -28,7 +28,7 @@ from yanjax.core import storage
 from yanjax.data import content, hf_datasets, prepare_tasks, ray_runner, sources, store_writer, units
 from yanjax.data import store as store_format
 from yanjax.data import tokenizer as tokenizers
-from yanjax.data.errors import CorpusError, DataError, StoreError, TokenizerMismatchError
+from yanjax.data.errors import CorpusError, DataError, StoreError, TokenizerMismatchError, WorkerKilledError
 
 DEFAULT_VOCAB_SIZE = 2048
 TOKEN_DTYPES = ("auto", "uint16", "uint32")
@@ -61,6 +61,7 @@ class PrepareSettings:
   overwrite: bool = False  # replace a store prepared from other inputs or settings
   ray_address: str | None = None  # the Ray cluster to run on (None: $RAY_ADDRESS, else Ray on this machine)
   num_workers: int | None = None  # tasks at once (None: every CPU of the cluster, or of this machine)
+  max_unit_tries: int = 3  # tries of a unit whose Ray worker dies (killed for memory, crashed) before the run fails
   progress: bool = True  # Ray Data's progress bars on stderr
 
 
@@ -117,13 +118,16 @@ def prepare_store(args: PrepareSettings) -> epath.Path:
       task = prepare_tasks.TokenizeTask(read, os.fspath(temp_dir), data_fingerprint, tokenizer.data, dtype.name,
                                         args.seed, args.validation_fraction)
       items = [prepare_tasks.item(u, repeated=repeated[u.index].astype(np.int64).tobytes()) for u in corpus.units]
-      records = sorted(ray_runner.run(task, items, args.num_workers, args.progress), key=lambda r: r["unit"])
+      records = sorted(ray_runner.run(task, items, args.num_workers, args.progress, args.max_unit_tries),
+                       key=lambda r: r["unit"])
     metadata = _metadata(args, corpus, settings, data_fingerprint, tokenizer, dtype, records)
     _check_splits(metadata, corpus)
     store_writer.publish(temp_dir, out, metadata, overwrite=args.overwrite)
   except (CorpusError, TokenizerMismatchError):  # the inputs must change, and so the fingerprint: nothing to resume
     storage.remove_tree(temp_dir, missing_ok=True)
     raise
+  except WorkerKilledError as e:
+    raise _killed_unit(corpus.units[e.index], e.tries, temp_dir) from e
   _print_summary(out, metadata, time.time() - start)
   return out
 
@@ -135,7 +139,7 @@ def _check_args(args: PrepareSettings):
     raise DataError(f"--validation_fraction={args.validation_fraction} must be in [0, 1)")
   if args.tokenizer_sample_bytes <= 0:
     raise DataError(f"--tokenizer_sample_bytes={args.tokenizer_sample_bytes} must be positive")
-  for name in ("num_workers", "input_shard_bytes"):
+  for name in ("num_workers", "input_shard_bytes", "max_unit_tries"):
     if getattr(args, name) is not None and getattr(args, name) <= 0:
       raise DataError(f"--{name}={getattr(args, name)} must be positive")
   choices = {"text_sample_by": sources.SAMPLE_BY, "on_bad_input": sources.BAD_INPUT_POLICIES,
@@ -143,6 +147,15 @@ def _check_args(args: PrepareSettings):
   for name, allowed in choices.items():
     if getattr(args, name) not in allowed:
       raise DataError(f"--{name}={getattr(args, name)!r} must be one of {', '.join(allowed)}")
+
+
+def _killed_unit(unit: units.Unit, tries: int, temp_dir: epath.Path) -> DataError:
+  """The error of a unit whose Ray worker died in every try: which inputs, and what a re-run keeps."""
+  return DataError(
+      f"input shard {unit.name} ({', '.join(unit.describe())}) killed its Ray worker {tries} times "
+      f"(--max_unit_tries={tries}; killed for memory, or crashed); the units already prepared are kept in "
+      f"{temp_dir}: re-run the same command (with fewer --num_workers, if it ran out of memory) to resume from "
+      "them, or fix or remove that input (the preparation then starts over, its inputs changed)")
 
 
 def _corpus(args: PrepareSettings) -> Corpus:
@@ -208,7 +221,7 @@ def _tokenizer(args: PrepareSettings, corpus: Corpus, read: prepare_tasks.ReadSe
   if given is None:
     task = prepare_tasks.SampleTask(read, args.tokenizer_sample_bytes, sum(u.num_bytes for u in corpus.units))
     samples = dict(ray_runner.run(task, [prepare_tasks.item(u) for u in corpus.units], args.num_workers,
-                                  args.progress))
+                                  args.progress, args.max_unit_tries))
     sentences = [s for index in sorted(samples) for s in samples[index]]
     if not sentences:
       raise CorpusError(f"the corpus ({len(corpus.units)} input shards) holds no text; check the inputs "
@@ -227,7 +240,7 @@ def _repeated_copies(args: PrepareSettings, corpus: Corpus, read: prepare_tasks.
     return [np.zeros(0, np.int64)] * len(corpus.units)
   task = prepare_tasks.DigestTask(read)
   digests = dict(ray_runner.run(task, [prepare_tasks.item(u) for u in corpus.units], args.num_workers,
-                                args.progress))
+                                args.progress, args.max_unit_tries))
   return content.repeated_copies([digests[u.index] for u in corpus.units])
 
 

@@ -5,10 +5,12 @@ CPU a worker (yanjax.data.ray_local: its own program, not a fork of this process
 storage variables (FORWARDED_ENV, where set), so a bucket the driver reaches is reached by every task; the
 variables travel in the tasks' runtime environment.
 
-`run` maps a task over items, one item a block, so Ray schedules, retries (a task whose worker dies is run
-again: Ray Data's default for tasks) and streams the results back. A task's result crosses as one pickled
-value (rows of one schema, whatever the task returns), and a `UserError` it raises as a value too, which `run`
-raises again on the driver as that class, so the user sees one line, not a remote traceback.
+`run` maps a task over items, one item a block, so Ray schedules, retries and streams the results back. A task
+whose worker dies (killed for memory, a crash in native code) is run again, `max_tries` times in all; then the
+run fails with a `WorkerKilledError` naming the item (yanjax.data.task_attempts counts the tries). A task's
+result crosses as one pickled value (rows of one schema, whatever the task returns), and a `UserError` it
+raises as a value too, which `run` raises again on the driver as that class, so the user sees one line, not a
+remote traceback.
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ from typing import Any, Callable, Iterator
 
 from yanjax.core.errors import UserError
 from yanjax.data import errors as data_errors
-from yanjax.data import ray_local
+from yanjax.data import ray_local, task_attempts
 
 # Each task is one core: the tokenizers' own thread pools stay at one thread.
 _WORKER_ENV = {"RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 _CONNECT_TIMEOUT_S = 10
+_INDEX = "_yanjax_item"  # the item's position in `run`'s list, added to its row
 # Where buckets are and who reads them: the driver's settings, when it has them, are the tasks' too.
 FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION",
                  "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT",
@@ -84,40 +87,52 @@ def _check_reachable(address: str | None):
 
 
 def run(task: Callable[[dict[str, Any]], Any], items: list[dict[str, Any]], num_workers: int | None,
-        progress: bool) -> Iterator[Any]:
+        progress: bool, max_tries: int) -> Iterator[Any]:
   """task(item) for every item, at most `num_workers` at once (None: as many as the cluster has CPUs), results
-  in completion order. Raises the first UserError a task raised."""
+  in completion order. Raises the first UserError a task raised, and WorkerKilledError for an item whose
+  worker died in each of its `max_tries` tries."""
   import ray.data  # pylint: disable=import-outside-toplevel
   context = ray.data.DataContext.get_current()
   context.enable_progress_bars = progress
   context.print_on_execution_start = False
   logging.getLogger("ray.data").setLevel(logging.WARNING)
   env = {**_WORKER_ENV, **{name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}}
-  dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items))).map(
-      _Pickling(task), compute=ray.data.TaskPoolStrategy(size=num_workers), num_cpus=1,
+  attempts = task_attempts.start_actor()
+  rows = [{_INDEX: index, **item} for index, item in enumerate(items)]
+  dataset = ray.data.from_items(rows, override_num_blocks=max(1, len(items))).map(
+      _Pickling(task, attempts, max_tries), compute=ray.data.TaskPoolStrategy(size=num_workers), num_cpus=1,
       runtime_env={"env_vars": env})
-  rows = iter(dataset.iter_rows())
+  results = iter(dataset.iter_rows())
   try:
-    for row in rows:
+    for row in results:
+      if row["killed"]:
+        raise data_errors.WorkerKilledError(row[_INDEX], row["killed"])
       if row["error"]:
         raise _user_error(row["error"], row["message"])
       yield pickle.loads(row["result"])
   finally:
-    rows.close()  # stops the execution now, not when the generator is collected (after Ray is shut down)
+    results.close()  # stops the execution now, not when the generator is collected (after Ray is shut down)
+    ray.kill(attempts)
 
 
 class _Pickling:
   """`task` returning {"result": its pickled value, "error": "", "message": ""}, or a UserError's class name
-  and message."""
+  and message; "killed": the tries, instead of a try past `max_tries` (the workers of all earlier ones died)."""
 
-  def __init__(self, task: Callable[[dict[str, Any]], Any]):
-    self.task = task
+  def __init__(self, task: Callable[[dict[str, Any]], Any], attempts: Any, max_tries: int):
+    self.task, self.attempts, self.max_tries = task, attempts, max_tries
 
-  def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
+  def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+    import ray  # pylint: disable=import-outside-toplevel
+    item = dict(row)
+    index = item.pop(_INDEX)
+    reply = {_INDEX: index, "killed": 0, "result": b"", "error": "", "message": ""}
+    if ray.get(self.attempts.start.remote(index)) > self.max_tries:
+      return {**reply, "killed": self.max_tries}
     try:
-      return {"result": pickle.dumps(self.task(item)), "error": "", "message": ""}
+      return {**reply, "result": pickle.dumps(self.task(item))}
     except UserError as e:
-      return {"result": b"", "error": type(e).__name__, "message": str(e)}
+      return {**reply, "error": type(e).__name__, "message": str(e)}
 
 
 def _user_error(name: str, message: str) -> UserError:
