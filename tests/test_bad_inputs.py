@@ -6,6 +6,7 @@ Each row runs real commands in subprocesses on a copy of one small trained run (
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import json
@@ -156,6 +157,32 @@ def _kill_then_resume(ctx):
   return _train(ctx, steps=16)
 
 
+@contextlib.contextmanager
+def _small_disk(path, free_bytes: int, fill_from=None):
+  """A tmpfs at `path` holding a copy of `fill_from` (if given) and then `free_bytes` free; unmounted after."""
+  path.mkdir(parents=True)
+  subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(path)], check=True)
+  try:
+    if fill_from is not None:
+      shutil.copytree(fill_from, path / fill_from.name)
+    fs = os.statvfs(path)
+    used = (fs.f_blocks - fs.f_bfree) * fs.f_frsize
+    subprocess.run(["mount", "-o", f"remount,size={used + free_bytes}", str(path)], check=True)
+    yield path
+  finally:
+    subprocess.run(["umount", str(path)], check=True)
+
+
+def _train_on_a_full_disk(ctx):
+  """Resumes to step 16 on a disk with room for metrics but not for the checkpoint at step 12; what is on the
+  disk afterwards is copied out (as ctx["workdir"]) before it is unmounted."""
+  with _small_disk(ctx["tmp"] / "disk", 256 << 10, fill_from=ctx["workdir"]) as disk:
+    ctx["workdir"] = disk / "run"
+    result = _train(ctx, steps=16)
+    ctx["workdir"] = shutil.copytree(disk / "run", ctx["tmp"] / "after")
+  return result
+
+
 def _each_step_once(ctx):
   records = [json.loads(line) for line in (ctx["workdir"] / "metrics.jsonl").read_text().splitlines()]
   steps = [r["step"] for r in records if "loss" in r]
@@ -216,6 +243,9 @@ ROWS = [
     Row("the NumPy runtime on a missing export",
         lambda ctx: _command("yanjax.numpy_runtime", f"--export={ctx['tmp'] / 'none'}", "--prompt=a"), USAGE,
         "export directory missing"),
+    # Disk full and dying workers (issue 23)
+    Row("disk full while a checkpoint is written", _train_on_a_full_disk, USAGE,
+        "no space left on device writing the checkpoint at step 12", _checkpoints_intact),
 ]
 
 

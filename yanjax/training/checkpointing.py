@@ -10,12 +10,20 @@ Integrity: every save records a checksum of each array of the state (a position-
 patterns, computed on the devices where the array lives, so nothing is gathered); a restore recomputes them
 and treats a mismatch (a flipped bit, a truncated or swapped chunk) like an unreadable checkpoint.
 
+A full disk (or quota) while a save is written, which orbax reports from its background threads as a
+RESOURCE_EXHAUSTED error with the errno only in the message, becomes one `DiskFullError`: the partial
+checkpoint of that step (orbax's temporary directory) is removed, the complete ones are kept, and orbax's own
+log records of it (a traceback per thread) are dropped.
+
 Restoring into a different mesh or device count works: the abstract state given to `restore_latest`
 carries the new run's shardings, and orbax (tensorstore) reads each device's slice straight into place.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging as std_logging
 import os
 import time
 from typing import Any, Callable
@@ -28,8 +36,36 @@ from flax import nnx
 
 from yanjax.core import storage
 from yanjax.core.config import ConfigError
+from yanjax.core.errors import UserError
 from yanjax.model.config import ModelConfig
 from yanjax.model.lm import LanguageModel
+
+# How tensorstore (under orbax) says ENOSPC / EDQUOT: the errno survives only in the message.
+_DISK_FULL_MARKERS = ("No space left on device", "Disk quota exceeded", "os_error_code='28'",
+                      "os_error_code='122'")
+
+
+class DiskFullError(UserError):
+  """A checkpoint could not be written: the disk (or quota) under the workdir is full."""
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+  """Whether `error`, or an error it was raised from, is a full disk or quota."""
+  while error is not None:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+      return True
+    if any(marker in str(error) for marker in _DISK_FULL_MARKERS):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+class _DropDiskFullRecords(std_logging.Filter):
+  """Drops log records that carry a full-disk error: orbax logs one, with its traceback, from each thread a
+  failed save ran in; the trainer reports it once, as a DiskFullError."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return not (record.exc_info and is_disk_full(record.exc_info[1]))
 
 
 class Checkpointer:
@@ -42,6 +78,8 @@ class Checkpointer:
                                            atomicity_options=storage.orbax_atomicity(self.workdir))
     self.manager = ocp.CheckpointManager(self.workdir / "checkpoints", options=options,
                                          item_names=("state", "meta"))
+    self.pending: int | None = None  # the step of a save that may still be written in the background
+    std_logging.getLogger("absl").addFilter(_DropDiskFullRecords())
 
   def steps(self) -> list[int]:
     """Steps of the complete checkpoints, and of saves still being written asynchronously."""
@@ -49,9 +87,12 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, meta: dict[str, Any]):
     """Saves `state` and `meta` (plus the state's checksums) as checkpoint `step` (asynchronously)."""
+    self.wait()
     meta = {**meta, "checksums": state_checksums(state)}
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    meta=ocp.args.JsonSave(meta)), force=True)
+    with self._disk_full_as_user_error(step):
+      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                      meta=ocp.args.JsonSave(meta)), force=True)
+    self.pending = step
 
   def read_meta(self, step: int) -> dict[str, Any]:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -99,7 +140,33 @@ class Checkpointer:
     return restored
 
   def wait(self):
-    self.manager.wait_until_finished()
+    """Waits for the last save to be written; DiskFullError when the disk filled up under it."""
+    step, self.pending = self.pending, None
+    with self._disk_full_as_user_error(step):
+      self.manager.wait_until_finished()
+
+  @contextlib.contextmanager
+  def _disk_full_as_user_error(self, step: int | None):
+    """A full-disk error of the block, which writes checkpoint `step`, as a DiskFullError."""
+    try:
+      yield
+    except Exception as error:  # pylint: disable=broad-except  # orbax raises ValueError, OSError, ...
+      if step is None or not is_disk_full(error):
+        raise
+      raise self._disk_full(step) from error
+
+  def _disk_full(self, step: int) -> DiskFullError:
+    """Removes what the failed save of `step` left (orbax's temporary directory, never a complete checkpoint)
+    and says which checkpoint a re-run resumes from."""
+    directory = self.workdir / "checkpoints"
+    if not storage.is_remote(directory):
+      for partial in directory.glob(f"{step}{ocp.path.atomicity.TMP_DIR_SUFFIX}*"):
+        storage.remove_tree(partial, missing_ok=True)
+    self.manager.reload()
+    kept = [s for s in self.manager.all_steps() if s != step]
+    resume = f"the last good checkpoint, step {max(kept)}, is kept" if kept else "no earlier checkpoint exists"
+    return DiskFullError(f"no space left on device writing the checkpoint at step {step} under {directory}; "
+                         f"{resume}: free space or use another --workdir, then re-run the same command to resume")
 
   def close(self):
     self.manager.close()

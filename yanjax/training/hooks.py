@@ -21,6 +21,7 @@ from absl import logging
 from flax import nnx
 
 from yanjax.core import storage
+from yanjax.core.errors import UserError
 from yanjax.model.config import ModelConfig
 from yanjax.model.counting import flops_per_token
 from yanjax.training import compilation_cache
@@ -159,7 +160,11 @@ class SaveCheckpoint:
   def __call__(self, info: StepInfo):
     self.logger.flush(info)
     if info.step not in self.checkpointer.steps():  # already saved at this step (a stop request on a checkpoint step)
-      self.checkpointer.save(info.step, info.state, self.meta(info.step))
+      try:
+        self.checkpointer.save(info.step, info.state, self.meta(info.step))
+      except UserError:  # a full disk: its one line goes below the progress bar, not at the end of it
+        self.logger.progress.close()
+        raise
 
   def close(self, _info: StepInfo):
     """Waits for the last save to commit."""
