@@ -157,6 +157,12 @@ def _kill_then_resume(ctx):
   return _train(ctx, steps=16)
 
 
+def _record_intact(ctx):
+  """The workdir's config.json is still the record of the run that wrote its checkpoints."""
+  assert (ctx["workdir"] / "config.json").read_bytes() == ctx["record"]
+  _checkpoints_intact(ctx)
+
+
 @contextlib.contextmanager
 def _small_disk(path, free_bytes: int, fill_from=None):
   """A tmpfs at `path` holding a copy of `fill_from` (if given) and then `free_bytes` free; unmounted after."""
@@ -210,6 +216,8 @@ ROWS = [
         "seed: 0 -> 5", _checkpoints_intact),
     Row("resume with another global batch", lambda ctx: _train(ctx, "--config.train.global_batch=4", steps=10),
         USAGE, "global_batch: 8 -> 4", _checkpoints_intact),
+    Row("resume with another number of layers", lambda ctx: _train(ctx, "--config.model.layers=3", steps=10), USAGE,
+        "parameter shapes differ", _record_intact),
     Row("resume on a store with another tokenizer of the same size", _other_tokenizer_store, USAGE,
         "tokenizer_sha256", lambda ctx: (_checkpoints_intact(ctx), _tokenizer_matches_checkpoints(ctx))),
     Row("resume with another seed, overridden on purpose",
@@ -267,7 +275,8 @@ def test_bad_input(row, trained, tmp_path):
   workdir = tmp_path / "run"
   shutil.copytree(source, workdir)
   ctx = {"workdir": workdir, "store": store, "stdlib": stdlib, "tmp": tmp_path,
-         "checkpoints": _snapshot(workdir / "checkpoints"), "tokenizer": (workdir / "tokenizer.model").read_bytes()}
+         "checkpoints": _snapshot(workdir / "checkpoints"), "tokenizer": (workdir / "tokenizer.model").read_bytes(),
+         "record": (workdir / "config.json").read_bytes()}
   code, out = row.run(ctx)
   print(out[-3000:])
   assert code == row.code, out[-3000:]

@@ -185,8 +185,6 @@ def train():
   lease = take_lease(workdir)
   if cfg.train.compilation_cache:
     compilation_cache.enable(cfg.train.compilation_cache.replace(WORKDIR_PLACEHOLDER, str(workdir)))
-  if process_zero():
-    (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
 
   # ---- data ----------------------------------------------------------------------------------------------
   train_loader, val_loader = prepare_data(cfg, workdir)
@@ -208,6 +206,8 @@ def train():
   checkpointer = Checkpointer(workdir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
   identity = data_identity(cfg, train_loader)
   restored = checkpointer.restore_latest(abstract_state, lambda meta: check_resume(meta, model_cfg, identity))
+  if process_zero():  # the run's record, once its config is accepted: a refused resume leaves the old one
+    storage.write_atomic(workdir / "config.json", cfg.to_json_best_effort(indent=2))
   write_tokenizer(workdir, train_loader)
   if restored is None:
     state, start, meta = trainer.init(), 0, {}
