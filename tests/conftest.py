@@ -1,11 +1,13 @@
 """Test session set-up: 8 simulated CPU devices (sharding tests), a small prepared token store, a Ray cluster
-that every test process joins, and an S3 server (moto's, on 127.0.0.1), each started once per session."""
+that every test process joins, an S3 server (moto's, on 127.0.0.1), each started once per session, and one JAX
+compilation cache that the session's trainer processes share (tests/test_train.py `tiny_flags`)."""
 
 import contextlib
 import os
 import pathlib
 import re
 import sysconfig
+import tempfile
 
 import jax
 import pytest
@@ -16,12 +18,17 @@ from yanjax.data import ray_local
 jax.config.update("jax_num_cpu_devices", 8)  # before any backend starts; single-device code uses device 0
 _SESSION = contextlib.ExitStack()
 RAY_CPUS = 2
+COMPILATION_CACHE_ENV = "YANJAX_TEST_COMPILATION_CACHE"
 
 
 def pytest_configure(config):
-  """The controlling process starts the session's Ray head; xdist workers, started later, inherit RAY_ADDRESS."""
+  """The controlling process starts the session's Ray head and makes the compilation cache; xdist workers,
+  started later, inherit RAY_ADDRESS and COMPILATION_CACHE_ENV."""
   if hasattr(config, "workerinput") or os.environ.get("RAY_ADDRESS"):
     return
+  # Trainer processes of the same tiny model compile the same programs: each compiles once per session.
+  os.environ[COMPILATION_CACHE_ENV] = _SESSION.enter_context(tempfile.TemporaryDirectory(prefix="jax-cache-"))
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # the tiny models' programs compile fast
   os.environ.update(ray_local.ENV)
   os.environ["RAY_ADDRESS"] = _SESSION.enter_context(ray_local.head_node(RAY_CPUS, object_store_bytes=500_000_000))
 

@@ -50,7 +50,7 @@ def test_a_run_that_lives_in_a_bucket(s3_bucket, tmp_path):
   store = f"{s3_bucket}/stores/stdlib40"
   _run(["data_pipelines.prepare", "--output", store, "--vocab_size", "512", "--validation_fraction", "0.2",
         *stdlib])
-  flags = tiny_flags(store, steps=24, eval_every=100) + ["--config.checkpoint.every_steps=8",
+  flags = tiny_flags(store, steps=24, shared_cache=False, eval_every=100) + ["--config.checkpoint.every_steps=8",
                                                           "--config.train.sample_tokens=8"]
   straight, killed = f"{s3_bucket}/runs/straight", f"{s3_bucket}/runs/killed"
   _run(["yanjax.main.train", f"--workdir={straight}", *flags])

@@ -29,11 +29,17 @@ def get_sweep():
              "w32": dict(width=32, channels=2, mlp_width=96, layers=1),
              "w48": dict(width=48, channels=3, mlp_width=144, layers=1)}},
       tokens=[4096, 8192],
-      config=dict(train=dict(global_batch=4, seq_len=32, log_every=8, eval_batches=1),
+      config=dict(train=dict(global_batch=4, seq_len=32, log_every=8, eval_batches=1{cache}),
                   optimizer=dict(warmup_steps=4),
                   data=dict(stores=("{store}",), validation_fraction=0.05)),
   )
 '''
+
+
+def spec_text(store) -> str:
+  """SPEC on `store`, its points compiling through the test session's compilation cache when there is one."""
+  cache = os.environ.get("YANJAX_TEST_COMPILATION_CACHE")
+  return SPEC.format(repo=REPO, store=store, cache=f", compilation_cache={cache!r}" if cache else "")
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +62,7 @@ def test_spec_errors(tmp_path):
 @pytest.mark.slow
 def test_tiny_sweep_end_to_end(tmp_path, capsys, store_2048):
   spec = tmp_path / "spec.py"
-  spec.write_text(SPEC.format(repo=REPO, store=store_2048))
+  spec.write_text(spec_text(store_2048))
   out = tmp_path / "sweep"
   grid = sweep.points(sweep.load_spec(spec))
   assert len(grid) == 12 and {p.family for p in grid} == {"yan", "attention"}
@@ -128,7 +134,7 @@ def run_with_fake_slurm(tmp_path, command, srun_exit, env, cwd=None):
 
 def test_array_script_requeues_on_preempted_exit(tmp_path, monkeypatch):
   spec = tmp_path / "spec.py"
-  spec.write_text(SPEC.format(repo=REPO, store=tmp_path / "stdlib"))
+  spec.write_text(spec_text(tmp_path / "stdlib"))
   out = tmp_path / "sweep"
   monkeypatch.chdir(tmp_path)
   assert sweep_cli.main(["launch", "--spec", str(spec), "--out", str(out)]) == 0
@@ -166,7 +172,7 @@ def test_array_script_requeues_on_preempted_exit(tmp_path, monkeypatch):
 
 def test_launch_with_bucket_out_writes_script_here(tmp_path, monkeypatch, s3_bucket):
   spec = tmp_path / "spec.py"
-  spec.write_text(SPEC.format(repo=REPO, store=tmp_path / "stdlib"))
+  spec.write_text(spec_text(tmp_path / "stdlib"))
   monkeypatch.chdir(tmp_path)
   assert sweep_cli.main(["launch", "--spec", str(spec), "--out", f"{s3_bucket}/sweep"]) == 0
   text = (tmp_path / "sweep.sbatch").read_text()
@@ -183,7 +189,7 @@ sleep 5 & wait $!
 
 def test_signal_is_passed_to_trainer_and_exit_code_42_propagates(tmp_path, monkeypatch):
   spec = tmp_path / "spec.py"
-  spec.write_text(SPEC.format(repo=REPO, store=tmp_path / "stdlib"))
+  spec.write_text(spec_text(tmp_path / "stdlib"))
   calls = tmp_path / "calls"
   trainer = tmp_path / "fake_trainer"
   trainer.write_text(FAKE_TRAINER.format(calls=calls))

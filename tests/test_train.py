@@ -23,13 +23,17 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 MODEL = dict(vocab_size=512, width=32, channels=2, mlp_width=64, layers=2)
 
 
-def tiny_flags(store, steps=12, **train):
+def tiny_flags(store, steps=12, shared_cache=True, **train):
+  """The flags of a tiny run on `store`; `shared_cache`: compile through the test session's compilation cache
+  (tests/conftest.py) instead of the run's own `{workdir}/compilation_cache`."""
   flags = [f"--config={REPO / 'configs/yan_tiny.py'}", f"--config.data.stores=('{store}',)",
            "--config.data.prepare_default=False", f"--config.train.steps={steps}", "--config.train.global_batch=8",
            "--config.train.seq_len=32", "--config.train.log_every=1", "--config.train.eval_every=6",
            "--config.train.eval_batches=1", "--config.train.sample_tokens=0", "--config.optimizer.warmup_steps=2",
            "--config.checkpoint.every_steps=4"]
   flags += [f"--config.model.{k}={v}" for k, v in MODEL.items()]
+  if shared_cache and os.environ.get("YANJAX_TEST_COMPILATION_CACHE"):
+    flags.append(f"--config.train.compilation_cache={os.environ['YANJAX_TEST_COMPILATION_CACHE']}")
   return flags + [f"--config.train.{k}={v}" for k, v in train.items()]
 
 
