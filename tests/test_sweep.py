@@ -6,14 +6,17 @@ import json
 import math
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import sysconfig
+import time
 
 import numpy as np
 import pytest
 
 from yanjax.core import storage
+from yanjax.core.cli import PREEMPTED_EXIT_CODE
 from yanjax.core.config import ConfigError
 from yanjax.main import sweep as sweep_cli
 from yanjax.scaling import sweep
@@ -105,6 +108,55 @@ def get_sweep():
   assert "yan-bad_vocab-D2.05e+03: FAILED" in printed and "failed: ['yan-bad_vocab-D2.05e+03']" in printed
   records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
   assert sorted(r["size"] for r in records) == ["ok", "ok2"]  # the point after the failure ran too
+
+
+def _running(pid: int) -> bool:
+  """Whether process `pid` exists and is not a zombie (a killed orphan may wait to be reaped)."""
+  try:
+    with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except FileNotFoundError:
+    return False
+
+
+def _lease_holder(lease: pathlib.Path, other_than: int | None, within_s: float) -> int:
+  """The pid in `lease` once one other than `other_than` holds it (a trainer takes it first thing)."""
+  deadline = time.time() + within_s
+  while True:
+    try:
+      pid = json.loads(lease.read_text())["pid"]
+      if pid != other_than:
+        return pid
+    except (FileNotFoundError, ValueError, KeyError):
+      pass
+    assert time.time() < deadline, f"no trainer took {lease} within {within_s} s"
+    time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_takes_its_trainer_with_it_and_its_rerun_takes_the_point_over(tmp_path, store_2048):
+  """A point that trains for minutes: the sweep is SIGKILLed mid-point, then re-run and stopped by SIGTERM."""
+  spec = tmp_path / "spec.py"
+  spec.write_text(spec_text(store_2048).replace("tokens=[4096, 8192]", "tokens=[50_000_000]"))
+  out = tmp_path / "sweep"
+  command = [sys.executable, "-m", "yanjax.main.sweep", "run", "--spec", str(spec), "--out", str(out), "--only", "0"]
+  workdir = out / "points" / sweep.points(sweep.load_spec(spec))[0].id
+  killed = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  trainer = _lease_holder(workdir / "lease.json", None, within_s=120)
+  killed.kill()
+  killed.wait()
+  deadline = time.time() + 5
+  while _running(trainer):
+    assert time.time() < deadline, f"the trainer (pid {trainer}) outlived its SIGKILLed sweep"
+    time.sleep(0.05)
+  rerun = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  try:
+    assert _running(_lease_holder(workdir / "lease.json", trainer, within_s=120))
+  finally:
+    rerun.send_signal(signal.SIGTERM)  # passed on to its trainer, which saves and exits 42
+    printed, _ = rerun.communicate(timeout=120)
+  assert rerun.returncode == PREEMPTED_EXIT_CODE, printed[-3000:]
+  assert "took over the stale lease" in (workdir / "train.log").read_text()
 
 
 # ---------------------------------------------------------------------------------------------------------

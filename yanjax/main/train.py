@@ -17,10 +17,14 @@ import atexit
 import signal
 import sys
 
+from yanjax.core import lifetime
+
 # A SIGTERM / SIGINT that arrives while the imports below load (seconds) is kept for StopRequest, which
-# then exits with the requeue code instead of the default handler's 143.
+# then exits with the requeue code instead of the default handler's 143. A trainer a sweep started dies with
+# the sweep (yanjax/core/lifetime.py).
 _EARLY_SIGNALS: list[int] = []
 if __name__ == "__main__":
+  lifetime.die_with_parent()
   for _signal in (signal.SIGTERM, signal.SIGINT):
     signal.signal(_signal, lambda signum, _frame: _EARLY_SIGNALS.append(signum))
 

@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 
 from etils import epath
 
-from yanjax.core import storage
+from yanjax.core import lifetime, storage
 from yanjax.core.cli import PREEMPTED_EXIT_CODE
 from yanjax.core.config import ConfigError, load_config_file
 from yanjax.model.counting import flops_per_token, param_count
@@ -150,7 +150,7 @@ def run_point(point: Point, out: epath.Path, stop: StopRequest | None = None) ->
   workdir.mkdir(parents=True, exist_ok=True)
   with _train_log(workdir / "train.log") as log:
     stop.trainer = subprocess.Popen([sys.executable, "-m", "yanjax.main.train", f"--workdir={workdir}", *point.flags],
-                                    stdout=log, stderr=subprocess.STDOUT)
+                                    stdout=log, stderr=subprocess.STDOUT, env=lifetime.child_environment())
     if stop.signal is not None:  # arrived while the trainer was starting
       stop.trainer.send_signal(stop.signal)
     try:
