@@ -189,6 +189,23 @@ def _train_on_a_full_disk(ctx):
   return result
 
 
+def _prepare_on_a_full_disk(ctx):
+  """Prepares 20 files into a disk that holds a few of their units and a file of the user's; records what the
+  failed run kept before the disk is unmounted."""
+  with _small_disk(ctx["tmp"] / "disk", 300 << 10) as disk:
+    (disk / "notes.txt").write_text("my notes")
+    result = _command("data_pipelines.prepare", "--output", disk / "store", "--tokenizer_model",
+                      ctx["workdir"] / "tokenizer.model", "--input_shard_bytes", "50000", "--num_workers", "1",
+                      "--no_progress", *ctx["stdlib"], env={"RAY_ADDRESS": ""})
+    ctx["kept_units"] = glob.glob(f"{disk}/store.tmp-*/units/*.json")
+    ctx["notes"] = (disk / "notes.txt").read_text()
+  return result
+
+
+def _units_and_notes_kept(ctx):
+  assert ctx["kept_units"] and ctx["notes"] == "my notes"
+
+
 def _each_step_once(ctx):
   records = [json.loads(line) for line in (ctx["workdir"] / "metrics.jsonl").read_text().splitlines()]
   steps = [r["step"] for r in records if "loss" in r]
@@ -254,6 +271,8 @@ ROWS = [
     # Disk full and dying workers (issue 23)
     Row("disk full while a checkpoint is written", _train_on_a_full_disk, USAGE,
         "no space left on device writing the checkpoint at step 12", _checkpoints_intact),
+    Row("disk full while data is prepared", _prepare_on_a_full_disk, USAGE, "no space left on device under",
+        _units_and_notes_kept),
 ]
 
 

@@ -16,6 +16,7 @@ on both (a rename locally; server-side copies with the manifest last on object s
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import os
 import re
 import secrets
@@ -295,3 +296,20 @@ def orbax_atomicity(directory: epath.Path):
     _teach_orbax_s3()
     return options.AtomicityOptions(mode=options.AtomicityMode.COMMIT_FILE)
   return None
+
+
+# How tensorstore says ENOSPC / EDQUOT: the errno survives only in the message.
+_DISK_FULL_MARKERS = ("No space left on device", "Disk quota exceeded", "os_error_code='28'",
+                      "os_error_code='122'")
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+  """Whether `error`, or an error it was raised from, is a full disk or quota (tensorstore, under orbax and
+  zarr, reports it as a ValueError with the errno only in its message)."""
+  while error is not None:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+      return True
+    if any(marker in str(error) for marker in _DISK_FULL_MARKERS):
+      return True
+    error = error.__cause__ or error.__context__
+  return False

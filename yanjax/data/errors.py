@@ -23,6 +23,10 @@ class SequenceLengthError(DataError):
   """A split holds too little data for the requested sequence length and batch."""
 
 
+class DiskFullError(DataError):
+  """A task could not write its shards: the disk (or quota) under the store is full."""
+
+
 class WorkerKilledError(DataError):
   """Every try of one task ended with its Ray worker dead (killed for memory, or crashed); `index` is the
   task's item."""

@@ -28,7 +28,14 @@ from yanjax.core import storage
 from yanjax.data import content, hf_datasets, prepare_tasks, ray_runner, sources, store_writer, units
 from yanjax.data import store as store_format
 from yanjax.data import tokenizer as tokenizers
-from yanjax.data.errors import CorpusError, DataError, StoreError, TokenizerMismatchError, WorkerKilledError
+from yanjax.data.errors import (
+  CorpusError,
+  DataError,
+  DiskFullError,
+  StoreError,
+  TokenizerMismatchError,
+  WorkerKilledError,
+)
 
 DEFAULT_VOCAB_SIZE = 2048
 TOKEN_DTYPES = ("auto", "uint16", "uint32")
@@ -128,6 +135,10 @@ def prepare_store(args: PrepareSettings) -> epath.Path:
     raise
   except WorkerKilledError as e:
     raise _killed_unit(corpus.units[e.index], e.tries, temp_dir) from e
+  except DiskFullError as e:
+    raise DataError(f"no space left on device under {temp_dir} ({e}); the units already prepared are kept "
+                    "there: free space or choose an --output on another disk, then re-run the same command to "
+                    "resume") from e
   _print_summary(out, metadata, time.time() - start)
   return out
 

@@ -22,6 +22,7 @@ import pickle
 import socket
 from typing import Any, Callable, Iterator
 
+from yanjax.core import storage
 from yanjax.core.errors import UserError
 from yanjax.data import errors as data_errors
 from yanjax.data import ray_local, task_attempts
@@ -133,6 +134,10 @@ class _Pickling:
       return {**reply, "result": pickle.dumps(self.task(item))}
     except UserError as e:
       return {**reply, "error": type(e).__name__, "message": str(e)}
+    except Exception as e:  # pylint: disable=broad-except  # a full disk is the user's; anything else re-raises
+      if not storage.is_disk_full(e):
+        raise
+      return {**reply, "error": "DiskFullError", "message": " ".join(str(e).split())[:500]}
 
 
 def _user_error(name: str, message: str) -> UserError:

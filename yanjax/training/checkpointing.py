@@ -22,7 +22,6 @@ carries the new run's shardings, and orbax (tensorstore) reads each device's sli
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging as std_logging
 import os
 import time
@@ -40,24 +39,9 @@ from yanjax.core.errors import UserError
 from yanjax.model.config import ModelConfig
 from yanjax.model.lm import LanguageModel
 
-# How tensorstore (under orbax) says ENOSPC / EDQUOT: the errno survives only in the message.
-_DISK_FULL_MARKERS = ("No space left on device", "Disk quota exceeded", "os_error_code='28'",
-                      "os_error_code='122'")
-
 
 class DiskFullError(UserError):
   """A checkpoint could not be written: the disk (or quota) under the workdir is full."""
-
-
-def is_disk_full(error: BaseException | None) -> bool:
-  """Whether `error`, or an error it was raised from, is a full disk or quota."""
-  while error is not None:
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-      return True
-    if any(marker in str(error) for marker in _DISK_FULL_MARKERS):
-      return True
-    error = error.__cause__ or error.__context__
-  return False
 
 
 class _DropDiskFullRecords(std_logging.Filter):
@@ -65,7 +49,7 @@ class _DropDiskFullRecords(std_logging.Filter):
   failed save ran in; the trainer reports it once, as a DiskFullError."""
 
   def filter(self, record: std_logging.LogRecord) -> bool:
-    return not (record.exc_info and is_disk_full(record.exc_info[1]))
+    return not (record.exc_info and storage.is_disk_full(record.exc_info[1]))
 
 
 class Checkpointer:
@@ -151,7 +135,7 @@ class Checkpointer:
     try:
       yield
     except Exception as error:  # pylint: disable=broad-except  # orbax raises ValueError, OSError, ...
-      if step is None or not is_disk_full(error):
+      if step is None or not storage.is_disk_full(error):
         raise
       raise self._disk_full(step) from error
 
