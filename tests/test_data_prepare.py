@@ -108,6 +108,7 @@ def test_jsonl_gz_parquet_and_glob_inputs(tmp_path):
   assert store.metadata["sources"]["empty_documents"] == 1  # the parquet null
 
 
+@pytest.mark.slow
 def test_rerun_is_a_noop_and_changed_inputs_need_overwrite(tmp_path, capsys):
   write_text_corpus(tmp_path / "corpus")
   run_prepare(tmp_path / "store", str(tmp_path / "corpus"))
@@ -126,6 +127,7 @@ def test_rerun_is_a_noop_and_changed_inputs_need_overwrite(tmp_path, capsys):
   assert not list(tmp_path.glob(f"store{TEMP_MARKER}*")) and not list(tmp_path.glob("store.old-*"))
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_skipped_and_counted_or_fail(tmp_path):
   write_text_corpus(tmp_path / "corpus")
   (tmp_path / "corpus" / "latin1.txt").write_bytes("café".encode("latin-1"))
@@ -142,6 +144,7 @@ def test_bad_inputs_are_skipped_and_counted_or_fail(tmp_path):
   assert not tmp_path.joinpath("strict").exists()
 
 
+@pytest.mark.slow
 def test_bad_input_errors_are_clear(tmp_path):
   (tmp_path / "empty").mkdir()
   (tmp_path / "empty" / "a.txt").write_text("")
@@ -169,6 +172,7 @@ def test_reused_tokenizer_and_vocabulary_mismatch(tmp_path, text_store):
   assert open_store(tmp_path / "store").tokenizer_sha256 == store.tokenizer_sha256
 
 
+@pytest.mark.slow
 def test_failure_before_publishing_leaves_no_store_and_a_rerun_resumes(tmp_path, monkeypatch, capsys):
   write_text_corpus(tmp_path / "corpus")
   publish = store_writer.replace_directory
@@ -192,6 +196,7 @@ def test_failure_before_publishing_leaves_no_store_and_a_rerun_resumes(tmp_path,
   assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "store"]
 
 
+@pytest.mark.slow
 def test_killed_preparation_is_never_trusted_and_a_rerun_completes(tmp_path):
   write_text_corpus(tmp_path / "corpus")
   argv = ["--output", str(tmp_path / "store"), "--vocab_size", str(VOCAB), "--no_progress",

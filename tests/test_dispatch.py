@@ -50,6 +50,7 @@ def routing(b, t, seed):
 
 
 @pytest.mark.parametrize("capacity_factor", [0.5, 1.0, 4.0])
+@pytest.mark.slow
 def test_capacity_gather_equals_one_hot_reference(capacity_factor):
   b, t = 3, 24
   x = randn((b, t, D), 1)
@@ -124,6 +125,7 @@ MESHES = [{"data": 1, "fsdp": 4, "tensor": 1, "expert": 2},
 
 
 @pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
+@pytest.mark.slow
 def test_sharded_ffn_equals_single_device_and_gathers_no_tokens(dispatch):
   graphdef, params = make_ffn(dispatch)
   x = randn((8, T, D), 1)

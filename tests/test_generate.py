@@ -140,6 +140,7 @@ def _args(**flags):
   return argparse.Namespace(**{**defaults, **flags})
 
 
+@pytest.mark.slow
 def test_cli_streams_one_prompt_and_writes_json_lines_for_a_file(tokenizer, tmp_path, monkeypatch, capsys):
   processor = spm.SentencePieceProcessor(model_file=str(tokenizer))
   model = _model("mcsd", tie_embeddings=False)

@@ -6,6 +6,7 @@ import types
 import jax
 import ml_collections
 import numpy as np
+import pytest
 from test_train import MODEL, REPO, losses, run_train, tiny_flags
 from test_writers import wandb_history
 
@@ -66,6 +67,7 @@ def test_loss_monitor_counts_spikes_over_the_running_median():
   assert resumed.counters() == {"skipped_steps": 1, "loss_spikes": 2}
 
 
+@pytest.mark.slow
 def test_a_skipped_step_is_counted(tmp_path):
   """Non-finite parameters make every step's loss NaN: each update is skipped and counted."""
   cfg = load_config_file(REPO / "configs/yan_tiny.py")
@@ -90,6 +92,7 @@ def test_a_skipped_step_is_counted(tmp_path):
   assert info.exit_code == 0 and int(info.state["step"]) == 3
 
 
+@pytest.mark.slow
 def test_a_run_writes_its_profile_window_and_its_offline_wandb_run(small_store, tmp_path, monkeypatch):
   monkeypatch.setenv("WANDB_DIR", str(tmp_path))
   workdir = tmp_path / "w"

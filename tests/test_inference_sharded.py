@@ -243,6 +243,7 @@ def test_clis_with_mesh_flag(run, tmp_path, capsys):
 
 # ---- streaming export ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_streaming_export_of_a_many_layer_model_keeps_host_memory_far_below_the_model(tmp_path):
   """48 scanned layers of width 128 (~30 MB of float32), sharded over 8 devices: exporting holds one array
   (one layer's slice) on the host at a time."""

@@ -190,6 +190,7 @@ REPLICATED_JOB_KEYS = {"name", "groupName", "template", "replicas", "dependsOn"}
 TRAINER_ENV = ("YANJAX_COORDINATOR_ADDRESS", "YANJAX_NUM_PROCESSES", "YANJAX_PROCESS_ID")
 
 
+@pytest.mark.slow
 def test_jobset_manifest_shape_env_and_command():
   manifest = yaml.safe_load((REPO / "launch/jobset.yaml").read_text())
   assert manifest["apiVersion"] == "jobset.x-k8s.io/v1alpha2" and manifest["kind"] == "JobSet"

@@ -111,6 +111,7 @@ def test_later_document_cannot_see_earlier_one():
     assert np.array_equal(np.asarray(a[:, 6:]), np.asarray(b[:, 6:])), name
 
 
+@pytest.mark.slow
 def test_router_model_reports_stats_and_aux_loss():
   model = _model("yan_selective", dispatch="capacity")
   logits, aux = model(_tokens(), step=jnp.array(0), key=jax.random.PRNGKey(0))
@@ -120,6 +121,7 @@ def test_router_model_reports_stats_and_aux_loss():
   assert logits.shape == (2, 14, 97)
 
 
+@pytest.mark.slow
 def test_gradients_are_finite_for_every_model():
   for name in MODELS:
     model = _model(name, dtype="bfloat16")

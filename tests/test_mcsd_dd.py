@@ -99,6 +99,7 @@ def test_zero_gate_is_mcsd(form, include_current, learnable):
   assert err < 1e-6
 
 
+@pytest.mark.slow
 def test_gradients_reach_the_gate_and_agree_across_forms():
   x, inputs = jnp.asarray(_x()), _inputs(SEGMENTS)
   grads = {}

@@ -122,6 +122,7 @@ SHARDED = {"mesh.data": 1, "mesh.fsdp": -1, "mesh.tensor": 2, "model.scan_layers
     ("configs/yan_tiny.py:mcsd_dd", {}), ("configs/yan_tiny.py", SHARDED), ("configs/yan_tiny.py:selective", SHARDED)],
                          ids=["tiny", "tiny-selective", "tiny-attention", "tiny-mcsd_dd", "tiny-fsdp4-tensor2",
                               "tiny-selective-fsdp4-tensor2"])
+@pytest.mark.slow
 def test_the_plan_predicts_the_compiled_step_on_cpu(config, overrides):
   cfg = load_config_file(REPO / config)
   for key, value in overrides.items():
@@ -191,6 +192,7 @@ def test_the_command_line_compiles_the_step_on_local_cpu_devices():
   assert "data=8 fsdp=1 tensor=1 expert=1" in proc.stdout and "compiled step (XLA)" in proc.stdout
 
 
+@pytest.mark.slow
 def test_the_trainer_refuses_a_run_that_cannot_fit_before_compiling(small_store, tmp_path):
   """On CPU no capacity is known, so $YANJAX_DEVICE_MEMORY_BYTES stands in for a small device."""
   env = {**os.environ, plan.MEMORY_ENV: "1e6", "JAX_LOG_COMPILES": "1"}

@@ -56,6 +56,7 @@ def tokenizer_json(tmp_path_factory) -> pathlib.Path:
   return path
 
 
+@pytest.mark.slow
 def test_split_follows_content_and_dedup_keeps_first_copies(tmp_path, tokenizer_json):
   corpus = texts()
   (tmp_path / "a").mkdir()
@@ -87,6 +88,7 @@ def test_split_follows_content_and_dedup_keeps_first_copies(tmp_path, tokenizer_
     assert sorted(moved[split]) == sorted(t for t in decoded[split] if t in corpus)
 
 
+@pytest.mark.slow
 def test_hugging_face_dataset_with_a_tokenizer_json_trains_the_loader(tmp_path, tokenizer_json, monkeypatch):
   import datasets  # pylint: disable=import-outside-toplevel
   monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -138,6 +140,7 @@ def test_a_run_trains_samples_and_generates_with_a_tokenizer_json_and_refuses_an
   assert code == 2 and "trained on other data" in err and "tokenizer" in err
 
 
+@pytest.mark.slow
 def test_a_corpus_in_a_bucket_prepares_the_same_store_as_local_files(tmp_path, s3_bucket, tokenizer_json):
   from etils import epath  # pylint: disable=import-outside-toplevel
   corpus = texts()

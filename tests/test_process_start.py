@@ -9,6 +9,7 @@ import subprocess
 import sys
 import sysconfig
 
+import pytest
 from test_train import REPO
 
 PROBE = """
@@ -24,6 +25,7 @@ subprocess.run(["true"], preexec_fn=lambda: None, check=True)  # the control: a 
 FORK_WARNING = "os.fork() was called"
 
 
+@pytest.mark.slow
 def test_local_preparation_in_a_jax_process_never_forks(tmp_path):
   files = sorted(str(p) for p in (os.path.join(sysconfig.get_paths()["stdlib"], n) for n in ("abc.py", "bisect.py",
                                                                                             "colorsys.py")))

@@ -57,6 +57,7 @@ def test_a_config_that_leaves_a_size_dependent_key_unset_is_refused():
     (["--config.model.vocab_size=1024"], "has a vocabulary of 512 but the model expects 1024"),
     (["--config=configs/nope.py"], "config file configs/nope.py does not exist"),
 ])
+@pytest.mark.slow
 def test_bad_run_settings_are_one_line_at_start_up(small_store, tmp_path, extra, fragment):
   proc = subprocess.run([sys.executable, "-m", "yanjax.main.train", f"--workdir={tmp_path / 'w'}",
                          *tiny_flags(small_store), *extra], cwd=REPO, capture_output=True, text=True, timeout=180,

@@ -129,6 +129,7 @@ def test_load_results_jsonl_and_csv_agree(tmp_path):
     fit.load_results(jsonl)
 
 
+@pytest.mark.slow
 def test_cli_writes_fit_json_and_three_pngs(tmp_path):
   results = tmp_path / "results.jsonl"
   records = isoflop_records(CHINCHILLA, "yan", seed=3) + isoflop_records(EPOCH, "attention", seed=4)

@@ -190,6 +190,7 @@ def test_choice_random_at_step_zero_and_learned_after():
     a(x, step=0)
 
 
+@pytest.mark.slow
 def test_k_distinct_groups_capacity_and_dropped_fraction():
   cfg_cf = 0.5
   x = inputs()

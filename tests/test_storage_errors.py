@@ -77,6 +77,7 @@ def _case_env(case, s3_endpoint, auth_server):
 
 @pytest.mark.parametrize("case", ["typo_scheme", "one_slash", "unreachable_endpoint", "missing_bucket",
                                   "missing_credentials", "wrong_credentials", "read_only_bucket"])
+@pytest.mark.slow
 def test_bad_storage_is_one_clear_line(case, s3_endpoint, auth_server, small_store):
   workdir, env, fragment = _case_env(case, s3_endpoint, auth_server)
   code, out, err = run_trainer(workdir, small_store, env)
@@ -94,6 +95,7 @@ def test_bad_storage_is_one_clear_line(case, s3_endpoint, auth_server, small_sto
     (["yanjax.main.export", "--workdir=/nonexistent/run", "--out=/tmp/unused-export"], "no checkpoint under"),
     (["yanjax.numpy_runtime", "--export=/nonexistent/export", "--prompt=a"], "export directory missing"),
 ])
+@pytest.mark.slow
 def test_other_entry_points_report_bad_paths_in_one_line(command, fragment):
   proc = subprocess.run([sys.executable, "-m", *command], cwd=REPO, env=_environment({}), capture_output=True,
                         text=True, timeout=120, check=False)

@@ -328,6 +328,7 @@ def test_fit_without_points_is_refused_and_keeps_earlier_results(tmp_path):
   assert _unchanged(out)
 
 
+@pytest.mark.slow
 def test_fit_with_fewer_points_than_parameters_is_refused_with_the_count(tmp_path):
   out = tmp_path / "sweep"
   _earlier_fit(out)
@@ -344,6 +345,7 @@ def test_fit_with_fewer_points_than_parameters_is_refused_with_the_count(tmp_pat
   assert _unchanged(out)
 
 
+@pytest.mark.slow
 def test_fit_with_too_few_sizes_per_budget_reports_approach_3_alone(tmp_path, capsys):
   """A 4 x 4 grid of sizes and token budgets, and three FLOP budgets of two sizes each: approach 3 has its 22
   points; approach 2, which needs three sizes a budget, is refused with the count, and said so."""

@@ -175,6 +175,7 @@ def _expected(model, tok, prompt, n):
   return completion
 
 
+@pytest.mark.slow
 def test_generate_from_a_workdir_with_a_tokenizer_json(toks, files, tmp_path, capsys, monkeypatch):
   tok = toks["huggingface"]
   model, silent = _streamable_model(tok)

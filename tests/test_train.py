@@ -98,6 +98,7 @@ def test_fsdp_over_8_devices_holds_an_eighth_per_device():
 
 @pytest.mark.parametrize("mesh_cfg,grad_accum", [({"data": 2, "fsdp": 2, "tensor": 2}, 1),
                                                  ({"data": 4, "fsdp": 2}, 2)])
+@pytest.mark.slow
 def test_sharded_run_equals_single_device_run(mesh_cfg, grad_accum):
   single_state, single = _setup({"data": 1}, grad_accum=1)
   state, trainer = _setup(mesh_cfg, grad_accum=grad_accum)
@@ -114,6 +115,7 @@ def test_sharded_run_equals_single_device_run(mesh_cfg, grad_accum):
 
 
 @pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
+@pytest.mark.slow
 def test_selective_expert_parallel_step_equals_single_device_and_gathers_no_tokens(dispatch):
   """Experts split over 2 and 4 of 8 devices (token-slots travel by all-to-all) against one device."""
   from test_dispatch import all_gathered_shapes  # pylint: disable=import-outside-toplevel
