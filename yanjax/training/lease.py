@@ -6,10 +6,13 @@ host when its process is gone (pid not running, or running but started at anothe
 from another host when its heartbeat is older than `STALE_AFTER_S`. The holder renews the heartbeat while it
 trains (`renew`) and deletes the lease at exit.
 
-Taking a lease is atomic on local disk (O_CREAT | O_EXCL on a temporary name, then a rename that fails
-if another trainer won). Object stores have no such create here; there the lease is written, read back
-after a moment, and kept only if it is still ours: two trainers starting within that moment can still
-both start, which is the residual risk on buckets.
+Every change to the lease is a conditional write (yanjax/core/conditional.py): it is created only if absent,
+and replaced (a stale takeover, a heartbeat) or deleted only if it is still the version read or last written.
+On S3 and GCS the store checks the condition, so of two trainers starting on one workdir at the same instant
+exactly one gets the lease, and a holder whose lease was taken over learns it at its next renewal (`LeaseLost`)
+instead of overwriting the new holder's lease. On local disk creation is atomic (a hard link), while takeover,
+renewal and release compare the file's content and then write: two trainers that both find the same stale lease
+at the same instant can, in that window, both take it.
 """
 
 from __future__ import annotations
@@ -20,13 +23,14 @@ import socket
 import time
 from typing import Any
 
-from yanjax.core import storage
+from yanjax.core import conditional, storage
 from yanjax.core.config import ConfigError
+from yanjax.core.errors import UserError
 
 LEASE_FILE = "lease.json"
 STALE_AFTER_S = float(os.environ.get("YANJAX_LEASE_STALE_S", "300"))
 RENEW_EVERY_S = 60.0
-_SETTLE_S = 2.0  # object stores: wait this long before reading a written lease back
+_ACQUIRE_TRIES = 5  # each lost race re-reads the lease; the winner's lease then refuses us
 
 
 def _process_start(pid: int) -> str | None:
@@ -36,6 +40,16 @@ def _process_start(pid: int) -> str | None:
       return f.read().rsplit(")", 1)[1].split()[19]
   except (OSError, IndexError):
     return None
+
+
+def _parse(current: tuple[bytes, str] | None) -> dict[str, Any] | None:
+  """The holder record of a lease file as `conditional.read` returns it; {} (no heartbeat: stale) when torn."""
+  if current is None:
+    return None
+  try:
+    return json.loads(current[0])
+  except ValueError:
+    return {}
 
 
 def _alive(holder: dict[str, Any]) -> bool:
@@ -53,6 +67,10 @@ def _alive(holder: dict[str, Any]) -> bool:
   return time.time() - float(holder.get("heartbeat", 0)) < STALE_AFTER_S
 
 
+class LeaseLost(UserError):
+  """The lease this trainer held was taken over (or deleted) by someone else: two trainers would write."""
+
+
 class Lease:
   """The lease of one work directory, held by this process (call `release` at exit)."""
 
@@ -61,62 +79,62 @@ class Lease:
     self.path = self.workdir / LEASE_FILE
     self.record = {"host": socket.gethostname(), "pid": os.getpid(), "process_start": _process_start(os.getpid()),
                    "started": time.time(), "heartbeat": time.time(), "workdir": os.fspath(self.workdir)}
+    self.token: str | None = None  # the version of the lease file this process wrote last (conditional.py)
     self.last_renew = time.monotonic()
 
   def acquire(self) -> str | None:
     """Takes the lease; returns a note when a stale one was taken over; ConfigError when it is held."""
-    note = None
-    holder = self._read()
-    if holder is not None:
-      if _alive(holder):
+    for _ in range(_ACQUIRE_TRIES):
+      current = conditional.read(self.path)
+      holder = _parse(current)
+      if holder is not None and self._is_mine(holder):  # a retried write whose first try had landed
+        self.token = current[1]
+        return None
+      if holder is not None and _alive(holder):
         raise ConfigError(self._held_message(holder))
-      note = (f"took over the stale lease of {self.workdir} (host {holder.get('host')}, pid {holder.get('pid')}, "
+      try:
+        if current is None:
+          self.token = conditional.create(self.path, self._data())
+          return None
+        self.token = conditional.replace(self.path, self._data(), current[1])
+      except conditional.PreconditionFailed:
+        continue  # another trainer wrote the lease since we read it: read again, see who holds it
+      return (f"took over the stale lease of {self.workdir} (host {holder.get('host')}, pid {holder.get('pid')}, "
               f"last heartbeat {time.ctime(float(holder.get('heartbeat', 0)))})")
-      self.path.unlink()
-    if storage.is_remote(self.path):
-      self._write()
-      time.sleep(_SETTLE_S)
-      holder = self._read()
-      if holder is None or (holder.get("host"), holder.get("pid"), holder.get("started")) != (
-          self.record["host"], self.record["pid"], self.record["started"]):
-        raise ConfigError(self._held_message(holder or {}))
-    else:
-      self._create_local()
-    return note
+    raise ConfigError(self._held_message(_parse(conditional.read(self.path)) or {}))
 
   def renew(self):
-    """Refreshes the heartbeat (at most every RENEW_EVERY_S; cheap to call every step)."""
-    if time.monotonic() - self.last_renew >= RENEW_EVERY_S:
-      self.record["heartbeat"] = time.time()
-      self._write()
-      self.last_renew = time.monotonic()
+    """Refreshes the heartbeat (at most every RENEW_EVERY_S; cheap to call every step); LeaseLost when another
+    trainer took the lease over meanwhile."""
+    if time.monotonic() - self.last_renew < RENEW_EVERY_S:
+      return
+    self.record["heartbeat"] = time.time()
+    try:
+      self.token = conditional.replace(self.path, self._data(), self.token)
+    except conditional.PreconditionFailed:
+      holder = _parse(conditional.read(self.path)) or {}
+      self.token = None
+      raise LeaseLost(f"{self.workdir}: this trainer lost its lease to another trainer (host {holder.get('host')}, "
+                      f"pid {holder.get('pid')}), which took it over as stale; this one stops so that only one "
+                      "writes. Find out why its heartbeat stalled (a paused or unreachable process) before "
+                      "re-running") from None
+    self.last_renew = time.monotonic()
 
   def release(self):
-    """Deletes the lease if it is still ours."""
-    holder = self._read()
-    if holder is not None and holder.get("pid") == self.record["pid"] and holder.get("host") == self.record["host"]:
-      self.path.unlink()
-
-  def _read(self) -> dict[str, Any] | None:
+    """Deletes the lease if it is still the version this process wrote (best-effort: at exit)."""
+    if self.token is None:
+      return
     try:
-      return json.loads(self.path.read_text())
-    except FileNotFoundError:
-      return None
-    except ValueError:
-      return {}  # a torn lease: no heartbeat, so stale
+      conditional.delete(self.path, self.token)
+    except conditional.PreconditionFailed:
+      pass  # taken over by another trainer: theirs now
+    self.token = None
 
-  def _write(self):
-    self.path.write_text(json.dumps(self.record))
+  def _is_mine(self, holder: dict[str, Any]) -> bool:
+    return all(holder.get(k) == self.record[k] for k in ("host", "pid", "started"))
 
-  def _create_local(self):
-    temp = self.workdir / f".{LEASE_FILE}.{os.getpid()}"
-    temp.write_text(json.dumps(self.record))
-    try:
-      os.link(temp, self.path)  # fails if another trainer created the lease since we looked
-    except FileExistsError:
-      raise ConfigError(self._held_message(self._read() or {})) from None
-    finally:
-      temp.unlink()
+  def _data(self) -> bytes:
+    return json.dumps(self.record).encode()
 
   def _held_message(self, holder: dict[str, Any]) -> str:
     return (f"{self.workdir} is in use by another trainer (host {holder.get('host')}, pid {holder.get('pid')}, "
