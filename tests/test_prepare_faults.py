@@ -169,7 +169,7 @@ def kill_readers_of(path: pathlib.Path, proc: subprocess.Popen, stop) -> int:
 def test_an_input_that_kills_its_worker_every_time_fails_the_run_naming_it(tmp_path, corpus):
   argv, _ = corpus
   poison = tmp_path / "huge.jsonl"  # a unit of its own, open while it is tokenized (a few seconds)
-  poison.write_text("".join(json.dumps({"text": f"line {i} " * 50}) + "\n" for i in range(20000)))
+  poison.write_text("".join(json.dumps({"text": f"line {i} " * 50}) + "\n" for i in range(3000)))
   output = tmp_path / "store"
   run_argv = ["--max_unit_tries", "2", *argv, str(poison)]
   proc = start_preparation(output, run_argv)

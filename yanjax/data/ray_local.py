@@ -4,13 +4,13 @@
 at-fork handlers in this process; when this process runs JAX (the trainer preparing its default corpus), JAX's
 handler warns that the fork may deadlock, and it may. `ray start --head --block` runs as a new program in its
 own session instead (exec, no Python fork), the caller joins it by address, and the block's end stops it and
-every process it started (one signal to its process group). The tests start their session's cluster the same
-way.
+every process of its session. The tests start their session's cluster the same way.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import signal
 import socket
@@ -24,7 +24,7 @@ HOST = "127.0.0.1"
 # A cluster that only this machine reaches: no token to hand around.
 ENV = {"RAY_AUTH_MODE": "disabled"}
 START_TIMEOUT_S = 120
-STOP_TIMEOUT_S = 60
+STOP_GRACE_S = 3
 
 
 def free_port() -> int:
@@ -43,7 +43,8 @@ def head_node(num_cpus: int, temp_dir: str | None = None, object_store_bytes: in
   """
   with contextlib.ExitStack() as stack:
     if temp_dir is None:  # Ray's socket paths must stay short: /tmp, not $TMPDIR
-      temp_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp"))
+      temp_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp",
+                                                                      ignore_cleanup_errors=True))
     port = free_port()
     command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}",
                f"--node-ip-address={HOST}", f"--num-cpus={num_cpus}", "--include-dashboard=false",
@@ -73,12 +74,32 @@ def _wait_started(head: subprocess.Popen, log_path: str, address: str):
 
 
 def _stop(head: subprocess.Popen):
-  """SIGTERM to the head's process group (`ray start --block` stops its node's processes), SIGKILL if it hangs."""
+  """Stops the head and every process of its session (Ray's workers run in process groups of their own).
+
+  The cluster holds nothing to keep (its files go with the temporary directory), so after a SIGTERM the head
+  gets STOP_GRACE_S, not the half minute `ray start --block` takes to stop its node gracefully."""
   with contextlib.suppress(ProcessLookupError):
     os.killpg(head.pid, signal.SIGTERM)
-  try:
-    head.wait(timeout=STOP_TIMEOUT_S)
-  except subprocess.TimeoutExpired:
+  with contextlib.suppress(subprocess.TimeoutExpired):
+    head.wait(timeout=STOP_GRACE_S)
+  for pid in [head.pid, *_session_members(head.pid)]:
     with contextlib.suppress(ProcessLookupError):
-      os.killpg(head.pid, signal.SIGKILL)
-    head.wait()
+      os.kill(pid, signal.SIGKILL)
+  head.wait()
+  deadline = time.monotonic() + STOP_GRACE_S
+  while _session_members(head.pid) and time.monotonic() < deadline:  # gone before their files are removed
+    time.sleep(0.05)
+
+
+def _session_members(session: int) -> list[int]:
+  """The processes of session `session` (Linux's /proc; elsewhere none are found)."""
+  members = []
+  for stat in glob.glob("/proc/[0-9]*/stat"):
+    try:
+      with open(stat, encoding="utf-8") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+      continue  # it ended while looked at
+    if int(fields[3]) == session and fields[0] != "Z":  # a zombie only waits to be reaped
+      members.append(int(stat.split("/")[2]))
+  return members
