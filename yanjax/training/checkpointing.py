@@ -13,7 +13,8 @@ and treats a mismatch (a flipped bit, a truncated or swapped chunk) like an unre
 A full disk (or quota) while a save is written, which orbax reports from its background threads as a
 RESOURCE_EXHAUSTED error with the errno only in the message, becomes one `DiskFullError`: the partial
 checkpoint of that step (orbax's temporary directory) is removed, the complete ones are kept, and orbax's own
-log records of it (a traceback per thread) are dropped.
+log records of it (a traceback per thread) are dropped. A failed save's event loop closes only once all of the
+save's writes have ended (`_settled`), so none of them writes after the failure is reported.
 
 Restoring into a different mesh or device count works: the abstract state given to `restore_latest`
 carries the new run's shardings, and orbax (tensorstore) reads each device's slice straight into place.
@@ -21,7 +22,9 @@ carries the new run's shardings, and orbax (tensorstore) reads each device's sli
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import logging as std_logging
 import os
 import time
@@ -32,6 +35,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
+from orbax.checkpoint._src import asyncio_utils as orbax_asyncio
 
 from yanjax.core import storage
 from yanjax.core.config import ConfigError
@@ -50,6 +54,35 @@ class _DropDiskFullRecords(std_logging.Filter):
 
   def filter(self, record: std_logging.LogRecord) -> bool:
     return not (record.exc_info and storage.is_disk_full(record.exc_info[1]))
+
+
+async def _settled(coro):
+  """Awaits `coro`; when it fails (or is cancelled), first waits for the other tasks on its event loop.
+
+  Orbax runs a save's coroutine on an event loop of its own, in a background thread, and closes that loop as
+  soon as the coroutine returns. A save fails at its first failed write (a full disk), out of an
+  `asyncio.gather` that leaves the other writes running; when each of them ends, tensorstore passes its result
+  to the closed loop (`call_soon_threadsafe`), and the RuntimeError 'Event loop is closed' goes to
+  `sys.unraisablehook`, which prints its traceback. Waited for here, they end while the loop is open, and none
+  writes into the failed step's directory after the save reported its error (that directory is then removed).
+  """
+  try:
+    return await coro
+  except (Exception, asyncio.CancelledError):
+    others = asyncio.all_tasks() - {asyncio.current_task()}
+    await asyncio.gather(*others, return_exceptions=True)  # their errors are retrieved, not logged as lost
+    raise
+
+
+def _run_settled(run_sync):
+  """Orbax's `run_sync`, running each coroutine through `_settled`."""
+  @functools.wraps(run_sync)
+  def run(coro):
+    return run_sync(_settled(coro))
+  return run
+
+
+orbax_asyncio.run_sync = _run_settled(orbax_asyncio.run_sync)  # orbax calls it as asyncio_utils.run_sync(...)
 
 
 class Checkpointer:

@@ -150,21 +150,23 @@ class Evaluate:
 
 
 class SaveCheckpoint:
-  """Saves the train state (asynchronously) with the metadata `meta(step)`. The saved step's metrics go out
-  first: a run resumed from the checkpoint logs from the step after it. Add it with
+  """Saves the train state (asynchronously) with the metadata `meta(step)`. The last save is waited for first,
+  so a full disk under it is reported (DiskFullError) and its partial files removed before more is written;
+  then the saved step's metrics go out: a run resumed from the checkpoint logs from the step after it. Add it with
   every=checkpoint.every_steps, seconds=60 * checkpoint.every_minutes, at_stop=True; `close` at the end."""
 
   def __init__(self, checkpointer, logger: MetricsLogger, meta: Callable[[int], dict]):
     self.checkpointer, self.logger, self.meta = checkpointer, logger, meta
 
   def __call__(self, info: StepInfo):
-    self.logger.flush(info)
-    if info.step not in self.checkpointer.steps():  # already saved at this step (a stop request on a checkpoint step)
-      try:
+    try:
+      self.checkpointer.wait()  # the last save's full disk is reported (and its partial files removed) first
+      self.logger.flush(info)
+      if info.step not in self.checkpointer.steps():  # already saved at this step (a stop on a checkpoint step)
         self.checkpointer.save(info.step, info.state, self.meta(info.step))
-      except UserError:  # a full disk: its one line goes below the progress bar, not at the end of it
-        self.logger.progress.close()
-        raise
+    except UserError:  # a full disk: its one line goes below the progress bar, not at the end of it
+      self.logger.progress.close()
+      raise
 
   def close(self, _info: StepInfo):
     """Waits for the last save to commit."""
