@@ -6,11 +6,15 @@ import json
 import math
 import multiprocessing
 import os
+import socket
+import subprocess
+import time
 
 import pytest
 
 from yanjax.core import conditional, storage
 from yanjax.core.config import ConfigError
+from yanjax.training import lease as lease_module
 from yanjax.training.lease import Lease, LeaseLost
 
 ROUNDS = 5
@@ -86,3 +90,19 @@ def test_a_holder_whose_lease_was_taken_over_learns_it(workdir):
   assert json.loads(conditional.read(second.path)[0])["pid"] == os.getpid()
   second.release()
   assert conditional.read(second.path) is None
+
+
+def test_a_lease_whose_holder_is_a_zombie_is_stale(tmp_path):
+  """A killed trainer that its parent has not reaped (a container whose init never reaps) holds nothing."""
+  dead, alive = subprocess.Popen(["true"]), subprocess.Popen(["sleep", "60"])
+  try:
+    while lease_module._process_stat(dead.pid)[0] != "Z":  # exited, not yet waited for  # pylint: disable=protected-access
+      time.sleep(0.01)
+    for process, expected in ((dead, False), (alive, True)):
+      holder = {"host": socket.gethostname(), "pid": process.pid,
+                "process_start": lease_module._process_start(process.pid)}  # pylint: disable=protected-access
+      assert lease_module._alive(holder) is expected  # pylint: disable=protected-access
+  finally:
+    alive.kill()
+    for process in (dead, alive):
+      process.wait()

@@ -33,13 +33,19 @@ RENEW_EVERY_S = 60.0
 _ACQUIRE_TRIES = 5  # each lost race re-reads the lease; the winner's lease then refuses us
 
 
-def _process_start(pid: int) -> str | None:
-  """The start time of process `pid` as the kernel gives it (Linux), or None when unknown."""
+def _process_stat(pid: int) -> tuple[str, str] | None:
+  """(state, start time) of process `pid` as the kernel gives them (Linux), or None when unknown."""
   try:
     with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
-      return f.read().rsplit(")", 1)[1].split()[19]
+      fields = f.read().rsplit(")", 1)[1].split()
+    return fields[0], fields[19]
   except (OSError, IndexError):
     return None
+
+
+def _process_start(pid: int) -> str | None:
+  stat = _process_stat(pid)
+  return stat and stat[1]
 
 
 def _parse(current: tuple[bytes, str] | None) -> dict[str, Any] | None:
@@ -62,8 +68,12 @@ def _alive(holder: dict[str, Any]) -> bool:
       return False
     except PermissionError:
       return True
-    started = _process_start(pid)
-    return started is None or started == holder.get("process_start")
+    stat = _process_stat(pid)
+    if stat is None:
+      return True  # no /proc: the pid exists, which is all we know
+    state, started = stat
+    # A zombie is a dead trainer whose parent has not reaped it (a container's init may never do so).
+    return state not in ("Z", "X") and started == holder.get("process_start")
   return time.time() - float(holder.get("heartbeat", 0)) < STALE_AFTER_S
 
 
