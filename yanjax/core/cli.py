@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import errno
+import math
 import os
 import sys
-from typing import Callable
+from typing import Callable, Sequence
 
 from yanjax.core.errors import UserError
 
@@ -17,6 +18,25 @@ PREEMPTED_EXIT_CODE = 42  # saved after SIGTERM/SIGINT or a preemption notice: a
 USER_ERRORS = (UserError, FileNotFoundError, PermissionError, IsADirectoryError)
 # Storage faults the user fixes (disk full, quota, read-only filesystem): reported with the path.
 USER_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
+HELP_FLAGS = ("-h", "--help", "-?", "--helpshort", "--helpfull")  # argparse's and absl's
+
+
+def wants_help(argv: Sequence[str]) -> bool:
+  """Whether the command line `argv` (program name first) asks for help: printing it is not an error."""
+  return any(arg in HELP_FLAGS for arg in argv[1:])
+
+
+def check_generation_flags(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+  """Refuses generation flags the sampler cannot honour (the rules of yanjax.inference.sampling.Sampling),
+  before a model is loaded; shared by `yanjax.main.generate` and the NumPy runtime (no JAX here)."""
+  if max_new_tokens < 1:
+    raise UserError(f"--max_new_tokens={max_new_tokens}: must be >= 1")
+  if not (math.isfinite(temperature) and temperature >= 0):
+    raise UserError(f"--temperature={temperature}: must be a number >= 0 (0 = greedy)")
+  if top_k < 0:
+    raise UserError(f"--top_k={top_k}: must be >= 0 (0 = off)")
+  if not 0 < top_p <= 1:
+    raise UserError(f"--top_p={top_p}: must be in (0, 1] (1 = off)")
 
 
 def is_user_error(error: BaseException, extra: tuple[type[BaseException], ...] = ()) -> bool:

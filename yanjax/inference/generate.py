@@ -36,6 +36,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import io_callback
 
+from yanjax.core.errors import UserError
 from yanjax.inference.sampling import Sampling, sample
 
 
@@ -89,6 +90,20 @@ class TextStreamer:
 
 # ---- the library entry point ------------------------------------------------------------------------
 
+def _check_context(cfg, longest: int, max_new_tokens: int) -> None:
+  """Refuses a prompt that cannot decode within the cache: the prompt and every new token but the last
+  (which is never fed back) take one KV-cache slot each, and an attention model has model.max_decode_len."""
+  slots = longest + max_new_tokens - 1
+  if cfg.max_context is None or slots <= cfg.max_context:
+    return
+  room = cfg.max_context - longest + 1
+  fix = (f"lower max_new_tokens to {room} or shorten the prompt" if room >= 1 else
+         f"shorten the prompt to at most {cfg.max_context} tokens")
+  raise UserError(f"the longest prompt ({longest} tokens) plus max_new_tokens={max_new_tokens} needs {slots} "
+                  f"KV-cache slots but this {cfg.mixer} model has model.max_decode_len={cfg.max_decode_len}: {fix} "
+                  "(max_decode_len is set when training, by --config.model.max_decode_len)")
+
+
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              sampling: Sampling = Sampling(), eos_id: int | None = None, seed: int = 0,
              row_seeds: Sequence[int] | None = None, vocab_limit: int | None = None,
@@ -113,19 +128,15 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
   if not prompts:
     return []
   if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+    raise UserError(f"max_new_tokens={max_new_tokens}: must be >= 1")
   for i, p in enumerate(prompts):
     if not p:
-      raise ValueError(f"prompt {i} is empty: give at least one token (e.g. the tokenizer's bos id)")
+      raise UserError(f"prompt {i} is empty: give at least one token (e.g. the tokenizer's bos id)")
     bad = [t for t in p if not 0 <= t < cfg.vocab_size]
     if bad:
-      raise ValueError(f"prompt {i} has token ids {bad[:5]} outside the vocabulary [0, {cfg.vocab_size})")
+      raise UserError(f"prompt {i} has token ids {bad[:5]} outside the vocabulary [0, {cfg.vocab_size})")
   lengths = np.array([len(p) for p in prompts], np.int32)
-  if cfg.max_context is not None and int(lengths.max()) + max_new_tokens - 1 > cfg.max_context:
-    raise ValueError(
-        f"the longest prompt ({int(lengths.max())} tokens) plus max_new_tokens={max_new_tokens} needs "
-        f"{int(lengths.max()) + max_new_tokens - 1} KV-cache slots but model.max_decode_len="
-        f"{cfg.max_decode_len}")
+  _check_context(cfg, int(lengths.max()), max_new_tokens)
   if vocab_limit is not None and not 0 < vocab_limit <= cfg.vocab_size:
     raise ValueError(f"vocab_limit={vocab_limit}: must be in [1, {cfg.vocab_size}]")
   if row_seeds is None:

@@ -14,6 +14,7 @@ import sys
 import numpy as np
 
 from yanjax.core import cli, storage
+from yanjax.core.errors import UserError
 from yanjax.data.errors import TokenizerMismatchError
 from yanjax.data.tokenizer import FILE_NAMES, Tokenizer
 from yanjax.data.tokenizer import read as read_tokenizer
@@ -39,7 +40,24 @@ def _parse(argv):
   parser.add_argument("--batch_size", type=int, default=8, help="prompts per batch (--prompts_file)")
   parser.add_argument("--no_bos", action="store_true", help="do not start prompts with the bos id")
   parser.add_argument("--stream", action="store_true", help="with --prompts_file: stream text to stderr")
-  return parser.parse_args(argv)
+  args = parser.parse_args(argv)
+  cli.check_generation_flags(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+  if args.prompt_ids is not None:
+    token_ids(args.prompt_ids)
+  return args
+
+
+def token_ids(text: str) -> list[int]:
+  """The token ids of a --prompt_ids value ('1,42,7'); a UserError naming the part that is not an id."""
+  ids = []
+  for part in (p.strip() for p in text.split(",")):
+    if part and not part.isdecimal():
+      raise UserError(f"--prompt_ids {text}: {part!r} is not a token id; give comma-separated integers >= 0, "
+                      "e.g. --prompt_ids 1,42,7")
+    ids += [int(part)] if part else []
+  if not ids:
+    raise UserError(f"--prompt_ids {text!r}: no token ids; give comma-separated integers >= 0, e.g. 1,42,7")
+  return ids
 
 
 def run(model, tokenizer_path, args, out=None, err=None) -> None:
@@ -53,7 +71,7 @@ def run(model, tokenizer_path, args, out=None, err=None) -> None:
   tokenizer = None if tokenizer_path is None else _load_tokenizer(tokenizer_path, model.cfg.vocab_size)
   sampling = Sampling(args.temperature, args.top_k, args.top_p)
   if args.prompt_ids is not None:
-    prompt = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+    prompt = token_ids(args.prompt_ids)
     eos, limit = (None, None) if tokenizer is None else (tokenizer.eos_id, tokenizer.vocab_size)
     def stream(tokens, emitted):
       out.write("".join(f"{t} " for t in tokens[emitted]))

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from yanjax.core import cli  # plain Python: the runtime still needs NumPy only
+
 from .format import ExportError, load_export
 from .generate import generate
 from .model import Model, config_summary
@@ -25,6 +27,7 @@ def main(argv=None) -> None:
   parser.add_argument("--top_p", type=float, default=1.0)
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
+  cli.check_generation_flags(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
 
   # A sentencepiece model or a tokenizer.json (NumPy, sentencepiece and tokenizers only; no JAX).
   from yanjax.data.tokenizer import FILE_NAMES  # pylint: disable=import-outside-toplevel
@@ -60,5 +63,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  from yanjax.core import cli  # pylint: disable=import-outside-toplevel  # the runtime itself needs NumPy only
   cli.run(main, (ExportError,))
