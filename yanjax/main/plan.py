@@ -13,6 +13,7 @@ from typing import Sequence
 
 import jax
 
+from yanjax.core import cli
 from yanjax.core.config import ConfigError, config_flag_error, config_spec
 from yanjax.training.plan import (
   DEFAULT_MFU,
@@ -68,6 +69,15 @@ def format_plan(plan: Plan, compiled: dict[str, int] | None = None, compiled_not
   return "\n".join(lines)
 
 
+def _check_flags(values) -> None:
+  """Refuses --devices and --mfu values no run has, before anything is planned."""
+  if values.devices is not None and values.devices < 1:
+    raise ConfigError(f"--devices={values.devices}: must be >= 1 (leave it out to plan for the local devices)")
+  if not 0 < values.mfu <= 1:
+    raise ConfigError(f"--mfu={values.mfu}: must be in (0, 1], the fraction of peak FLOP/s a step reaches "
+                      f"(default {DEFAULT_MFU})")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """The `python -m yanjax.main.plan` command; returns the exit code (2: a user error, one line)."""
   from absl import flags  # pylint: disable=import-outside-toplevel
@@ -85,6 +95,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "--devices of them) and print XLA's memory analysis.", flag_values=values)
   flags.DEFINE_integer("local_device_count", None, "CPU: expose this many devices (for --compile).",
                        flag_values=values)
+  if cli.wants_help(argv):
+    print(f"{__doc__}\nflags:\n{values.get_help(include_special_flags=False)}", flush=True)
+    return 0
   if not config_spec(argv):
     print("error: --config is required, e.g. --config configs/yan_1p6b.py", file=sys.stderr, flush=True)
     return 2
@@ -95,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"error: {config_flag_error(argv, error)}", file=sys.stderr, flush=True)
     return 2
   try:
+    _check_flags(values)
     if values.local_device_count:
       jax.config.update("jax_num_cpu_devices", values.local_device_count)
     devices = values.devices or jax.device_count()
