@@ -31,10 +31,18 @@ def load_config_file(spec: str | pathlib.Path):
     raise ConfigError(f"config file {path} does not exist")
   spec = importlib.util.spec_from_file_location(f"yanjax_config_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as error:
+    raise syntax_error(error) from None
   if not hasattr(module, "get_config"):
     raise ConfigError(f"config file {path} defines no get_config()")
   return module.get_config(variant) if variant else module.get_config()
+
+
+def syntax_error(error: SyntaxError) -> ConfigError:
+  """A Python file's (a config's, a sweep spec's) syntax error as one line naming its file and line."""
+  return ConfigError(f"{error.filename}:{error.lineno}: Python syntax error ({error.msg}); fix the file")
 
 
 def config_spec(argv: Sequence[str]) -> str:

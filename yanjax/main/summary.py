@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from yanjax.core.config import load_config_file
+from yanjax.core import cli
+from yanjax.core.config import ConfigError, load_config_file
 from yanjax.model.config import ModelConfig
 from yanjax.model.counting import flops_per_token, param_count
 from yanjax.model.lm import LanguageModel
@@ -28,13 +29,17 @@ def parameter_table(model: nnx.Module) -> list[tuple[str, tuple[int, ...], tuple
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  """The command; a bad --config (missing file, unknown variant or key) is a ConfigError: one line, exit 2."""
+  parser = argparse.ArgumentParser(prog="python -m yanjax.main.summary", description=__doc__.splitlines()[0])
   parser.add_argument("--config", default="configs/yan_tiny.py")
   parser.add_argument("--seq_len", type=int, default=64)
   parser.add_argument("--decode_tokens", type=int, default=16)
   args = parser.parse_args(argv)
 
-  cfg = ModelConfig.from_dict(load_config_file(args.config).model)
+  try:
+    cfg = ModelConfig.from_dict(load_config_file(args.config).model)
+  except ConfigError as error:
+    raise ConfigError(f"--config {args.config}: {error}") from error
   model = LanguageModel(cfg, rngs=nnx.Rngs(0))
   print(f"== {args.config}: mixer={cfg.mixer} router={cfg.router} layers={cfg.layers} width={cfg.width}")
   for name, shape, axes in parameter_table(model):
@@ -64,4 +69,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)

@@ -27,7 +27,7 @@ from yanjax.scaling.sweep import (
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(prog="python -m yanjax.main.sweep", description=__doc__.splitlines()[0])
   commands = parser.add_subparsers(dest="command", required=True)
   out_help = "sweep directory: a local path, gs://bucket/... or s3://bucket/..."
   for name in ("run", "launch"):
@@ -53,6 +53,8 @@ def main(argv=None) -> int:
   grid = points(load_spec(spec))
   if args.command == "launch":
     return _launch(args, spec, out, len(grid))
+  if args.only is not None and not 0 <= args.only < len(grid):
+    raise ConfigError(f"--only {args.only}: {spec} has {len(grid)} points; give an index in [0, {len(grid) - 1}]")
   chosen = grid if args.only is None else [grid[args.only]]
   done, failed, preempted = 0, [], False
   with StopRequest().installed() as stop:

@@ -260,11 +260,14 @@ def train():
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with a bad --config or --config.<key> override as one line (exit 2)."""
+  """absl's flag parsing, with a bad --config or --config.<key> override as one line (exit 2), and --help
+  (absl exits 1 after printing it) a success."""
   try:
     remaining = FLAGS(argv)
     FLAGS.config.keys()  # config_flags defers a config file's load error to the first access
     return remaining
+  except SystemExit as stop:  # absl's --help, --helpfull
+    sys.exit(0 if cli.wants_help(argv) else stop.code)
   except Exception as error:  # pylint: disable=broad-except  # config_flags raises what the override hit
     message = config_flag_error(argv, error, "configs/yan_tiny.py",
                                 "; check the flags (python -m yanjax.main.train --helpfull)")

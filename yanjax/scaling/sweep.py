@@ -40,7 +40,7 @@ from etils import epath
 
 from yanjax.core import lifetime, storage
 from yanjax.core.cli import PREEMPTED_EXIT_CODE
-from yanjax.core.config import ConfigError, load_config_file
+from yanjax.core.config import ConfigError, load_config_file, syntax_error
 from yanjax.model.counting import flops_per_token, param_count
 from yanjax.training.presets import model_variant
 
@@ -67,7 +67,11 @@ def load_spec(path: str | os.PathLike) -> dict[str, Any]:
   path = storage.as_path(path)
   module = types.ModuleType("yanjax_sweep_spec")
   module.__file__ = os.fspath(path)
-  exec(compile(path.read_text(), os.fspath(path), "exec"), module.__dict__)  # pylint: disable=exec-used
+  try:
+    code = compile(path.read_text(), os.fspath(path), "exec")
+  except SyntaxError as error:
+    raise syntax_error(error) from None
+  exec(code, module.__dict__)  # pylint: disable=exec-used
   sweep = module.get_sweep()
   unknown = set(sweep) - {"families", "sizes", "tokens", "isoflop", "config"}
   if unknown:
