@@ -221,6 +221,29 @@ def _tokenizer_matches_checkpoints(ctx):
   assert (ctx["workdir"] / "tokenizer.model").read_bytes() == ctx["tokenizer"]
 
 
+def _generate(ctx, *flags):
+  return _command("yanjax.main.generate", f"--workdir={ctx['workdir']}", *flags)
+
+
+def _attention_prompt_past_its_cache(ctx):
+  """An attention run (4 steps, 32 KV-cache slots) asked for more tokens than its cache holds."""
+  run = ctx["tmp"] / "attention"
+  code, out = _command("yanjax.main.train", f"--workdir={run}", *tiny_flags(ctx["store"], steps=4),
+                       "--config.model.mixer=attention", "--config.model.max_decode_len=32")
+  assert code == 0, out[-3000:]
+  return _command("yanjax.main.generate", f"--workdir={run}", "--prompt_ids=1,2,3", "--max_new_tokens=40")
+
+
+def _sweep_run(ctx, spec, *flags):
+  return _command("yanjax.main.sweep", "run", f"--spec={spec}", f"--out={ctx['tmp'] / 'sweep'}", *flags)
+
+
+def _sweep_spec_with_a_syntax_error(ctx):
+  spec = ctx["tmp"] / "spec.py"
+  spec.write_text("def get_sweep():\n  return dict(tokens=[1,)\n")
+  return _sweep_run(ctx, spec)
+
+
 ROWS = [
     Row("prepare --overwrite onto its own input directory", _prepare_into_input, USAGE,
         "contains the input", _victim_intact),
@@ -273,6 +296,35 @@ ROWS = [
         "no space left on device writing the checkpoint at step 12", _checkpoints_intact),
     Row("disk full while data is prepared", _prepare_on_a_full_disk, USAGE, "no space left on device under",
         _units_and_notes_kept),
+    # CLI flags and config errors (issue 23)
+    Row("generate --max_new_tokens 0", lambda ctx: _generate(ctx, "--prompt=a", "--max_new_tokens=0"), USAGE,
+        "--max_new_tokens=0: must be >= 1"),
+    Row("generate --temperature nan", lambda ctx: _generate(ctx, "--prompt=a", "--temperature=nan"), USAGE,
+        "--temperature=nan: must be a number >= 0"),
+    Row("generate --top_p 1.5", lambda ctx: _generate(ctx, "--prompt=a", "--top_p=1.5"), USAGE,
+        "--top_p=1.5: must be in (0, 1]"),
+    Row("generate --prompt_ids 1,abc", lambda ctx: _generate(ctx, "--prompt_ids=1,abc"), USAGE,
+        "'abc' is not a token id"),
+    Row("generate past an attention run's KV cache", _attention_prompt_past_its_cache, USAGE,
+        "needs 42 KV-cache slots but this attention model has model.max_decode_len=32"),
+    Row("the NumPy runtime with --max_new_tokens -3",
+        lambda ctx: _command("yanjax.numpy_runtime", f"--export={ctx['tmp']}", "--prompt=a", "--max_new_tokens=-3"),
+        USAGE, "--max_new_tokens=-3: must be >= 1"),
+    Row("sweep spec with a syntax error", _sweep_spec_with_a_syntax_error, USAGE, "spec.py:2: Python syntax error"),
+    Row("sweep run --only 99 on a grid of 12", lambda ctx: _sweep_run(ctx, "configs/sweeps/tiny.py", "--only=99"),
+        USAGE, "has 12 points; give an index in [0, 11]"),
+    Row("plan of 2000 layers answers in seconds",
+        lambda ctx: _command("yanjax.main.plan", "--config=configs/yan_tiny.py", "--devices=1",
+                             "--config.model.layers=2000", timeout=60), 0, "total (state + max of phases)"),
+    Row("plan --devices -8", lambda ctx: _command("yanjax.main.plan", "--config=configs/yan_tiny.py", "--devices=-8"),
+        USAGE, "--devices=-8: must be >= 1"),
+    Row("plan --mfu 5", lambda ctx: _command("yanjax.main.plan", "--config=configs/yan_tiny.py", "--mfu=5"), USAGE,
+        "--mfu=5.0: must be in (0, 1]"),
+    Row("plan with a missing config file",
+        lambda ctx: _command("yanjax.main.plan", f"--config={ctx['tmp'] / 'none.py'}"), USAGE, "does not exist"),
+    Row("summary of an unknown variant",
+        lambda ctx: _command("yanjax.main.summary", "--config=configs/yan_tiny.py:hybrid"), USAGE,
+        "unknown config variant 'hybrid'; choose one of"),
 ]
 
 
