@@ -35,6 +35,9 @@ def main(argv=None):
   parser.add_argument("--seq_len", type=int, default=64)
   parser.add_argument("--decode_tokens", type=int, default=16)
   args = parser.parse_args(argv)
+  if args.seq_len < 1 or args.decode_tokens < 0:
+    raise ConfigError(f"--seq_len={args.seq_len} --decode_tokens={args.decode_tokens}: give --seq_len >= 1 and "
+                      "--decode_tokens >= 0")
 
   try:
     cfg = ModelConfig.from_dict(load_config_file(args.config).model)
