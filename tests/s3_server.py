@@ -24,6 +24,14 @@ def free_port() -> int:
 @contextlib.contextmanager
 def moto_server(env: dict[str, str] | None = None):
   """Yields the endpoint URL of a running moto S3 server; stops it afterwards."""
+  with moto_process(env) as (endpoint, _):
+    yield endpoint
+
+
+@contextlib.contextmanager
+def moto_process(env: dict[str, str] | None = None):
+  """Yields (endpoint URL, process) of a running moto S3 server, for tests that kill it (a store that dies);
+  stops it afterwards if it still runs."""
   port = free_port()
   proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})})
@@ -38,7 +46,7 @@ def moto_server(env: dict[str, str] | None = None):
         if proc.poll() is not None or time.monotonic() > deadline:
           raise RuntimeError(f"moto server did not start on {endpoint}") from None
         time.sleep(0.2)
-    yield endpoint
+    yield endpoint, proc
   finally:
     proc.terminate()
     proc.wait(timeout=30)

@@ -20,6 +20,7 @@ import time
 from typing import Callable
 
 import pytest
+import s3_server
 from test_train import REPO, losses, tiny_flags
 
 PREEMPTED, USAGE = 42, 2
@@ -244,6 +245,41 @@ def _sweep_spec_with_a_syntax_error(ctx):
   return _sweep_run(ctx, spec)
 
 
+def _store_dies_mid_run(ctx):
+  """Trains on a bucket of a moto server of its own and kills that server once checkpoint 4 is committed; the
+  trainer must then exit by itself (bounded: no thread left waiting on the dead store)."""
+  import boto3  # pylint: disable=import-outside-toplevel
+  with s3_server.moto_process() as (endpoint, moto):
+    workdir = s3_server.create_bucket(endpoint, "outage") + "/run"
+    env = {**os.environ, **s3_server.s3_environment(endpoint), "YANJAX_STORAGE_TIMEOUT_S": "10"}
+    log = ctx["tmp"] / "trainer.log"
+    with open(log, "w", encoding="utf-8") as out:
+      trainer = subprocess.Popen([sys.executable, "-m", "yanjax.main.train", f"--workdir={workdir}",
+                                  *tiny_flags(ctx["store"], steps=100000, eval_every=100000)], cwd=REPO, env=env,
+                                 stdout=out, stderr=subprocess.STDOUT)
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    deadline = time.time() + 120
+    while not s3.list_objects_v2(Bucket="outage", Prefix="run/checkpoints/4/commit_success.txt").get("KeyCount"):
+      assert trainer.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+      time.sleep(0.2)
+    moto.kill()
+    moto.wait()
+    try:
+      trainer.wait(timeout=180)
+    finally:
+      trainer.kill()
+    ctx["endpoint"], ctx["out"] = endpoint, log.read_text()
+    return trainer.returncode, ctx["out"]
+
+
+def _names_endpoint_and_a_committed_step(ctx):
+  line = [line for line in ctx["out"].splitlines() if line.strip()][-1]
+  assert ctx["endpoint"] in line and ctx["out"].count("error: ") == 1, line
+  step = int(line.split("the last checkpoint that is safe is step ")[1].split(",")[0])
+  assert step >= 4 and step % 4 == 0, line  # 4 was seen committed; a later one only if its save completed
+
+
 ROWS = [
     Row("prepare --overwrite onto its own input directory", _prepare_into_input, USAGE,
         "contains the input", _victim_intact),
@@ -325,6 +361,9 @@ ROWS = [
     Row("summary of an unknown variant",
         lambda ctx: _command("yanjax.main.summary", "--config=configs/yan_tiny.py:hybrid"), USAGE,
         "unknown config variant 'hybrid'; choose one of"),
+    # Buckets (issue 23)
+    Row("the S3 endpoint dies mid-training", _store_dies_mid_run, USAGE,
+        "the storage service became unreachable during training", _names_endpoint_and_a_committed_step),
 ]
 
 

@@ -27,6 +27,7 @@ from typing import Any
 from etils import epath
 
 from yanjax.core.config import ConfigError
+from yanjax.core.errors import UserError
 
 REMOTE_SCHEMES = ("gs", "s3")
 PROBE_TIMEOUT_S = float(os.environ.get("YANJAX_STORAGE_TIMEOUT_S", "60"))
@@ -224,11 +225,40 @@ def run_with_deadline(fn, path, what: str, fix: str):
     return pool.submit(fn).result(timeout=PROBE_TIMEOUT_S)
   except concurrent.futures.TimeoutError:
     raise ConfigError(f"{what} {path}: no answer from the storage service in {PROBE_TIMEOUT_S:.0f} s "
-                      f"({_endpoint_hint(path)}); {fix}") from None
+                      f"({endpoint_hint(path)}); {fix}") from None
   except Exception as error:  # pylint: disable=broad-except  # every storage failure becomes one clear line
     raise ConfigError(f"{what} {path}: {describe_storage_error(error, path)}; {fix}") from error
   finally:
     pool.shutdown(wait=False)
+
+
+class StorageUnreachable(UserError):
+  """The storage service of a path stopped answering (refused connections, or no answer in PROBE_TIMEOUT_S)."""
+
+
+# How s3fs, gcsfs, botocore and aiohttp say that the service cannot be reached (lower case).
+_UNREACHABLE_MARKERS = ("could not connect", "connect timeout", "connection refused", "connect call failed",
+                        "endpointconnectionerror", "name or service not known", "cannot connect")
+
+
+def is_unreachable(error: BaseException | None) -> bool:
+  """Whether `error`, or an error it was raised from, says that the storage service cannot be reached."""
+  while error is not None:
+    if isinstance(error, StorageUnreachable) or any(
+        marker in f"{type(error).__name__}: {error}".lower() for marker in _UNREACHABLE_MARKERS):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def check_reachable(directory: epath.Path) -> None:
+  """StorageUnreachable when a probe write into `directory` gets no answer in PROBE_TIMEOUT_S or cannot connect;
+  other failures are left to the operation that meets them. For waits on a store that may have died."""
+  try:
+    check_writable(directory, "workdir", "check that its storage service runs")
+  except ConfigError as error:
+    if error.__cause__ is None or is_unreachable(error.__cause__):  # no cause: the probe's deadline passed
+      raise StorageUnreachable(str(error)) from error
 
 
 def describe_storage_error(error: BaseException, path) -> str:
@@ -253,15 +283,15 @@ def describe_storage_error(error: BaseException, path) -> str:
   if isinstance(error, PermissionError) or any(s in lowered for s in ("accessdenied", "access denied",
                                                                        "forbidden", "403")):
     return "permission denied (the credentials may read but not write here, or not read at all)"
-  if any(s in lowered for s in ("could not connect", "connect timeout", "connection refused",
-                                 "endpointconnectionerror", "name or service not known", "cannot connect")):
-    return f"cannot reach the storage service ({_endpoint_hint(path)})"
+  if any(s in lowered for s in _UNREACHABLE_MARKERS):
+    return f"cannot reach the storage service ({endpoint_hint(path)})"
   if isinstance(error, OSError) and error.strerror:
     return f"{error.strerror}"
   return text.splitlines()[0][:300]
 
 
-def _endpoint_hint(path) -> str:
+def endpoint_hint(path) -> str:
+  """Which service holds `path`: the S3 endpoint (and how to set another), GCS, or the local filesystem."""
   if os.fspath(path).startswith("s3://"):
     return f"endpoint {s3_endpoint() or 'AWS default'}; AWS_ENDPOINT_URL sets another"
   if os.fspath(path).startswith("gs://"):

@@ -14,6 +14,7 @@ train_step.py, placement rules in sharding.py); the loop is loop.py, what it doe
 from __future__ import annotations
 
 import atexit
+import os
 import signal
 import sys
 
@@ -52,6 +53,7 @@ from yanjax.training.writers import open_writers
 
 WORKDIR_PLACEHOLDER = "{workdir}"  # in data.stores and train.compilation_cache: the run's work directory
 DEFAULT_CORPUS = "{workdir}/data/stdlib"  # the one store data.prepare_default may create
+LOST_STORE_WAIT_S = 10.0  # after the store stopped answering: how long to wait for the last save's outcome
 
 config_flags.DEFINE_config_file("config", "configs/yan_tiny.py", "Python config file (path[:variant]).",
                                 lock_config=True)
@@ -157,6 +159,16 @@ def write_tokenizer(workdir, loader):
     storage.write_atomic(path, data)
 
 
+def storage_lost(workdir, checkpointer: Checkpointer) -> storage.StorageUnreachable:
+  """The one-line error of a store that stopped answering mid-run, naming the checkpoint a re-run resumes from."""
+  committed = checkpointer.committed_step(timeout_s=LOST_STORE_WAIT_S)
+  safe = (f"the last checkpoint that is safe is step {committed}, committed before the outage" if committed
+          is not None else "no checkpoint of this run was committed before the outage")
+  return storage.StorageUnreachable(
+      f"{workdir}: the storage service became unreachable during training ({storage.endpoint_hint(workdir)}); "
+      f"{safe}: re-run the same command once the store answers again to resume from it")
+
+
 def main(argv):
   """Runs `train`; a user error (bad config, path, storage or data store) is one line on stderr, exit 2."""
   del argv
@@ -166,6 +178,11 @@ def main(argv):
     if FLAGS.verbose or not cli.is_user_error(error):
       raise
     print(f"error: {cli.describe(error)}", file=sys.stderr, flush=True)
+    if isinstance(error, storage.StorageUnreachable):
+      # orbax's save threads still retry the dead store, and the interpreter's exit would wait for them
+      # (minutes), then print their errors; the lease cannot be released without the store either.
+      sys.stdout.flush()
+      os._exit(USAGE_EXIT_CODE)  # pylint: disable=protected-access
     sys.exit(USAGE_EXIT_CODE)
 
 
@@ -252,7 +269,13 @@ def train():
   loop.add_hook(lambda _: compilation_cache.report(say), at_end=True)
   loop.add_hook(save.close, at_end=True)
 
-  info = loop.run(state, start, iter(train_loader.iterate(start)))
+  try:
+    info = loop.run(state, start, iter(train_loader.iterate(start)))
+  except Exception as error:  # pylint: disable=broad-except  # a store that stopped answering becomes one line
+    if not (storage.is_remote(workdir) and storage.is_unreachable(error)):
+      raise
+    logger.progress.close()  # the error's line goes below the progress bar
+    raise storage_lost(workdir, checkpointer) from error
   if info.exit_code:
     logging.warning("stopped at step %d (exit code %d); re-run the same command to resume", info.step,
                     info.exit_code)

@@ -16,6 +16,12 @@ checkpoint of that step (orbax's temporary directory) is removed, the complete o
 log records of it (a traceback per thread) are dropped. A failed save's event loop closes only once all of the
 save's writes have ended (`_settled`), so none of them writes after the failure is reported.
 
+A bucket whose storage service stops answering mid-run (a dead endpoint) must not hang the trainer: a save's
+threads then retry for many minutes, so `wait` waits in a daemon thread and, while the save is unfinished,
+probes the workdir every PROBE_TIMEOUT_S (yanjax/core/storage.py), raising StorageUnreachable when the probe
+cannot connect. `committed` is the newest step known complete, remembered here, since the store that would
+say so cannot be asked; orbax's log records of unreachable-store errors are dropped like the full-disk ones.
+
 Restoring into a different mesh or device count works: the abstract state given to `restore_latest`
 carries the new run's shardings, and orbax (tensorstore) reads each device's slice straight into place.
 """
@@ -23,10 +29,12 @@ carries the new run's shardings, and orbax (tensorstore) reads each device's sli
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import logging as std_logging
 import os
+import threading
 import time
 from typing import Any, Callable
 
@@ -49,11 +57,12 @@ class DiskFullError(UserError):
 
 
 class _DropDiskFullRecords(std_logging.Filter):
-  """Drops log records that carry a full-disk error: orbax logs one, with its traceback, from each thread a
-  failed save ran in; the trainer reports it once, as a DiskFullError."""
+  """Drops log records that carry a full-disk or unreachable-store error: orbax logs one, with its traceback,
+  from each thread a failed save ran in; the trainer reports it once (DiskFullError, StorageUnreachable)."""
 
   def filter(self, record: std_logging.LogRecord) -> bool:
-    return not (record.exc_info and storage.is_disk_full(record.exc_info[1]))
+    error = record.exc_info and record.exc_info[1]
+    return not (error and (storage.is_disk_full(error) or storage.is_unreachable(error)))
 
 
 async def _settled(coro):
@@ -96,6 +105,7 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(self.workdir / "checkpoints", options=options,
                                          item_names=("state", "meta"))
     self.pending: int | None = None  # the step of a save that may still be written in the background
+    self.committed: int | None = None  # the newest step known complete: restored, or a save waited for
     std_logging.getLogger("absl").addFilter(_DropDiskFullRecords())
 
   def steps(self) -> list[int]:
@@ -145,6 +155,7 @@ class Checkpointer:
         unreadable.append(step)
         continue
       restored = (step, state, meta)
+      self.committed = step
       break
     if unreadable and jax.process_index() == 0:
       quarantine = self.workdir / "corrupt_checkpoints"
@@ -157,10 +168,42 @@ class Checkpointer:
     return restored
 
   def wait(self):
-    """Waits for the last save to be written; DiskFullError when the disk filled up under it."""
+    """Waits for the last save to be written; DiskFullError when the disk filled up under it,
+    StorageUnreachable when the workdir's storage service stopped answering while it was written."""
     step, self.pending = self.pending, None
+    finished = self._finished()
     with self._disk_full_as_user_error(step):
-      self.manager.wait_until_finished()
+      while True:
+        try:
+          finished.result(timeout=storage.PROBE_TIMEOUT_S)
+          break
+        except concurrent.futures.TimeoutError:
+          if storage.is_remote(self.workdir):  # a slow save goes on; a dead store's save may never end
+            storage.check_reachable(self.workdir)
+    if step is not None:
+      self.committed = step
+
+  def committed_step(self, timeout_s: float) -> int | None:
+    """The newest step known complete, after waiting at most `timeout_s` for a save still being written (after
+    a storage failure: that save may never end, or fail, which leaves the step before it)."""
+    if self.pending is not None:
+      with contextlib.suppress(Exception):
+        self._finished().result(timeout=timeout_s)
+        self.committed = self.pending
+    return self.committed
+
+  def _finished(self) -> concurrent.futures.Future:
+    """The outcome of orbax's `wait_until_finished`, which runs in a daemon thread: the interpreter's exit never
+    waits for a wait on a store that stopped answering."""
+    outcome = concurrent.futures.Future()
+
+    def run():
+      try:
+        outcome.set_result(self.manager.wait_until_finished())
+      except BaseException as error:  # pylint: disable=broad-except  # handed to the waiting thread
+        outcome.set_exception(error)
+    threading.Thread(target=run, name="checkpoint-wait", daemon=True).start()
+    return outcome
 
   @contextlib.contextmanager
   def _disk_full_as_user_error(self, step: int | None):

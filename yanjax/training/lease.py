@@ -131,13 +131,17 @@ class Lease:
     self.last_renew = time.monotonic()
 
   def release(self):
-    """Deletes the lease if it is still the version this process wrote (best-effort: at exit)."""
+    """Deletes the lease if it is still the version this process wrote (best-effort: at exit; a store that stopped
+    answering keeps it, and the next trainer on this host takes it over as stale)."""
     if self.token is None:
       return
     try:
       conditional.delete(self.path, self.token)
     except conditional.PreconditionFailed:
       pass  # taken over by another trainer: theirs now
+    except Exception as error:  # pylint: disable=broad-except  # the run's own error was reported already
+      if not storage.is_unreachable(error):
+        raise
     self.token = None
 
   def _is_mine(self, holder: dict[str, Any]) -> bool:

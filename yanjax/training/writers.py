@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 from typing import Any, Protocol
 
@@ -68,19 +69,47 @@ class JsonlWriter:
       self.file.close()
 
 
+# Unreachable-store errors that ended a background thread (tensorboardX's event writer), kept for the main thread.
+_LOST_IN_THREADS: list[BaseException] = []
+
+
+def _keep_unreachable_store_errors(hook):
+  """`threading.excepthook` that keeps a thread's unreachable-store error (the trainer reports it once, as one
+  line) instead of printing its traceback; every other error goes to `hook`."""
+  def excepthook(args):
+    if args.exc_value is not None and storage.is_unreachable(args.exc_value):
+      _LOST_IN_THREADS.append(args.exc_value)
+    else:
+      hook(args)
+  excepthook.keeps_unreachable = True
+  return excepthook
+
+
 class TensorBoardWriter:
-  """Scalar events under <workdir>/tensorboard (tensorboardX; buckets through its own gs:// / s3:// support)."""
+  """Scalar events under <workdir>/tensorboard (tensorboardX; buckets through its own gs:// / s3:// support).
+
+  tensorboardX writes from a background thread; when the store stopped answering, that thread's error is raised
+  by the next `write` or `flush` (its queue, never emptied again, would block them)."""
 
   def __init__(self, workdir):
     from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
     self.events = SummaryWriter(str(storage.as_path(workdir) / "tensorboard"))
+    if not getattr(threading.excepthook, "keeps_unreachable", False):
+      threading.excepthook = _keep_unreachable_store_errors(threading.excepthook)
 
   def write(self, step, scalars):
+    self._raise_lost()
     for name, value in _floats(scalars).items():
       self.events.add_scalar(name, value, step)
 
   def flush(self):
+    self._raise_lost()
     self.events.flush()
+
+  def _raise_lost(self):
+    if _LOST_IN_THREADS:
+      raise storage.StorageUnreachable(f"the TensorBoard events could not be written: {_LOST_IN_THREADS[0]}"
+                                       ) from _LOST_IN_THREADS[0]
 
   def close(self):
     self.events.close()
