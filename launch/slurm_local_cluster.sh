@@ -8,7 +8,7 @@
 # Debian's slurm-wlm: munged, slurmctld and slurmd, started as plain daemons (no systemd needed, so it works
 # in a container). It writes /etc/slurm/slurm.conf, and refuses to replace one it did not write. The node
 # has YANJAX_SLURM_CPUS CPUs (default 8, more than this machine may have: Slurm is told to believe the
-# config), no GPUs, JobRequeue=1; a requeued job starts again after ~12 s (cred_expire and a 2 s scheduling
+# config), no GPUs, JobRequeue=1; a requeued job starts again after ~6 s (cred_expire=5 and a 2 s scheduling
 # loop; Slurm's defaults make it 2-3 minutes), and finished jobs stay in `scontrol show job` for 30 minutes.
 # No accounting database (no sacct).
 # Idempotent: run again, it keeps a running cluster and starts what is not running.
@@ -62,7 +62,7 @@ SlurmctldHost=localhost(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=cred_expire=10
+AuthInfo=cred_expire=5
 StateSaveLocation=${STATE}/ctld
 SlurmdSpoolDir=${STATE}/d
 SlurmctldPidFile=${STATE}/slurmctld.pid

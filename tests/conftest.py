@@ -3,6 +3,7 @@ that every test process joins, an S3 server (moto's, on 127.0.0.1), each started
 compilation cache that the session's trainer processes share (tests/test_train.py `tiny_flags`)."""
 
 import contextlib
+import fcntl
 import os
 import pathlib
 import re
@@ -40,12 +41,21 @@ def pytest_unconfigure(config):
 
 @pytest.fixture(scope="session")
 def small_store(tmp_path_factory) -> pathlib.Path:
-  """A token store of 40 standard-library modules, vocabulary 512 (prepared once per session)."""
+  """A token store of 40 standard-library modules, vocabulary 512, prepared once per session: under
+  pytest-xdist the first worker to ask prepares it in the session's shared temporary directory while the
+  others wait on a lock (a store is published whole, so one that exists is complete)."""
   from data_pipelines import prepare  # pylint: disable=import-outside-toplevel
-  stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
-  files = sorted(str(p) for p in stdlib.glob("*.py"))[:40]
-  out = tmp_path_factory.mktemp("store") / "stdlib40"
-  assert prepare.main(["--output", str(out), "--vocab_size", "512", "--validation_fraction", "0.2", *files]) == 0
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    base = base.parent  # this session's, above every worker's own
+  out = base / "small_store" / "stdlib40"
+  with open(base / "small_store.lock", "w", encoding="utf-8") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not out.exists():
+      stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
+      files = sorted(str(p) for p in stdlib.glob("*.py"))[:40]
+      assert prepare.main(["--output", str(out), "--vocab_size", "512", "--validation_fraction", "0.2",
+                           *files]) == 0
   return out
 
 

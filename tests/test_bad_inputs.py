@@ -251,7 +251,7 @@ def _store_dies_mid_run(ctx):
   import boto3  # pylint: disable=import-outside-toplevel
   with s3_server.moto_process() as (endpoint, moto):
     workdir = s3_server.create_bucket(endpoint, "outage") + "/run"
-    env = {**os.environ, **s3_server.s3_environment(endpoint), "YANJAX_STORAGE_TIMEOUT_S": "10"}
+    env = {**os.environ, **s3_server.s3_environment(endpoint), "YANJAX_STORAGE_TIMEOUT_S": "5"}
     log = ctx["tmp"] / "trainer.log"
     with open(log, "w", encoding="utf-8") as out:
       trainer = subprocess.Popen([sys.executable, "-m", "yanjax.main.train", f"--workdir={workdir}",

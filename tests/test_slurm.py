@@ -99,7 +99,7 @@ def tail(text: str, chars: int = 4000) -> str:
 @pytest.mark.slow
 def test_slurm_sbatch_preempt_requeue_resume(slurm_cluster, small_store, tmp_path):
   """2 tasks x 2 CPU devices (mesh data=2 x fsdp=2): SIGTERM, save, exit 42, requeue, resume, finish."""
-  steps = 300
+  steps = 150  # the signal comes after step 2; 148 steps leave it seconds to arrive
   workdir = tmp_path / "run"
   flags = [f for f in tiny_flags(small_store, steps=steps, eval_every=steps) if not f.startswith("--config=")]
   flags += ["--config.checkpoint.every_steps=100000", "--config.mesh.data=2", "--config.mesh.fsdp=2"]
@@ -150,7 +150,7 @@ def get_sweep():
 @pytest.mark.slow
 def test_slurm_sweep_array_preempt_requeue_resume(slurm_cluster, small_store, tmp_path):
   """A 2-point sweep as a job array: task 0 gets SIGTERM, requeues and finishes its point; task 1 runs through."""
-  steps = 400
+  steps = 150
   spec = tmp_path / "spec.py"
   spec.write_text(SWEEP_SPEC.format(repo=REPO, vocab=MODEL["vocab_size"], tokens=steps * 8 * 32,
                                     store=small_store))
