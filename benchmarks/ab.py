@@ -41,13 +41,14 @@ from decode import state_bytes, time_decode  # noqa: E402
 from yanjax.core import storage  # noqa: E402
 from yanjax.core.config import load_config_file  # noqa: E402
 from yanjax.core.errors import UserError  # noqa: E402
+from yanjax.data import tokenizer  # noqa: E402
 from yanjax.data.loader import make_loader  # noqa: E402
 from yanjax.data.prepare import PrepareSettings, prepare_store  # noqa: E402
 from yanjax.model.counting import flops_per_token, param_count  # noqa: E402
 from yanjax.training.loop import StepInfo, TrainLoop  # noqa: E402
 from yanjax.training.presets import model_variant  # noqa: E402
 from yanjax.training.run_config import validate_run_config  # noqa: E402
-from yanjax.training.train_step import eval_scalars  # noqa: E402
+from yanjax.training.train_step import eval_scalars, with_target_bytes  # noqa: E402
 from yanjax.training.trainer import Trainer, build_trainer  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -130,7 +131,8 @@ class Curve:
     tokens = info.step * self.trainer.global_batch * self.val_batches[0]["inputs"].shape[1]
     self.points.append({"step": info.step, "tokens": tokens, "flops": tokens * self.flops_per_token,
                         "seconds": round(self.train_seconds, 3), "train_loss": float(info.metrics["loss"]),
-                        "val_loss": scalars["val_loss"], "val_accuracy": scalars["val_accuracy"]})
+                        "val_loss": scalars["val_loss"], "val_accuracy": scalars["val_accuracy"],
+                        "val_bits_per_byte": scalars["val_bits_per_byte"]})
     self.clock = time.perf_counter()
 
 
@@ -142,7 +144,9 @@ def train_run(cfg) -> dict[str, Any]:
                 expected_vocab_size=model_cfg.vocab_size)
   train_loader = make_loader(list(cfg.data.stores), split="train", **common)
   val_loader = make_loader(list(cfg.data.stores), split="validation", **common)
-  val_batches = [trainer.to_global(val_loader.batch(i)) for i in range(cfg.train.eval_batches)]
+  token_bytes = tokenizer.from_bytes(val_loader.tokenizer_bytes(), str(cfg.data.stores[0])).token_bytes()
+  val_batches = [trainer.to_global(with_target_bytes(val_loader.batch(i), token_bytes))
+                 for i in range(cfg.train.eval_batches)]
   fpt = flops_per_token(model_cfg, cfg.train.seq_len)
   curve = Curve(trainer, val_batches, cfg.train.eval_every, fpt)
   loop = TrainLoop(trainer, cfg.train)
@@ -152,7 +156,8 @@ def train_run(cfg) -> dict[str, Any]:
   final = curve.points[-1]
   return {"params": count.total, "active_params": count.active, "flops_per_token": fpt,
           "steps": cfg.train.steps, "tokens": final["tokens"], "val_loss": final["val_loss"],
-          "val_accuracy": final["val_accuracy"], "compile_seconds": round(curve.compile_seconds, 3),
+          "val_accuracy": final["val_accuracy"], "val_bits_per_byte": final["val_bits_per_byte"],
+          "compile_seconds": round(curve.compile_seconds, 3),
           "train_seconds": final["seconds"], "tokens_per_s": round(final["tokens"] / final["seconds"], 1),
           "curve": curve.points}
 

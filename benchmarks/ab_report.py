@@ -89,6 +89,12 @@ def cell(values, fmt: str = "{:.3f}") -> str:
   return f"{fmt.format(mean)} ({fmt.format(low)}-{fmt.format(high)}){missing}"
 
 
+def bits_per_byte(runs: list[dict]) -> str:
+  """The runs' final validation bits per byte; "n/a" for records written before it was measured."""
+  values = [r["val_bits_per_byte"] for r in runs if "val_bits_per_byte" in r]
+  return cell(values) if len(values) == len(runs) else "n/a"
+
+
 def separated(a, b) -> bool:
   """Whether two families' seed ranges do not overlap."""
   _, a_low, a_high = spread(a)
@@ -111,8 +117,8 @@ def tables(runs: list[dict]) -> list[str]:
     lines += [f"Equal FLOPs: {equal_flops:.3g} (the family with the fewest FLOPs at the last step). Target loss: "
               f"{target:.3f} (the worst run's final loss, which every run reaches).", "",
               "| family | params (active) | val loss at equal tokens | vs mcsd | val loss at equal FLOPs "
-              "| next-token accuracy | tokens to target | seconds to target | train tokens/s |",
-              "| --- | ---: | ---: | :-: | ---: | ---: | ---: | ---: | ---: |"]
+              "| val bits per byte | next-token accuracy | tokens to target | seconds to target | train tokens/s |",
+              "| --- | ---: | ---: | :-: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for family, family_runs in families.items():
       losses = [r["val_loss"] for r in family_runs]
       versus = "" if reference is None or family == "mcsd" else (
@@ -122,7 +128,7 @@ def tables(runs: list[dict]) -> list[str]:
       lines.append(
           f"| {family} | {family_runs[0]['params']:,} ({family_runs[0]['active_params']:,}) "
           f"| {cell(losses)} | {versus} | {cell([at(r, 'flops', equal_flops) for r in family_runs])} "
-          f"| {cell([r['val_accuracy'] for r in family_runs], '{:.4f}')} "
+          f"| {bits_per_byte(family_runs)} | {cell([r['val_accuracy'] for r in family_runs], '{:.4f}')} "
           f"| {cell([reach(r, target, 'tokens') for r in family_runs], '{:,.0f}')} "
           f"| {cell([reach(r, target, 'seconds') for r in family_runs], '{:.1f}')} "
           f"| {cell([r['tokens_per_s'] for r in family_runs], '{:,.0f}')} |")

@@ -60,6 +60,7 @@ def test_tiny_ab_writes_records_report_and_figures_and_a_rerun_trains_nothing(tm
   assert [p["step"] for p in record["curve"]] == [2, 4]
   assert record["tokens"] == 4 * 16 * 128 and record["flops_per_token"] > 0
   assert 0 <= record["val_accuracy"] <= 1 and record["val_loss"] < np.log(2048) + 1
+  assert 0 < record["val_bits_per_byte"] == record["curve"][-1]["val_bits_per_byte"]
   assert record["curve"][0]["seconds"] <= record["curve"][1]["seconds"] == record["train_seconds"]
   decode = [json.loads(line) for line in (out / "decode.jsonl").read_text().splitlines()]
   by_family = {(r["family"], r["context"]): r["state_bytes"] for r in decode}
@@ -67,6 +68,7 @@ def test_tiny_ab_writes_records_report_and_figures_and_a_rerun_trains_nothing(tm
   assert by_family[("attention", 128)] > by_family[("attention", 64)]  # a KV cache that grows
   report = (out / "report.md").read_text()
   assert "### stdlib, w64" in report and "| mcsd |" in report and "| attention |" in report
+  assert "| val bits per byte |" in report and f"| {record['val_bits_per_byte']:.3f} (" in report
   assert (out / "ab_stdlib.png").stat().st_size > 0 and (out / "ab_decode.png").stat().st_size > 0
   assert len((out / "ab.jsonl").read_text().splitlines()) == len(runs) + len(decode)
 
@@ -106,3 +108,4 @@ def test_a_difference_over_one_seed_claims_no_range():
           for family, loss in (("mcsd", 4.0), ("attention", 3.5))]
   table = "\n".join(ab_report.tables(runs))
   assert "-0.500 (one seed: no range)" in table and "beyond" not in table
+  assert table.count("| n/a |") == 2  # records from before bits per byte was measured

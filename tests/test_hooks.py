@@ -106,3 +106,4 @@ def test_a_run_writes_its_profile_window_and_its_offline_wandb_run(small_store, 
   history = wandb_history(run_dir)
   assert {step: items["loss"] for step, items in history.items()} == losses(workdir)
   assert history[6]["val_loss"] > 0 and history[6]["skipped_steps"] == 0
+  assert 0 < history[6]["val_bits_per_byte"] < history[6]["val_loss"] / np.log(2)  # > 1 byte per token

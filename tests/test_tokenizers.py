@@ -78,6 +78,18 @@ def test_round_trip_is_exact_and_documents_are_framed(toks, kind):
   assert tok.decode(documents[0]) == TEXTS[0]  # bos and eos give no text
 
 
+@pytest.mark.parametrize("kind", ["sentencepiece", "huggingface", "s_tokens"])
+def test_token_bytes_add_up_to_the_texts_bytes(toks, kind):
+  """Bits per byte's denominator: byte-fallback pieces, partial characters of byte-level BPE and "▁" included;
+  bos, eos (and sentencepiece's <unk>) are no text."""
+  tok = toks[kind]
+  table = tok.token_bytes()
+  assert table.shape == (tok.vocab_size,) and table.dtype == np.int32 and table.min() >= 0
+  for text in TEXTS + _corpus():
+    assert int(table[tok.encode(text)].sum()) == len(text.encode("utf-8")), text[:40]
+  assert table[tok.bos_id] == table[tok.eos_id] == 0 and (tok.unk_id is None or table[tok.unk_id] == 0)
+
+
 def test_vocab_size_bounds_every_id(toks, files):
   hf = HFTokenizer.from_str(files["huggingface"].decode())
   assert toks["huggingface"].vocab_size == hf.get_vocab_size(with_added_tokens=True) == 400

@@ -64,6 +64,13 @@ class Tokenizer:
     """Each text as int32 ids [n + 2]: bos, the ids of the text, eos."""
     raise NotImplementedError
 
+  def token_bytes(self) -> np.ndarray:
+    """int32 [vocab_size]: how many UTF-8 bytes of decoded text each id stands for (0 for bos, eos and other
+    special ids, and for ids with no text): the denominator of bits per byte. Over the ids of `encode(text)`
+    they add up to len(text.encode()) for the tokenizers that round-trip text (those trained here, byte-level
+    BPE)."""
+    raise NotImplementedError
+
   def metadata(self) -> dict:
     """What a store's or an export's metadata records of the tokenizer (JSON-able)."""
     return {"kind": self.kind, "file": self.file_name, "sha256": self.sha256, "vocab_size": self.vocab_size,
@@ -93,6 +100,14 @@ class SentencePieceTokenizer(Tokenizer):
   def encode_documents(self, texts: list[str]) -> list[np.ndarray]:
     return self.processor.encode(texts, add_bos=True, add_eos=True, return_type="numpy", num_threads=1)
 
+  def token_bytes(self) -> np.ndarray:
+    """A byte-fallback piece is one byte; "▁" is the space it escapes (a model with a dummy prefix counts
+    the leading space that decoding drops); control and unknown pieces are none."""
+    p = self.processor
+    return np.array([0 if p.is_control(i) or p.is_unknown(i) or p.is_unused(i) else 1 if p.is_byte(i)
+                     else len(p.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+                     for i in range(self.vocab_size)], np.int32)
+
 
 class HuggingFaceTokenizer(Tokenizer):
   """A Hugging Face `tokenizers` tokenizer.json; bos and eos are special tokens named as in BOS_NAMES /
@@ -113,6 +128,20 @@ class HuggingFaceTokenizer(Tokenizer):
 
   def decode(self, ids: Iterable[int]) -> str:
     return self.hf.decode([int(i) for i in ids], skip_special_tokens=True)
+
+  def token_bytes(self) -> np.ndarray:
+    """A byte-level model's vocabulary (GPT-2, Llama-3, Qwen) writes each byte as one character, so a token is
+    as many bytes as characters (exact also for a token that is part of a character); other models' tokens,
+    and added tokens, count the bytes they decode to alone. Special tokens, and ids without a token, are none."""
+    import tokenizers  # pylint: disable=import-outside-toplevel
+    added = self.hf.get_added_tokens_decoder()
+    byte_level = isinstance(self.hf.decoder, tokenizers.decoders.ByteLevel)
+    lengths = np.zeros(self.vocab_size, np.int32)
+    for token, i in self.hf.get_vocab(with_added_tokens=True).items():
+      if i in added and added[i].special:
+        continue
+      lengths[i] = len(token) if byte_level and i not in added else len(self.hf.decode([i]).encode("utf-8"))
+    return lengths
 
   def encode_documents(self, texts: list[str]) -> list[np.ndarray]:
     out = []

@@ -261,7 +261,9 @@ def train():
   loop.add_hook(logger, every=1)
   loop.add_hook(logger.close, at_end=True)
   if cfg.train.eval_every:
-    loop.add_hook(hooks.Evaluate(trainer, val_loader, cfg.train.eval_batches, writers), every=cfg.train.eval_every)
+    token_bytes = tokenizer.from_bytes(val_loader.tokenizer_bytes(), "the data stores' tokenizer").token_bytes()
+    loop.add_hook(hooks.Evaluate(trainer, val_loader, cfg.train.eval_batches, writers, token_bytes),
+                  every=cfg.train.eval_every)
   loop.add_hook(stop_check(stop, cfg.train.log_every), every=1)
   loop.add_hook(save, every=cfg.checkpoint.every_steps, seconds=60 * cfg.checkpoint.every_minutes, at_stop=True)
   if cfg.train.sample_tokens:

@@ -28,7 +28,7 @@ from yanjax.training import compilation_cache
 from yanjax.training.hosts import process_zero, say
 from yanjax.training.loop import StepInfo
 from yanjax.training.metrics import mfu
-from yanjax.training.train_step import eval_scalars
+from yanjax.training.train_step import eval_scalars, with_target_bytes
 from yanjax.training.trainer import Trainer
 from yanjax.training.writers import Writers
 
@@ -135,18 +135,21 @@ class MetricsLogger:
 
 
 class Evaluate:
-  """Validation loss (and each selective layer's router statistics) on the first `eval_batches` validation
-  batches, written and printed. Add it with every=train.eval_every."""
+  """Validation loss, bits per byte (the tokenizer's `token_bytes` [V] count the text) and each selective
+  layer's router statistics on the first `eval_batches` validation batches, written and printed. Add it with
+  every=train.eval_every."""
 
-  def __init__(self, trainer: Trainer, loader, eval_batches: int, writers: Writers):
+  def __init__(self, trainer: Trainer, loader, eval_batches: int, writers: Writers, token_bytes: np.ndarray):
     self.trainer, self.loader, self.eval_batches, self.writers = trainer, loader, eval_batches, writers
+    self.token_bytes = token_bytes
 
   def __call__(self, info: StepInfo):
-    scalars = eval_scalars([jax.device_get(self.trainer.eval_step(info.state["params"],
-                                                                  self.trainer.to_global(self.loader.batch(i))))
-                            for i in range(self.eval_batches)])
+    batches = (with_target_bytes(self.loader.batch(i), self.token_bytes) for i in range(self.eval_batches))
+    scalars = eval_scalars([jax.device_get(self.trainer.eval_step(info.state["params"], self.trainer.to_global(b)))
+                            for b in batches])
     self.writers.write(info.step, scalars)
-    say(f"step {info.step}: validation loss {scalars['val_loss']:.4f}")
+    say(f"step {info.step}: validation loss {scalars['val_loss']:.4f}, "
+        f"{scalars['val_bits_per_byte']:.4f} bits per byte")
 
 
 class SaveCheckpoint:

@@ -86,7 +86,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule:
 
 def make_eval_step(graphdef) -> Callable[[Any, dict], dict]:
   """(params, batch) -> validation sums, no router exploration: {"nll_sum", "correct_sum" (tokens whose argmax is
-  the target), "tokens"} and, with a router,
+  the target), "tokens"}, "bytes" when the batch holds "target_bytes" (`with_target_bytes`) and, with a router,
   per layer "router_load_sum" [L, E], "router_dropped_sum" [L], "router_entropy_sum" [L] (token-weighted)."""
 
   def eval_step(params, batch):
@@ -97,6 +97,8 @@ def make_eval_step(graphdef) -> Callable[[Any, dict], dict]:
     tokens = jnp.sum(mask)
     correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
     sums = {"nll_sum": jnp.sum(nll * mask), "correct_sum": jnp.sum(correct * mask), "tokens": tokens}
+    if "target_bytes" in batch:
+      sums["bytes"] = jnp.sum(batch["target_bytes"] * mask)
     if aux["router"] is not None:
       stats = aux["router"]
       sums.update({"router_load_sum": stats.load * tokens, "router_dropped_sum": stats.dropped_fraction * tokens,
@@ -106,15 +108,24 @@ def make_eval_step(graphdef) -> Callable[[Any, dict], dict]:
   return eval_step
 
 
+def with_target_bytes(batch: dict[str, np.ndarray], token_bytes: np.ndarray) -> dict[str, np.ndarray]:
+  """`batch` and "target_bytes" float32 [b, T]: the UTF-8 bytes of text each target stands for, from the
+  tokenizer's `token_bytes()` [V] (yanjax/data/tokenizer.py); the eval step sums them for bits per byte."""
+  return {**batch, "target_bytes": token_bytes[batch["targets"]].astype(np.float32)}
+
+
 def eval_scalars(batch_sums: list[dict]) -> dict[str, float]:
   """Named validation metrics from the eval step's sums over several batches: val_loss, val_perplexity,
-  val_accuracy (next-token top-1) and,
+  val_accuracy (next-token top-1), val_bits_per_byte (the summed loss in bits over the bytes of text the
+  targets stand for: comparable across tokenizers; with "bytes" in the sums) and,
   with a router, per layer i router/layer{i}/load_group{e}, max_load, dropped, entropy."""
   total = jax.tree.map(lambda *values: np.sum(np.stack(values), axis=0), *batch_sums)
   tokens = max(float(total["tokens"]), 1.0)
   loss = float(total["nll_sum"]) / tokens
   scalars = {"val_loss": loss, "val_perplexity": float(np.exp(min(loss, 50.0))),
              "val_accuracy": float(total["correct_sum"]) / tokens}
+  if "bytes" in total:
+    scalars["val_bits_per_byte"] = float(total["nll_sum"]) / np.log(2.0) / max(float(total["bytes"]), 1.0)
   if "router_load_sum" in total:
     for i, load in enumerate(total["router_load_sum"] / tokens):
       scalars.update({f"router/layer{i}/load_group{e}": float(v) for e, v in enumerate(load)})
