@@ -7,6 +7,7 @@ so the processes killed here are its own, never the session cluster's that other
 """
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import pathlib
@@ -114,7 +115,8 @@ def test_a_worker_killed_mid_task_is_retried_and_the_store_is_whole(tmp_path, co
   proc = start_preparation(output, argv)
   wait_for_units(output, 2, proc)
   for pid in running_tasks(proc):
-    os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):  # it finished its task since
+      os.kill(pid, signal.SIGKILL)
   _, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, err
   assert_same_store(output, reference)
@@ -127,7 +129,8 @@ def test_a_killed_driver_leaves_no_trusted_store_and_a_rerun_keeps_the_verified_
   proc = start_preparation(output, argv)
   finished = wait_for_units(output, 3, proc)
   for pid in [proc.pid, *descendants(proc.pid)]:  # the driver and the Ray it started, at once
-    os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):  # a short-lived helper process may have ended since
+      os.kill(pid, signal.SIGKILL)
   proc.wait()
   with pytest.raises(StoreError):
     open_store(output)
@@ -160,7 +163,10 @@ def kill_readers_of(path: pathlib.Path, proc: subprocess.Popen, stop) -> int:
       except OSError:  # it ended, or closed the file, while looked at
         continue
       if opened:
-        os.kill(pid, signal.SIGKILL)
+        try:
+          os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:  # it ended since
+          continue
         killed += 1
     time.sleep(0.002)
   return killed

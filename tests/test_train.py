@@ -17,6 +17,7 @@ from flax import nnx
 from yanjax.core.cli import PREEMPTED_EXIT_CODE
 from yanjax.core.config import ConfigError, load_config_file
 from yanjax.training import sharding
+from yanjax.training.train_step import eval_scalars, with_target_bytes
 from yanjax.training.trainer import build_trainer
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -122,33 +123,44 @@ def test_sharded_run_equals_single_device_run(mesh_cfg, grad_accum, single_devic
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
 
 
-@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
+@pytest.mark.parametrize("dispatch,expert", [("dropless", 4), ("capacity", 2)])
 @pytest.mark.slow
-def test_selective_expert_parallel_step_equals_single_device_and_gathers_no_tokens(dispatch):
-  """Experts split over 2 and 4 of 8 devices (token-slots travel by all-to-all) against one device."""
+def test_selective_expert_parallel_step_equals_single_device_and_gathers_no_tokens(dispatch, expert):
+  """Experts split over `expert` of 8 devices (token-slots travel by all-to-all) against one device: each
+  dispatch on one split (both dispatches on both splits cost 80 s of compiling for little more)."""
   from test_dispatch import all_gathered_shapes  # pylint: disable=import-outside-toplevel
   model = dict(MODEL, router=True, groups=4, top_k=2, dispatch=dispatch, capacity_factor=1.0, explore_steps=2)
   single_state, single = _setup({"data": 1}, model=model)
-  runs = [(state, trainer.train_step) for state, trainer in
-          (_setup({"data": 1, "fsdp": 8 // expert, "expert": expert}, model=model) for expert in (2, 4))]
+  state, trainer = _setup({"data": 1, "fsdp": 8 // expert, "expert": expert}, model=model)
   batches = [_batch(i, t=12) for i in range(3)]  # t = 12: the only size with a factor 3 (parameters: powers of 2)
-  for i, (expert, (state, step)) in enumerate(zip((2, 4), runs)):
-    compiled = step.lower(state, batches[0]).compile()
-    gathered = all_gathered_shapes(compiled.as_text())
-    print(dispatch, "expert", expert, "all-gathers in the compiled step:", gathered)
-    assert not [s for s in gathered if any(n % 3 == 0 for n in s)], "token activations were all-gathered"
-    runs[i] = state, compiled  # the program checked is the one that runs (and is compiled once)
+  step = trainer.train_step.lower(state, batches[0]).compile()  # the program checked is the one that runs
+  gathered = all_gathered_shapes(step.as_text())
+  print(dispatch, "expert", expert, "all-gathers in the compiled step:", gathered)
+  assert not [s for s in gathered if any(n % 3 == 0 for n in s)], "token activations were all-gathered"
   for batch in batches:
     single_state, single_metrics = single.train_step(single_state, batch)
-    for i, (state, step) in enumerate(runs):
-      state, metrics = step(state, batch)
-      runs[i] = state, step
-      print(dispatch, "expert", 2 * (i + 1), "loss", float(metrics["loss"]), "single", float(single_metrics["loss"]),
-            "dropped", float(metrics.get("router_dropped", 0.0)))
-      np.testing.assert_allclose(float(metrics["loss"]), float(single_metrics["loss"]), rtol=1e-5)
-  for state, _ in runs:
-    for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(single_state["params"])):
-      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+    state, metrics = step(state, batch)
+    print(dispatch, "expert", expert, "loss", float(metrics["loss"]), "single", float(single_metrics["loss"]),
+          "dropped", float(metrics.get("router_dropped", 0.0)))
+    np.testing.assert_allclose(float(metrics["loss"]), float(single_metrics["loss"]), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(single_state["params"])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+
+
+def test_validation_bits_per_byte_is_the_summed_loss_in_bits_over_the_targets_bytes():
+  state, trainer = _setup({"data": 1})
+  batch = _batch(0)
+  batch["loss_mask"][:, :3] = 0.0  # masked targets count neither loss nor bytes
+  token_bytes = np.random.default_rng(1).integers(0, 5, 512).astype(np.int32)
+  scalars = eval_scalars([jax.device_get(trainer.eval_step(state["params"], with_target_bytes(batch, token_bytes)))])
+  logits, _ = nnx.merge(trainer.graphdef, state["params"])(batch["inputs"], batch["segment_ids"], batch["positions"])
+  log_probs = np.asarray(jax.nn.log_softmax(np.asarray(logits, np.float64), axis=-1))
+  nll = -np.take_along_axis(log_probs, batch["targets"][..., None], -1)[..., 0]
+  mask = batch["loss_mask"]
+  expected = np.sum(nll * mask) / np.log(2) / np.sum(token_bytes[batch["targets"]] * mask)
+  print(scalars, expected)
+  np.testing.assert_allclose(scalars["val_bits_per_byte"], expected, rtol=1e-5)
+  np.testing.assert_allclose(scalars["val_loss"], np.sum(nll * mask) / np.sum(mask), rtol=1e-5)
 
 
 def test_activations_are_constrained_by_the_rules():
