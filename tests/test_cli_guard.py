@@ -20,6 +20,7 @@ SUBCOMMANDS = {"yanjax.main.sweep": ("run", "launch", "fit")}
 # One invalid command line per command; "{tmp}" is a fresh directory. A command missing here fails its test.
 INVALID = {
     "yanjax.main.config_table": ["--configs_dir={tmp}/none"],
+    "yanjax.main.evaluate": ["--workdir={tmp}/run", "--tasks=x", "--batch_size=0"],
     "yanjax.main.export": ["--workdir={tmp}/run", "--out={tmp}/export", "--dtype=float64"],
     "yanjax.main.fit": ["--results={tmp}/none.jsonl", "--out={tmp}/fit"],
     "yanjax.main.generate": ["--workdir={tmp}/run", "--prompt=x", "--top_p=1.5"],
