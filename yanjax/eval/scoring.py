@@ -61,9 +61,12 @@ class JaxBackend(Backend):
     self.model = model
     self.vocab_size, self.max_context, self.mixer = model.cfg.vocab_size, model.cfg.max_context, model.cfg.mixer
     self.graphdef, self.state = nnx.split(model)
+    self._empty = {}  # batch -> an empty cache (immutable arrays: every batch starts from the same one)
 
   def init_cache(self, batch):
-    return self.model.init_cache(batch)
+    if batch not in self._empty:
+      self._empty[batch] = self.model.init_cache(batch)
+    return self._empty[batch]
 
   def window(self, cache, inputs, targets):
     return _jitted_window()(self.graphdef, self.state, cache, inputs, targets)
