@@ -30,6 +30,7 @@ import time
 import jax
 import numpy as np
 from flax import nnx
+from matplotlib import ticker
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
@@ -159,6 +160,8 @@ def tables(runs: list[dict]) -> list[str]:
       cells = [f"{r['accuracy'][str(n)]:.3f}" if str(n) in r["accuracy"] else "" for n in pairs]
       lines.append(f"| {r['family']} | {r['width']} | {r['params']:,} | " + " | ".join(cells) +
                    f" | {r['train_seconds']:.1f} |")
+    lines.append("| (chance: one of the row's values at random) | | | " + " | ".join(f"{1 / n:.3f}" for n in pairs) +
+                 " | |")
     lines.append("")
   return lines
 
@@ -175,7 +178,11 @@ def plot(runs: list[dict], path: pathlib.Path):
       pairs = sorted(int(n) for n in r["accuracy"])
       ax.plot(pairs, [r["accuracy"][str(n)] for n in pairs], SIZE_STYLES[widths.index(r["width"]) % 3],
               marker="o", color=family_style(families.index(r["family"]))[0](0.7))
+    pairs = sorted({int(n) for r in runs if r["seq_len"] == seq_len for n in r["accuracy"]})
+    ax.plot(pairs, [1 / n for n in pairs], ":", color="grey", lw=1)  # chance: one of the row's values
     ax.set_xscale("log", base=2)
+    ax.set_xticks(pairs, [str(n) for n in pairs])
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
     ax.set(title=f"sequence length {seq_len}", xlabel="key-value pairs", ylim=(-0.02, 1.02))
     ax.grid(True, which="both", alpha=0.3)
   axes[0].set_ylabel("MQAR accuracy (held-out queries)")
@@ -183,6 +190,7 @@ def plot(runs: list[dict], path: pathlib.Path):
   handles = [Line2D([], [], color=family_style(families.index(f))[0](0.7), label=f) for f in shown]
   handles += [Line2D([], [], color="grey", linestyle=SIZE_STYLES[i % 3], label=f"width {w}")
               for i, w in enumerate(widths)]
+  handles.append(Line2D([], [], color="grey", linestyle=":", lw=1, label="chance: 1 / pairs"))
   axes[-1].legend(handles=handles, loc="upper right", fontsize="small")
   save_png(fig, path)
 

@@ -119,7 +119,7 @@ def test_tiny_recall_run_writes_lines_tables_and_figure_and_a_rerun_trains_nothi
   assert [p["step"] for p in record["curve"]] == [2, 3] and record["train_pairs"] == [2, 4]
   report = (out / "recall.md").read_text()
   assert "### Sequence length 32" in report and "| 2 pairs | 4 pairs |" in report
-  assert "| mcsd | 16 |" in report
+  assert "| mcsd | 16 |" in report and "| (chance: one of the row's values at random) | | | 0.500 | 0.250 | |" in report
   assert "benchmarks/recall.py --out" in report
   assert (out / "recall.png").read_bytes()[:4] == b"\x89PNG"
 
