@@ -14,7 +14,10 @@ skips finished runs), then <out>/recall.jsonl (a line per family, width, length 
 colours, a line style per width, a panel per length). Prints each line of recall.jsonl as it is measured.
 
 Run: python benchmarks/recall.py --out runs/recall [--families mcsd,selective,mcsd_dd,attention]
-     [--widths 32,64] [--seq_lens 128] [--pairs 4,8,16,32] [--vocab 256] [--steps 1000]
+     [--widths 32,64] [--seq_lens 32] [--pairs 1,2,4,8] [--vocab 64] [--steps 2000] [--lr 1e-2]
+
+The defaults are the settings docs/results/recall.md measured on a 2-core CPU (about 7 minutes for the 8 runs);
+Zoology's scale (--seq_lens 64,128,256 --pairs 4,8,16,32,64 --vocab 8192, far more steps) wants a GPU.
 """
 
 from __future__ import annotations
@@ -220,16 +223,16 @@ def main(argv=None):
   parser.add_argument("--out", required=True, help="directory of the run records, the tables and the figure")
   parser.add_argument("--families", default=",".join(FAMILIES))
   parser.add_argument("--widths", default="32,64", help="model widths (multiples of 16), comma-separated")
-  parser.add_argument("--seq_lens", default="128", help="one model per length; comma-separated")
-  parser.add_argument("--pairs", default="4,8,16,32", help="key-value pair counts; each length trains on those "
+  parser.add_argument("--seq_lens", default="32", help="one model per length; comma-separated")
+  parser.add_argument("--pairs", default="1,2,4,8", help="key-value pair counts; each length trains on those "
                       "that fit (4 tokens a pair)")
-  parser.add_argument("--vocab", type=int, default=256, help="vocabulary: the lower half keys, the upper values")
+  parser.add_argument("--vocab", type=int, default=64, help="vocabulary: the lower half keys, the upper values")
   parser.add_argument("--layers", type=int, default=2)
-  parser.add_argument("--steps", type=int, default=1000)
+  parser.add_argument("--steps", type=int, default=2000)
   parser.add_argument("--batch", type=int, default=32, help="rows per step")
-  parser.add_argument("--lr", type=float, default=3e-3)
-  parser.add_argument("--warmup_steps", type=int, default=50)
-  parser.add_argument("--eval_every", type=int, default=100, help="steps between points of the training curve")
+  parser.add_argument("--lr", type=float, default=1e-2)
+  parser.add_argument("--warmup_steps", type=int, default=100)
+  parser.add_argument("--eval_every", type=int, default=200, help="steps between points of the training curve")
   parser.add_argument("--eval_batches", type=int, default=4, help="held-out batches per pair count")
   parser.add_argument("--power", type=float, default=mqar.ZOOLOGY_POWER,
                       help="query-gap exponent (Zoology's power_a; 1.0: queries uniform over the row)")
