@@ -96,8 +96,10 @@ def test_a_skipped_step_is_counted(tmp_path):
 def test_a_run_writes_its_profile_window_and_its_offline_wandb_run(small_store, tmp_path, monkeypatch):
   monkeypatch.setenv("WANDB_DIR", str(tmp_path))
   workdir = tmp_path / "w"
+  evaluation = ["--config.evaluate.every=6", f"--config.evaluate.tasks=('{REPO / 'configs/eval/python_syntax.yaml'}',)",
+                "--config.evaluate.limit=8"]  # an lm-eval task in the loop, its scores through every writer
   code, out, err = run_train(workdir, tiny_flags(small_store, steps=6, profile_start_step=3, profile_steps=2,
-                                                 wandb_project="yanjax-test", wandb_mode="offline"))
+                                                 wandb_project="yanjax-test", wandb_mode="offline") + evaluation)
   assert code == 0, err[-3000:]
   traces = list((workdir / "profile").rglob("*.xplane.pb"))
   print(out[-2000:], traces)
@@ -107,3 +109,5 @@ def test_a_run_writes_its_profile_window_and_its_offline_wandb_run(small_store, 
   assert {step: items["loss"] for step, items in history.items()} == losses(workdir)
   assert history[6]["val_loss"] > 0 and history[6]["skipped_steps"] == 0
   assert 0 < history[6]["val_bits_per_byte"] < history[6]["val_loss"] / np.log(2)  # > 1 byte per token
+  assert 0 <= history[6]["lm_eval/python_syntax/acc"] <= 1 and history[6]["lm_eval/python_syntax/sample_len"] == 8
+  assert "lm_eval/python_syntax/acc" in (workdir / "metrics.jsonl").read_text()

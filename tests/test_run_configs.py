@@ -56,6 +56,8 @@ def test_a_config_that_leaves_a_size_dependent_key_unset_is_refused():
     (["--config.train.tokens=100000"], "set either train.steps or train.tokens"),
     (["--config.model.vocab_size=1024"], "has a vocabulary of 512 but the model expects 1024"),
     (["--config=configs/nope.py"], "config file configs/nope.py does not exist"),
+    (["--config.evaluate.every=3"], "evaluate.tasks=(): evaluate.every=3: set both the tasks"),
+    (["--config.evaluate.every=3", "--config.evaluate.tasks=('nope.yaml',)"], "task file nope.yaml does not exist"),
 ])
 @pytest.mark.slow
 def test_bad_run_settings_are_one_line_at_start_up(small_store, tmp_path, extra, fragment):

@@ -258,10 +258,14 @@ def test_resume_with_changed_parameter_shapes_is_refused(small_store, tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_of_two_devices_equal_one_process_of_four(small_store, tmp_path):
-  """Same losses within 1e-5 (relative): only the reduction order across devices may differ."""
+  """Same losses within 1e-5 (relative): only the reduction order across devices may differ; and the in-loop
+  evaluation (passkey) runs on the parameters sharded over both processes and scores the same."""
   sys.path.insert(0, str(REPO / "launch"))
   import local  # pylint: disable=import-outside-toplevel
-  flags = tiny_flags(small_store, steps=6, eval_every=3) + ["--config.mesh.data=2", "--config.mesh.fsdp=2"]
+  flags = tiny_flags(small_store, steps=6, eval_every=3) + [
+      "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.evaluate.every=6",
+      "--config.evaluate.tasks=('passkey',)", "--config.evaluate.passkey_contexts=(256,)",
+      "--config.evaluate.passkey_depths=(0.5,)", "--config.evaluate.passkey_trials=1"]
   command = [sys.executable, "-m", "yanjax.main.train", f"--workdir={tmp_path / 'two'}", *flags]
   codes = local.launch_local(command, num_processes=2, devices_per_process=2, log_dir=str(tmp_path / "logs"),
                              timeout=400)
@@ -272,3 +276,15 @@ def test_two_processes_of_two_devices_equal_one_process_of_four(small_store, tmp
   print("2x2:", two, "\n1x4:", one)
   assert sorted(two) == sorted(one) == list(range(1, 7))
   np.testing.assert_allclose([two[s] for s in sorted(two)], [one[s] for s in sorted(one)], rtol=1e-5)
+  scores = [_task_scores(tmp_path / run) for run in ("two", "one")]
+  print("task scores 2x2, 1x4:", scores)
+  assert scores[0].keys() == scores[1].keys() == {"passkey/accuracy@256", "passkey/needle_gain@256"}
+  np.testing.assert_allclose([scores[0][k] for k in sorted(scores[0])], [scores[1][k] for k in sorted(scores[0])],
+                             rtol=1e-4, atol=1e-4)
+
+
+def _task_scores(workdir) -> dict[str, float]:
+  """The in-loop evaluation's scores of a run's metrics.jsonl (one evaluation)."""
+  records = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+  [record] = [r for r in records if any(k.startswith(("passkey/", "lm_eval/")) for k in r)]
+  return {k: v for k, v in record.items() if k.startswith(("passkey/", "lm_eval/"))}

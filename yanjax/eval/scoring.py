@@ -69,12 +69,22 @@ class JaxBackend(Backend):
     return self._empty[batch]
 
   def window(self, cache, inputs, targets):
-    return _jitted_window()(self.graphdef, self.state, cache, inputs, targets)
+    logprob, greedy, cache = _jitted_window()(self.graphdef, self.state, cache, inputs, targets)
+    return _on_host(logprob), _on_host(greedy), cache
 
   def generate(self, prompts, *, max_new_tokens, sampling, eos_id, seed, row_seeds, vocab_limit):
     from yanjax.inference.generate import generate  # pylint: disable=import-outside-toplevel
     return [c.tokens for c in generate(self.model, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
                                        eos_id=eos_id, seed=seed, row_seeds=row_seeds, vocab_limit=vocab_limit)]
+
+
+def _on_host(array) -> np.ndarray:
+  """The whole of `array` on this host: on parameters sharded over several processes (the trainer's in-loop
+  evaluation) an output may be split between them, and every process gets all of it."""
+  if array.is_fully_addressable:
+    return np.asarray(array)
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
 @functools.cache

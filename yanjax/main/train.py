@@ -48,6 +48,7 @@ from yanjax.training.lease import Lease
 from yanjax.training.loop import TrainLoop
 from yanjax.training.run_config import validate_run_config
 from yanjax.training.stop import StopRequest, stop_check
+from yanjax.training.task_eval import TaskEvaluation
 from yanjax.training.trainer import build_trainer
 from yanjax.training.writers import open_writers
 
@@ -214,6 +215,10 @@ def train():
   # ---- mesh and state (yanjax/training/trainer.py: the jitted init, train and eval steps) ---------------------------
   trainer = build_trainer(cfg)
   mesh = dict(trainer.mesh.shape)
+  data_tokenizer = tokenizer.from_bytes(val_loader.tokenizer_bytes(), "the data stores' tokenizer")
+  # The in-loop evaluation's tasks resolve (or fail in one line) before anything compiles.
+  evaluation = (TaskEvaluation(trainer.graphdef, data_tokenizer, val_loader.stores[0], cfg.evaluate)
+                if cfg.evaluate.every else None)
   # Refuses, before anything compiles, a run predicted not to fit in a device's memory (yanjax/training/plan.py).
   plan.check_fits(cfg, jax.device_count(), jax.devices()[0].device_kind)
   abstract_state = trainer.abstract_state()
@@ -261,9 +266,10 @@ def train():
   loop.add_hook(logger, every=1)
   loop.add_hook(logger.close, at_end=True)
   if cfg.train.eval_every:
-    token_bytes = tokenizer.from_bytes(val_loader.tokenizer_bytes(), "the data stores' tokenizer").token_bytes()
-    loop.add_hook(hooks.Evaluate(trainer, val_loader, cfg.train.eval_batches, writers, token_bytes),
+    loop.add_hook(hooks.Evaluate(trainer, val_loader, cfg.train.eval_batches, writers, data_tokenizer.token_bytes()),
                   every=cfg.train.eval_every)
+  if evaluation is not None:
+    loop.add_hook(lambda info: evaluation(info, writers), every=cfg.evaluate.every)
   loop.add_hook(stop_check(stop, cfg.train.log_every), every=1)
   loop.add_hook(save, every=cfg.checkpoint.every_steps, seconds=60 * cfg.checkpoint.every_minutes, at_stop=True)
   if cfg.train.sample_tokens:

@@ -84,6 +84,16 @@ DEFAULTS: dict[str, Any] = {
         ("experts", ("expert",)),
         ("layers", ()),
     ),
+    # In-loop evaluation (yanjax/training/task_eval.py): `tasks` on the training parameters every `every` steps.
+    "evaluate": {
+        "every": 0,  # steps between evaluations (0: none)
+        "tasks": (),  # "passkey" and/or lm-eval task names or task YAML files (the `eval` extra)
+        "include_path": "",  # a directory of task YAMLs that `tasks` may name
+        "limit": 0,  # lm-eval: at most this many documents per task (0: all)
+        "passkey_contexts": (256, 1024),  # tokens; an attention model answers those its KV cache holds
+        "passkey_depths": (0.0, 0.5, 1.0),
+        "passkey_trials": 2,  # per context and depth
+    },
     "checkpoint": {
         "every_steps": REQUIRED,
         "every_minutes": 0.0,  # also save when this much wall time passed since the last save (0: off)
@@ -214,7 +224,24 @@ def validate_run_config(cfg: ml_collections.ConfigDict) -> ModelConfig:
       raise ConfigError(f"{key}: {e}") from None
   if cfg.data.weights and len(cfg.data.weights) != len(cfg.data.stores):
     fail("data.weights", f"needs one weight per store ({len(cfg.data.stores)})")
+  _check_evaluate(cfg.evaluate, fail)
   return model
+
+
+def _check_evaluate(section: ml_collections.ConfigDict, fail) -> None:
+  if not isinstance(section.every, int) or section.every < 0:
+    fail("evaluate.every", "must be an integer >= 0 (0: no in-loop evaluation)")
+  if bool(section.every) != bool(section.tasks):
+    fail("evaluate.tasks", f"evaluate.every={section.every}: set both the tasks and how often they run, or neither")
+  if not isinstance(section.limit, int) or section.limit < 0:
+    fail("evaluate.limit", "must be an integer >= 0 (0: every document)")
+  if "passkey" in section.tasks:
+    if not section.passkey_contexts or min(section.passkey_contexts) < 1:
+      fail("evaluate.passkey_contexts", "give positive token counts")
+    if not section.passkey_depths or not all(0.0 <= d <= 1.0 for d in section.passkey_depths):
+      fail("evaluate.passkey_depths", "each depth must be within [0, 1]")
+    if section.passkey_trials < 1:
+      fail("evaluate.passkey_trials", "must be >= 1")
 
 
 def eval_key(cfg: ml_collections.ConfigDict, dotted: str):
