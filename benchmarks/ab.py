@@ -29,7 +29,7 @@ import json
 import pathlib
 import sys
 import time
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 
@@ -49,7 +49,7 @@ from yanjax.training.loop import StepInfo, TrainLoop  # noqa: E402
 from yanjax.training.presets import model_variant  # noqa: E402
 from yanjax.training.run_config import validate_run_config  # noqa: E402
 from yanjax.training.train_step import eval_scalars, with_target_bytes  # noqa: E402
-from yanjax.training.trainer import Trainer, build_trainer  # noqa: E402
+from yanjax.training.trainer import build_trainer  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs/yan_tiny.py"  # every family is a variant of this config's Yan model
@@ -103,18 +103,16 @@ def run_config(family: str, size: str, seed: int, store: pathlib.Path, args) -> 
 
 
 class Curve:
-  """A hook (every step) that clocks training and, every `eval_every` steps and at the last, evaluates.
+  """A hook (every step) that clocks training and, every `eval_every` steps and at the last, appends
+  {"step", "seconds", **evaluate(info)} to `points`.
 
   Training seconds start after step 1 (which compiles) and stop around each evaluation; the clock reads
-  after the state is ready, so dispatch-ahead never hides work."""
+  after the state is ready, so dispatch-ahead never hides work. benchmarks/recall.py uses it too."""
 
-  def __init__(self, trainer: Trainer, val_batches: list[dict], eval_every: int, flops_per_token: float):
-    self.trainer, self.val_batches, self.eval_every = trainer, val_batches, eval_every
-    self.flops_per_token = flops_per_token
+  def __init__(self, evaluate: Callable[[StepInfo], dict], eval_every: int):
+    self.evaluate, self.eval_every = evaluate, eval_every
     self.started = time.perf_counter()
-    self.compile_seconds = 0.0
-    self.train_seconds = 0.0
-    self.clock = 0.0
+    self.compile_seconds = self.train_seconds = self.clock = 0.0
     self.points: list[dict] = []
 
   def __call__(self, info: StepInfo):
@@ -126,13 +124,7 @@ class Curve:
       return
     jax.block_until_ready(info.state)
     self.train_seconds += time.perf_counter() - self.clock
-    scalars = eval_scalars([jax.device_get(self.trainer.eval_step(info.state["params"], batch))
-                            for batch in self.val_batches])
-    tokens = info.step * self.trainer.global_batch * self.val_batches[0]["inputs"].shape[1]
-    self.points.append({"step": info.step, "tokens": tokens, "flops": tokens * self.flops_per_token,
-                        "seconds": round(self.train_seconds, 3), "train_loss": float(info.metrics["loss"]),
-                        "val_loss": scalars["val_loss"], "val_accuracy": scalars["val_accuracy"],
-                        "val_bits_per_byte": scalars["val_bits_per_byte"]})
+    self.points.append({"step": info.step, "seconds": round(self.train_seconds, 3), **self.evaluate(info)})
     self.clock = time.perf_counter()
 
 
@@ -148,7 +140,14 @@ def train_run(cfg) -> dict[str, Any]:
   val_batches = [trainer.to_global(with_target_bytes(val_loader.batch(i), token_bytes))
                  for i in range(cfg.train.eval_batches)]
   fpt = flops_per_token(model_cfg, cfg.train.seq_len)
-  curve = Curve(trainer, val_batches, cfg.train.eval_every, fpt)
+
+  def evaluate(info: StepInfo) -> dict:
+    scalars = eval_scalars([jax.device_get(trainer.eval_step(info.state["params"], batch)) for batch in val_batches])
+    tokens = info.step * trainer.global_batch * cfg.train.seq_len
+    return {"tokens": tokens, "flops": tokens * fpt, "train_loss": float(info.metrics["loss"]),
+            **{key: scalars[key] for key in ("val_loss", "val_accuracy", "val_bits_per_byte")}}
+
+  curve = Curve(evaluate, cfg.train.eval_every)
   loop = TrainLoop(trainer, cfg.train)
   loop.add_hook(curve, every=1)
   loop.run(trainer.init(), 0, iter(train_loader.iterate(0)))

@@ -28,7 +28,6 @@ import json
 import pathlib
 import shlex
 import sys
-import time
 
 import jax
 import numpy as np
@@ -39,7 +38,7 @@ from matplotlib.lines import Line2D
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from ab import CONFIG, FAMILIES, _ints, _names  # noqa: E402  (benchmarks/, beside this file)
+from ab import CONFIG, FAMILIES, Curve, _ints, _names  # noqa: E402  (benchmarks/, beside this file)
 from ab_report import FAMILY_ORDER, SIZE_STYLES  # noqa: E402
 
 from yanjax.core import storage  # noqa: E402
@@ -48,7 +47,7 @@ from yanjax.core.errors import UserError  # noqa: E402
 from yanjax.eval import mqar  # noqa: E402
 from yanjax.model.counting import param_count  # noqa: E402
 from yanjax.scaling.plot import family_style, save_png  # noqa: E402
-from yanjax.training.loop import StepInfo, TrainLoop  # noqa: E402
+from yanjax.training.loop import TrainLoop  # noqa: E402
 from yanjax.training.presets import model_variant  # noqa: E402
 from yanjax.training.run_config import validate_run_config  # noqa: E402
 from yanjax.training.trainer import build_trainer  # noqa: E402
@@ -80,30 +79,6 @@ def fitting_pairs(seq_len: int, pairs: list[int]) -> list[int]:
   return fit
 
 
-class Clock:
-  """A hook (every step): training seconds from the end of step 1 (which compiles) to the last step, the
-  accuracy curve's evaluations excluded; the clock reads after the state is ready."""
-
-  def __init__(self, evaluate, eval_every: int):
-    self.evaluate, self.eval_every = evaluate, eval_every
-    self.started = time.perf_counter()
-    self.compile_seconds = self.train_seconds = self.clock = 0.0
-    self.curve: list[dict] = []
-
-  def __call__(self, info: StepInfo):
-    if info.step == 1:
-      jax.block_until_ready(info.state)
-      self.clock = time.perf_counter()
-      self.compile_seconds = self.clock - self.started
-    if info.step % self.eval_every and not info.last:
-      return
-    jax.block_until_ready(info.state)
-    self.train_seconds += time.perf_counter() - self.clock
-    self.curve.append({"step": info.step, "loss": float(info.metrics["loss"]),
-                       "accuracy": round(self.evaluate(info.state["params"]), 4)})
-    self.clock = time.perf_counter()
-
-
 def train_run(cfg, seq_len: int, pairs: list[int], args) -> dict:
   """Trains run config `cfg` on MQAR from scratch; returns its record: accuracy per pair count, curve, seconds."""
   trainer = build_trainer(cfg, jax.devices()[:1])
@@ -119,7 +94,8 @@ def train_run(cfg, seq_len: int, pairs: list[int], args) -> dict:
     return float(np.mean([mqar.accuracy(jax.device_get(forward(params, trainer.to_global(b))), b) for b in batches]))
 
   curve_batch = [mqar.make_batch(seed, 0, pairs=pairs, split="eval", **task)]
-  clock = Clock(lambda params: evaluate(params, curve_batch), args.eval_every)
+  clock = Curve(lambda info: {"loss": float(info.metrics["loss"]),
+                              "accuracy": round(evaluate(info.state["params"], curve_batch), 4)}, args.eval_every)
   loop = TrainLoop(trainer, cfg.train)
   loop.add_hook(clock, every=1)
   batches = (mqar.make_batch(seed, step, pairs=pairs, **task) for step in itertools.count())
@@ -130,7 +106,7 @@ def train_run(cfg, seq_len: int, pairs: list[int], args) -> dict:
   count = param_count(trainer.model_cfg)
   return {"params": count.total, "active_params": count.active, "train_pairs": pairs, "steps": cfg.train.steps,
           "compile_seconds": round(clock.compile_seconds, 3), "train_seconds": round(clock.train_seconds, 3),
-          "final_loss": clock.curve[-1]["loss"], "accuracy": accuracy, "curve": clock.curve}
+          "final_loss": clock.points[-1]["loss"], "accuracy": accuracy, "curve": clock.points}
 
 
 def run_path(out: pathlib.Path, family: str, width: int, seq_len: int, seed: int) -> pathlib.Path:

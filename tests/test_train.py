@@ -153,7 +153,8 @@ def test_validation_bits_per_byte_is_the_summed_loss_in_bits_over_the_targets_by
   batch["loss_mask"][:, :3] = 0.0  # masked targets count neither loss nor bytes
   token_bytes = np.random.default_rng(1).integers(0, 5, 512).astype(np.int32)
   scalars = eval_scalars([jax.device_get(trainer.eval_step(state["params"], with_target_bytes(batch, token_bytes)))])
-  logits, _ = nnx.merge(trainer.graphdef, state["params"])(batch["inputs"], batch["segment_ids"], batch["positions"])
+  logits, _ = nnx.jit(lambda m, b: m(b["inputs"], b["segment_ids"], b["positions"]))(
+      nnx.merge(trainer.graphdef, state["params"]), batch)
   log_probs = np.asarray(jax.nn.log_softmax(np.asarray(logits, np.float64), axis=-1))
   nll = -np.take_along_axis(log_probs, batch["targets"][..., None], -1)[..., 0]
   mask = batch["loss_mask"]
