@@ -151,7 +151,7 @@ def test_sharded_ffn_equals_single_device_and_gathers_no_tokens(dispatch):
     print(dispatch, mesh_cfg, "max |y - single|", float(jnp.max(jnp.abs(y - y_s))), "max grad err", grad_err,
           "dropped", float(stats_s.dropped_fraction), "all-gathers", gathered)
     np.testing.assert_allclose(y_s, y, atol=1e-5)
-    assert grad_err < 2e-5
+    assert grad_err < 5e-5  # float32 sums in another order (3.5e-5 seen with XLA's LLVM optimisation off)
     np.testing.assert_allclose(stats_s.dropped_fraction, stats.dropped_fraction, atol=1e-7)
     np.testing.assert_allclose(stats_s.load, stats.load, atol=1e-6)
     assert not [s for s in gathered if any(n % 3 == 0 for n in s)], "token activations were all-gathered"
