@@ -182,6 +182,13 @@ def run_path(out: pathlib.Path, corpus: str, size: str, seed: int, family: str) 
   return out / "runs" / f"{corpus}-{size}-{family}-s{seed}.json"
 
 
+def refuse_other_settings(path: pathlib.Path, settings: dict) -> None:
+  """A UserError when the run record at `path` exists and was trained with other settings (benchmarks/recall.py
+  too)."""
+  if path.exists() and json.loads(path.read_text())["settings"] != settings:
+    raise UserError(f"{path} was trained with other settings: give another --out, or delete it to train it again")
+
+
 def _names(text: str, allowed, what: str) -> list[str]:
   names = [name for name in text.split(",") if name]
   unknown = [name for name in names if name not in allowed]
@@ -228,9 +235,7 @@ def main(argv=None):
                                    args.validation_fraction) for name in corpora}
     runs = list(itertools.product(corpora, sizes, seeds, families))  # a seed's families back to back
     for run in runs:
-      path = run_path(out, *run)
-      if path.exists() and json.loads(path.read_text())["settings"] != settings:
-        raise UserError(f"{path} was trained with other settings: give another --out, or delete it to train it again")
+      refuse_other_settings(run_path(out, *run), settings)
   except ValueError as error:  # UserError and ConfigError included
     print(f"error: {error}", file=sys.stderr)
     return 2

@@ -38,7 +38,7 @@ from matplotlib.lines import Line2D
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from ab import CONFIG, FAMILIES, Curve, _ints, _names  # noqa: E402  (benchmarks/, beside this file)
+from ab import CONFIG, FAMILIES, Curve, _ints, _names, refuse_other_settings  # noqa: E402  (benchmarks/, beside this file)
 from ab_report import FAMILY_ORDER, SIZE_STYLES  # noqa: E402
 
 from yanjax.core import storage  # noqa: E402
@@ -233,9 +233,7 @@ def main(argv=None):
         raise UserError(f"--batch={args.batch}: a batch mixes {len(fitting_pairs(seq_len, pairs))} pair counts, "
                         "give at least one row each")
       validate_run_config(run_config(family, width, seq_len, args.seed, args))
-      path = run_path(out, family, width, seq_len, args.seed)
-      if path.exists() and json.loads(path.read_text())["settings"] != settings:
-        raise UserError(f"{path} was trained with other settings: give another --out, or delete it to train it again")
+      refuse_other_settings(run_path(out, family, width, seq_len, args.seed), settings)
   except ValueError as error:  # UserError and ConfigError included
     print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
     return 2
