@@ -226,7 +226,8 @@ def test_bad_inputs_are_one_line(tmp_path, tok, monkeypatch):
   assert "no checkpoint under" in _error(["--workdir", str(tmp_path / "run"), "--tasks", str(good)])
   (tmp_path / "export").mkdir()
   (tmp_path / "export/manifest.json").write_text('{"format": "something-else"}')
-  assert _error(["--export", str(tmp_path / "export"), "--tasks", str(good), "--output", str(tmp_path / "r.json")])
+  assert "not a yanjax-export manifest" in _error(["--export", str(tmp_path / "export"), "--tasks", str(good),
+                                                   "--output", str(tmp_path / "r.json")])
   (tmp_path / "notes.json").write_text("{}")
   assert "is not a results file" in _error(["--workdir", str(tmp_path / "run"), "--tasks", str(good),
                                             "--output", str(tmp_path / "notes.json")])
