@@ -155,9 +155,9 @@ def test_a_killed_driver_leaves_no_trusted_store_and_a_rerun_keeps_the_verified_
 def kill_readers_of(path: pathlib.Path, proc: subprocess.Popen, stop) -> int:
   """Kills, as the kernel's OOM killer would, every process under `proc` that has `path` open, until `stop` is
   set or `proc` ends; returns how many it killed."""
-  killed = 0
+  killed: set[int] = set()  # a killed worker holds the file open until it has exited: counted once
   while not stop.is_set() and proc.poll() is None:
-    for pid in descendants(proc.pid):
+    for pid in set(descendants(proc.pid)) - killed:
       try:
         opened = any(os.readlink(fd) == str(path) for fd in pathlib.Path(f"/proc/{pid}/fd").iterdir())
       except OSError:  # it ended, or closed the file, while looked at
@@ -167,9 +167,9 @@ def kill_readers_of(path: pathlib.Path, proc: subprocess.Popen, stop) -> int:
           os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:  # it ended since
           continue
-        killed += 1
+        killed.add(pid)
     time.sleep(0.002)
-  return killed
+  return len(killed)
 
 
 def test_an_input_that_kills_its_worker_every_time_fails_the_run_naming_it(tmp_path, corpus):
