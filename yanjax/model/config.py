@@ -46,6 +46,8 @@ class ModelConfig:
   heads: int = 4  # H; head width Dh = D / H
   rope_theta: float = 10_000.0
   max_decode_len: int = 2048  # KV-cache slots s for decoding
+  # Sliding-window attention (mixer="swa"): each query sees the W latest tokens of its document, itself included.
+  window: int = 256  # W; also its decode cache's ring-buffer slots
   # Selective activation over E groups of FFN neurons (router=False: dense FFN).
   router: bool = False
   groups: int = 8  # E
@@ -115,7 +117,7 @@ class ModelConfig:
       if getattr(self, key) not in allowed:
         fail(key, f"must be one of {allowed}")
     for key in ("vocab_size", "width", "layers", "mlp_width", "channels", "heads", "chunk_size",
-                "max_decode_len", "groups", "top_k", "router_hidden"):
+                "max_decode_len", "window", "groups", "top_k", "router_hidden"):
       if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
         fail(key, "must be a positive integer")
     problem = MIXERS[self.mixer].twin.check(self.to_dict())
