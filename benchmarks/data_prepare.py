@@ -60,7 +60,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from yanjax.core.errors import UserError
-from yanjax.data import ray_runner, sources
+from yanjax.data import documents, ray_runner, sources
 from yanjax.data import tokenizer as tokenizers
 from yanjax.data.prepare import PrepareSettings, prepare_store
 
@@ -105,7 +105,7 @@ def make_corpus(directory: pathlib.Path, copies: int, max_files: int | None) -> 
 def make_tokenizers(files: list[sources.InputFile], kinds: list[str], vocab_size: int, sample_bytes: int,
                     directory: pathlib.Path) -> dict[str, str]:
   """Each kind's tokenizer file, trained on `sample_bytes` of every third file."""
-  report = sources.ReadReport("fail")
+  report = documents.ReadReport("fail")
   texts = (d.text for f in files[::3] for d in sources.read_documents(f, "text", "document", report))
   sample = tokenizers.sample_sentences(texts, sample_bytes)
   paths = {}
@@ -130,7 +130,7 @@ def floor(corpus: str, tokenizer_file: str, part: int = 0, parts: int = 1, start
   """Reads and encodes every `parts`-th file of the corpus from `part` on one core, writing nothing; starts at
   `start_at` (epoch seconds), so that concurrent floors start together."""
   tokenizer = tokenizers.from_bytes(pathlib.Path(tokenizer_file).read_bytes(), tokenizer_file)
-  files, report = sources.list_inputs([corpus])[part::parts], sources.ReadReport("fail")
+  files, report = sources.list_inputs([corpus])[part::parts], documents.ReadReport("fail")
   time.sleep(max(0.0, start_at - time.time()))
   start = time.time()
   tokens, batch, chars = 0, [], 0

@@ -15,8 +15,10 @@ from etils import epath
 
 from yanjax.core.config import ConfigError
 from yanjax.data import hf_datasets, sources
+from yanjax.data.documents import ReadReport
 from yanjax.data.errors import CorpusError
-from yanjax.data.sources import DatasetRows, InputFile, ReadReport
+from yanjax.data.hf_datasets import DatasetRows
+from yanjax.data.sources import InputFile
 
 PARAGRAPHS = "first line\nsecond line\n\n  \nthird line\r\n\n\n\nlast, no newline"
 

@@ -6,16 +6,28 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from typing import Iterator
 
-from yanjax.data import sources
+from yanjax.data.documents import Document, ReadReport, column_texts, counted, is_text_type
 from yanjax.data.errors import CorpusError
 
 _BATCH_ROWS = 1024
 _SAVED_MARKERS = ("dataset_dict.json", "state.json")  # what save_to_disk writes (a DatasetDict, a Dataset)
 _FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow"}
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetRows:
+  """Rows [start, stop) of a Hugging Face dataset."""
+
+  dataset: str  # as the user gave it: a save_to_disk directory, a file/glob of .parquet or .arrow files, or a hub name
+  config: str | None
+  split: str
+  start: int
+  stop: int
 
 
 @functools.lru_cache(maxsize=16)
@@ -56,7 +68,7 @@ def describe(dataset: str, config: str | None, split: str) -> tuple[int, int, st
   return ds.num_rows, ds.data.nbytes, ds._fingerprint  # pylint: disable=protected-access
 
 
-def read_rows(part: sources.DatasetRows, text_field: str, report: sources.ReadReport) -> Iterator[sources.Document]:
+def read_rows(part: DatasetRows, text_field: str, report: ReadReport) -> Iterator[Document]:
   """The documents of rows [part.start, part.stop), read in Arrow batches; counted in `report`.
 
   Raises CorpusError when the dataset has no text column `text_field`.
@@ -67,7 +79,7 @@ def read_rows(part: sources.DatasetRows, text_field: str, report: sources.ReadRe
     raise CorpusError(f"{name}: no column {text_field!r} (it has {ds.column_names[:10]}); "
                       "pass --text_field=<the column holding the text>")
   column_type = ds.data.schema.field(text_field).type
-  if not sources.is_text_type(column_type):
+  if not is_text_type(column_type):
     raise CorpusError(f"{name}: column {text_field!r} has type {column_type}, not text; "
                       "pass --text_field=<a text column>")
   table = ds.with_format("arrow", columns=[text_field])
@@ -75,9 +87,9 @@ def read_rows(part: sources.DatasetRows, text_field: str, report: sources.ReadRe
   def texts():
     stop = min(part.stop, ds.num_rows)
     for start in range(part.start, stop, _BATCH_ROWS):
-      yield from sources.column_texts(table[start:min(start + _BATCH_ROWS, stop)].column(0), start, name, report)
+      yield from column_texts(table[start:min(start + _BATCH_ROWS, stop)].column(0), start, name, report)
 
-  return sources.counted(texts(), report)
+  return counted(texts(), report)
 
 
 def _name(dataset: str, config: str | None, split: str) -> str:

@@ -20,20 +20,21 @@ import os
 import pathlib
 import sysconfig
 import zlib
-from typing import BinaryIO, Iterable, Iterator, Sequence
+from typing import BinaryIO, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from etils import epath
 
 from yanjax.core import storage
+from yanjax.data.documents import Document, ReadReport, column_texts, counted, is_text_type
 from yanjax.data.errors import CorpusError
+from yanjax.data.hf_datasets import DatasetRows, read_rows
 
 BAD_INPUT_POLICIES = ("skip", "fail")
 SAMPLE_BY = ("document", "paragraph", "line")  # how a plain-text file splits into documents (as `datasets`' text)
 MAX_DOCUMENT_BYTES = 64 << 20  # the most one document (a whole file, a paragraph, a line) may hold
 STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test"})
-_MAX_EXAMPLES = 20  # skipped inputs named in the metadata; all are counted
 _PARQUET_BATCH_ROWS = 1024
 _LISTING_FIX = "check the path, the bucket and the credentials"
 # Errors of the bytes themselves (as opposed to the storage holding them): the input is bad.
@@ -54,53 +55,6 @@ class InputFile:
     if self.url.endswith((".jsonl", ".jsonl.gz")):
       return "jsonl"
     return "parquet" if self.url.endswith(".parquet") else "text"
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetRows:
-  """Rows [start, stop) of a Hugging Face dataset."""
-
-  dataset: str  # as the user gave it: a save_to_disk directory, a file/glob of .parquet or .arrow files, or a hub name
-  config: str | None
-  split: str
-  start: int
-  stop: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Document:
-  """One non-empty document and where it came from: "path", "path:LINE", "path row N" or
-  "dataset[split] row N" (lines count from 1, rows from 0)."""
-
-  text: str
-  where: str
-
-
-@dataclasses.dataclass
-class ReadReport:
-  """Counts what reading saw; applies the bad-input policy. Picklable, so Ray tasks return it."""
-
-  on_bad_input: str
-  documents: int = 0
-  empty_documents: int = 0
-  skipped: int = 0
-  skipped_examples: list[str] = dataclasses.field(default_factory=list)
-
-  def bad_input(self, where: str, error: Exception):
-    """Skips and counts `where`, or raises under the "fail" policy."""
-    if self.on_bad_input == "fail":
-      raise CorpusError(f"cannot read {where}: {error!r}. Fix or remove it, or pass "
-                        "--on_bad_input=skip to skip and count such inputs") from error
-    self.skipped += 1
-    if len(self.skipped_examples) < _MAX_EXAMPLES:
-      self.skipped_examples.append(f"{where}: {error!r}")
-
-  def merge(self, other: ReadReport):
-    """Adds `other`'s counts to these, keeping the first examples."""
-    self.documents += other.documents
-    self.empty_documents += other.empty_documents
-    self.skipped += other.skipped
-    self.skipped_examples.extend(other.skipped_examples[:_MAX_EXAMPLES - len(self.skipped_examples)])
 
 
 def stdlib_root() -> pathlib.Path:
@@ -223,8 +177,7 @@ def read_documents(part: InputFile | DatasetRows, text_field: str, sample_by: st
   size. Raises CorpusError for a missing text field, and for a bucket that fails while it is read.
   """
   if isinstance(part, DatasetRows):
-    from yanjax.data import hf_datasets  # pylint: disable=import-outside-toplevel  # it imports this module
-    yield from hf_datasets.read_rows(part, text_field, report)
+    yield from read_rows(part, text_field, report)
     return
   if sample_by not in SAMPLE_BY:
     raise ValueError(f"sample_by={sample_by!r} is not one of {SAMPLE_BY}")
@@ -240,40 +193,6 @@ def read_documents(part: InputFile | DatasetRows, text_field: str, sample_by: st
       return
     raise CorpusError(f"cannot read {part.url}: {storage.describe_storage_error(error, part.url)}; "
                       "check the bucket, the credentials and the network, then run again") from error
-
-
-def counted(texts: Iterable[tuple[str, str | None]], report: ReadReport) -> Iterator[Document]:
-  """Documents of (where, text) pairs; empty texts (None, or only whitespace) are counted, not yielded."""
-  for where, text in texts:
-    if not text or text.isspace():
-      report.empty_documents += 1
-    else:
-      report.documents += 1
-      yield Document(text, where)
-
-
-def column_texts(column: pa.Array | pa.ChunkedArray, first_row: int, where: str,
-                 report: ReadReport) -> Iterator[tuple[str, str | None]]:
-  """(f"{where} row N", text) of a string column whose first row is `first_row`; a value that is not UTF-8
-  is bad input."""
-  try:
-    texts = column.to_pylist()
-  except UnicodeDecodeError:  # Parquet and Arrow do not check UTF-8: find the rows at fault
-    texts = []
-    for row, value in enumerate(column.cast(pa.binary()).to_pylist(), first_row):
-      try:
-        texts.append(None if value is None else value.decode("utf-8"))
-      except UnicodeDecodeError as error:
-        report.bad_input(f"{where} row {row}", error)
-        texts.append(None)
-  for row, text in enumerate(texts, first_row):
-    yield f"{where} row {row}", text
-
-
-def is_text_type(arrow_type: pa.DataType) -> bool:
-  """Whether a column of `arrow_type` holds text (or only nulls)."""
-  return any(check(arrow_type) for check in (pa.types.is_string, pa.types.is_large_string,
-                                             pa.types.is_string_view, pa.types.is_null))
 
 
 def _text_documents(raw: BinaryIO, url: str, text_field: str, sample_by: str,
