@@ -17,7 +17,7 @@ from matplotlib import image
 
 from yanjax.main import fit as fit_cli
 from yanjax.scaling import fit
-from yanjax.scaling.fit import Law, Runs
+from yanjax.scaling.laws import Law, Runs
 
 # Hoffmann et al. (2022) as published, and Besiroglu et al.'s (2024) refit, as two distinct families.
 CHINCHILLA = Law(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)

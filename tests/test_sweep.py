@@ -20,7 +20,7 @@ from yanjax.core.cli import PREEMPTED_EXIT_CODE
 from yanjax.core.config import ConfigError
 from yanjax.main import sweep as sweep_cli
 from yanjax.scaling import sweep
-from yanjax.scaling.fit import FitError
+from yanjax.scaling.laws import FitError
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 

@@ -1,6 +1,6 @@
 """Figures of scaling-law fits: loss against FLOPs, IsoFLOP profiles and the compute-optimal frontier.
 
-Each function draws every family in `fits` (name -> `FamilyFit`, see fit.py) on one figure, with its own
+Each function draws every family in `fits` (name -> `FamilyFit`, see laws.py) on one figure, with its own
 colour map and marker, and writes a PNG through matplotlib's Agg canvas (no pyplot, no global backend) to a
 local path or a gs:// / s3:// URL. docs/scaling.md says how to read them.
 """
@@ -25,7 +25,7 @@ from yanjax.core import storage
 if TYPE_CHECKING:
   from etils import epath
 
-  from yanjax.scaling.fit import FamilyFit
+  from yanjax.scaling.laws import FamilyFit
 
 _STYLES = (("Blues", "o"), ("Oranges", "s"), ("Greens", "^"), ("Purples", "D"), ("Reds", "v"))
 
