@@ -60,8 +60,7 @@ class Attention(nnx.Module):
     Without a cache a query sees earlier keys of its own segment (`inputs.segment_ids`: packed documents stay
     apart); with a cache the call continues one document from the cache's slots (prefill or one decode step).
     """
-    q, k, v = jnp.unstack(jnp.einsum("btd,dkhe->kbthe", x, layers.cast(self.qkv[...], x.dtype)))
-    q, k = rope(q, inputs.positions, self.cfg.rope_theta), rope(k, inputs.positions, self.cfg.rope_theta)
+    q, k, v = self.project_in(x, inputs.positions)
     t = x.shape[1]
     if cache is None:
       causal = jnp.tril(jnp.ones((t, t), bool))
@@ -75,7 +74,16 @@ class Attention(nnx.Module):
       mask = key_slot[None, None, :] <= query_slot[:, :, None]
       k, v = cache.k.astype(x.dtype), cache.v.astype(x.dtype)
     attended = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
-    return jnp.einsum("bthe,hed->btd", attended, layers.cast(self.out[...], x.dtype)), cache
+    return self.project_out(attended), cache
+
+  def project_in(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x [b, t, D], positions [b, t] -> q, k, v [b, t, H, Dh], q and k rotated (RoPE) to their positions."""
+    q, k, v = jnp.unstack(jnp.einsum("btd,dkhe->kbthe", x, layers.cast(self.qkv[...], x.dtype)))
+    return rope(q, positions, self.cfg.rope_theta), rope(k, positions, self.cfg.rope_theta), v
+
+  def project_out(self, attended: jax.Array) -> jax.Array:
+    """The heads' output projection: attended [b, t, H, Dh] -> y [b, t, D]."""
+    return jnp.einsum("bthe,hed->btd", attended, layers.cast(self.out[...], attended.dtype))
 
   @staticmethod
   def residual_terms(cfg: ModelConfig, t: int, itemsize: int) -> list[Term]:

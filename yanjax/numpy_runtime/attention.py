@@ -82,10 +82,8 @@ class Attention:
   def __call__(self, x, inputs: BlockInputs, state: KVState | None = None) -> tuple[np.ndarray, KVState | None]:
     """x [b, t, D] -> (y [b, t, D], state after x). No state: a whole (packed) sequence, each query seeing the
     earlier keys of its segment; with one, the new keys are appended to its KV cache (one document per row)."""
-    c, w = self.c, self.w
     t = x.shape[1]
-    q, k, v = np.moveaxis(np.einsum("btd,dkhe->btkhe", x, w["qkv"]), 2, 0)  # each [b, t, H, Dh]
-    q, k = rope(q, inputs.positions, c["rope_theta"]), rope(k, inputs.positions, c["rope_theta"])
+    q, k, v = self.project_in(x, inputs.positions)
     if state is None:
       segment_ids = inputs.segment_ids
       mask = np.tril(np.ones((t, t), bool))[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
@@ -98,7 +96,18 @@ class Attention:
       state = KVState(state.k, state.v, end)
       k, v = state.k[:, :end], state.v[:, :end]
       mask = (np.arange(end)[None, :] <= (start + np.arange(t))[:, None])[None]  # [1, t, s]
+    return self.attend(q, k, v, mask), state
+
+  def project_in(self, x, positions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x [b, t, D], positions [b, t] -> q, k, v [b, t, H, Dh], q and k rotated (RoPE) to their positions."""
+    q, k, v = np.moveaxis(np.einsum("btd,dkhe->btkhe", x, self.w["qkv"]), 2, 0)
+    theta = self.c["rope_theta"]
+    return rope(q, positions, theta), rope(k, positions, theta), v
+
+  def attend(self, q, k, v, mask) -> np.ndarray:
+    """q [b, t, H, Dh] attends to k, v [b, s, H, Dh] where mask [b or 1, t, s] is True -> y [b, t, D] (after the
+    output projection)."""
     scores = np.einsum("bthe,bshe->bhts", q, k) / F32(np.sqrt(q.shape[-1]))
     scores = np.where(mask[:, None], scores, F32(-np.inf))
     attended = np.einsum("bhts,bshe->bthe", softmax(scores, axis=-1), v)
-    return np.einsum("bthe,hed->btd", attended, w["out"]).astype(F32), state
+    return np.einsum("bthe,hed->btd", attended, self.w["out"]).astype(F32)

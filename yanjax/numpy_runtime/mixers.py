@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 from .attention import Attention
 from .mcsd import MCSD
 from .mcsd_dd import MCSDDataDecay
+from .swa import SlidingWindowAttention
 
 
 class Mixer(NamedTuple):
@@ -32,6 +33,7 @@ MIXERS = {
     "mcsd": Mixer("yanjax.model.mcsd:MCSD", MCSD),
     "mcsd_dd": Mixer("yanjax.model.mcsd_dd:MCSDDataDecay", MCSDDataDecay),
     "attention": Mixer("yanjax.model.attention:Attention", Attention),
+    "swa": Mixer("yanjax.model.swa:SlidingWindowAttention", SlidingWindowAttention),
 }
 ARCH_VALUES = {"yan": "mcsd", "attention": "attention"}  # the mixer's config key was `arch` (export format 1)
 
