@@ -128,7 +128,26 @@ def tokens_per_step(cfg: ml_collections.ConfigDict) -> int:
 
 
 def validate_run_config(cfg: ml_collections.ConfigDict) -> ModelConfig:
-  """Checks every section; returns the ModelConfig. Raises ConfigError naming the key."""
+  """Checks every section, then what one section asks of another; returns the ModelConfig. Raises ConfigError
+  naming the key. Sets train.steps from train.tokens when a token budget is given."""
+  _check_known_keys(cfg)
+  model = ModelConfig.from_dict(cfg.model)
+
+  def fail(key, why):
+    raise ConfigError(f"{key}={eval_key(cfg, key)!r}: {why}")
+
+  _check_train(cfg.train, fail)
+  _check_optimizer(cfg.optimizer, cfg.train.steps, fail)
+  _check_data(cfg.data, fail)
+  _check_checkpoint(cfg.checkpoint, fail)
+  _check_mesh(cfg.mesh, fail)
+  _check_rules(cfg.rules)
+  _check_evaluate(cfg.evaluate, fail)
+  _check_model_against_train(model, cfg.train, fail)
+  return model
+
+
+def _check_known_keys(cfg: ml_collections.ConfigDict) -> None:
   for section in cfg.keys():
     if section != "model" and section not in DEFAULTS:
       raise ConfigError(f"unknown config section {section!r}")
@@ -137,49 +156,15 @@ def validate_run_config(cfg: ml_collections.ConfigDict) -> ModelConfig:
       unknown = sorted(set(cfg[section].keys()) - set(defaults))
       if unknown:
         raise ConfigError(f"unknown key(s) {unknown} in config section {section!r}")
-  model = ModelConfig.from_dict(cfg.model)
-  train, opt = cfg.train, cfg.optimizer
 
-  def fail(key, why):
-    raise ConfigError(f"{key}={eval_key(cfg, key)!r}: {why}")
 
-  for key in ("train.global_batch", "train.seq_len"):
-    if not isinstance(eval_key(cfg, key), int) or eval_key(cfg, key) <= 0:
-      fail(key, "must be a positive integer")
-  if not isinstance(train.tokens, int) or train.tokens < 0:
-    fail("train.tokens", "must be a token budget >= 0 (0: train.steps sets the length)")
-  if train.tokens:
-    if train.steps not in (0, train.tokens // tokens_per_step(cfg)):
-      fail("train.steps", f"set either train.steps or train.tokens={train.tokens}; set the other to 0")
-    if train.tokens < tokens_per_step(cfg):
-      fail("train.tokens", f"is smaller than one step (global_batch x seq_len = {tokens_per_step(cfg):,} "
-           "tokens); raise it or lower train.global_batch")
-    train.steps = train.tokens // tokens_per_step(cfg)
-  for key in ("train.steps", "train.global_batch", "train.seq_len", "train.grad_accum", "train.log_every",
-              "checkpoint.every_steps", "checkpoint.keep"):
-    value = eval_key(cfg, key)
-    if not isinstance(value, int) or value <= 0:
-      fail(key, "must be a positive integer")
+def _check_train(train: ml_collections.ConfigDict, fail) -> None:
+  _check_train_length(train, fail)
   if not isinstance(train.eval_every, int) or train.eval_every < 0:
     fail("train.eval_every", "must be a positive integer, or 0 to turn evaluation off")
   if train.eval_every and (not isinstance(train.eval_batches, int) or train.eval_batches < 1):
     fail("train.eval_batches", "must be >= 1 while evaluation is on (train.eval_every=0 turns it off)")
-  for key, low, high, closed in (("optimizer.b1", 0, 1, False), ("optimizer.b2", 0, 1, False),
-                                 ("optimizer.min_lr_ratio", 0, 1, True)):
-    value = eval_key(cfg, key)
-    if not (low <= value <= high if closed else low <= value < high):
-      fail(key, f"must be in [{low}, {high}{']' if closed else ')'}")
-  if not 0 < cfg.data.validation_fraction < 1:
-    fail("data.validation_fraction", "must be in (0, 1)")
-  for key in ("optimizer.clip_norm", "optimizer.eps"):
-    if not eval_key(cfg, key) > 0:
-      fail(key, "must be > 0")
-  for key in ("optimizer.weight_decay", "train.z_loss_weight", "train.sample_tokens", "train.seed",
-              "checkpoint.every_minutes"):
-    if not eval_key(cfg, key) >= 0:
-      fail(key, "must be >= 0")
-  if any(not w > 0 for w in cfg.data.weights):
-    fail("data.weights", "every mixing weight must be > 0")
+  _each(train, "train", ("z_loss_weight", "sample_tokens", "seed"), lambda v: v >= 0, "must be >= 0", fail)
   if train.global_batch % train.grad_accum:
     fail("train.grad_accum", f"train.global_batch={train.global_batch} must divide by it")
   if train.nan_policy not in ("skip", "stop"):
@@ -195,37 +180,81 @@ def validate_run_config(cfg: ml_collections.ConfigDict) -> ModelConfig:
          "after the step before it)")
   if train.wandb_mode not in ("online", "offline"):
     fail("train.wandb_mode", "must be 'online' or 'offline'")
+  _check_url("train.compilation_cache", train.compilation_cache)
+
+
+def _check_train_length(train: ml_collections.ConfigDict, fail) -> None:
+  """The batch, sequence and run lengths; sets train.steps = train.tokens // tokens per step when a token
+  budget is given."""
+  _each(train, "train", ("global_batch", "seq_len"), _is_positive_int, "must be a positive integer", fail)
+  if not isinstance(train.tokens, int) or train.tokens < 0:
+    fail("train.tokens", "must be a token budget >= 0 (0: train.steps sets the length)")
+  if train.tokens:
+    per_step = train.global_batch * train.seq_len
+    if train.steps not in (0, train.tokens // per_step):
+      fail("train.steps", f"set either train.steps or train.tokens={train.tokens}; set the other to 0")
+    if train.tokens < per_step:
+      fail("train.tokens", f"is smaller than one step (global_batch x seq_len = {per_step:,} "
+           "tokens); raise it or lower train.global_batch")
+    train.steps = train.tokens // per_step
+  _each(train, "train", ("steps", "grad_accum", "log_every"), _is_positive_int, "must be a positive integer", fail)
+
+
+def _check_optimizer(opt: ml_collections.ConfigDict, steps: int, fail) -> None:
+  """`steps`: train.steps, which the warmup must fit in."""
+  for key, low, high, closed in (("b1", 0, 1, False), ("b2", 0, 1, False), ("min_lr_ratio", 0, 1, True)):
+    if not (low <= opt[key] <= high if closed else low <= opt[key] < high):
+      fail(f"optimizer.{key}", f"must be in [{low}, {high}{']' if closed else ')'}")
+  _each(opt, "optimizer", ("clip_norm", "eps"), lambda v: v > 0, "must be > 0", fail)
+  if not opt.weight_decay >= 0:
+    fail("optimizer.weight_decay", "must be >= 0")
   if opt.schedule not in ("cosine", "wsd"):
     fail("optimizer.schedule", "must be 'cosine' or 'wsd'")
-  if not 0 <= opt.warmup_steps < train.steps:
-    fail("optimizer.warmup_steps", f"must be in [0, train.steps={train.steps})")
+  if not 0 <= opt.warmup_steps < steps:
+    fail("optimizer.warmup_steps", f"must be in [0, train.steps={steps})")
   if not 0 < opt.decay_fraction <= 1:
     fail("optimizer.decay_fraction", "must be in (0, 1]")
   if opt.lr <= 0:
     fail("optimizer.lr", "must be positive")
-  if model.max_context is not None and train.seq_len > model.max_context:
-    fail("model.max_decode_len", f"must be >= train.seq_len={train.seq_len}")
+
+
+def _check_data(data: ml_collections.ConfigDict, fail) -> None:
+  if not 0 < data.validation_fraction < 1:
+    fail("data.validation_fraction", "must be in (0, 1)")
+  if any(not w > 0 for w in data.weights):
+    fail("data.weights", "every mixing weight must be > 0")
+  if not data.stores:
+    fail("data.stores", "name at least one token store")
+  for path in data.stores:
+    _check_url("data.stores", path)
+  if data.weights and len(data.weights) != len(data.stores):
+    fail("data.weights", f"needs one weight per store ({len(data.stores)})")
+
+
+def _check_checkpoint(checkpoint: ml_collections.ConfigDict, fail) -> None:
+  _each(checkpoint, "checkpoint", ("every_steps", "keep"), _is_positive_int, "must be a positive integer", fail)
+  if not checkpoint.every_minutes >= 0:
+    fail("checkpoint.every_minutes", "must be >= 0")
+
+
+def _check_mesh(mesh: ml_collections.ConfigDict, fail) -> None:
   for axis in MESH_AXES:
-    size = cfg.mesh[axis]
-    if not isinstance(size, int) or (size < 1 and size != -1):
+    if not isinstance(mesh[axis], int) or (mesh[axis] < 1 and mesh[axis] != -1):
       fail(f"mesh.{axis}", "must be a positive integer or -1 (fill the remaining devices)")
-  if sum(cfg.mesh[a] == -1 for a in MESH_AXES) > 1:
-    raise ConfigError(f"mesh: at most one axis may be -1, got {dict(cfg.mesh)}")
-  for rule in cfg.rules:
+  if sum(mesh[a] == -1 for a in MESH_AXES) > 1:
+    raise ConfigError(f"mesh: at most one axis may be -1, got {dict(mesh)}")
+
+
+def _check_rules(rules) -> None:
+  for rule in rules:
     if len(rule) != 2 or any(axis not in MESH_AXES for axis in rule[1]):
       raise ConfigError(f"rules: {rule!r} must be (logical_name, (mesh axes from {MESH_AXES}))")
-  if not cfg.data.stores:
-    fail("data.stores", "name at least one token store")
-  for key, path in [("data.stores", p) for p in cfg.data.stores] + [("train.compilation_cache",
-                                                                     cfg.train.compilation_cache)]:
-    try:
-      storage.check_url(path.replace("{workdir}", "workdir"))
-    except ConfigError as e:
-      raise ConfigError(f"{key}: {e}") from None
-  if cfg.data.weights and len(cfg.data.weights) != len(cfg.data.stores):
-    fail("data.weights", f"needs one weight per store ({len(cfg.data.stores)})")
-  _check_evaluate(cfg.evaluate, fail)
-  return model
+
+
+def _check_model_against_train(model: ModelConfig, train: ml_collections.ConfigDict, fail) -> None:
+  """What the training run asks of the model."""
+  if model.max_context is not None and train.seq_len > model.max_context:
+    fail("model.max_decode_len", f"must be >= train.seq_len={train.seq_len}")
 
 
 def _check_evaluate(section: ml_collections.ConfigDict, fail) -> None:
@@ -242,6 +271,25 @@ def _check_evaluate(section: ml_collections.ConfigDict, fail) -> None:
       fail("evaluate.passkey_depths", "each depth must be within [0, 1]")
     if section.passkey_trials < 1:
       fail("evaluate.passkey_trials", "must be >= 1")
+
+
+def _each(section: ml_collections.ConfigDict, name: str, keys, ok, why: str, fail) -> None:
+  """fail(f"{name}.{key}", why) for the first of `keys` whose value is not `ok`."""
+  for key in keys:
+    if not ok(section[key]):
+      fail(f"{name}.{key}", why)
+
+
+def _is_positive_int(value) -> bool:
+  return isinstance(value, int) and value > 0
+
+
+def _check_url(key: str, path: str) -> None:
+  """storage.check_url, with {workdir} standing for any directory; the error names `key`."""
+  try:
+    storage.check_url(path.replace("{workdir}", "workdir"))
+  except ConfigError as e:
+    raise ConfigError(f"{key}: {e}") from None
 
 
 def eval_key(cfg: ml_collections.ConfigDict, dotted: str):
