@@ -65,7 +65,7 @@ CORPORA = {
     "stdlib": Corpus((), ""),
     "pydocs": Corpus((str(PYDOCS),), "install Debian's python3.11-doc (apt-get install python3.11-doc)"),
 }
-FAMILIES = dict(zip(FAMILY_ORDER, ("", "selective", "mcsd_dd", "attention")))  # -> config variant
+FAMILIES = dict(zip(FAMILY_ORDER, ("", "selective", "mcsd_dd", "attention", "hybrid")))  # -> config variant
 SIZES = {  # overrides of configs/yan_tiny.py's model (vocabulary 2048)
     "w64": dict(width=64, channels=4, mlp_width=192, layers=2),
     "w128": dict(width=128, channels=4, mlp_width=384, layers=2),
@@ -88,7 +88,7 @@ def prepare_corpus(name: str, out: pathlib.Path, vocab_size: int, validation_fra
 def run_config(family: str, size: str, seed: int, store: pathlib.Path, args) -> Any:
   """The run config of one A/B run: configs/yan_tiny.py's training settings, the family's model at `size`."""
   cfg = load_config_file(str(CONFIG))
-  model = model_variant({**cfg.model.to_dict(), **SIZES[size]}, FAMILIES[family])
+  model = model_variant({**cfg.model.to_dict(), **SIZES[size]}, FAMILIES[family], args.seq_len)
   cfg.model.update(model.to_dict())
   tokens_per_step = cfg.train.global_batch * cfg.train.seq_len  # kept at any --seq_len
   if args.seq_len <= 0 or tokens_per_step % args.seq_len:
@@ -161,13 +161,15 @@ def train_run(cfg) -> dict[str, Any]:
           "curve": curve.points}
 
 
-def decode_records(families: list[str], sizes: list[str], contexts: list[int], repeats: int) -> list[dict]:
-  """Decode latency and state bytes (batch 1) by context for every family and size, on random weights."""
+def decode_records(families: list[str], sizes: list[str], contexts: list[int], repeats: int, seq_len: int
+                   ) -> list[dict]:
+  """Decode latency and state bytes (batch 1) by context for every family and size (as trained on sequences of
+  `seq_len`: the hybrid's window), on random weights."""
   base = load_config_file(str(CONFIG)).model.to_dict()
   records = []
   for size in sizes:
     for family in families:
-      model = model_variant({**base, **SIZES[size]}, FAMILIES[family])
+      model = model_variant({**base, **SIZES[size]}, FAMILIES[family], seq_len)
       for context in contexts:
         seconds = time_decode(model, 1, context, repeats)
         records.append({"record": "decode", "size": size, "family": family, "context": context,
@@ -245,12 +247,12 @@ def main(argv=None):
     if not path.exists():
       cfg = run_config(family, size, seed, stores[corpus], args)
       record = {"record": "run", "corpus": corpus, "size": size, "family": family, "seed": seed,
-                "mixer": cfg.model.mixer, "settings": settings, **train_run(cfg)}
+                "pattern": list(cfg.model.pattern), "settings": settings, **train_run(cfg)}
       storage.write_atomic(path, json.dumps(record).encode())
     print(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "curve"}), flush=True)
   decode_file = out / "decode.jsonl"
   if contexts and not decode_file.exists():
-    records = decode_records(families, sizes, contexts, args.decode_repeats)
+    records = decode_records(families, sizes, contexts, args.decode_repeats, args.seq_len)
     storage.write_atomic(decode_file, "".join(json.dumps(r) + "\n" for r in records).encode())
   print(f"report: {write_report(out)}", flush=True)
   return 0

@@ -25,7 +25,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from yanjax.core import storage  # noqa: E402
 from yanjax.scaling.plot import family_style, save_png  # noqa: E402
 
-FAMILY_ORDER = ("mcsd", "selective", "mcsd_dd", "attention")  # tables and colours, in every figure the same
+FAMILY_ORDER = ("mcsd", "selective", "mcsd_dd", "attention", "hybrid")  # tables and colours, in every figure the same
 SIZE_STYLES = ("-", "--", ":")
 AXES = (("tokens", "training tokens", "log"), ("flops", "training FLOPs", "log"),
         ("seconds", "training seconds (CPU, compile and evaluation excluded)", "log"))

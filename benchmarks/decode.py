@@ -38,7 +38,7 @@ from yanjax.model.attention import KVCache  # pylint: disable=wrong-import-posit
 from yanjax.model.config import ModelConfig
 from yanjax.model.counting import param_count  # pylint: disable=wrong-import-position
 from yanjax.model.lm import LanguageModel, ModelCache  # pylint: disable=wrong-import-position
-from yanjax.training.presets import matched_attention  # pylint: disable=wrong-import-position
+from yanjax.training.presets import model_variant  # pylint: disable=wrong-import-position
 
 WARMUP = 2
 
@@ -115,8 +115,10 @@ def main(argv=None):
   parser.add_argument("--numpy_tokens", type=int, default=32, help="0 skips the NumPy runtime")
   args = parser.parse_args(argv)
 
-  yan = ModelConfig.from_dict(load_config_file(args.config)["model"]).replace(dtype=args.dtype)
-  models = {"mcsd": yan, "attention": matched_attention(yan)}
+  run = load_config_file(args.config)
+  yan = ModelConfig.from_dict(run["model"]).replace(dtype=args.dtype)
+  models = {family: model_variant(yan.to_dict(), variant, run.train.seq_len)
+            for family, variant in (("mcsd", ""), ("attention", "attention"), ("hybrid", "hybrid"))}
   contexts = [int(c) for c in args.contexts.split(",")]
   batches = [int(b) for b in args.batches.split(",")]
   common = {"bench": "decode", "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,

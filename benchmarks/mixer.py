@@ -74,7 +74,7 @@ def main(argv=None):
       print(json.dumps({**common, "mixer": "mcsd", "form": form, "seq_len": seq_len,
                         "ms": round(timings[form] * 1e3, 3)}), flush=True)
     try:
-      attention = time_fwd_bwd(Attention(base.replace(mixer="attention"), rngs=nnx.Rngs(0)), x, args.repeats)
+      attention = time_fwd_bwd(Attention(base.replace(pattern=("attention",)), rngs=nnx.Rngs(0)), x, args.repeats)
     except Exception as error:  # pylint: disable=broad-except  # out of memory at long lengths
       print(json.dumps({**common, "mixer": "attention", "seq_len": seq_len, "error": str(error)[:200]}))
       continue

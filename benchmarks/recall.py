@@ -63,7 +63,8 @@ def model_overrides(width: int, args) -> dict:
 def run_config(family: str, width: int, seq_len: int, seed: int, args):
   """The run config of one recall run: configs/yan_tiny.py's training settings, the family's model at `width`."""
   cfg = load_config_file(str(CONFIG))
-  cfg.model.update(model_variant({**cfg.model.to_dict(), **model_overrides(width, args)}, FAMILIES[family]).to_dict())
+  cfg.model.update(model_variant({**cfg.model.to_dict(), **model_overrides(width, args)}, FAMILIES[family],
+                                 seq_len).to_dict())
   cfg.train.update(dict(seq_len=seq_len, global_batch=args.batch, seed=seed, steps=args.steps, sample_tokens=0,
                         compilation_cache=""))
   cfg.optimizer.update(dict(lr=args.lr, warmup_steps=args.warmup_steps))
@@ -243,7 +244,8 @@ def main(argv=None):
     path = run_path(out, family, width, seq_len, args.seed)
     if not path.exists():
       cfg = run_config(family, width, seq_len, args.seed, args)
-      record = {"record": "run", "family": family, "mixer": cfg.model.mixer, "width": width, "seq_len": seq_len,
+      record = {"record": "run", "family": family, "pattern": list(cfg.model.pattern), "width": width,
+                "seq_len": seq_len,
                 "seed": args.seed, "settings": settings,
                 **train_run(cfg, seq_len, fitting_pairs(seq_len, pairs), args)}
       storage.write_atomic(path, json.dumps(record))

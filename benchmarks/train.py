@@ -93,8 +93,8 @@ def main(argv=None):
       model_cfg = validate_run_config(cfg)
       tokens_per_s = cfg.train.global_batch * seq_len / seconds
       utilisation = mfu(flops_per_token(model_cfg, seq_len), tokens_per_s, jax.device_count(), device.device_kind)
-      throughput[form or model_cfg.mixer] = tokens_per_s
-      print(json.dumps({"bench": "train_step", "config": args.config, "mixer": model_cfg.mixer,
+      throughput[form or model_cfg.pattern_name] = tokens_per_s
+      print(json.dumps({"bench": "train_step", "config": args.config, "pattern": model_cfg.pattern_name,
                         "recurrence": form, "seq_len": seq_len,
                         "global_batch": cfg.train.global_batch, "dtype": model_cfg.dtype,
                         "step_ms": round(seconds * 1e3, 2), "tokens_per_s": round(tokens_per_s, 1),

@@ -230,7 +230,7 @@ def _attention_prompt_past_its_cache(ctx):
   """An attention run (4 steps, 32 KV-cache slots) asked for more tokens than its cache holds."""
   run = ctx["tmp"] / "attention"
   code, out = _command("yanjax.main.train", f"--workdir={run}", *tiny_flags(ctx["store"], steps=4),
-                       "--config.model.mixer=attention", "--config.model.max_decode_len=32")
+                       "--config.model.pattern=('attention',)", "--config.model.max_decode_len=32")
   assert code == 0, out[-3000:]
   return _command("yanjax.main.generate", f"--workdir={run}", "--prompt_ids=1,2,3", "--max_new_tokens=40")
 
@@ -342,7 +342,7 @@ ROWS = [
     Row("generate --prompt_ids 1,abc", lambda ctx: _generate(ctx, "--prompt_ids=1,abc"), USAGE,
         "'abc' is not a token id"),
     Row("generate past an attention run's KV cache", _attention_prompt_past_its_cache, USAGE,
-        "needs 42 KV-cache slots but this attention model has model.max_decode_len=32"),
+        "needs 42 KV-cache slots but this model (pattern ('attention',)) has model.max_decode_len=32"),
     Row("the NumPy runtime with --max_new_tokens -3",
         lambda ctx: _command("yanjax.numpy_runtime", f"--export={ctx['tmp']}", "--prompt=a", "--max_new_tokens=-3"),
         USAGE, "--max_new_tokens=-3: must be >= 1"),

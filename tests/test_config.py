@@ -14,7 +14,7 @@ from yanjax.main.config_table import main as print_table
 from yanjax.model.config import ModelConfig
 from yanjax.model.counting import flops_per_token, param_count
 from yanjax.model.lm import LanguageModel
-from yanjax.training.presets import matched_attention
+from yanjax.training.presets import HYBRID_PATTERN, model_variant
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
@@ -24,7 +24,7 @@ CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
     (dict(router=True, groups=4, top_k=5), "top_k"),
     (dict(recurrence="fft"), "recurrence"),
     (dict(combine="mean"), "combine"),
-    (dict(mixer="attention", width=128, heads=3), "heads"),
+    (dict(pattern=("attention",), width=128, heads=3), "heads"),
     (dict(router=True, mlp_width=100, groups=8), "groups"),
     (dict(layers=0), "layers"),
     (dict(dtype="float16"), "dtype"),
@@ -34,14 +34,28 @@ def test_invalid_config_names_the_key(changes, key):
     ModelConfig(**changes)
 
 
-@pytest.mark.parametrize("arch,mixer", [("yan", "mcsd"), ("attention", "attention")])
-def test_the_old_arch_key_is_rejected_naming_its_new_name(arch, mixer):
-  """A config, or one read back from a checkpoint written before the rename, that still says `arch`."""
-  message = f"model.arch was renamed: use model.mixer='{mixer}' (was arch='{arch}')"
+@pytest.mark.parametrize("key,value,mixer", [("arch", "yan", "mcsd"), ("arch", "attention", "attention"),
+                                              ("mixer", "mcsd_dd", "mcsd_dd")])
+def test_the_old_mixer_keys_are_rejected_naming_the_pattern(key, value, mixer):
+  """A config, or one read back from a checkpoint written before the renames, that still says `arch` or `mixer`."""
+  message = (f"model.{key} was renamed: use model.pattern=('{mixer}',) (a uniform model is a pattern of one; "
+             f"was {key}='{value}')")
   with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
-    ModelConfig.from_dict({"arch": arch, "width": 64})
+    ModelConfig.from_dict({key: value, "width": 64})
   with pytest.raises(ConfigError, match=re.escape(message)):
-    ModelConfig().replace(arch=arch)
+    ModelConfig().replace(**{key: value})
+
+
+@pytest.mark.parametrize("pattern,layers,why", [
+    (("mcsd", "mcsd", "attention"), 4,
+     "model.pattern=('mcsd', 'mcsd', 'attention'): its length 3 must divide model.layers=4"),
+    (("mcsd", "gru"), 2, "model.pattern=('mcsd', 'gru'): names unknown mixer(s) ['gru']; each must be one of"),
+    ((), 2, "model.pattern=(): must be a non-empty tuple of mixer names"),
+    ("mcsd", 2, "model.pattern='mcsd': must be a non-empty tuple of mixer names"),
+])
+def test_a_bad_pattern_is_one_line_naming_it(pattern, layers, why):
+  with pytest.raises(ConfigError, match=f"^{re.escape(why)}"):
+    ModelConfig(pattern=pattern, layers=layers)
 
 
 def test_unknown_key_is_rejected_with_its_name():
@@ -71,11 +85,11 @@ def test_every_config_loads_and_the_table_prints(capsys):
 
 
 @pytest.mark.parametrize("changes", [
-    dict(mixer="mcsd"),
-    dict(mixer="mcsd", combine="sum", learnable_rates=True, tie_embeddings=False),
-    dict(mixer="mcsd", router=True, groups=4, top_k=2),
-    dict(mixer="mcsd", scan_layers=True),
-    dict(mixer="attention"),
+    dict(pattern=("mcsd",)),
+    dict(pattern=("mcsd",), combine="sum", learnable_rates=True, tie_embeddings=False),
+    dict(pattern=("mcsd",), router=True, groups=4, top_k=2),
+    dict(pattern=("mcsd",), scan_layers=True),
+    dict(pattern=("attention",)),
 ])
 def test_param_count_equals_the_instantiated_model(changes):
   cfg = ModelConfig(vocab_size=50, width=32, layers=3, channels=4, heads=2, mlp_width=64, **changes)
@@ -96,14 +110,17 @@ def test_flops_formula():
   n = param_count(yan).matmul_active
   assert n == 100 * 64 + 2 * (4 * 4 * 16 * 16 + 2 * 64 * 64 + 3 * 64 * 128)
   assert flops_per_token(yan, 512) == flops_per_token(yan, 8192) == 6 * n + 12 * 2 * 128
-  att = yan.replace(mixer="attention", heads=4)
+  att = yan.replace(pattern=("attention",), heads=4)
   assert flops_per_token(att, 1024) - flops_per_token(att, 512) == 12 * 2 * 512 * 64
 
 
-def test_matched_attention_is_within_one_percent():
+@pytest.mark.parametrize("variant,pattern", [("attention", ("attention",)), ("hybrid", HYBRID_PATTERN)])
+def test_the_attention_and_hybrid_variants_match_the_parameters_within_one_percent(variant, pattern):
   for path in sorted(CONFIGS.glob("yan_*.py")):
-    cfg = ModelConfig.from_dict(load_config_file(path).model)
-    base = matched_attention(cfg)
-    ratio = param_count(base).total / param_count(cfg).total
-    print(path.name, f"{ratio:.4f}")
-    assert abs(ratio - 1) < 0.01 and (base.width, base.layers) == (cfg.width, cfg.layers)
+    run = load_config_file(path)
+    cfg = ModelConfig.from_dict(run.model)
+    other = model_variant(cfg.to_dict(), variant, run.train.seq_len)
+    ratio = param_count(other).total / param_count(cfg).total
+    print(path.name, variant, f"{ratio:.4f}")
+    assert abs(ratio - 1) < 0.01 and (other.width, other.layers) == (cfg.width, cfg.layers)
+    assert other.pattern == pattern and ("swa" not in pattern or other.window == min(1024, run.train.seq_len))

@@ -61,7 +61,7 @@ def tok(tokenizer_file):
 
 @pytest.fixture(scope="module", params=MIXERS)
 def model(request):
-  return random_model(ModelConfig(mixer=request.param, **MODEL), scale=0.2)
+  return random_model(ModelConfig(pattern=(request.param,), **MODEL), scale=0.2)
 
 
 _forward = nnx.jit(lambda m, tokens: m(tokens)[0])
@@ -130,7 +130,7 @@ def test_windows_and_batches_equal_one_pass(model):
   expected = [float(lp[s - 1:].sum()) for lp, s in zip(direct(model, sequences), starts)]
   got = scoring.score(scoring.JaxBackend(model), sequences, starts, batch_size=BATCH, window=WINDOW)
   err = max(abs(g.logprob - e) for g, e in zip(got, expected))
-  print(f"{model.cfg.mixer} window {WINDOW} batch {BATCH}: max abs error {err:.2e}")
+  print(f"{model.cfg.pattern_name} window {WINDOW} batch {BATCH}: max abs error {err:.2e}")
   assert err < TOLERANCE
   assert got[0] == scoring.Score(0.0, True)
   assert scoring.window_widths(40, WINDOW, 40) == [WINDOW] * 5 and scoring.window_widths(6, WINDOW) == [WINDOW]
@@ -157,7 +157,7 @@ def test_harness_log_likelihoods_are_the_models(model, tok, tmp_path):
     sequences.append([tok.bos_id] + tok.encode(context + continuation))
   expected = [float(lp[s - 1:].sum()) for lp, s in zip(direct(model, sequences), starts)]
   err = max(abs(got - e) for (_, (got, _)), e in zip(pairs, expected))
-  print(f"{model.cfg.mixer}: loglikelihood max abs error {err:.2e} over {len(pairs)} requests")
+  print(f"{model.cfg.pattern_name}: loglikelihood max abs error {err:.2e} over {len(pairs)} requests")
   assert err < TOLERANCE
   answers = {args: value for args, (value, _) in pairs}
   correct = [np.argmax([answers[(d["question"], " " + c)] for c in d["choices"]]) == d["answer"]
@@ -176,7 +176,7 @@ def test_harness_log_likelihoods_are_the_models(model, tok, tmp_path):
       assert len(windows) > 1
       want = sum(float(lp[len(c) - 1:].sum())
                  for lp, (c, _) in zip(direct(model, [list(c) + list(p) for c, p in windows]), windows))
-    print(f"{model.cfg.mixer}: rolling {len(ids)} tokens: {got:.4f} vs {want:.4f}")
+    print(f"{model.cfg.pattern_name}: rolling {len(ids)} tokens: {got:.4f} vs {want:.4f}")
     assert abs(got - want) < TOLERANCE
 
   generated = lm.seen["generate_until"]
@@ -188,7 +188,7 @@ def test_harness_log_likelihoods_are_the_models(model, tok, tmp_path):
 def test_an_export_scores_as_the_workdir_model(tok, tokenizer_file, tmp_path):
   """The NumPy runtime over an export gives the JAX model's log-likelihoods (MCSD, through windows)."""
   from yanjax.export.writer import export_model  # pylint: disable=import-outside-toplevel
-  cfg = ModelConfig(mixer="mcsd", **MODEL)
+  cfg = ModelConfig(pattern=("mcsd",), **MODEL)
   model = random_model(cfg, scale=0.2)
   export_model(model, cfg, tmp_path / "export", tokenizer_path=str(tokenizer_file))
   requests = [Instance("loglikelihood", {}, (d["question"], " " + d["choices"][0]), 0) for d in CHOICE_DOCS]
@@ -233,7 +233,7 @@ def test_bad_inputs_are_one_line(tmp_path, tok, monkeypatch):
                                             "--output", str(tmp_path / "notes.json")])
   assert "--batch_size=0" in _error(["--workdir", str(tmp_path / "run"), "--tasks", str(good), "--batch_size=0"])
 
-  attention = harness.YanjaxLM(scoring.JaxBackend(random_model(ModelConfig(mixer="attention", **MODEL))), tok)
+  attention = harness.YanjaxLM(scoring.JaxBackend(random_model(ModelConfig(pattern=("attention",), **MODEL))), tok)
   long_context = words(*range(40)) + " " + words(*range(10))
   for method, args in (("loglikelihood", (long_context, " w1")),
                        ("generate_until", (long_context, {"until": ["w1"], "max_gen_toks": 4}))):
@@ -247,7 +247,7 @@ def test_bad_inputs_are_one_line(tmp_path, tok, monkeypatch):
 def test_evaluate_command_on_a_run(tok, tokenizer_file, tmp_path):
   """`python -m yanjax.main.evaluate --workdir` (in-process) on a checkpoint of the MCSD model and its tokenizer:
   the results JSON's accuracy is the one the in-memory model's log-likelihoods give; the next run may replace it."""
-  model = random_model(ModelConfig(mixer="mcsd", **MODEL), scale=0.2)
+  model = random_model(ModelConfig(pattern=("mcsd",), **MODEL), scale=0.2)
   workdir = tmp_path / "run"
   write_checkpoint(workdir, model)  # sharded over 8 devices, as a trainer saves
   shutil.copy(tokenizer_file, workdir / "tokenizer.json")
@@ -261,7 +261,7 @@ def test_evaluate_command_on_a_run(tok, tokenizer_file, tmp_path):
   evaluate_cli.main([f"--workdir={workdir}", f"--tasks={task}", "--bootstrap_iters=0", "--mesh=fsdp=1",
                      f"--batch_size={BATCH}", f"--window={WINDOW}"])
   results = json.loads((workdir / "eval/yj_choice.json").read_text())
-  assert results["yanjax"]["command"] == "yanjax.main.evaluate" and results["yanjax"]["mixer"] == "mcsd"
+  assert results["yanjax"]["command"] == "yanjax.main.evaluate" and results["yanjax"]["pattern"] == ["mcsd"]
   assert results["results"]["yj_choice"]["acc,none"] == pytest.approx(np.mean(correct))
   evaluate_cli.check_replaceable(workdir / "eval/yj_choice.json", overwrite=False)  # ours: the next run replaces it
   assert [p.name for p in (workdir / "eval").iterdir()] == ["yj_choice.json"]  # no temporary file left

@@ -46,14 +46,15 @@ from yanjax.numpy_runtime import generate as np_generate
 TOLERANCE = 1e-4
 
 MODELS = {
-    "yan": dict(mixer="mcsd"),
-    "yan_sum_current_learned_rates": dict(mixer="mcsd", combine="sum", include_current=True, learnable_rates=True),
-    "yan_scan_untied_learned_rates": dict(mixer="mcsd", scan_layers=True, tie_embeddings=False,
+    "yan": dict(pattern=("mcsd",)),
+    "yan_sum_current_learned_rates": dict(pattern=("mcsd",), combine="sum", include_current=True, learnable_rates=True),
+    "yan_scan_untied_learned_rates": dict(pattern=("mcsd",), scan_layers=True, tie_embeddings=False,
                                           learnable_rates=True, recurrence="chunked", chunk_size=4),
-    "yan_selective_dropless": dict(mixer="mcsd", router=True, groups=4, top_k=2, dispatch="dropless"),
-    "yan_dd_learned_rates": dict(mixer="mcsd_dd", learnable_rates=True, recurrence="associative"),
-    "attention": dict(mixer="attention"),
-    "attention_scan_untied": dict(mixer="attention", scan_layers=True, tie_embeddings=False),
+    "yan_selective_dropless": dict(pattern=("mcsd",), router=True, groups=4, top_k=2, dispatch="dropless"),
+    "yan_dd_learned_rates": dict(pattern=("mcsd_dd",), learnable_rates=True, recurrence="associative"),
+    "attention": dict(pattern=("attention",)),
+    "attention_scan_untied": dict(pattern=("attention",), scan_layers=True, tie_embeddings=False),
+    "hybrid_scan": dict(pattern=("mcsd", "swa"), layers=4, scan_layers=True, window=4),  # layer i = [i // 2, i % 2]
 }
 
 
@@ -105,8 +106,8 @@ def test_export_writes_named_arrays_with_checksums(exported, exported_safetensor
   assert names == list(expected_shapes(cfg.to_dict()))
   assert names[:4] == ["embed.embedding", "blocks.0.mixer_norm.scale", "blocks.0.mixer.proj",
                        "blocks.0.mixer.decay_norm.scale"]
-  assert manifest["format_version"] == 2 and manifest["config"] == cfg.to_dict()
-  assert json.loads((path / "config.json").read_text()) == cfg.to_dict()
+  assert manifest["format_version"] == 3 and manifest["config"] == json.loads(json.dumps(cfg.to_dict()))
+  assert json.loads((path / "config.json").read_text()) == manifest["config"]
   params = parameter_arrays(model, cfg)
   np.testing.assert_array_equal(params["blocks.1.ffn.router_in"], np.asarray(model.blocks[1].ffn.router_in[...]))
   npz = np.load(path / "weights.npz")
@@ -140,15 +141,21 @@ def test_export_holds_exactly_the_requested_weights_file(exported, exported_safe
     export_model(*exported["yan"][:2], path.parent / "never", weights_format="pt")
 
 
-def test_scanned_layers_are_exported_per_layer_under_the_unscanned_names(exported):
-  model, cfg, path = exported["yan_scan_untied_learned_rates"]
-  unscanned = _config("yan_scan_untied_learned_rates", scan_layers=False)
+@pytest.mark.parametrize("name", ["yan_scan_untied_learned_rates", "hybrid_scan"])
+def test_scanned_layers_are_exported_per_layer_under_the_unscanned_names(exported, name):
+  """Scanned, pattern position j is one module stacked over the repetitions r; layer r P + j is its slice r."""
+  model, cfg, path = exported[name]
+  unscanned = _config(name, scan_layers=False)
   arrays = load_export(path).arrays
   assert list(arrays) == list(expected_shapes(unscanned.to_dict()))
-  stacked = np.asarray(model.blocks.mixer.proj[...])  # [layers, C, Dc, 4, Dc]
+  period = len(cfg.pattern)
   for i in range(cfg.layers):
-    np.testing.assert_array_equal(arrays[f"blocks.{i}.mixer.proj"], stacked[i])
-  assert "head" in arrays and "blocks.1.mixer.rate_logits" in arrays
+    stacked = np.asarray(model.blocks[i % period].mixer_norm.scale[...])  # [R, D]
+    np.testing.assert_array_equal(arrays[f"blocks.{i}.mixer_norm.scale"], stacked[i // period])
+    path_in_mixer, variable = next(iter(nnx.to_flat_state(nnx.state(model.blocks[i % period].mixer, nnx.Param))))
+    np.testing.assert_array_equal(arrays[f"blocks.{i}.mixer.{'.'.join(map(str, path_in_mixer))}"],
+                                  np.asarray(variable[...])[i // period])
+  assert ("head" in arrays) == (not cfg.tie_embeddings)
 
 
 # ---- the NumPy runtime against the JAX model ---------------------------------------------------------
@@ -283,11 +290,16 @@ def _rewrite_config(path, **changes):
   (path / "manifest.json").write_text(json.dumps(manifest))
 
 
-def _rename_mixer_to_arch(path):
-  """The config of format 1, which named the mixer `arch` ("yan" for MCSD), under the current version."""
+def _name_one_mixer(key, value):
+  """The config of an older format, which named its one mixer `key` ("arch": "yan" in format 1, "mixer": "mcsd"
+  in format 2), under the current version."""
+  return lambda path: _replace_pattern(path, key, value)
+
+
+def _replace_pattern(path, key, value):
   manifest = json.loads((path / "manifest.json").read_text())
-  del manifest["config"]["mixer"]
-  manifest["config"]["arch"] = "yan"
+  del manifest["config"]["pattern"]
+  manifest["config"][key] = value
   (path / "manifest.json").write_text(json.dumps(manifest))
   _rewrite_config(path)  # config.json and its checksum follow the manifest
 
@@ -326,10 +338,18 @@ CORRUPTIONS = {
     "config, untied head": (lambda p: _rewrite_config(p, tie_embeddings=False),
                             r"array 'head' \[32, 97\] is implied by the config"),
     "config, bad value": (lambda p: _rewrite_config(p, combine="product"), r"config\.json: config combine="),
-    "config, old arch key": (_rename_mixer_to_arch, r"config\.json: config arch was renamed: use mixer='mcsd' "
-                                                    r"\(was arch='yan'\)$"),
+    "config, old arch key": (_name_one_mixer("arch", "yan"), r"config\.json: config arch was renamed: use "
+                             r"pattern=\('mcsd',\) \(a uniform model is a pattern of one; was arch='yan'\)$"),
+    "config, old mixer key": (_name_one_mixer("mixer", "mcsd"), r"config\.json: config mixer was renamed: use "
+                              r"pattern=\('mcsd',\)"),
+    "config, pattern not dividing the layers": (lambda p: _rewrite_config(p, pattern=["mcsd", "mcsd", "attention"]),
+                                                r"config pattern=\['mcsd', 'mcsd', 'attention'\]: its length must "
+                                                r"divide layers=2"),
     "format 1": (lambda p: _set_manifest(p, format_version=1),
-                 r"manifest\.json: format_version 1 is not the supported 2: version 1 names the mixer config\.arch"),
+                 r"manifest\.json: format_version 1 is not the supported 3: it names the one mixer config\.arch"),
+    "format 2": (lambda p: _set_manifest(p, format_version=2),
+                 r"manifest\.json: format_version 2 is not the supported 3: it names the one mixer config\.mixer .* "
+                 r"read it with the yanjax that wrote it, or export its run again$"),
     "unknown weights format": (lambda p: _set_manifest(p, weights_format="pt"),
                                r"manifest\.json: weights_format 'pt' not in \('npz', 'safetensors'\)"),
 }
@@ -423,7 +443,7 @@ def test_streamed_safetensors_is_what_safetensors_writes(exported, tmp_path, dty
   export_model(model, cfg, tmp_path / "ours", dtype=dtype, weights_format="safetensors")
   params = parameter_arrays(model, cfg)
   typed = params if dtype == "float32" else {n: a.astype(ml_dtypes.bfloat16) for n, a in params.items()}
-  metadata = {"format": "yanjax-export", "format_version": "2", "weights_dtype": dtype}
+  metadata = {"format": "yanjax-export", "format_version": str(fmt.FORMAT_VERSION), "weights_dtype": dtype}
   safetensors.numpy.save_file(typed, str(tmp_path / "reference.safetensors"), metadata)
   ours = (tmp_path / "ours" / "weights.safetensors").read_bytes()
   reference = (tmp_path / "reference.safetensors").read_bytes()

@@ -26,7 +26,7 @@ PROMPTS = [[1, 17, 40, 9, 250], [1, 33], [1, 5, 6]]
 
 
 def _model(mixer, **changes):
-  cfg = ModelConfig(mixer=mixer, vocab_size=VOCAB, width=32, layers=2, channels=4, heads=2, mlp_width=64,
+  cfg = ModelConfig(pattern=(mixer,), vocab_size=VOCAB, width=32, layers=2, channels=4, heads=2, mlp_width=64,
                     max_decode_len=48, **changes)
   return random_model(cfg)
 

@@ -40,7 +40,7 @@ FSDP8 = {"data": 1, "fsdp": 8, "tensor": 1, "expert": 1}
 
 
 def _config(**changes):
-  base = dict(mixer="mcsd", vocab_size=96, width=32, layers=2, channels=4, heads=2, mlp_width=64,
+  base = dict(pattern=("mcsd",), vocab_size=96, width=32, layers=2, channels=4, heads=2, mlp_width=64,
               max_decode_len=48)
   return ModelConfig(**{**base, **changes})
 
@@ -275,7 +275,7 @@ def test_streaming_export_of_a_many_layer_model_keeps_host_memory_far_below_the_
 
   export = load_export(tmp_path / "npz")
   st = safetensors.numpy.load_file(str(tmp_path / "safetensors" / "weights.safetensors"))
-  stacked = np.asarray(single.blocks.ffn.gate_up[...])  # [layers, D, 2, F]
+  stacked = np.asarray(single.blocks[0].ffn.gate_up[...])  # [layers, D, 2, F]: a pattern of one
   for i in (0, 17, 47):
     np.testing.assert_array_equal(export.arrays[f"blocks.{i}.ffn.gate_up"], stacked[i])
   for name, value in parameter_arrays(single, cfg).items():

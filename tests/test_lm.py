@@ -13,19 +13,20 @@ from yanjax.model.lm import LanguageModel
 TOLERANCE = {"float32": 2e-5, "bfloat16": 6e-2}
 
 MODELS = {
-    "yan": dict(mixer="mcsd"),
-    "yan_scan_remat": dict(mixer="mcsd", scan_layers=True, remat="full", recurrence="chunked", chunk_size=4),
-    "yan_sum_current": dict(mixer="mcsd", combine="sum", include_current=True, recurrence="associative"),
-    "yan_selective": dict(mixer="mcsd", router=True, groups=4, top_k=2, dispatch="dropless"),
-    "yan_dd_scan_chunked": dict(mixer="mcsd_dd", scan_layers=True, recurrence="chunked", chunk_size=4),
-    "attention": dict(mixer="attention"),
-    "attention_scan": dict(mixer="attention", scan_layers=True, tie_embeddings=False),
+    "yan": dict(pattern=("mcsd",)),
+    "yan_scan_remat": dict(pattern=("mcsd",), scan_layers=True, remat="full", recurrence="chunked", chunk_size=4),
+    "yan_sum_current": dict(pattern=("mcsd",), combine="sum", include_current=True, recurrence="associative"),
+    "yan_selective": dict(pattern=("mcsd",), router=True, groups=4, top_k=2, dispatch="dropless"),
+    "yan_dd_scan_chunked": dict(pattern=("mcsd_dd",), scan_layers=True, recurrence="chunked", chunk_size=4),
+    "attention": dict(pattern=("attention",)),
+    "attention_scan": dict(pattern=("attention",), scan_layers=True, tie_embeddings=False),
+    "hybrid_scan": dict(pattern=("mcsd", "swa"), layers=4, scan_layers=True, window=4),  # 2 repetitions of 2 mixers
 }
 
 
 def _model(name, **changes):
-  cfg = ModelConfig(vocab_size=97, width=32, layers=2, channels=4, heads=2, mlp_width=64, max_decode_len=40,
-                    **{**MODELS[name], **changes})
+  base = dict(vocab_size=97, width=32, layers=2, channels=4, heads=2, mlp_width=64, max_decode_len=40)
+  cfg = ModelConfig(**{**base, **MODELS[name], **changes})
   return LanguageModel(cfg, rngs=nnx.Rngs(0))
 
 
@@ -115,8 +116,12 @@ def test_later_document_cannot_see_earlier_one():
 def test_router_model_reports_stats_and_aux_loss():
   model = _model("yan_selective", dispatch="capacity")
   logits, aux = model(_tokens(), step=jnp.array(0), key=jax.random.PRNGKey(0))
-  assert aux["router"].load.shape == (2, 4)  # [layers, groups]
-  np.testing.assert_allclose(np.asarray(aux["router"].load.sum(-1)), 1.0, rtol=1e-5)
+  load = aux["layer_metrics"]["router_load_group"]
+  assert load.shape == (2, 4)  # [layers, groups]
+  np.testing.assert_allclose(np.asarray(load.sum(-1)), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(aux["layer_metrics"]["router_max_load"], load.max(-1))
+  assert {name: v.shape for name, v in aux["layer_metrics"].items() if v.ndim == 1} == {
+      "router_max_load": (2,), "router_dropped": (2,), "router_entropy": (2,), "router_explore": (2,)}
   assert float(aux["aux_loss"]) > 0
   assert logits.shape == (2, 14, 97)
 

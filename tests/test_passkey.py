@@ -25,7 +25,7 @@ def corpus(small_store):
 
 
 def _model(mixer, **changes):
-  cfg = ModelConfig(vocab_size=512, width=32, layers=2, channels=4, heads=2, mlp_width=64, mixer=mixer, **changes)
+  cfg = ModelConfig(vocab_size=512, width=32, layers=2, channels=4, heads=2, mlp_width=64, pattern=(mixer,), **changes)
   return LanguageModel(cfg, rngs=nnx.Rngs(0))
 
 

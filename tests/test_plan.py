@@ -82,7 +82,7 @@ def test_selective_dispatch_memory_is_linear_in_the_sequence(dispatch):
   rules = {name: tuple(axes) for name, axes in cfg.rules}
 
   def working_bytes_per_token(t):
-    return plan.terms_bytes(plan.working_terms(model, t), 128, t, mesh, rules) / t
+    return plan.terms_bytes(plan.working_terms(model, model.pattern[0], t), 128, t, mesh, rules) / t
 
   print(dispatch, "working bytes per token at 2048, 8192:", working_bytes_per_token(2048),
         working_bytes_per_token(8192))

@@ -34,7 +34,8 @@ def test_tiny_selective_model_balances_its_groups_after_exploration(small_store,
     print(f"layer {layer} at step 200: load per group {[round(v, 3) for v in load]}, "
           f"dropped {final[f'router/layer{layer}/dropped']:.3f}, entropy {final[f'router/layer{layer}/entropy']:.3f}")
     assert sum(load) == pytest.approx(1.0, abs=1e-4)
-    assert final[f"router/layer{layer}/max_load"] == pytest.approx(max(load))
+    assert final[f"router/layer{layer}/max_load"] >= max(load) - 1e-6  # each batch's, averaged: >= the mean's max
+    assert final[f"router/layer{layer}/explore"] == 0.0  # validation never explores
     assert max(load) <= MAX_SHARE
     assert 0.0 <= final[f"router/layer{layer}/dropped"] < 0.3  # capacity factor 1.25, rows of 64 tokens
     assert final[f"router/layer{layer}/entropy"] > 0.0

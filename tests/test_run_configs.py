@@ -22,7 +22,8 @@ REQUIRED_KEYS = [f"{s}.{k}" for s, keys in DEFAULTS.items() if isinstance(keys, 
                  for k, v in keys.items() if v is REQUIRED]
 
 
-@pytest.mark.parametrize("config", [f"{c}{v}" for c in CONFIGS for v in ("", ":selective", ":mcsd_dd", ":attention")])
+@pytest.mark.parametrize("config", [f"{c}{v}" for c in CONFIGS
+                                    for v in ("", ":selective", ":mcsd_dd", ":attention", ":hybrid")])
 def test_every_config_is_a_whole_run(config):
   cfg = load_config_file(config)  # build_run_config refuses a config that leaves a REQUIRED key unset
   validate_run_config(cfg)
@@ -58,6 +59,10 @@ def test_a_config_that_leaves_a_size_dependent_key_unset_is_refused():
     (["--config=configs/nope.py"], "config file configs/nope.py does not exist"),
     (["--config.evaluate.every=3"], "evaluate.tasks=(): evaluate.every=3: set both the tasks"),
     (["--config.evaluate.every=3", "--config.evaluate.tasks=('nope.yaml',)"], "task file nope.yaml does not exist"),
+    (["--config.model.pattern=('mcsd', 'swa')", "--config.model.window=4096"],
+     "model.window=4096: the sliding window must be <= train.seq_len="),
+    (["--config.model.pattern=('mcsd', 'rwkv')"], "model.pattern=('mcsd', 'rwkv'): names unknown mixer(s) ['rwkv']"),
+    (["--config.model.pattern=('mcsd', 'mcsd', 'swa')"], "its length 3 must divide model.layers=2"),
 ])
 @pytest.mark.slow
 def test_bad_run_settings_are_one_line_at_start_up(small_store, tmp_path, extra, fragment):

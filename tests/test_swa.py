@@ -16,6 +16,7 @@ from yanjax.model.config import ModelConfig
 from yanjax.model.layers import BlockInputs
 from yanjax.model.swa import Keys, SlidingWindowAttention, blocked_attention, dense_attention, window_attention
 from yanjax.numpy_runtime import layers as np_layers
+from yanjax.numpy_runtime.format import check_config
 from yanjax.numpy_runtime.swa import SlidingWindowAttention as Twin
 
 B, T = 2, 12  # T > 2W for W = 4: the mixer's blocked form, and a ring that wraps
@@ -24,8 +25,8 @@ _call = nnx.jit(lambda mixer, x, inputs, cache=None: mixer(x, inputs, cache))
 
 
 def _config(**changes):
-  """Every config of these tests (the one line to change when the mixer's config key does)."""
-  return ModelConfig(**{**dict(mixer="swa", vocab_size=50, width=32, layers=2, heads=2, mlp_width=64, window=4,
+  """Every config of these tests."""
+  return ModelConfig(**{**dict(pattern=("swa",), vocab_size=50, width=32, layers=2, heads=2, mlp_width=64, window=4,
                                init_std=0.5), **changes})
 
 
@@ -35,7 +36,7 @@ def _mixer(**changes):
 
 def _twin(mixer):
   weights = {".".join(map(str, path)): np.asarray(v[...]) for path, v in nnx.to_flat_state(nnx.state(mixer))}
-  return Twin(mixer.cfg.to_dict(), weights)  # the whole config: format.check_config does not keep `window` yet
+  return Twin(check_config(mixer.cfg.to_dict()), weights)
 
 
 def _x():

@@ -172,7 +172,7 @@ def test_find_file_of_a_directory(tmp_path, files):
 
 def _streamable_model(tok, seed=1):
   """A model of VOCAB ids whose head never favours ids the streamer holds back (partial UTF-8, special)."""
-  cfg = ModelConfig(mixer="mcsd", vocab_size=VOCAB, width=32, layers=2, channels=4, heads=2, mlp_width=64,
+  cfg = ModelConfig(vocab_size=VOCAB, width=32, layers=2, channels=4, heads=2, mlp_width=64,
                     max_decode_len=64, tie_embeddings=False)
   model = random_model(cfg, seed=seed)
   silent = [i for i in range(VOCAB) if i >= tok.vocab_size or i in (tok.bos_id, tok.eos_id)
@@ -221,7 +221,7 @@ def test_generate_from_a_workdir_with_a_tokenizer_json(toks, files, tmp_path, ca
 
 @pytest.mark.parametrize("kind", ["huggingface", "sentencepiece"])
 def test_generate_refuses_a_tokenizer_larger_than_the_model(files, tmp_path, capsys, monkeypatch, kind):
-  model = random_model(ModelConfig(mixer="mcsd", vocab_size=97, width=32, layers=2, channels=4, mlp_width=64))
+  model = random_model(ModelConfig(vocab_size=97, width=32, layers=2, channels=4, mlp_width=64))
   path = tmp_path / tokenization.FILE_NAMES[kind]
   path.write_bytes(files[kind])
   monkeypatch.setattr(inference, "load_inference_model", lambda workdir, mesh_spec=None: (model, model.cfg, path))
@@ -278,7 +278,7 @@ def test_export_ships_a_tokenizer_json_and_the_numpy_runtime_uses_it(toks, files
   numpy_main(["--export", str(out), "--prompt", "def main(", "--max_new_tokens", "8"])
   assert capsys.readouterr().out == sp.decode(_expected(model, sp, "def main(", 8).tokens) + "\n"
 
-  small = random_model(ModelConfig(mixer="mcsd", vocab_size=97, width=32, layers=2, channels=4, mlp_width=64))
+  small = random_model(ModelConfig(vocab_size=97, width=32, layers=2, channels=4, mlp_width=64))
   with pytest.raises(TokenizerMismatchError, match="tokenizer.json: the tokenizer has 400 pieces but the model's "
                                                    "vocab_size is 97"):
     export_model(small, small.cfg, tmp_path / "small", tokenizer_path=tmp_path / "tokenizer.json")

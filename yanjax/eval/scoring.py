@@ -22,7 +22,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from yanjax.core.errors import UserError
-from yanjax.numpy_runtime.mixers import MIXERS
+from yanjax.numpy_runtime.mixers import max_context
 
 
 class Score(NamedTuple):
@@ -36,7 +36,7 @@ class Backend:
 
   vocab_size: int
   max_context: int | None  # the most tokens one cache holds (attention: max_decode_len); None: unbounded
-  mixer: str
+  pattern: tuple[str, ...]  # the layers' mixers, repeated (model.pattern)
 
   def init_cache(self, batch: int):
     raise NotImplementedError
@@ -59,7 +59,7 @@ class JaxBackend(Backend):
   def __init__(self, model):
     from flax import nnx  # pylint: disable=import-outside-toplevel  # the NumPy backend needs no JAX
     self.model = model
-    self.vocab_size, self.max_context, self.mixer = model.cfg.vocab_size, model.cfg.max_context, model.cfg.mixer
+    self.vocab_size, self.max_context, self.pattern = model.cfg.vocab_size, model.cfg.max_context, model.cfg.pattern
     self.graphdef, self.state = nnx.split(model)
     self._empty = {}  # batch -> an empty cache (immutable arrays: every batch starts from the same one)
 
@@ -108,8 +108,8 @@ class NumpyBackend(Backend):
 
   def __init__(self, model):
     self.model = model
-    self.vocab_size, self.mixer = model.cfg["vocab_size"], model.cfg["mixer"]
-    self.max_context = MIXERS[self.mixer].twin.max_context(model.cfg)
+    self.vocab_size, self.pattern = model.cfg["vocab_size"], model.cfg["pattern"]
+    self.max_context = max_context(model.cfg)
 
   def init_cache(self, batch):
     return self.model.init_state(batch, self.max_context)
@@ -148,7 +148,7 @@ def window_widths(total: int, window: int, cap: int | None = None) -> list[int]:
 def check_fits(backend: Backend, slots: int, what: str) -> None:
   """Refuses input that needs more than an attention model's KV-cache `slots` (one line, what to do)."""
   if backend.max_context is not None and slots > backend.max_context:
-    raise UserError(f"{what} needs {slots} KV-cache slots but this {backend.mixer} model has "
+    raise UserError(f"{what} needs {slots} KV-cache slots but this model (pattern {backend.pattern}) has "
                     f"model.max_decode_len={backend.max_context}: use fewer few-shot examples (--num_fewshot) or "
                     "evaluate a run trained with a larger --config.model.max_decode_len")
 

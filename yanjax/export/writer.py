@@ -10,8 +10,9 @@ writes the weights in the one format asked for (`weights.npz`, the default, or `
 `config.json`, the run's tokenizer under its own name (`tokenizer.model` or `tokenizer.json`, when the run has
 one) and `manifest.json` (format version, config, weights format, every array's shape / dtype / sha256, file
 checksums). Array names are the model's parameter paths joined with dots (`embed.embedding`,
-`blocks.0.mixer.proj`); parameters of scanned layers (`scan_layers=True`, stacked over a leading layers axis)
-are written per layer, so the names and shapes do not depend on `scan_layers`. The manifest is written last:
+`blocks.0.mixer.proj`); parameters of scanned layers (`scan_layers=True`: `blocks.{j}`, pattern position j, stacked
+over the R repetitions of the pattern) are written per layer (layer r P + j), so the names and shapes do not
+depend on `scan_layers`. The manifest is written last:
 a directory without one is an unfinished export.
 
 Nothing is lost: the export is written into a new sibling `<out>.tmp-<random>` and replaces `<out>` only
@@ -68,7 +69,7 @@ _REPLACEABLE = EXPORT_FILES + tuple(f"{name}.tmp" for name in EXPORT_FILES)
 class Source(NamedTuple):
   """Where one exported array's values are: a model parameter, or one layer of a stacked one."""
   value: Any  # the parameter as the model holds it (a jax.Array, possibly sharded, possibly [layers, ...])
-  layer: int | None  # index into the leading layers axis of a scanned parameter; None: the whole value
+  layer: int | None  # index into the leading repetitions axis of a scanned parameter; None: the whole value
   shape: tuple[int, ...]  # the exported array's shape
 
 
@@ -84,9 +85,10 @@ def parameter_sources(model, cfg: ModelConfig) -> dict[str, Source]:
                        f"parameter; the export format holds parameters only")
     value = variable.get_value()
     names = [str(p) for p in path]
-    if cfg.scan_layers and names[0] == "blocks":  # stacked over layers: one array per layer
-      for i in range(cfg.layers):
-        sources[".".join(["blocks", str(i)] + names[1:])] = Source(value, i, tuple(value.shape[1:]))
+    if cfg.scan_layers and names[0] == "blocks":  # blocks.{j}, stacked over repetitions: one array per layer
+      position, period = int(names[1]), len(cfg.pattern)
+      for r in range(cfg.layers // period):
+        sources[".".join(["blocks", str(r * period + position)] + names[2:])] = Source(value, r, value.shape[1:])
     else:
       sources[".".join(names)] = Source(value, None, tuple(value.shape))
   fmt.check_arrays_fit_config({n: s.shape for n, s in sources.items()}, cfg.to_dict(), "model")
@@ -305,7 +307,7 @@ def _write_export(out: epath.Path, sources: dict[str, Source], cfg: ModelConfig,
   else:
     metadata = {"format": fmt.FORMAT, "format_version": str(fmt.FORMAT_VERSION), "weights_dtype": dtype}
     files[weights], digests = _write_safetensors(out / weights, sources, dtype, metadata)
-  config = cfg.to_dict()
+  config = json.loads(json.dumps(cfg.to_dict()))  # as it reads back: the pattern a list
   files[fmt.CONFIG] = _write_bytes(out / fmt.CONFIG, (json.dumps(config, indent=2) + "\n").encode("utf-8"))
   tokenizer_entry = None
   if tokenizer is not None:

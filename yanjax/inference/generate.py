@@ -100,7 +100,8 @@ def _check_context(cfg, longest: int, max_new_tokens: int) -> None:
   fix = (f"lower max_new_tokens to {room} or shorten the prompt" if room >= 1 else
          f"shorten the prompt to at most {cfg.max_context} tokens")
   raise UserError(f"the longest prompt ({longest} tokens) plus max_new_tokens={max_new_tokens} needs {slots} "
-                  f"KV-cache slots but this {cfg.mixer} model has model.max_decode_len={cfg.max_decode_len}: {fix} "
+                  f"KV-cache slots but this model (pattern {cfg.pattern}) has "
+                  f"model.max_decode_len={cfg.max_decode_len}: {fix} "
                   "(max_decode_len is set when training, by --config.model.max_decode_len)")
 
 

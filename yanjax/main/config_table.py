@@ -34,13 +34,13 @@ def main(argv=None):
   parser.add_argument("--seq_len", type=int, default=4096, help="sequence length for attention FLOPs")
   args = parser.parse_args(argv)
   rows = list(config_rows(pathlib.Path(args.configs_dir), args.seq_len))  # every config loads before any output
-  header = f"{'config':<36} {'mixer':<9} {'router':<6} {'layers':>6} {'width':>6} {'total':>10} {'active':>10} " \
+  header = f"{'config':<36} {'pattern':<16} {'router':<6} {'layers':>6} {'width':>6} {'total':>10} {'active':>10} " \
            f"{'GFLOPs/tok':>10}"
   print(header)
   print("-" * len(header))
   for spec, cfg, count, flops in rows:
     name = spec.split("configs/")[-1]
-    print(f"{name:<36} {cfg.mixer:<9} {str(cfg.router):<6} {cfg.layers:>6} {cfg.width:>6} "
+    print(f"{name:<36} {cfg.pattern_name:<16} {str(cfg.router):<6} {cfg.layers:>6} {cfg.width:>6} "
           f"{count.total / 1e6:>9.1f}M {count.active / 1e6:>9.1f}M {flops / 1e9:>10.3f}")
   print(f"\nFLOPs: training (forward + backward) per token at sequence {args.seq_len}; "
         "formula in yanjax/model/counting.py.")

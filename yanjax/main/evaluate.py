@@ -103,7 +103,7 @@ def main(argv=None) -> None:
   about = {"command": COMMAND, "workdir": args.workdir, "export": args.export, "tasks": args.tasks,
            "include_path": args.include_path, "num_fewshot": args.num_fewshot, "limit": args.limit,
            "batch_size": args.batch_size, "window": args.window, "seed": args.seed,
-           "mixer": lm.backend.mixer}
+           "pattern": list(lm.backend.pattern)}
   output = storage.as_path(args.output)
   if not storage.is_remote(output):
     output.parent.mkdir(parents=True, exist_ok=True)

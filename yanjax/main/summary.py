@@ -44,7 +44,7 @@ def main(argv=None):
   except ConfigError as error:
     raise ConfigError(f"--config {args.config}: {error}") from error
   model = LanguageModel(cfg, rngs=nnx.Rngs(0))
-  print(f"== {args.config}: mixer={cfg.mixer} router={cfg.router} layers={cfg.layers} width={cfg.width}")
+  print(f"== {args.config}: pattern={cfg.pattern_name} router={cfg.router} layers={cfg.layers} width={cfg.width}")
   for name, shape, axes in parameter_table(model):
     print(f"  {name:<40} {str(shape):<22} {axes}")
   count = param_count(cfg)

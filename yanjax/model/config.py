@@ -1,9 +1,9 @@
 """The model's configuration: one frozen dataclass, validated when it is built.
 
-The allowed value of each choice comes from the code that implements it: mixers from the registry
-(yanjax/numpy_runtime/mixers.py), recurrence forms from yanjax/model/recurrence.py, dispatches from
-yanjax/model/dispatch.py, remat policies and compute dtypes from yanjax/model/layers.py, MCSD's combine
-modes from its NumPy twin.
+The allowed value of each choice comes from the code that implements it: mixers from the NumPy runtime's
+registry (yanjax/numpy_runtime/mixers.py, which yanjax/model/mixers.py mirrors for JAX), recurrence forms from
+yanjax/model/recurrence.py, dispatches from yanjax/model/dispatch.py, remat policies and compute dtypes from
+yanjax/model/layers.py, MCSD's combine modes from its NumPy twin.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from yanjax.model.dispatch import DISPATCHES
 from yanjax.model.layers import COMPUTE_DTYPES, REMAT_POLICIES
 from yanjax.model.recurrence import FORMS
 from yanjax.numpy_runtime.mcsd import COMBINES
-from yanjax.numpy_runtime.mixers import MIXERS, arch_renamed
+from yanjax.numpy_runtime.mixers import TWINS, layer_mixers, max_context, renamed_key_error
 
 RECURRENCE_FORMS = ("auto", *FORMS)
 REMATS = ("none", *REMAT_POLICIES)
@@ -30,23 +30,25 @@ class ModelConfig:
   Sizes: the legend in docs/model.md names each field's letter (D = `width`, C = `channels`, E = `groups`, ...).
   """
 
-  mixer: str = "mcsd"  # a name in yanjax/numpy_runtime/mixers.py: "mcsd", "mcsd_dd" or "attention" (baseline)
+  # The mixer of every layer, as a pattern repeated L / len(pattern) times: names in yanjax/numpy_runtime/mixers.py
+  # ("mcsd", "mcsd_dd", "attention", "swa"); a uniform model is a pattern of one, a hybrid e.g. ("mcsd", "mcsd", "swa").
+  pattern: tuple[str, ...] = ("mcsd",)
   vocab_size: int = 512  # V
   width: int = 128  # D
   layers: int = 2  # L
   mlp_width: int = 512  # F: GeGLU hidden width (all groups together)
-  # MCSD mixer (mixer="mcsd", and "mcsd_dd": data-dependent decay), paper section 2.2.
+  # MCSD mixer ("mcsd", and "mcsd_dd": data-dependent decay), paper section 2.2.
   channels: int = 4  # C; D must divide by it
   combine: str = "concat"  # "concat" + output projection (eq. 13) or "sum" (eq. 20)
   learnable_rates: bool = False  # paper: fixed; True: learnable, initialised at the paper's values
   include_current: bool = False  # paper: strict past; True: history includes the current token
   recurrence: str = "auto"  # "reference" | "associative" | "chunked" | "auto"
   chunk_size: int = 64  # chunk length Lc of the chunked form
-  # Attention baseline (mixer="attention").
+  # Attention ("attention": the baseline; "swa": sliding-window).
   heads: int = 4  # H; head width Dh = D / H
   rope_theta: float = 10_000.0
   max_decode_len: int = 2048  # KV-cache slots s for decoding
-  # Sliding-window attention (mixer="swa"): each query sees the W latest tokens of its document, itself included.
+  # Sliding-window attention ("swa"): each query sees the W latest tokens of its document, itself included.
   window: int = 256  # W; also its decode cache's ring-buffer slots
   # Selective activation over E groups of FFN neurons (router=False: dense FFN).
   router: bool = False
@@ -85,16 +87,30 @@ class ModelConfig:
     return self.mlp_width // self.groups if self.router else self.mlp_width
 
   @property
+  def layer_mixers(self) -> tuple[str, ...]:
+    """The mixer of each of the L layers: the pattern repeated."""
+    return layer_mixers(self.pattern, self.layers)
+
+  @property
+  def pattern_name(self) -> str:
+    """The pattern as one word for tables and logs: "mcsd", "mcsd+mcsd+swa"."""
+    return "+".join(self.pattern)
+
+  @property
   def max_context(self) -> int | None:
-    """The most tokens one decode cache holds (attention: max_decode_len); None: the mixer's state is fixed."""
-    return MIXERS[self.mixer].twin.max_context(self.to_dict())
+    """The most tokens one decode cache holds (attention: max_decode_len); None: every layer's state is bounded
+    (MCSD's is fixed, sliding-window attention's a ring of W slots)."""
+    return max_context(self.to_dict())
 
   @classmethod
   def from_dict(cls, values: Any) -> ModelConfig:
     """Builds a config from a mapping (dict or ConfigDict); unknown keys are an error naming them."""
     values = dict(values)
-    if "arch" in values:
-      raise ConfigError(arch_renamed(values["arch"], "model."))
+    for old in ("arch", "mixer"):
+      if old in values:
+        raise ConfigError(renamed_key_error(old, values[old], "model."))
+    if isinstance(values.get("pattern"), list):
+      values["pattern"] = tuple(values["pattern"])
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -112,7 +128,12 @@ class ModelConfig:
     def fail(key, why):
       raise ConfigError(f"model.{key}={getattr(self, key)!r}: {why}")
 
-    for key, allowed in (("mixer", tuple(MIXERS)), ("recurrence", RECURRENCE_FORMS), ("combine", COMBINES),
+    if not (isinstance(self.pattern, tuple) and self.pattern and all(isinstance(n, str) for n in self.pattern)):
+      fail("pattern", "must be a non-empty tuple of mixer names, e.g. ('mcsd',) or ('mcsd', 'mcsd', 'swa')")
+    unknown = [name for name in self.pattern if name not in TWINS]
+    if unknown:
+      fail("pattern", f"names unknown mixer(s) {unknown}; each must be one of {tuple(TWINS)}")
+    for key, allowed in (("recurrence", RECURRENCE_FORMS), ("combine", COMBINES),
                          ("dispatch", tuple(DISPATCHES)), ("remat", REMATS), ("dtype", COMPUTE_DTYPES)):
       if getattr(self, key) not in allowed:
         fail(key, f"must be one of {allowed}")
@@ -120,9 +141,12 @@ class ModelConfig:
                 "max_decode_len", "window", "groups", "top_k", "router_hidden"):
       if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
         fail(key, "must be a positive integer")
-    problem = MIXERS[self.mixer].twin.check(self.to_dict())
-    if problem:
-      fail(*problem)
+    if self.layers % len(self.pattern):
+      fail("pattern", f"its length {len(self.pattern)} must divide model.layers={self.layers}")
+    for name in dict.fromkeys(self.pattern):
+      problem = TWINS[name].check(self.to_dict())
+      if problem:
+        fail(*problem)
     if self.router:
       if self.top_k > self.groups:
         fail("top_k", f"must be <= groups ({self.groups})")

@@ -1,12 +1,16 @@
 """The language model: embedding, L pre-norm residual layers, final norm, output head.
 
 Each layer is  x = x + Mixer(RMSNorm(x));  x = x + FFN(RMSNorm(x))  (paper section 2.1), where Mixer is the
-registered mixer `cfg.mixer` (yanjax/numpy_runtime/mixers.py: MCSD or causal attention), and FFN is the dense
-GeGLU MLP or the selective-activation FFN (router=True). One code path serves training (`__call__`), prompt
-prefill (`prefill`) and decoding (`decode_step`): a decode step is a forward pass of one token that starts from
-the cache.
+layer's entry of `cfg.pattern` repeated (yanjax/model/mixers.py: MCSD, causal or sliding-window attention), and
+FFN is the dense GeGLU MLP or the selective-activation FFN (router=True). One code path serves training
+(`__call__`), prompt prefill (`prefill`) and decoding (`decode_step`): a decode step is a forward pass of one
+token that starts from the cache.
 
-Shapes: the legend in docs/model.md.
+Layers are unrolled (a list of L blocks) or, with `scan_layers`, scanned over the L / P repetitions of the
+pattern of P mixers: the blocks at pattern position j are stacked over the repetitions, and layer i is
+repetition i // P at position i % P, so compile time does not grow with depth.
+
+Shapes: the legend in docs/model.md (P = len(pattern)).
 """
 
 from __future__ import annotations
@@ -19,26 +23,32 @@ from flax import nnx
 
 from yanjax.model import layers
 from yanjax.model.config import ModelConfig
+from yanjax.model.mixers import MIXERS
 from yanjax.model.partitioning import constrain
-from yanjax.model.selective import SelectiveFFN
-from yanjax.numpy_runtime.mixers import model_class
+from yanjax.model.selective import SelectiveFFN, router_metrics
 
 ACTIVATION_AXES = ("batch", "length", "embed")  # logical names of the residual stream [b, t, D]
 
 
 class ModelCache(NamedTuple):
   """Decode state of the whole model."""
-  layers: Any  # per-layer caches: a list, or one pytree stacked over L when layers are scanned
+  layers: Any  # unrolled: a list of L per-layer caches; scanned: a list of P caches, each stacked over L / P
   position: jax.Array  # [b] int32: tokens consumed so far (the next token's position)
 
 
-class Block(nnx.Module):
-  """One pre-norm residual layer: [b, t, D] -> [b, t, D]."""
+class LayerAux(NamedTuple):
+  """What one layer reports beside its output: the same names from every layer, so they stack over layers."""
+  loss: jax.Array  # [] weighted auxiliary loss, added to the training objective
+  metrics: dict[str, jax.Array]  # name -> [] or [n] per call, token-weighted means (e.g. the router's)
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+
+class Block(nnx.Module):
+  """One pre-norm residual layer with mixer `mixer` (a name in yanjax/model/mixers.py): [b, t, D] -> [b, t, D]."""
+
+  def __init__(self, cfg: ModelConfig, mixer: str, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.mixer_norm = layers.RMSNorm((cfg.width,), ("embed",), cfg.norm_eps)
-    self.mixer = model_class(cfg.mixer)(cfg, rngs=rngs)
+    self.mixer = MIXERS[mixer](cfg, rngs=rngs)
     self.ffn_norm = layers.RMSNorm((cfg.width,), ("embed",), cfg.norm_eps)
     if cfg.router:
       self.ffn = SelectiveFFN(cfg, rngs=rngs)
@@ -48,17 +58,18 @@ class Block(nnx.Module):
   def init_cache(self, batch: int):
     return self.mixer.init_cache(batch, jnp.dtype(self.cfg.dtype))
 
-  def __call__(self, x, inputs: layers.BlockInputs, cache, key):
-    """x [b, t, D] -> (x, cache, aux_loss scalar, RouterStats or None)."""
+  def __call__(self, x, inputs: layers.BlockInputs, cache, key) -> tuple[jax.Array, Any, LayerAux]:
+    """x [b, t, D] -> (x, cache, LayerAux)."""
     h, cache = self.mixer(self.mixer_norm(x), inputs, cache)
     x = x + h
     h = self.ffn_norm(x)
     if self.cfg.router:
       h, stats = self.ffn(h, step=inputs.step, key=key, mask=inputs.segment_ids != 0)
-      aux_loss = self.cfg.lb_loss_weight * stats.lb_loss + self.cfg.router_z_loss_weight * stats.z_loss
+      aux = LayerAux(self.cfg.lb_loss_weight * stats.lb_loss + self.cfg.router_z_loss_weight * stats.z_loss,
+                     router_metrics(stats))
     else:
-      h, stats, aux_loss = self.ffn(h), None, jnp.zeros((), jnp.float32)
-    return constrain(x + h, ACTIVATION_AXES), cache, aux_loss, stats
+      h, aux = self.ffn(h), LayerAux(jnp.zeros((), jnp.float32), {})
+    return constrain(x + h, ACTIVATION_AXES), cache, aux
 
 
 def _apply(block: Block, x, inputs, cache, key):
@@ -66,19 +77,21 @@ def _apply(block: Block, x, inputs, cache, key):
 
 
 class LanguageModel(nnx.Module):
-  """Yan (MCSD) or attention-baseline language model."""
+  """A Yan (MCSD), attention-baseline or hybrid language model: the layers' mixers are `cfg.pattern` repeated."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.embed = layers.Embed(cfg.vocab_size, cfg.width, cfg.init_std, rngs)
     if cfg.scan_layers:
-      @nnx.split_rngs(splits=cfg.layers)
-      @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-      def make_blocks(rngs):
-        return Block(cfg, rngs=rngs)
-      self.blocks = make_blocks(rngs)
+      def stacked(mixer):
+        @nnx.split_rngs(splits=cfg.layers // len(cfg.pattern))
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_blocks(rngs):
+          return Block(cfg, mixer, rngs=rngs)
+        return make_blocks(rngs)
+      self.blocks = nnx.List([stacked(mixer) for mixer in cfg.pattern])  # P blocks, each stacked over L / P
     else:
-      self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.layers)])
+      self.blocks = nnx.List([Block(cfg, mixer, rngs=rngs) for mixer in cfg.layer_mixers])
     self.final_norm = layers.RMSNorm((cfg.width,), ("embed",), cfg.norm_eps)
     if not cfg.tie_embeddings:
       self.head = layers.param(rngs, (cfg.width, cfg.vocab_size), ("embed", "vocab"),
@@ -96,8 +109,8 @@ class LanguageModel(nnx.Module):
       step: training step for the router's exploration schedule (None: no exploration).
       key: PRNG key for router exploration.
     Returns:
-      (logits [b, t, V] float32, aux) with aux = {"aux_loss": weighted router losses summed over layers,
-      "router": RouterStats stacked over layers, or None without a router}.
+      (logits [b, t, V] float32, aux) with aux = {"aux_loss": the layers' auxiliary losses summed,
+      "layer_metrics": {name: [L] or [L, n]}, each layer's metrics (`LayerAux`) stacked in layer order}.
     """
     if segment_ids is None:
       segment_ids = jnp.ones(tokens.shape, jnp.int32)
@@ -108,11 +121,10 @@ class LanguageModel(nnx.Module):
 
   def init_cache(self, batch: int) -> ModelCache:
     if self.cfg.scan_layers:
-      caches = nnx.vmap(lambda blk: blk.init_cache(batch), in_axes=0, out_axes=0)(self.blocks)
+      caches = [nnx.vmap(lambda blk: blk.init_cache(batch), in_axes=0, out_axes=0)(blocks) for blocks in self.blocks]
     else:
       caches = [blk.init_cache(batch) for blk in self.blocks]
     return ModelCache(caches, jnp.zeros((batch,), jnp.int32))
-
   def prefill(self, tokens, cache: ModelCache):
     """Continues one document per row from `cache`: tokens [b, t] -> (logits [b, t, V], new cache)."""
     positions = cache.position[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)
@@ -135,19 +147,15 @@ class LanguageModel(nnx.Module):
     keys = jax.random.split(key, cfg.layers) if key is not None else None
     apply = _apply if cfg.remat == "none" else nnx.remat(_apply, policy=layers.REMAT_POLICIES[cfg.remat])
     if cfg.scan_layers:
-      x, caches, aux_losses, stats = self._scan(apply, x, inputs, caches, keys)
-      aux_loss = jnp.sum(aux_losses)
+      x, caches, aux = self._scan(apply, x, inputs, caches, keys)
     else:
       per_layer = []
-      new_caches = []
       for i, block in enumerate(self.blocks):
-        x, cache, aux_loss, layer_stats = apply(block, x, inputs, None if caches is None else caches[i],
-                                                None if keys is None else keys[i])
-        per_layer.append((aux_loss, layer_stats))
-        new_caches.append(cache)
-      caches = new_caches
-      aux_loss = sum(a for a, _ in per_layer)
-      stats = None if not cfg.router else jax.tree.map(lambda *s: jnp.stack(s), *[s for _, s in per_layer])
+        x, cache, layer_aux = apply(block, x, inputs, None if caches is None else caches[i],
+                                    None if keys is None else keys[i])
+        per_layer.append((cache, layer_aux))
+      caches = [cache for cache, _ in per_layer]
+      aux = jax.tree.map(lambda *a: jnp.stack(a), *[a for _, a in per_layer])  # LayerAux of [L, ...]
     x = self.final_norm(x)
     if cfg.tie_embeddings:
       logits = self.embed.attend(x)
@@ -155,13 +163,23 @@ class LanguageModel(nnx.Module):
       logits = jnp.einsum("btd,dv->btv", x, layers.cast(self.head[...], x.dtype),
                           preferred_element_type=jnp.float32)
     logits = constrain(logits, ("batch", "length", "vocab"))
-    return logits, {"aux_loss": aux_loss, "router": stats}, caches
+    return logits, {"aux_loss": jnp.sum(aux.loss), "layer_metrics": aux.metrics}, caches
 
   def _scan(self, apply, x, inputs, caches, keys):
-    @nnx.scan(in_axes=(0, nnx.Carry, None, 0, 0), out_axes=(nnx.Carry, 0, 0, 0),
-              transform_metadata={nnx.PARTITION_NAME: "layers"})
-    def over_layers(block, x, inputs, cache, key):
-      x, cache, aux_loss, stats = apply(block, x, inputs, cache, key)
-      return x, cache, aux_loss, stats
+    """Scans the L / P repetitions of the pattern: -> (x, P caches stacked over L / P, LayerAux of [L, ...])."""
+    p = len(self.cfg.pattern)
+    repeats = self.cfg.layers // p
+    keys = None if keys is None else keys.reshape(repeats, p, *keys.shape[1:])  # layer i = [i // P, i % P]
 
-    return over_layers(self.blocks, x, inputs, caches, keys)
+    @nnx.scan(in_axes=(0, nnx.Carry, None, 0, 0), out_axes=(nnx.Carry, 0, 0),
+              transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def over_repeats(blocks, x, inputs, caches, keys):
+      outputs = []
+      for j, block in enumerate(blocks):
+        x, cache, aux = apply(block, x, inputs, None if caches is None else caches[j],
+                              None if keys is None else keys[j])
+        outputs.append((cache, aux))
+      return x, [cache for cache, _ in outputs], jax.tree.map(lambda *a: jnp.stack(a), *[a for _, a in outputs])
+
+    x, caches, aux = over_repeats(self.blocks, x, inputs, caches, keys)
+    return x, caches, jax.tree.map(lambda a: a.reshape(self.cfg.layers, *a.shape[2:]), aux)  # [L / P, P] -> [L]

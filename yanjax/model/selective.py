@@ -97,6 +97,13 @@ def router_stats(routing: Routing, valid: jax.Array, kept: jax.Array) -> RouterS
       explore=routing.explore)
 
 
+def router_metrics(stats: RouterStats) -> dict[str, jax.Array]:
+  """A layer's metrics from its router's statistics (`LayerAux.metrics` in yanjax/model/lm.py): per-group load
+  [E] and scalars; the trainer logs the scalars' layer mean, validation each layer's values."""
+  return {"router_load_group": stats.load, "router_max_load": jnp.max(stats.load),
+          "router_dropped": stats.dropped_fraction, "router_entropy": stats.entropy, "router_explore": stats.explore}
+
+
 class SelectiveFFN(nnx.Module):
   """GeGLU FFN in E neuron groups, top-k of them per token chosen by a router MLP: [b, t, D] -> [b, t, D]."""
 

@@ -29,12 +29,12 @@ from .format import (
 )
 from .generate import Completion, generate
 from .mcsd import MCSDState
-from .mixers import MIXERS
+from .mixers import TWINS
 from .model import Model, State
 from .sampling import sample
 
 __all__ = [
-    "Completion", "Export", "ExportError", "FORMAT", "FORMAT_VERSION", "KVState", "MCSDState", "MIXERS", "Model",
+    "Completion", "Export", "ExportError", "FORMAT", "FORMAT_VERSION", "KVState", "MCSDState", "Model",
     "State", "array_sha256", "bf16_bits_to_float32", "expected_shapes", "float32_to_bf16_bits", "generate",
-    "load_export", "read_npz", "read_safetensors", "sample",
+    "load_export", "read_npz", "read_safetensors", "sample", "TWINS",
 ]

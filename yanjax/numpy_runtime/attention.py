@@ -45,6 +45,11 @@ class Attention:
     return None
 
   @staticmethod
+  def check_training(c: dict[str, Any], seq_len: int) -> tuple[str, str] | None:
+    """(config key, why) of a value this mixer cannot train with on sequences of `seq_len`, or None."""
+    return None
+
+  @staticmethod
   def shapes(c: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Its arrays (export names after `blocks.{i}.mixer.`) -> shape, in canonical order."""
     d, h = c["width"], c["heads"]

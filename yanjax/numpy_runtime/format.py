@@ -31,10 +31,15 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .mcsd import COMBINES
-from .mixers import MIXERS, arch_renamed
+from .mixers import TWINS, layer_mixers, renamed_key_error
 
 FORMAT = "yanjax-export"
-FORMAT_VERSION = 2  # 2: the config names its mixer `mixer` (a name in mixers.py), not `arch` ("yan" | "attention")
+FORMAT_VERSION = 3  # 3: the config names every layer's mixer by `pattern` (a list of names in mixers.py, repeated)
+OLD_VERSIONS = {  # what an older format differs by
+    1: "it names the one mixer config.arch ('yan' | 'attention')",
+    2: "it names the one mixer config.mixer ('mcsd' | 'mcsd_dd' | 'attention'), since replaced by the layer "
+       "pattern config.pattern",
+}
 MANIFEST = "manifest.json"
 CONFIG = "config.json"
 NPZ = "weights.npz"
@@ -43,8 +48,8 @@ WEIGHT_DTYPES = ("float32", "bfloat16")
 WEIGHT_FILES = {"npz": NPZ, "safetensors": SAFETENSORS}  # weights format -> the file an export holds
 WEIGHT_FORMATS = tuple(WEIGHT_FILES)
 # Config keys the runtime reads; the others (training and kernel choices) do not change inference results.
-RUNTIME_KEYS = ("mixer", "vocab_size", "width", "layers", "mlp_width", "channels", "combine", "learnable_rates",
-                "include_current", "heads", "rope_theta", "max_decode_len", "router", "groups", "top_k",
+RUNTIME_KEYS = ("pattern", "vocab_size", "width", "layers", "mlp_width", "channels", "combine", "learnable_rates",
+                "include_current", "heads", "rope_theta", "max_decode_len", "window", "router", "groups", "top_k",
                 "router_hidden", "tie_embeddings", "norm_eps")
 
 
@@ -105,21 +110,26 @@ def float32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
 # ---- names and shapes -------------------------------------------------------------------------------
 
 def check_config(config: dict[str, Any], where: str = CONFIG) -> dict[str, Any]:
-  """The config restricted to the keys the runtime reads, with types checked; errors name the key."""
+  """The config restricted to the keys the runtime reads, with types checked (`pattern` as a tuple); errors name
+  the key."""
   if not isinstance(config, dict):
     raise ExportError(f"{where}: the config must be a JSON object, got {type(config).__name__}")
-  if "arch" in config:
-    raise ExportError(f"{where}: config {arch_renamed(config['arch'])}")
+  for old in ("arch", "mixer"):
+    if old in config:
+      raise ExportError(f"{where}: config {renamed_key_error(old, config[old])}")
   missing = [k for k in RUNTIME_KEYS if k not in config]
   if missing:
     raise ExportError(f"{where}: config key(s) {missing} missing")
   c = {k: config[k] for k in RUNTIME_KEYS}
-  allowed = {"mixer": tuple(MIXERS), "combine": COMBINES}
-  for key, values in allowed.items():
-    if c[key] not in values:
-      raise ExportError(f"{where}: config {key}={c[key]!r} must be one of {values}")
-  for key in ("vocab_size", "width", "layers", "mlp_width", "channels", "heads", "max_decode_len", "groups",
-              "top_k", "router_hidden"):
+  pattern = c["pattern"]
+  if not (isinstance(pattern, (list, tuple)) and pattern and all(name in TWINS for name in pattern)):
+    raise ExportError(f"{where}: config pattern={pattern!r} must be a non-empty list of mixer names from "
+                      f"{tuple(TWINS)}")
+  c["pattern"] = tuple(pattern)
+  if c["combine"] not in COMBINES:
+    raise ExportError(f"{where}: config combine={c['combine']!r} must be one of {COMBINES}")
+  for key in ("vocab_size", "width", "layers", "mlp_width", "channels", "heads", "max_decode_len", "window",
+              "groups", "top_k", "router_hidden"):
     if not isinstance(c[key], int) or isinstance(c[key], bool) or c[key] <= 0:
       raise ExportError(f"{where}: config {key}={c[key]!r} must be a positive integer")
   for key in ("learnable_rates", "include_current", "router", "tie_embeddings"):
@@ -128,10 +138,13 @@ def check_config(config: dict[str, Any], where: str = CONFIG) -> dict[str, Any]:
   for key in ("rope_theta", "norm_eps"):
     if not isinstance(c[key], (int, float)) or not c[key] > 0:
       raise ExportError(f"{where}: config {key}={c[key]!r} must be a positive number")
-  problem = MIXERS[c["mixer"]].twin.check(c)
-  if problem:
-    key, why = problem
-    raise ExportError(f"{where}: config {key}={c[key]!r}: {why}")
+  if c["layers"] % len(c["pattern"]):
+    raise ExportError(f"{where}: config pattern={list(c['pattern'])!r}: its length must divide layers={c['layers']}")
+  for name in dict.fromkeys(c["pattern"]):
+    problem = TWINS[name].check(c)
+    if problem:
+      key, why = problem
+      raise ExportError(f"{where}: config {key}={c[key]!r}: {why}")
   if c["router"] and (c["mlp_width"] % c["groups"] or c["top_k"] > c["groups"]):
     raise ExportError(f"{where}: config router needs mlp_width % groups == 0 and top_k <= groups "
                       f"(mlp_width={c['mlp_width']}, groups={c['groups']}, top_k={c['top_k']})")
@@ -141,17 +154,16 @@ def check_config(config: dict[str, Any], where: str = CONFIG) -> dict[str, Any]:
 def expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
   """Every array a config implies, name -> shape, in canonical order (the order the forward pass uses them).
 
-  D = width, V = vocab_size, F = mlp_width, G = groups, R = router_hidden; the mixer's arrays are its twin's
-  `shapes` (mixers.py).
+  D = width, V = vocab_size, F = mlp_width, G = groups, R = router_hidden; layer i's mixer arrays are the
+  `shapes` of the twin of its mixer, pattern[i % len(pattern)] (mixers.py).
   """
   c = check_config(config)
   d, v = c["width"], c["vocab_size"]
-  mixer = MIXERS[c["mixer"]].twin.shapes(c)
   shapes: dict[str, tuple[int, ...]] = {"embed.embedding": (v, d)}
-  for i in range(c["layers"]):
+  for i, mixer in enumerate(layer_mixers(c["pattern"], c["layers"])):
     p = f"blocks.{i}."
     shapes[p + "mixer_norm.scale"] = (d,)
-    shapes.update({p + "mixer." + name: shape for name, shape in mixer.items()})
+    shapes.update({p + "mixer." + name: shape for name, shape in TWINS[mixer].shapes(c).items()})
     shapes[p + "ffn_norm.scale"] = (d,)
     if c["router"]:
       g, f = c["groups"], c["mlp_width"] // c["groups"]
@@ -172,7 +184,7 @@ def check_arrays_fit_config(shapes: dict[str, tuple[int, ...]], config: dict[str
                             where: str) -> None:
   """Raises ExportError naming the first array that the config does not imply or implies differently."""
   expected = expected_shapes(config)
-  summary = ", ".join(f"{k}={config[k]}" for k in ("mixer", "width", "layers", "vocab_size"))
+  summary = ", ".join(f"{k}={config[k]}" for k in ("pattern", "width", "layers", "vocab_size"))
   for name, shape in expected.items():
     if name not in shapes:
       raise ExportError(f"{where}: array '{name}' {list(shape)} is implied by the config ({summary}) but "
@@ -280,8 +292,8 @@ def load_export(path, *, weights: str | None = None, verify: bool = True) -> Exp
     raise ExportError(f"{root / MANIFEST}: not a {FORMAT} manifest")
   version = manifest.get("format_version")
   if version != FORMAT_VERSION:
-    why = (": version 1 names the mixer config.arch ('yan' | 'attention'), since renamed config.mixer ('mcsd' | "
-           "'attention'); read it with the yanjax that wrote it" if version == 1 else "")
+    why = (f": {OLD_VERSIONS[version]}; read it with the yanjax that wrote it, or export its run again"
+           if version in OLD_VERSIONS else "")
     raise ExportError(f"{root / MANIFEST}: format_version {version!r} is not the supported {FORMAT_VERSION}{why}")
   for key in ("config", "weights_dtype", "weights_format", "arrays", "files"):
     if key not in manifest:

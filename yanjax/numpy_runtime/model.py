@@ -2,8 +2,8 @@
 
 Every step is float32 and written out in the order docs/export.md lists it; names in `self.w[...]` are the
 export's array names. One code path serves a whole sequence and a decode step: a call consumes t tokens per
-row from a `State` and returns the logits and the state after them. Each layer's mixer is the NumPy twin that
-mixers.py registers for the config's `mixer` (mcsd.py, attention.py).
+row from a `State` and returns the logits and the state after them. Layer i's mixer is the NumPy twin that
+mixers.py registers for its entry of the config's `pattern`, pattern[i % len(pattern)] (mcsd.py, attention.py, ...).
 
 Shapes: the legend in docs/model.md.
 """
@@ -16,11 +16,11 @@ import numpy as np
 
 from .format import Export, check_config
 from .layers import F32, BlockInputs, geglu, gelu, rms_norm, softmax
-from .mixers import MIXERS
+from .mixers import TWINS, layer_mixers
 
 
 class State(NamedTuple):
-  layers: list  # one state per layer, its mixer's (MCSDState, KVState)
+  layers: list  # one state per layer, its mixer's (MCSDState, KVState, ...)
   position: int  # tokens consumed so far by every row
 
 
@@ -31,9 +31,9 @@ class Model:
     self.cfg = check_config(export.config)
     self.w = export.arrays
     self.export = export
-    twin = MIXERS[self.cfg["mixer"]].twin
-    self.mixers = [twin(self.cfg, {name: self.w[f"blocks.{i}.mixer.{name}"] for name in twin.shapes(self.cfg)})
-                   for i in range(self.cfg["layers"])]
+    self.mixers = [TWINS[mixer](self.cfg, {name: self.w[f"blocks.{i}.mixer.{name}"]
+                                           for name in TWINS[mixer].shapes(self.cfg)})
+                   for i, mixer in enumerate(layer_mixers(self.cfg["pattern"], self.cfg["layers"]))]
 
   # ---- public entry points ---------------------------------------------------------------------------
 
@@ -114,6 +114,7 @@ class Model:
 
 def config_summary(config: dict[str, Any]) -> str:
   c = check_config(config)
-  mixer = MIXERS[c["mixer"]].twin.summary(c)
+  mixers = " + ".join(TWINS[name].summary(c) for name in c["pattern"])
   ffn = f"selective E={c['groups']} k={c['top_k']}" if c["router"] else f"GeGLU F={c['mlp_width']}"
-  return f"{c['layers']} layers, D={c['width']}, V={c['vocab_size']}, {mixer}, {ffn}"
+  repeats = f"{c['layers'] // len(c['pattern'])} x ({mixers})" if len(c["pattern"]) > 1 else mixers
+  return f"{c['layers']} layers, D={c['width']}, V={c['vocab_size']}, {repeats}, {ffn}"

@@ -44,6 +44,14 @@ class SlidingWindowAttention(Attention):
     return Attention.check(c)
 
   @staticmethod
+  def check_training(c: dict[str, Any], seq_len: int) -> tuple[str, str] | None:
+    """A window longer than the training sequence: full attention in training, and only a cost in decoding."""
+    if c["window"] > seq_len:
+      return "window", (f"the sliding window must be <= train.seq_len={seq_len} (a longer one is full attention "
+                        "in training and only costs decode memory): lower it, or use 'attention' in model.pattern")
+    return None
+
+  @staticmethod
   def mixing_flops(c: dict[str, Any], seq_len: int) -> int:
     """Training FLOPs per token of one layer's sequence mixing outside its weights: 12 min(T, W) D, attention's
     count with each query's QK^T and AV products spanning at most W keys. The JAX training pass computes more:

@@ -56,8 +56,8 @@ from yanjax.model.config import ModelConfig
 from yanjax.model.counting import flops_per_token, param_count
 from yanjax.model.dispatch import group_capacity
 from yanjax.model.lm import LanguageModel
+from yanjax.model.mixers import MIXERS
 from yanjax.model.partitioning import Term
-from yanjax.numpy_runtime.mixers import model_class
 from yanjax.training import sharding
 from yanjax.training.metrics import peak_flops
 from yanjax.training.optim import decay_mask, make_optimizer
@@ -240,8 +240,9 @@ def _traced_state_bytes(model_cfg: ModelConfig, cfg, mesh, rules) -> dict[str, i
           "other_gathered": total(other, {k: shardings["params"][k] for k in other}, no_batch)}
 
 
-def layer_terms(m: ModelConfig, t: int, remat: str, dense_ragged: bool = False, expert_ways: int = 1) -> list[Term]:
-  """Activations one layer keeps for its backward at `remat`, per [b, t] position (the last two
+def layer_terms(m: ModelConfig, mixer: str, t: int, remat: str, dense_ragged: bool = False,
+                expert_ways: int = 1) -> list[Term]:
+  """Activations one layer with mixer `mixer` keeps for its backward at `remat`, per [b, t] position (the last two
   arguments: see `dispatch_terms`)."""
   a = jnp.dtype(m.dtype).itemsize
   d, f = m.width, m.mlp_width
@@ -253,7 +254,7 @@ def layer_terms(m: ModelConfig, t: int, remat: str, dense_ragged: bool = False, 
       return terms + [Term("router hidden", (m.router_hidden,), (None,), 4),
                       Term("router logits", (m.groups,), ("experts",), 4)]
     return terms + [Term("FFN gate and up", (2, f), (None, "mlp"), a)]
-  terms = [Term("norms (float32)", (d,), ("embed",), 4, 4), *model_class(m.mixer).residual_terms(m, t, a)]
+  terms = [Term("norms (float32)", (d,), ("embed",), 4, 4), *MIXERS[mixer].residual_terms(m, t, a)]
   if not m.router:
     return terms + [Term("GeGLU hidden", (f,), ("mlp",), a, 8)]
   return terms + [Term("router hidden", (m.router_hidden,), (None,), 4, 6),
@@ -288,10 +289,11 @@ def dispatch_terms(m: ModelConfig, t: int, dense_ragged: bool, expert_ways: int)
   return terms
 
 
-def working_terms(m: ModelConfig, t: int, dense_ragged: bool = False, expert_ways: int = 1) -> list[Term]:
-  """One layer's backward: its residuals recomputed, plus what its mixer's backward adds (attention's logits
-  cotangent)."""
-  return layer_terms(m, t, "none", dense_ragged, expert_ways) + model_class(m.mixer).backward_terms(m, t)
+def working_terms(m: ModelConfig, mixer: str, t: int, dense_ragged: bool = False, expert_ways: int = 1
+                  ) -> list[Term]:
+  """The backward of one layer with mixer `mixer`: its residuals recomputed, plus what its mixer's backward adds
+  (attention's logits cotangent)."""
+  return layer_terms(m, mixer, t, "none", dense_ragged, expert_ways) + MIXERS[mixer].backward_terms(m, t)
 
 
 def logits_terms(m: ModelConfig) -> list[Term]:
@@ -332,13 +334,17 @@ def make_plan(cfg: ml_collections.ConfigDict, devices: int, device_kind: str, mf
   fsdp_gathers = state["blocks_gathered"] > state["blocks_sharded"]
   gathered = 0
   if fsdp_gathers:
-    gathered = (2 if model_cfg.scan_layers else model_cfg.layers) * per_layer_gathered
+    # Scanned, XLA holds two repetitions of the pattern gathered (the one running and the next one's prefetch).
+    gathered = min(2 * len(model_cfg.pattern) if model_cfg.scan_layers else model_cfg.layers,
+                   model_cfg.layers) * per_layer_gathered
     gathered += state["other_gathered"]
   if model_cfg.remat == "none" and model_cfg.dtype != "float32":
     gathered += state["blocks_gathered"] * jnp.dtype(model_cfg.dtype).itemsize // 4
   dispatch = (device_kind.lower() == "cpu", mesh.shape["expert"])
-  saved = model_cfg.layers * terms_bytes(layer_terms(model_cfg, t, model_cfg.remat, *dispatch), micro, t, mesh,
-                                         rules)
+  saved = sum(terms_bytes(layer_terms(model_cfg, mixer, t, model_cfg.remat, *dispatch), micro, t, mesh, rules)
+              for mixer in model_cfg.layer_mixers)
+  working = max(terms_bytes(working_terms(model_cfg, mixer, t, *dispatch), micro, t, mesh, rules)
+                for mixer in model_cfg.pattern)  # the backward holds one layer's at a time
   tokens = tokens_per_step(cfg)
   return Plan(
       config=config_name, devices=devices, device_kind=device_kind, mesh=dict(mesh.shape), batch_ways=batch_ways,
@@ -346,7 +352,7 @@ def make_plan(cfg: ml_collections.ConfigDict, devices: int, device_kind: str, mf
       dtype=model_cfg.dtype, params_total=param_count(model_cfg).total, param_bytes=p,
       optimizer_bytes=state["optimizer"], batch_bytes=20 * train.global_batch * t // batch_ways,
       update_bytes=3 * p, gradient_bytes=2 * p, gathered_bytes=gathered, saved_bytes=saved,
-      working_bytes=terms_bytes(working_terms(model_cfg, t, *dispatch), micro, t, mesh, rules),
+      working_bytes=working,
       logits_bytes=terms_bytes(logits_terms(model_cfg), micro, t, mesh, rules),
       tokens_per_step=tokens, steps=train.steps, flops_per_step=flops_per_token(model_cfg, t) * tokens, mfu=mfu,
       peak_flops=peak_flops(device_kind),

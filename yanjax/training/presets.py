@@ -1,4 +1,5 @@
-"""Model variants shared by the config files: selective activation, data-dependent decay, the attention baseline.
+"""Model variants shared by the config files: selective activation, data-dependent decay, the attention baseline,
+the hybrid.
 
 A config file calls `build_config(model, variant)` with its Yan (MCSD) model; the variant is the text after
 the colon of `--config configs/<name>.py:<variant>`:
@@ -6,7 +7,13 @@ the colon of `--config configs/<name>.py:<variant>`:
   "selective"  the same with the selective-activation router over FFN neuron groups
   "mcsd_dd"    the same with MCSD's decay rates gated per token (mixer "mcsd_dd", beyond the paper; dense FFN)
   "attention"  the LLaMA-style baseline with the same width, depth and vocabulary, and the FFN width that
-               matches the Yan model's total parameter count (see `matched_attention`)
+               matches the Yan model's total parameter count (see `matched`)
+  "hybrid"     MCSD and sliding-window attention layers alternating (`HYBRID_PATTERN`), window
+               min(HYBRID_WINDOW, train.seq_len), FFN width matched to the Yan model's parameters likewise
+
+The hybrid's design (docs/model.md, "The hybrid"): Samba's 1:1 interleaving rather than Griffin's 2:1, because
+every shipped depth divides by 2 and not all by 3 (yan_tiny has 2 layers, yan_3b 20); Griffin's window of 1024
+tokens, which bounds the decode state (at 32k tokens of context, 1/64 of the attention baseline's KV cache).
 """
 
 from __future__ import annotations
@@ -17,36 +24,39 @@ from yanjax.core.config import ConfigError
 from yanjax.model.config import ModelConfig
 from yanjax.model.counting import param_count
 
-VARIANTS = ("", "selective", "mcsd_dd", "attention")
+VARIANTS = ("", "selective", "mcsd_dd", "attention", "hybrid")
+HYBRID_PATTERN = ("mcsd", "swa")
+HYBRID_WINDOW = 1024
 # Capacity dispatch: faster than the dense FFN on CPU where dropless (ragged_dot, dense there) is slower
 # (benchmarks/selective.py, benchmarks/RESULTS.md); both are linear in the sequence length.
 SELECTIVE_DEFAULTS = {"router": True, "groups": 16, "top_k": 4, "dispatch": "capacity"}
 
 
-def matched_attention(cfg: ModelConfig, multiple: int = 8) -> ModelConfig:
-  """The attention baseline of `cfg`'s width, depth and vocabulary with the closest total parameter count.
-
-  Only the FFN width changes (rounded to `multiple`); heads of width 64 (or D / 2 for very narrow models).
-  """
+def matched(cfg: ModelConfig, pattern: tuple[str, ...], multiple: int = 8, **changes) -> ModelConfig:
+  """`cfg` with the layer pattern `pattern` (dense FFN, `changes` applied) and the closest total parameter count
+  to `cfg`'s: only the FFN width changes (rounded to `multiple`); attention heads of width 64 (or D / 2 for very
+  narrow models)."""
   heads = max(cfg.width // 64, 2)
-  base = cfg.replace(mixer="attention", heads=heads, router=False)
+  base = cfg.replace(pattern=pattern, heads=heads, router=False, **changes)
   per_unit = 3 * cfg.width * cfg.layers  # parameters per unit of FFN width
   gap = param_count(cfg).total - param_count(base).total
   mlp_width = max(multiple, base.mlp_width + round(gap / per_unit / multiple) * multiple)
   return base.replace(mlp_width=mlp_width)
 
 
-def model_variant(model: dict[str, Any], variant: str) -> ModelConfig:
-  """The ModelConfig of `variant` of the Yan model given as a dict."""
+def model_variant(model: dict[str, Any], variant: str, seq_len: int) -> ModelConfig:
+  """The ModelConfig of `variant` of the Yan model given as a dict, for training on sequences of `seq_len`."""
   if variant not in VARIANTS:
     raise ConfigError(f"unknown config variant {variant!r}; choose one of {VARIANTS}")
   cfg = ModelConfig.from_dict(model)
   if variant == "selective":
     return cfg.replace(**SELECTIVE_DEFAULTS)
   if variant == "mcsd_dd":
-    return cfg.replace(mixer="mcsd_dd")
+    return cfg.replace(pattern=("mcsd_dd",))
   if variant == "attention":
-    return matched_attention(cfg)
+    return matched(cfg, ("attention",))
+  if variant == "hybrid":
+    return matched(cfg, HYBRID_PATTERN, window=min(HYBRID_WINDOW, seq_len))
   return cfg
 
 
@@ -55,4 +65,4 @@ def build_config(model: dict[str, Any], variant: str | None, **sections):
   `sections` (see yanjax.training.run_config.DEFAULTS)."""
   from yanjax.training.run_config import build_run_config  # pylint: disable=import-outside-toplevel
 
-  return build_run_config(model_variant(model, variant or ""), **sections)
+  return build_run_config(model_variant(model, variant or "", sections["train"]["seq_len"]), **sections)

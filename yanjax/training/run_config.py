@@ -18,6 +18,7 @@ import ml_collections
 from yanjax.core import storage
 from yanjax.core.config import ConfigError
 from yanjax.model.config import ModelConfig
+from yanjax.numpy_runtime.mixers import TWINS
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 REQUIRED = None  # a key every config file sets
@@ -255,6 +256,10 @@ def _check_model_against_train(model: ModelConfig, train: ml_collections.ConfigD
   """What the training run asks of the model."""
   if model.max_context is not None and train.seq_len > model.max_context:
     fail("model.max_decode_len", f"must be >= train.seq_len={train.seq_len}")
+  for mixer in dict.fromkeys(model.pattern):
+    problem = TWINS[mixer].check_training(model.to_dict(), train.seq_len)
+    if problem:
+      fail(f"model.{problem[0]}", problem[1])
 
 
 def _check_evaluate(section: ml_collections.ConfigDict, fail) -> None:

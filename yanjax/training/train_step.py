@@ -4,6 +4,11 @@ Train state: {"step": int32 [], "params": pure dict of float32 arrays, "opt_stat
 "rng": uint32 [2] base key}. The step's randomness (router exploration) is fold_in(rng, step), so a run is a
 pure function of (seed, step), like its data.
 
+The model's per-layer metrics (`aux["layer_metrics"]`, name -> [L] or [L, n]; yanjax/model/lm.py `LayerAux`)
+take one generic route: training logs each scalar metric's mean over layers under its name, validation every
+layer's value as `<prefix>/layer<i>/<rest>` (name "router_dropped" -> "router/layer0/dropped"), a vector's
+entries suffixed with their index ("router_load_group" -> "router/layer0/load_group3").
+
 Batch: {"inputs", "targets", "segment_ids", "positions": int32 [B, T], "loss_mask": float32 [B, T]}.
 """
 
@@ -35,12 +40,8 @@ def _objective(params, graphdef, batch, step, key, z_loss_weight):
   nll_sum, z_sum = jnp.sum(nll * mask), jnp.sum(logz ** 2 * mask)
   objective = nll_sum + z_loss_weight * z_sum + aux["aux_loss"] * tokens
   metrics = {"nll_sum": nll_sum, "z_loss_sum": z_sum, "aux_loss_sum": aux["aux_loss"] * tokens, "tokens": tokens}
-  if aux["router"] is not None:
-    stats = aux["router"]
-    metrics.update({"router_dropped_sum": jnp.mean(stats.dropped_fraction) * tokens,
-                    "router_entropy_sum": jnp.mean(stats.entropy) * tokens,
-                    "router_max_load_sum": jnp.mean(jnp.max(stats.load, axis=-1)) * tokens,
-                    "router_explore_sum": jnp.mean(stats.explore) * tokens})
+  metrics.update({f"{name}_sum": jnp.mean(per_layer) * tokens
+                  for name, per_layer in aux["layer_metrics"].items() if per_layer.ndim == 1})
   return objective, metrics
 
 
@@ -86,8 +87,8 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule:
 
 def make_eval_step(graphdef) -> Callable[[Any, dict], dict]:
   """(params, batch) -> validation sums, no router exploration: {"nll_sum", "correct_sum" (tokens whose argmax is
-  the target), "tokens"}, "bytes" when the batch holds "target_bytes" (`with_target_bytes`) and, with a router,
-  per layer "router_load_sum" [L, E], "router_dropped_sum" [L], "router_entropy_sum" [L] (token-weighted)."""
+  the target), "tokens"}, "bytes" when the batch holds "target_bytes" (`with_target_bytes`) and "layer_metrics":
+  the model's per-layer metrics, token-weighted ({name: [L] or [L, n]})."""
 
   def eval_step(params, batch):
     model = nnx.merge(graphdef, params)
@@ -99,10 +100,7 @@ def make_eval_step(graphdef) -> Callable[[Any, dict], dict]:
     sums = {"nll_sum": jnp.sum(nll * mask), "correct_sum": jnp.sum(correct * mask), "tokens": tokens}
     if "target_bytes" in batch:
       sums["bytes"] = jnp.sum(batch["target_bytes"] * mask)
-    if aux["router"] is not None:
-      stats = aux["router"]
-      sums.update({"router_load_sum": stats.load * tokens, "router_dropped_sum": stats.dropped_fraction * tokens,
-                   "router_entropy_sum": stats.entropy * tokens})
+    sums["layer_metrics"] = {name: per_layer * tokens for name, per_layer in aux["layer_metrics"].items()}
     return sums
 
   return eval_step
@@ -117,8 +115,8 @@ def with_target_bytes(batch: dict[str, np.ndarray], token_bytes: np.ndarray) -> 
 def eval_scalars(batch_sums: list[dict]) -> dict[str, float]:
   """Named validation metrics from the eval step's sums over several batches: val_loss, val_perplexity,
   val_accuracy (next-token top-1), val_bits_per_byte (the summed loss in bits over the bytes of text the
-  targets stand for: comparable across tokenizers; with "bytes" in the sums) and,
-  with a router, per layer i router/layer{i}/load_group{e}, max_load, dropped, entropy."""
+  targets stand for: comparable across tokenizers; with "bytes" in the sums) and every layer's metrics (with a
+  router: router/layer{i}/load_group{e}, max_load, dropped, entropy, explore)."""
   total = jax.tree.map(lambda *values: np.sum(np.stack(values), axis=0), *batch_sums)
   tokens = max(float(total["tokens"]), 1.0)
   loss = float(total["nll_sum"]) / tokens
@@ -126,10 +124,11 @@ def eval_scalars(batch_sums: list[dict]) -> dict[str, float]:
              "val_accuracy": float(total["correct_sum"]) / tokens}
   if "bytes" in total:
     scalars["val_bits_per_byte"] = float(total["nll_sum"]) / np.log(2.0) / max(float(total["bytes"]), 1.0)
-  if "router_load_sum" in total:
-    for i, load in enumerate(total["router_load_sum"] / tokens):
-      scalars.update({f"router/layer{i}/load_group{e}": float(v) for e, v in enumerate(load)})
-      scalars[f"router/layer{i}/max_load"] = float(np.max(load))
-      scalars[f"router/layer{i}/dropped"] = float(total["router_dropped_sum"][i]) / tokens
-      scalars[f"router/layer{i}/entropy"] = float(total["router_entropy_sum"][i]) / tokens
+  for name, per_layer in total.get("layer_metrics", {}).items():
+    prefix, _, rest = name.partition("_")
+    for i, value in enumerate(per_layer / tokens):
+      if value.ndim:
+        scalars.update({f"{prefix}/layer{i}/{rest}{e}": float(v) for e, v in enumerate(value)})
+      else:
+        scalars[f"{prefix}/layer{i}/{rest}"] = float(value)
   return scalars
