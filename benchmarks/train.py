@@ -1,8 +1,10 @@
-"""Train-step throughput: tokens/s and MFU of MCSD and its parameter-matched attention baseline, same run.
+"""Train-step throughput: tokens/s and MFU of MCSD, its parameter-matched attention baseline and hybrid, same run.
 
 The full jitted train step of yanjax.main.train (forward, backward, AdamW update) on random tokens, on all local
-devices with the config's mesh. Prints JSON lines: one per (MCSD recurrence form or attention, sequence
-length), then a ratio line per length (each MCSD form's tokens/s over attention's).
+devices with the config's mesh. Prints JSON lines: one per (MCSD recurrence form, attention or hybrid, sequence
+length), then a ratio line per length (each MCSD form's and the hybrid's tokens/s over attention's, and the
+hybrid's over the first MCSD form's). The hybrid keeps the window its config gives it (`:hybrid`: min(1024, the
+config's train.seq_len)), whatever --seq_lens.
 
 Run: PYTHONPATH=. python3 benchmarks/train.py [--config configs/yan_tiny.py] [--seq_lens 512,2048,8192]
      [--tokens_per_step 16384] [--steps 5] [--recurrence auto,chunked,associative]
@@ -77,7 +79,7 @@ def main(argv=None):
                       help="MCSD recurrence forms to time, comma-separated")
   args = parser.parse_args(argv)
   device = jax.devices()[0]
-  runs = [("", form) for form in args.recurrence] + [("attention", None)]
+  runs = [("", form) for form in args.recurrence] + [("attention", None), ("hybrid", None)]
   for seq_len in map(int, args.seq_lens.split(",")):
     throughput = {}
     for variant, form in runs:
@@ -96,6 +98,7 @@ def main(argv=None):
       throughput[form or model_cfg.pattern_name] = tokens_per_s
       print(json.dumps({"bench": "train_step", "config": args.config, "pattern": model_cfg.pattern_name,
                         "recurrence": form, "seq_len": seq_len,
+                        "window": model_cfg.window if "swa" in model_cfg.pattern else None,
                         "global_batch": cfg.train.global_batch, "dtype": model_cfg.dtype,
                         "step_ms": round(seconds * 1e3, 2), "tokens_per_s": round(tokens_per_s, 1),
                         "mfu": "n/a" if utilisation is None else round(utilisation, 4),
@@ -104,6 +107,9 @@ def main(argv=None):
     attention = throughput.pop("attention")
     print(json.dumps({"bench": "train_step", "ratio": "mcsd/attention tokens_per_s", "seq_len": seq_len,
                       **{form: round(value / attention, 3) for form, value in throughput.items()}}), flush=True)
+    hybrid, mcsd = throughput["mcsd+swa"], throughput[args.recurrence[0]]
+    print(json.dumps({"bench": "train_step", "ratio": "hybrid/mcsd tokens_per_s", "seq_len": seq_len,
+                      "mcsd+swa": round(hybrid / mcsd, 3)}), flush=True)
 
 
 if __name__ == "__main__":
