@@ -1,5 +1,6 @@
-"""A/B of the token mixers on real text: MCSD, MCSD with selective activation, MCSD with data-dependent decay and
-the parameter-matched attention baseline, trained on the same data, tokenizer, steps and hardware in one run.
+"""A/B of the token mixers on real text: MCSD, MCSD with selective activation, MCSD with data-dependent decay, the
+parameter-matched attention baseline and the hybrid (MCSD and sliding-window attention layers alternating,
+`configs/yan_tiny.py:hybrid`), trained on the same data, tokenizer, steps and hardware in one run.
 
 For every corpus, size and seed it trains each family in turn (the families of one seed back to back, so slow
 spells of a shared machine fall on all of them) with the trainer of yanjax.main.train (yanjax/training/), and
@@ -18,7 +19,7 @@ finished runs), <out>/decode.jsonl, then the report (benchmarks/ab_report.py): <
 and the figures <out>/*.png. Prints each record as a JSON line.
 
 Run: python benchmarks/ab.py --out runs/ab [--corpora stdlib,pydocs] [--sizes w64,w128] [--seeds 0,1]
-     [--families mcsd,selective,mcsd_dd,attention] [--steps 300] [--seq_len 128]
+     [--families mcsd,selective,mcsd_dd,attention,hybrid] [--steps 300] [--seq_len 128] [--window 256]
 """
 
 from __future__ import annotations
@@ -89,6 +90,8 @@ def run_config(family: str, size: str, seed: int, store: pathlib.Path, args) -> 
   """The run config of one A/B run: configs/yan_tiny.py's training settings, the family's model at `size`."""
   cfg = load_config_file(str(CONFIG))
   model = model_variant({**cfg.model.to_dict(), **SIZES[size]}, FAMILIES[family], args.seq_len)
+  if args.window and "swa" in model.pattern:
+    model = model.replace(window=args.window)
   cfg.model.update(model.to_dict())
   tokens_per_step = cfg.train.global_batch * cfg.train.seq_len  # kept at any --seq_len
   if args.seq_len <= 0 or tokens_per_step % args.seq_len:
@@ -219,11 +222,15 @@ def main(argv=None):
   parser.add_argument("--eval_every", type=int, default=30)
   parser.add_argument("--eval_batches", type=int, default=8, help="validation batches of 2048 tokens")
   parser.add_argument("--validation_fraction", type=float, default=0.03, help="documents held out per corpus")
+  parser.add_argument("--window", type=int, default=0,
+                      help="the hybrid's sliding window (0: its config variant's, min(1024, --seq_len))")
   parser.add_argument("--contexts", default="128,1024,8192", help="decode contexts ('' skips decoding)")
   parser.add_argument("--decode_repeats", type=int, default=10)
   args = parser.parse_args(argv)
   settings = {key: getattr(args, key) for key in ("steps", "seq_len", "warmup_steps", "eval_every", "eval_batches",
                                                  "validation_fraction")}
+  if args.window:  # recorded when set, so that runs from before the option still match their settings
+    settings["window"] = args.window
   try:
     corpora = _names(args.corpora, CORPORA, "corpora")
     sizes = _names(args.sizes, SIZES, "sizes")

@@ -1,5 +1,6 @@
 """Recall benchmark: multi-query associative recall (MQAR, yanjax/eval/mqar.py) learned from scratch by every family
-of the A/B benchmark (MCSD, MCSD with selective activation, MCSD with data-dependent decay, attention), no download.
+of the A/B benchmark (MCSD, MCSD with selective activation, MCSD with data-dependent decay, attention, the hybrid),
+no download.
 
 For every sequence length, width and family it trains one model from scratch with the project's trainer
 (yanjax/training/: the same optimizer, schedule and train step as every run) on a mixture of the pair counts
@@ -13,7 +14,7 @@ skips finished runs), then <out>/recall.jsonl (a line per family, width, length 
 <out>/recall.md and the figure <out>/recall.png (accuracy against pairs, a line per family in the A/B report's
 colours, a line style per width, a panel per length). Prints each line of recall.jsonl as it is measured.
 
-Run: python benchmarks/recall.py --out runs/recall [--families mcsd,selective,mcsd_dd,attention]
+Run: python benchmarks/recall.py --out runs/recall [--families mcsd,selective,mcsd_dd,attention,hybrid]
      [--widths 32,64] [--seq_lens 32] [--pairs 1,2,4,8] [--vocab 64] [--steps 2000] [--lr 1e-2]
 
 The defaults are the settings docs/results/recall.md measured on a 2-core CPU (about 7 minutes for the 8 runs);
