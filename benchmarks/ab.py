@@ -86,6 +86,15 @@ def prepare_corpus(name: str, out: pathlib.Path, vocab_size: int, validation_fra
   return store
 
 
+def prepared_store(data: pathlib.Path, name: str) -> pathlib.Path:
+  """<data>/<name>, the token store of corpus `name` an earlier run prepared (--data), used as it is."""
+  store = data / name
+  if not (store / "metadata.json").is_file():
+    raise UserError(f"--data={data}: {store} is not a prepared token store (an earlier run's <out>/data holds one "
+                    "per corpus)")
+  return store
+
+
 def run_config(family: str, size: str, seed: int, store: pathlib.Path, args) -> Any:
   """The run config of one A/B run: configs/yan_tiny.py's training settings, the family's model at `size`."""
   cfg = load_config_file(str(CONFIG))
@@ -222,6 +231,8 @@ def main(argv=None):
   parser.add_argument("--eval_every", type=int, default=30)
   parser.add_argument("--eval_batches", type=int, default=8, help="validation batches of 2048 tokens")
   parser.add_argument("--validation_fraction", type=float, default=0.03, help="documents held out per corpus")
+  parser.add_argument("--data", default="", help="use the stores an earlier run prepared, <data>/<corpus>, as they "
+                      "are (e.g. on a machine whose Python's standard library differs)")
   parser.add_argument("--window", type=int, default=0,
                       help="the hybrid's sliding window (0: its config variant's, min(1024, --seq_len))")
   parser.add_argument("--contexts", default="128,1024,8192", help="decode contexts ('' skips decoding)")
@@ -240,7 +251,8 @@ def main(argv=None):
     out = pathlib.Path(args.out)
     for family, size in itertools.product(families, sizes):  # every config checked before anything trains
       validate_run_config(run_config(family, size, seeds[0], out, args))
-    stores = {name: prepare_corpus(name, out, load_config_file(str(CONFIG)).model.vocab_size,
+    stores = {name: prepared_store(pathlib.Path(args.data), name) if args.data else
+              prepare_corpus(name, out, load_config_file(str(CONFIG)).model.vocab_size,
                                    args.validation_fraction) for name in corpora}
     runs = list(itertools.product(corpora, sizes, seeds, families))  # a seed's families back to back
     for run in runs:
