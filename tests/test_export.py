@@ -343,10 +343,12 @@ CORRUPTIONS = {
     "config, old mixer key": (_name_one_mixer("mixer", "mcsd"), r"config\.json: config mixer was renamed: use "
                               r"pattern=\('mcsd',\)"),
     "config, pattern not dividing the layers": (lambda p: _rewrite_config(p, pattern=["mcsd", "mcsd", "attention"]),
-                                                r"config pattern=\['mcsd', 'mcsd', 'attention'\]: its length must "
-                                                r"divide layers=2"),
+                                                r"config pattern=\['mcsd', 'mcsd', 'attention'\]: its length 3 "
+                                                r"must divide layers=2"),
     "format 1": (lambda p: _set_manifest(p, format_version=1),
                  r"manifest\.json: format_version 1 is not the supported 3: it names the one mixer config\.arch"),
+    "format as a list": (lambda p: _set_manifest(p, format_version=[3]),
+                         r"manifest\.json: format_version \[3\] is not the supported 3$"),
     "format 2": (lambda p: _set_manifest(p, format_version=2),
                  r"manifest\.json: format_version 2 is not the supported 3: it names the one mixer config\.mixer .* "
                  r"read it with the yanjax that wrote it, or export its run again$"),

@@ -139,7 +139,8 @@ def check_config(config: dict[str, Any], where: str = CONFIG) -> dict[str, Any]:
     if not isinstance(c[key], (int, float)) or not c[key] > 0:
       raise ExportError(f"{where}: config {key}={c[key]!r} must be a positive number")
   if c["layers"] % len(c["pattern"]):
-    raise ExportError(f"{where}: config pattern={list(c['pattern'])!r}: its length must divide layers={c['layers']}")
+    raise ExportError(f"{where}: config pattern={list(c['pattern'])!r}: its length {len(c['pattern'])} must divide "
+                      f"layers={c['layers']}")
   for name in dict.fromkeys(c["pattern"]):
     problem = TWINS[name].check(c)
     if problem:
@@ -293,7 +294,7 @@ def load_export(path, *, weights: str | None = None, verify: bool = True) -> Exp
   version = manifest.get("format_version")
   if version != FORMAT_VERSION:
     why = (f": {OLD_VERSIONS[version]}; read it with the yanjax that wrote it, or export its run again"
-           if version in OLD_VERSIONS else "")
+           if isinstance(version, int) and version in OLD_VERSIONS else "")
     raise ExportError(f"{root / MANIFEST}: format_version {version!r} is not the supported {FORMAT_VERSION}{why}")
   for key in ("config", "weights_dtype", "weights_format", "arrays", "files"):
     if key not in manifest:
