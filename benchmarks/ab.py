@@ -20,6 +20,7 @@ and the figures <out>/*.png. Prints each record as a JSON line.
 
 Run: python benchmarks/ab.py --out runs/ab [--corpora stdlib,pydocs] [--sizes w64,w128] [--seeds 0,1]
      [--families mcsd,selective,mcsd_dd,attention,hybrid] [--steps 300] [--seq_len 128] [--window 256]
+     [--pattern swa,mcsd]
 """
 
 from __future__ import annotations
@@ -99,8 +100,9 @@ def run_config(family: str, size: str, seed: int, store: pathlib.Path, args) -> 
   """The run config of one A/B run: configs/yan_tiny.py's training settings, the family's model at `size`."""
   cfg = load_config_file(str(CONFIG))
   model = model_variant({**cfg.model.to_dict(), **SIZES[size]}, FAMILIES[family], args.seq_len)
-  if args.window and "swa" in model.pattern:
-    model = model.replace(window=args.window)
+  if family == "hybrid" and (args.window or args.pattern):
+    model = model.replace(**({"window": args.window} if args.window else {}),
+                          **({"pattern": tuple(args.pattern.split(","))} if args.pattern else {}))
   cfg.model.update(model.to_dict())
   tokens_per_step = cfg.train.global_batch * cfg.train.seq_len  # kept at any --seq_len
   if args.seq_len <= 0 or tokens_per_step % args.seq_len:
@@ -235,13 +237,15 @@ def main(argv=None):
                       "are (e.g. on a machine whose Python's standard library differs)")
   parser.add_argument("--window", type=int, default=0,
                       help="the hybrid's sliding window (0: its config variant's, min(1024, --seq_len))")
+  parser.add_argument("--pattern", default="", help="the hybrid's layer pattern, comma-separated (e.g. swa,mcsd; "
+                      "'': its config variant's, mcsd,swa)")
   parser.add_argument("--contexts", default="128,1024,8192", help="decode contexts ('' skips decoding)")
   parser.add_argument("--decode_repeats", type=int, default=10)
   args = parser.parse_args(argv)
   settings = {key: getattr(args, key) for key in ("steps", "seq_len", "warmup_steps", "eval_every", "eval_batches",
                                                  "validation_fraction")}
-  if args.window:  # recorded when set, so that runs from before the option still match their settings
-    settings["window"] = args.window
+  settings.update({key: getattr(args, key) for key in ("window", "pattern") if getattr(args, key)})  # when set:
+  # runs from before these options still match their settings
   try:
     corpora = _names(args.corpora, CORPORA, "corpora")
     sizes = _names(args.sizes, SIZES, "sizes")
