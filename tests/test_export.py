@@ -640,3 +640,22 @@ def test_bucket_export_is_replaced_manifest_last_and_kept_on_failure(s3_bucket, 
   assert objects(url)["notes.txt"] == b"my notes" and load_export(url).manifest == manifest
   with pytest.raises(ConfigError, match="is a bucket"):
     export_model(model, cfg, s3_bucket)
+
+
+@pytest.mark.slow
+def test_a_trained_hybrid_exports_and_its_numpy_runtime_equals_the_run(small_store, tmp_path):
+  """configs/yan_tiny.py:hybrid, trained by the command line (4 steps, window 16 over rows of 32), exported by it,
+  and read by the NumPy runtime past the window."""
+  from test_train import REPO, run_train, tiny_flags  # pylint: disable=import-outside-toplevel
+  flags = [f"--config={REPO / 'configs/yan_tiny.py'}:hybrid", *tiny_flags(small_store, steps=4)[1:],
+           "--config.model.window=16"]
+  code, _, err = run_train(tmp_path / "run", flags)
+  assert code == 0, err[-3000:]
+  export_cli.main(["--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "export")])
+  model, cfg, _ = inference.load_inference_model(tmp_path / "run")
+  runtime = Model(load_export(tmp_path / "export"))
+  assert cfg.pattern == runtime.cfg["pattern"] == ("mcsd", "swa") and runtime.cfg["window"] == 16
+  tokens = np.arange(2 * 40).reshape(2, 40) % cfg.vocab_size
+  diff = float(np.max(np.abs(runtime.forward(tokens) - np.asarray(model(jnp.asarray(tokens))[0]))))
+  print(f"hybrid run vs its export in the NumPy runtime: max abs logit difference {diff:.2e}")
+  assert diff < TOLERANCE

@@ -21,7 +21,7 @@ from yanjax.training import plan
 from yanjax.training.run_config import validate_run_config
 
 CONFIGS = sorted(glob.glob(str(REPO / "configs/yan_*.py")))
-VARIANTS = ("", ":selective", ":mcsd_dd", ":attention")
+VARIANTS = ("", ":selective", ":mcsd_dd", ":attention", ":hybrid")
 # The plan finds these shipped configs too big for an H100 at their intended device count (remat "none" with
 # 32 x 2048 tokens per device; save_dots keeps [b, t, 2F] per layer of the 10B): the trainer would refuse them.
 # Their fix is in the config (the suggestion check_fits prints: raise train.grad_accum or set model.remat);
@@ -119,9 +119,10 @@ SHARDED = {"mesh.data": 1, "mesh.fsdp": -1, "mesh.tensor": 2, "model.scan_layers
 
 @pytest.mark.parametrize("config,overrides", [
     ("configs/yan_tiny.py", {}), ("configs/yan_tiny.py:selective", {}), ("configs/yan_tiny.py:attention", {}),
-    ("configs/yan_tiny.py:mcsd_dd", {}), ("configs/yan_tiny.py", SHARDED), ("configs/yan_tiny.py:selective", SHARDED)],
+    ("configs/yan_tiny.py:mcsd_dd", {}), ("configs/yan_tiny.py", SHARDED), ("configs/yan_tiny.py:selective", SHARDED),
+    ("configs/yan_tiny.py:hybrid", SHARDED)],
                          ids=["tiny", "tiny-selective", "tiny-attention", "tiny-mcsd_dd", "tiny-fsdp4-tensor2",
-                              "tiny-selective-fsdp4-tensor2"])
+                              "tiny-selective-fsdp4-tensor2", "tiny-hybrid-fsdp4-tensor2"])
 @pytest.mark.slow
 def test_the_plan_predicts_the_compiled_step_on_cpu(config, overrides):
   cfg = load_config_file(REPO / config)

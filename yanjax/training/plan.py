@@ -12,13 +12,13 @@ them: on the target machine, or on CPU with --local_device_count) and prints XLA
 the prediction. The trainer calls `check_fits` at start-up, before compiling anything.
 
 Memory per device. Sizes: the legend in docs/model.md (D, F, L, V, H, T = seq_len, E, k, R, g, p, and
-c = `dispatch.group_capacity` ~ 1.25 T k / E). Here also: P = parameter bytes per device (float32); n = tokens
+c = `dispatch.group_capacity` ~ 1.25 T k / E). Here also: M = parameter bytes per device (float32); n = tokens
 per device per micro-batch (global_batch / grad_accum / batch-parallel devices x T); a = bytes of model.dtype.
 
   total       = state + max(activation phase, update phase)
-  state       = P + 2 P (AdamW moments) + the batch (20 bytes per token of the whole step)
-  update      = 3 P: gradient accumulator, one micro-batch's gradients, the update (measured on CPU)
-  activation  = 2 P + gathered + n (L saved + max(working, logits))
+  state       = M + 2 M (AdamW moments) + the batch (20 bytes per token of the whole step)
+  update      = 3 M: gradient accumulator, one micro-batch's gradients, the update (measured on CPU)
+  activation  = 2 M + gathered + n (L saved + max(working, logits))
   saved       per layer and token, what autodiff keeps at model.remat (counted from JAX's saved residuals):
                 full       D a                                            the layer input
                 save_dots  2 D a + dense 2 F a | selective (R + E) 4      matmul outputs without batch dims
@@ -208,14 +208,16 @@ def _shard_bytes(shape: Sequence[int], itemsize: int, spec, mesh_shape: dict[str
 def _state_bytes(model_cfg: ModelConfig, cfg, mesh, rules) -> dict[str, int]:
   """Per-device bytes of parameters and optimizer state, and of the weights the compute gathers.
 
-  Every layer has the same parameters, placed alike (where the rules split no "layers" axis), so each count is
-  linear in L: it is traced for 1 and 2 layers and extrapolated, in seconds whatever L (tracing thousands of
-  layers takes minutes).
+  Every repetition of the layer pattern has the same parameters, placed alike (where the rules split no "layers"
+  axis), so each count is linear in the L / P repetitions: it is traced for 1 and 2 and extrapolated, in seconds
+  whatever L (tracing thousands of layers takes minutes).
   """
-  if model_cfg.layers <= 2 or rules.get("layers"):
+  period = len(model_cfg.pattern)
+  repeats = model_cfg.layers // period
+  if repeats <= 2 or rules.get("layers"):
     return _traced_state_bytes(model_cfg, cfg, mesh, rules)
-  one, two = (_traced_state_bytes(model_cfg.replace(layers=n), cfg, mesh, rules) for n in (1, 2))
-  return {key: two[key] + (model_cfg.layers - 2) * (two[key] - one[key]) for key in two}
+  one, two = (_traced_state_bytes(model_cfg.replace(layers=n * period), cfg, mesh, rules) for n in (1, 2))
+  return {key: two[key] + (repeats - 2) * (two[key] - one[key]) for key in two}
 
 
 def _traced_state_bytes(model_cfg: ModelConfig, cfg, mesh, rules) -> dict[str, int]:
@@ -343,8 +345,10 @@ def make_plan(cfg: ml_collections.ConfigDict, devices: int, device_kind: str, mf
   dispatch = (device_kind.lower() == "cpu", mesh.shape["expert"])
   saved = sum(terms_bytes(layer_terms(model_cfg, mixer, t, model_cfg.remat, *dispatch), micro, t, mesh, rules)
               for mixer in model_cfg.layer_mixers)
-  working = max(terms_bytes(working_terms(model_cfg, mixer, t, *dispatch), micro, t, mesh, rules)
-                for mixer in model_cfg.pattern)  # the backward holds one layer's at a time
+  working = [terms_bytes(working_terms(model_cfg, mixer, t, *dispatch), micro, t, mesh, rules)
+             for mixer in model_cfg.pattern]
+  # The backward holds one layer's working set at a time, or, scanned, one repetition's: the pattern's P layers.
+  working = sum(working) if model_cfg.scan_layers else max(working)
   tokens = tokens_per_step(cfg)
   return Plan(
       config=config_name, devices=devices, device_kind=device_kind, mesh=dict(mesh.shape), batch_ways=batch_ways,
