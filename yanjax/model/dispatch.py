@@ -10,10 +10,11 @@ A token-slot is one (token, choice) pair: every token has k of them, one per cho
             matmul on GPU and TPU; on CPU XLA evaluates it densely over all groups), then unsorted.
 
 Both run per device inside `jax.shard_map` when the trainer's mesh is active (`partitioning.active`): token
-rows stay on their data/fsdp shard (no token is gathered across shards), the FFN weights are gathered over
-fsdp as FSDP does, "mlp" stays split over the tensor axis (partial outputs summed by `psum`), and with an
-expert axis of p > 1 devices each device holds E / p groups and token-slots travel to their group's device
-by `all_to_all` and back. Without a mesh the same per-device code runs on the whole batch.
+rows stay on their batch shard (no token is gathered across shards), the FFN weights are gathered over
+fsdp as FSDP does, "mlp" stays split over the tensor axis (partial outputs summed by `psum`), and with the
+`expert` mesh axis of p > 1 devices each device holds E / p groups and token-slots travel to their group's
+device by `all_to_all` and back (`expert_axis` below: the mesh axes the rules give the groups' logical axis
+"experts"). Without a mesh the same per-device code runs on the whole batch.
 
 Shapes: the legend in docs/model.md; here n = token-slots (b t k), m and j = rows of a gather.
 """
@@ -74,7 +75,8 @@ def _row_gather(rows: jax.Array, index: jax.Array) -> jax.Array:
 
 
 def _groups_geglu(x: jax.Array, gate_up: jax.Array, down: jax.Array) -> jax.Array:
-  """x [m, l, c, D] through group i's GeGLU along axis 1: gate_up [l, D, 2, g], down [l, g, D] -> [m, l, c, D]."""
+  """x [m, l, c, D] (m = b rows, p b after the exchange), x[:, i] through group i's GeGLU: gate_up [l, D, 2, g],
+  down [l, g, D] -> [m, l, c, D]."""
   return jax.vmap(geglu, in_axes=(1, 0, 0), out_axes=1)(x, gate_up, down)
 
 
@@ -105,12 +107,12 @@ def _capacity_local(x, groups, gates, valid, gate_up, down, *, capacity, expert_
 def _grouped_geglu(x: jax.Array, group: jax.Array, gate_up: jax.Array, down: jax.Array) -> jax.Array:
   """Row i of x [m, D] through group[i]'s GeGLU (group l: no group, output 0) by ragged_dot -> [m, D]."""
   m, d = x.shape
-  groups, _, _, f = gate_up.shape
+  local, _, _, g = gate_up.shape
   order = jnp.argsort(group, stable=True)
-  sizes = jnp.zeros((groups,), jnp.int32).at[group].add(1, mode="drop")
-  h = jax.lax.ragged_dot(jnp.take(x, order, axis=0), gate_up.reshape(groups, d, 2 * f), sizes).reshape(m, 2, f)
+  sizes = jnp.zeros((local,), jnp.int32).at[group].add(1, mode="drop")
+  h = jax.lax.ragged_dot(jnp.take(x, order, axis=0), gate_up.reshape(local, d, 2 * g), sizes).reshape(m, 2, g)
   y = jax.lax.ragged_dot(jax.nn.gelu(h[:, 0]) * h[:, 1], down, sizes)
-  live = (jnp.take(group, order) < groups)[:, None]  # rows past sum(sizes) are not defined on every backend
+  live = (jnp.take(group, order) < local)[:, None]  # rows past sum(sizes) are not defined on every backend
   return jnp.zeros_like(y).at[order].set(jnp.where(live, y, 0), unique_indices=True)
 
 
@@ -170,12 +172,10 @@ def _dispatch(local_fn, x, groups, gates, valid, gate_up, down):
     return local_fn(x, groups, gates, valid, gate_up, down, expert_axis=None, mlp_axis=None)
   mesh, to_spec = active
   rows = PartitionSpec(to_spec(("batch", None, None), x.shape)[0])
-  experts, _, _, mlp = to_spec(("experts", None, None, "mlp"), gate_up.shape)
-  fn = functools.partial(local_fn, expert_axis=_mesh_axes(experts), mlp_axis=_mesh_axes(mlp))
-  mapped = jax.shard_map(
-      fn, mesh=mesh,
-      in_specs=(rows, rows, rows, rows, PartitionSpec(experts, None, None, mlp), PartitionSpec(experts, mlp, None)),
-      out_specs=(rows, rows))
+  group_spec, _, _, mlp_spec = to_spec(("experts", None, None, "mlp"), gate_up.shape)  # the groups' mesh axes
+  fn = functools.partial(local_fn, expert_axis=_mesh_axes(group_spec), mlp_axis=_mesh_axes(mlp_spec))
+  weight_specs = (PartitionSpec(group_spec, None, None, mlp_spec), PartitionSpec(group_spec, mlp_spec, None))
+  mapped = jax.shard_map(fn, mesh=mesh, in_specs=(rows, rows, rows, rows, *weight_specs), out_specs=(rows, rows))
   return mapped(x, groups, gates, valid, gate_up, down)
 
 

@@ -66,7 +66,7 @@ def exploration_weight(step, explore_steps: int) -> jax.Array:
   """
   if step is None or explore_steps <= 0:
     return jnp.zeros((), jnp.float32)
-  # (n - step) / n rather than 1 - step / n: exactly 0 at step = n even when XLA turns / n into * (1 / n).
+  # (n - step) / n, n = explore_steps, not 1 - step / n: exactly 0 at step = n even if XLA turns / n into * (1 / n).
   return jnp.maximum(0.0, (explore_steps - jnp.asarray(step, jnp.float32)) / explore_steps)
 
 
@@ -110,11 +110,13 @@ class SelectiveFFN(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     if not cfg.router:
       raise ValueError("SelectiveFFN needs model.router=True (group_width is mlp_width / groups only then)")
-    d, e, f, h = cfg.width, cfg.groups, cfg.group_width, cfg.router_hidden
-    self.router_in = param(rngs, (d, h), ("embed", None), normal(cfg.init_std))
-    self.router_out = param(rngs, (h, e), (None, "experts"), normal(cfg.init_std))
-    self.gate_up = param(rngs, (e, d, 2, f), ("experts", "embed", None, "mlp"), normal(cfg.init_std))
-    self.down = param(rngs, (e, f, d), ("experts", "mlp", "embed"), normal(cfg.init_std / 2))
+    d, e, g, r = cfg.width, cfg.groups, cfg.group_width, cfg.router_hidden
+    # "experts" is the group dimension's logical axis name, as MoE frameworks name it (the sharding rules map it
+    # to the mesh axis `expert`; docs/selective_activation.md, "Names").
+    self.router_in = param(rngs, (d, r), ("embed", None), normal(cfg.init_std))
+    self.router_out = param(rngs, (r, e), (None, "experts"), normal(cfg.init_std))
+    self.gate_up = param(rngs, (e, d, 2, g), ("experts", "embed", None, "mlp"), normal(cfg.init_std))
+    self.down = param(rngs, (e, g, d), ("experts", "mlp", "embed"), normal(cfg.init_std / 2))
     self.groups = e
     self.top_k = cfg.top_k
     self.dispatch = cfg.dispatch
@@ -124,8 +126,8 @@ class SelectiveFFN(nnx.Module):
   def route(self, x: jax.Array, *, step=None, key=None) -> Routing:
     """x [b, t, D] -> the router's choice of k groups per token (float32 throughout)."""
     x32 = x.astype(jnp.float32)
-    hidden = jax.nn.gelu(jnp.einsum("btd,dh->bth", x32, self.router_in[...], precision=_HIGHEST))
-    logits = jnp.einsum("bth,he->bte", hidden, self.router_out[...], precision=_HIGHEST)
+    hidden = jax.nn.gelu(jnp.einsum("btd,dr->btr", x32, self.router_in[...], precision=_HIGHEST))
+    logits = jnp.einsum("btr,re->bte", hidden, self.router_out[...], precision=_HIGHEST)
     probs = jax.nn.softmax(logits, axis=-1)
     lam = exploration_weight(step, self.explore_steps)
     scores = probs
