@@ -58,16 +58,16 @@ class MCSD(nnx.Module):
   """MCSD mixer: [b, t, D] -> [b, t, D], with an optional O(1) decode cache."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    c, d = cfg.channels, cfg.channel_width
+    ch, dc = cfg.channels, cfg.channel_width
     self.cfg = cfg
-    self.proj = layers.param(rngs, (c, d, 4, d), ("channels", "embed", None, None), layers.normal(cfg.init_std))
-    self.decay_norm = layers.RMSNorm((c, d), ("channels", None), cfg.norm_eps)
+    self.proj = layers.param(rngs, (ch, dc, 4, dc), ("channels", "embed", None, None), layers.normal(cfg.init_std))
+    self.decay_norm = layers.RMSNorm((ch, dc), ("channels", None), cfg.norm_eps)
     if cfg.combine == "concat":
-      self.out = layers.param(rngs, (2, c, d, cfg.width), (None, "channels", None, "embed"),
+      self.out = layers.param(rngs, (2, ch, dc, cfg.width), (None, "channels", None, "embed"),
                               layers.normal(cfg.init_std / 2))
-    rates = jnp.asarray(paper_log_rates(c))
+    rates = jnp.asarray(paper_log_rates(ch))
     if cfg.learnable_rates:  # parameterised as log(-log a) so that 0 < a < 1 always holds
-      self.rate_logits = layers.param(None, (2, c), (None, "channels"))
+      self.rate_logits = layers.param(None, (2, ch), (None, "channels"))
       self.rate_logits[...] = jnp.log(-rates)
 
   def log_rates(self) -> jax.Array:
@@ -83,19 +83,19 @@ class MCSD(nnx.Module):
 
   def init_cache(self, batch: int, dtype) -> MCSDCache:
     """The state before any token; float32 whatever the compute `dtype`."""
-    c, d = self.cfg.channels, self.cfg.channel_width
-    return MCSDCache(jnp.zeros((batch, 2 * c, d), jnp.float32), jnp.zeros((batch,), jnp.int32))
+    ch, dc = self.cfg.channels, self.cfg.channel_width
+    return MCSDCache(jnp.zeros((batch, 2 * ch, dc), jnp.float32), jnp.zeros((batch,), jnp.int32))
 
   def __call__(self, x: jax.Array, inputs: layers.BlockInputs, cache: MCSDCache | None = None
                ) -> tuple[jax.Array, MCSDCache]:
     """x [b, t, D] in compute dtype -> (y [b, t, D], cache after x); documents start at `inputs.reset`."""
     cfg = self.cfg
     b, t, _ = x.shape
-    c, d = cfg.channels, cfg.channel_width
+    ch, dc = cfg.channels, cfg.channel_width
     reset = inputs.reset
     if cache is None:
       cache = self.init_cache(b, x.dtype)
-    xc = x.reshape(b, t, c, d)
+    xc = x.reshape(b, t, ch, dc)
     u, v, e, f = jnp.unstack(jnp.einsum("btcd,cdke->kbtce", xc, layers.cast(self.proj[...], x.dtype)))
     log_a = self.recurrence_log_rates(xc)  # [2C] or [b, t, 2C]
     h, h_last = linear_recurrence(jnp.concatenate([v, e], axis=2), log_a, reset, cache.h,
@@ -108,9 +108,9 @@ class MCSD(nnx.Module):
     k = steps_since_reset(reset, cache.count)
     z = slope_normaliser(self.log_rates()[0], k, cfg.include_current)[..., None]  # [b, t, C, 1]
     v32 = v.astype(jnp.float32)
-    v_hist = jnp.where(z > 0, history[:, :, :c] / jnp.where(z > 0, z, 1.0), v32)
+    v_hist = jnp.where(z > 0, history[:, :, :ch] / jnp.where(z > 0, z, 1.0), v32)
     theta_s = jax.nn.silu(v_hist) * u.astype(jnp.float32)
-    theta_d = self.decay_norm(history[:, :, c:]) * jax.nn.sigmoid(f.astype(jnp.float32))
+    theta_d = self.decay_norm(history[:, :, ch:]) * jax.nn.sigmoid(f.astype(jnp.float32))
     if cfg.combine == "concat":
       y = jnp.einsum("kbtcd,kcde->bte", jnp.stack([theta_s, theta_d]).astype(x.dtype),
                      layers.cast(self.out[...], x.dtype))

@@ -89,18 +89,19 @@ def _associative(a, x, h0):
 
 
 def _chunked(x, log_a, reset, h0, chunk):
-  b, t, c, d = x.shape
+  b, t, ch, dc = x.shape
   chunk = min(chunk, t)
-  n = -(-t // chunk)
-  pad = n * chunk - t
+  num_chunks = -(-t // chunk)
+  pad = num_chunks * chunk - t
   if pad:
     x = jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
     log_a = jnp.pad(log_a, ((0, 0), (0, pad), (0, 0)))
     reset = jnp.pad(reset, ((0, 0), (0, pad)))
-  x = x.reshape(b, n, chunk, c, d)
-  cum = jnp.cumsum(log_a.reshape(b, n, chunk, c), axis=2)  # [b, N, Lc, C]: log of prod_{k<=i} a_k in the chunk
+  x = x.reshape(b, num_chunks, chunk, ch, dc)
+  # [b, N, Lc, C]: log of prod_{j<=i} a_j in the chunk
+  cum = jnp.cumsum(log_a.reshape(b, num_chunks, chunk, ch), axis=2)
   # Segment index inside each chunk: positions i, j are linked iff no reset lies in (j, i].
-  seg = jnp.cumsum(reset.reshape(b, n, chunk).astype(jnp.int32), axis=-1)  # [b, N, Lc]
+  seg = jnp.cumsum(reset.reshape(b, num_chunks, chunk).astype(jnp.int32), axis=-1)  # [b, N, Lc]
   idx = jnp.arange(chunk)
   linked = (idx[:, None] >= idx[None, :])[None, None] & (seg[..., :, None] == seg[..., None, :])  # [b, N, Lc, Lc]
   # Decay from j to i: exp(cum_i - cum_j) <= 1 where linked; masked before exp, where it could overflow.
@@ -117,4 +118,4 @@ def _chunked(x, log_a, reset, h0, chunk):
   _, h_enter = jax.lax.scan(carry_across, h0, (jnp.swapaxes(intra[:, :, -1], 0, 1),
                                                jnp.swapaxes(from_start[:, :, -1], 0, 1)))
   h = intra + from_start[..., None] * jnp.swapaxes(h_enter, 0, 1)[:, :, None]
-  return h.reshape(b, n * chunk, c, d)[:, :t]
+  return h.reshape(b, num_chunks * chunk, ch, dc)[:, :t]
