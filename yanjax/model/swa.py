@@ -22,7 +22,7 @@ from yanjax.model.partitioning import Term
 
 class RingCache(NamedTuple):
   """Decode state of one sliding-window block, fixed in size: its document's latest W keys and values, the token
-  at position p in slot p % W."""
+  at position t in slot t % W."""
   k: jax.Array  # [b, W, H, Dh] compute dtype (keys after RoPE)
   v: jax.Array  # [b, W, H, Dh]
   count: jax.Array  # [b] int32: tokens consumed (the next token's position)
@@ -139,7 +139,7 @@ def _ring_keys(cache: RingCache, dtype) -> Keys:
   position) is in segment 0, which no query of the cached document (segment 1) sees."""
   window = cache.k.shape[1]
   last = cache.count[:, None] - 1  # [b, 1]
-  index = last - (last - jnp.arange(window, dtype=jnp.int32)) % window  # the latest position p <= last in slot p % W
+  index = last - (last - jnp.arange(window, dtype=jnp.int32)) % window  # the latest position t <= last in slot t % W
   return Keys(cache.k.astype(dtype), cache.v.astype(dtype), index, (index >= 0).astype(jnp.int32))
 
 

@@ -17,7 +17,7 @@ from .layers import F32, BlockInputs
 
 class RingState(NamedTuple):
   """Decode state of one sliding-window layer, fixed in size: its document's latest W keys and values, the token
-  at position p in slot p % W. Its arrays are written in place, as KVState's (copy k and v to branch)."""
+  at position t in slot t % W. Its arrays are written in place, as KVState's (copy k and v to branch)."""
   k: np.ndarray  # [b, W, H, Dh] float32 (keys after RoPE)
   v: np.ndarray  # [b, W, H, Dh] float32
   count: int  # tokens consumed, the same for every row: the next token's position
@@ -86,7 +86,7 @@ class SlidingWindowAttention(Attention):
       mask = band(np.arange(t), np.arange(t), window)[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
       return self.attend(q, k, v, mask), None
     last = state.count - 1
-    ring_index = last - (last - np.arange(window)) % window  # the latest position p <= last in slot p % W
+    ring_index = last - (last - np.arange(window)) % window  # the latest position t <= last in slot t % W
     rows = state.count + np.arange(t)
     key_index = np.concatenate([ring_index, rows])
     mask = (band(rows, key_index, window) & (key_index >= 0))[None]  # a negative position: a slot not yet written
