@@ -1,9 +1,9 @@
 """The batch loader: each batch is a pure function of (seed, step); each process reads its own rows.
 
 Row r of batch `step` is global row step * B + r: that row of the (grain) mixture of the stores' sources;
-process i of P takes rows i * B/P ... (i + 1) * B/P - 1 of every global batch. A row does not depend on
-P, so shares are disjoint, together complete, and a resumed run needs only the step.
-Shapes: the legend in docs/model.md (here b = B / P rows of this process); P = processes.
+process i of `process_count` takes rows i b ... (i + 1) b - 1 of every global batch, b = B / process_count. A
+row does not depend on the process count, so shares are disjoint, together complete, and a resumed run needs
+only the step. Shapes: the legend in docs/model.md (b: the rows of this process).
 """
 
 from __future__ import annotations

@@ -7,8 +7,7 @@ repeat with a fresh shuffle and any row can be computed without the ones before 
 Every row is a dict of [T] arrays: "inputs", "targets" (int32), "segment_ids" (int32, 1, 2, ... per
 document in the row, 0 on padding), "positions" (int32, 0 at each document start) and "loss_mask"
 (float32, 0 where the target is padding or belongs to another document than the input).
-Shapes: the legend in docs/model.md; here n = rows read at once, M = documents in the split, W = windows
-per epoch.
+Shapes: the legend in docs/model.md; here n = rows read at once, M = documents in the split.
 """
 
 from __future__ import annotations
@@ -81,7 +80,7 @@ class PackedLayout(NamedTuple):
   """One epoch of packed windows."""
 
   document_order: np.ndarray  # [M] documents in stream order
-  window_order: np.ndarray  # [W] window of each row
+  window_order: np.ndarray  # [rows_per_epoch] window of each row
   stream_starts: np.ndarray  # [M + 1] stream offset of each document in stream order
   store_starts: np.ndarray  # [M] store offset of each document in stream order
 

@@ -1,12 +1,12 @@
 """Multi-query associative recall (MQAR): a synthetic task that measures how many key-value pairs a token
 mixer's state can hold and retrieve, reimplemented after Zoology (Arora, Eyuboglu et al. 2023, arXiv 2312.04927).
 
-A row of t tokens with N pairs (the vocabulary's lower half are keys, the upper half values):
+A row of t tokens with n pairs (the vocabulary's lower half are keys, the upper half values):
 
-    k1 v1 k2 v2 ... kN vN | x x k3 v3 x x x x k1 v1 x x ... k2 v2 x x
-    `---- 2N: the pairs --' `----- t - 2N: every key once more, in random order, between noise tokens x -----'
+    k1 v1 k2 v2 ... kn vn | x x k3 v3 x x x x k1 v1 x x ... k2 v2 x x
+    `---- 2n: the pairs --' `----- t - 2n: every key once more, in random order, between noise tokens x -----'
 
-The query region is cut into slots of two tokens; N of its (t - 2N) // 2 slots hold a query key followed by its
+The query region is cut into slots of two tokens; n of its (t - 2n) // 2 slots hold a query key followed by its
 value, the slot at gap j (counted from the region's start) chosen with probability proportional to
 (j + 1)^(power - 1) as Zoology's `power_a` (0.01, its default, puts most queries near the pairs; 1.0 is uniform).
 Noise tokens are uniform over the whole vocabulary, as Zoology's `random_non_queries`. The loss and the accuracy
@@ -16,7 +16,7 @@ everywhere: a row is an ordinary document the trainer (and a decoder) reads as i
 
 Every batch is a pure function of (seed, step, split), with the train and eval splits drawn from disjoint
 random streams. Batch format: the trainer's (yanjax/training/train_step.py), one document per row.
-Shapes: b = rows, t = tokens per row, V = vocabulary.
+Shapes: the legend in docs/model.md; here n = key-value pairs per row.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ ZOOLOGY_POWER = 0.01  # Zoology's default query-gap exponent power_a
 
 
 def check_task(vocab_size: int, seq_len: int, pairs: Sequence[int]) -> None:
-  """Raises UserError unless every pair count fits a row: N >= 1, t >= 4N (the pairs, then a slot per query)
-  and N distinct keys and values (N <= V // 2)."""
+  """Raises UserError unless every pair count fits a row: n >= 1, t >= 4n (the pairs, then a slot per query)
+  and n distinct keys and values (n <= V // 2)."""
   if not pairs:
     raise UserError("MQAR needs at least one pair count")
   for n in pairs:

@@ -155,7 +155,7 @@ def check_config(config: dict[str, Any], where: str = CONFIG) -> dict[str, Any]:
 def expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
   """Every array a config implies, name -> shape, in canonical order (the order the forward pass uses them).
 
-  D = width, V = vocab_size, F = mlp_width, G = groups, R = router_hidden; layer i's mixer arrays are the
+  D = width, V = vocab_size, F = mlp_width, E = groups, g = F / E, R = router_hidden; layer i's mixer arrays are the
   `shapes` of the twin of its mixer, pattern[i % len(pattern)] (mixers.py).
   """
   c = check_config(config)

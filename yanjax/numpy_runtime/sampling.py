@@ -1,7 +1,7 @@
 """Next-token choice in NumPy, with the same filters and order as yanjax.inference.sampling:
 
-    logits / temperature -> top-k (exactly k, lower ids win ties) -> top-p (keep tokens while the
-    probability before them is < p) -> one categorical draw.
+    logits / temperature -> top_k (exactly top_k tokens, lower ids win ties) -> top_p (keep tokens while the
+    probability before them is < top_p) -> one categorical draw.
 
 Temperature 0 is greedy (argmax, lowest id on ties), which matches the JAX model token for token; random
 draws use NumPy's generator and so differ from JAX's streams.

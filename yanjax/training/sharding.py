@@ -109,6 +109,6 @@ def replication_report(abstract: Any, shardings: Any) -> dict[str, float]:
 
 
 def global_batch_array(local: dict[str, np.ndarray], sharding: NamedSharding, global_batch: int):
-  """Process-local rows [B / P, T] -> global jax.Arrays [B, T] placed by `sharding`."""
+  """Process-local rows [B / processes, T] -> global jax.Arrays [B, T] placed by `sharding`."""
   return {k: jax.make_array_from_process_local_data(sharding, v, (global_batch,) + v.shape[1:])
           for k, v in local.items()}
