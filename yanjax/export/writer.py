@@ -10,9 +10,9 @@ writes the weights in the one format asked for (`weights.npz`, the default, or `
 `config.json`, the run's tokenizer under its own name (`tokenizer.model` or `tokenizer.json`, when the run has
 one) and `manifest.json` (format version, config, weights format, every array's shape / dtype / sha256, file
 checksums). Array names are the model's parameter paths joined with dots (`embed.embedding`,
-`blocks.0.mixer.proj`); parameters of scanned layers (`scan_layers=True`: `blocks.{j}`, pattern position j, stacked
-over the R repetitions of the pattern) are written per layer (layer r P + j), so the names and shapes do not
-depend on `scan_layers`. The manifest is written last:
+`blocks.0.mixer.proj`); parameters of scanned layers (`scan_layers=True`: `blocks.{j}`, pattern position j,
+stacked over the L / P repetitions of the pattern) are written per layer (repetition r is layer r P + j), so the
+names and shapes do not depend on `scan_layers`. The manifest is written last:
 a directory without one is an unfinished export.
 
 Nothing is lost: the export is written into a new sibling `<out>.tmp-<random>` and replaces `<out>` only

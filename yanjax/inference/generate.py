@@ -184,7 +184,7 @@ def prefill_length(shortest: int) -> int:
                                              "vocab_limit", "stream"))
 def _decode_loop(graphdef, state, tokens, lengths, row_keys, *, prefix, max_new_tokens, sampling, eos_id,
                  vocab_limit, stream):
-  """tokens [b, P] right-padded prompts, lengths [b] -> (out [b, N], count [b], hit_eos [b])."""
+  """tokens [b, width] right-padded prompts, lengths [b] -> (out [b, max_new_tokens], count [b], hit_eos [b])."""
   b, width = tokens.shape
   rows = jnp.arange(b)
 

@@ -46,7 +46,7 @@ def format_plan(plan: Plan, compiled: dict[str, int] | None = None, compiled_not
            f"    activations saved, remat={plan.remat:<9} {gigabytes(plan.saved_bytes):>9}  ({plan.dtype})",
            f"    one layer's backward            {gigabytes(plan.working_bytes):>12}",
            f"    logits                          {gigabytes(plan.logits_bytes):>12}",
-           f"    update phase (3 P)              {gigabytes(plan.update_bytes):>12}",
+           f"    update phase (3 M)              {gigabytes(plan.update_bytes):>12}",
            f"    total (state + max of phases)   {gigabytes(plan.total_bytes):>12}" +
            (f"  = {plan.total_bytes / cap:.0%} of {gigabytes(cap)}: " +
             ("fits" if plan.fits else f"DOES NOT FIT (limit {HEADROOM:.0%}); turn {', '.join(KNOBS)}")

@@ -43,10 +43,10 @@ class Attention(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    h, e = cfg.heads, cfg.head_dim
-    self.qkv = layers.param(rngs, (cfg.width, 3, h, e), ("embed", None, "heads", None),
+    h, dh = cfg.heads, cfg.head_dim
+    self.qkv = layers.param(rngs, (cfg.width, 3, h, dh), ("embed", None, "heads", None),
                             layers.normal(cfg.init_std))
-    self.out = layers.param(rngs, (h, e, cfg.width), ("heads", None, "embed"), layers.normal(cfg.init_std / 2))
+    self.out = layers.param(rngs, (h, dh, cfg.width), ("heads", None, "embed"), layers.normal(cfg.init_std / 2))
 
   def init_cache(self, batch: int, dtype) -> KVCache:
     """An empty cache of max_decode_len slots, keys and values in the compute `dtype`."""

@@ -28,7 +28,7 @@ from yanjax.numpy_runtime.mixers import TWINS
 
 class ParamCount(NamedTuple):
   total: int
-  active: int  # used by one token (differs from total only with the selective-activation router)
+  active: int  # used by one token (differs from total only with selective activation)
   matmul_active: int  # active weights that enter matmuls (the FLOPs formula's N)
 
 

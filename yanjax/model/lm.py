@@ -39,7 +39,7 @@ class ModelCache(NamedTuple):
 class LayerAux(NamedTuple):
   """What one layer reports beside its output: the same names from every layer, so they stack over layers."""
   loss: jax.Array  # [] weighted auxiliary loss, added to the training objective
-  metrics: dict[str, jax.Array]  # name -> [] or [n] per call, token-weighted means (e.g. the router's)
+  metrics: dict[str, jax.Array]  # name -> [] or a vector (the router's load: [E]), token-weighted means
 
 
 class Block(nnx.Module):
@@ -110,7 +110,8 @@ class LanguageModel(nnx.Module):
       key: PRNG key for router exploration.
     Returns:
       (logits [b, t, V] float32, aux) with aux = {"aux_loss": the layers' auxiliary losses summed,
-      "layer_metrics": {name: [L] or [L, n]}, each layer's metrics (`LayerAux`) stacked in layer order}.
+      "layer_metrics": {name: [L] or [L, E] (a vector metric: the router's load)}, each layer's metrics
+      (`LayerAux`) stacked in layer order}.
     """
     if segment_ids is None:
       segment_ids = jnp.ones(tokens.shape, jnp.int32)

@@ -167,11 +167,11 @@ def expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     shapes.update({p + "mixer." + name: shape for name, shape in TWINS[mixer].shapes(c).items()})
     shapes[p + "ffn_norm.scale"] = (d,)
     if c["router"]:
-      g, f = c["groups"], c["mlp_width"] // c["groups"]
+      e, g = c["groups"], c["mlp_width"] // c["groups"]
       shapes[p + "ffn.router_in"] = (d, c["router_hidden"])
-      shapes[p + "ffn.router_out"] = (c["router_hidden"], g)
-      shapes[p + "ffn.gate_up"] = (g, d, 2, f)
-      shapes[p + "ffn.down"] = (g, f, d)
+      shapes[p + "ffn.router_out"] = (c["router_hidden"], e)
+      shapes[p + "ffn.gate_up"] = (e, d, 2, g)
+      shapes[p + "ffn.down"] = (e, g, d)
     else:
       shapes[p + "ffn.gate_up"] = (d, 2, c["mlp_width"])
       shapes[p + "ffn.down"] = (c["mlp_width"], d)

@@ -96,7 +96,7 @@ class Model:
     """Selective-activation FFN at inference: every token runs its top-k groups (no dropping, no
     exploration), weighted by the router's probabilities renormalised over the chosen k (k = 1: raw)."""
     c, w = self.cfg, self.w
-    logits = np.einsum("bth,he->bte", gelu(np.einsum("btd,dh->bth", x, w[p + "router_in"])),
+    logits = np.einsum("btr,re->bte", gelu(np.einsum("btd,dr->btr", x, w[p + "router_in"])),
                        w[p + "router_out"])
     probs = softmax(logits)  # [b, t, E]
     chosen = np.argsort(-probs, axis=-1, kind="stable")[..., :c["top_k"]]  # [b, t, k], lower id on ties
@@ -104,11 +104,11 @@ class Model:
     gates = picked / np.sum(picked, axis=-1, keepdims=True) if c["top_k"] > 1 else picked
     gate_up, down = w[p + "gate_up"], w[p + "down"]  # [E, D, 2, g], [E, g, D]
     y = np.zeros_like(x)
-    for g in range(c["groups"]):
-      weight = np.sum(np.where(chosen == g, gates, F32(0)), axis=-1)  # [b, t]: gate of group g, or 0
+    for group in range(c["groups"]):
+      weight = np.sum(np.where(chosen == group, gates, F32(0)), axis=-1)  # [b, t]: this group's gate, or 0
       rows = weight > 0
       if np.any(rows):
-        y[rows] += weight[rows][:, None] * geglu(x[rows], gate_up[g], down[g])
+        y[rows] += weight[rows][:, None] * geglu(x[rows], gate_up[group], down[group])
     return y.astype(F32)
 
 

@@ -4,7 +4,7 @@ Train state: {"step": int32 [], "params": pure dict of float32 arrays, "opt_stat
 "rng": uint32 [2] base key}. The step's randomness (router exploration) is fold_in(rng, step), so a run is a
 pure function of (seed, step), like its data.
 
-The model's per-layer metrics (`aux["layer_metrics"]`, name -> [L] or [L, n]; yanjax/model/lm.py `LayerAux`)
+The model's per-layer metrics (`aux["layer_metrics"]`, name -> [L] or [L, E]; yanjax/model/lm.py `LayerAux`)
 take one generic route: training logs each scalar metric's mean over layers under its name, validation every
 layer's value as `<prefix>/layer<i>/<rest>` (name "router_dropped" -> "router/layer0/dropped"), a vector's
 entries suffixed with their index ("router_load_group" -> "router/layer0/load_group3").
@@ -88,7 +88,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule:
 def make_eval_step(graphdef) -> Callable[[Any, dict], dict]:
   """(params, batch) -> validation sums, no router exploration: {"nll_sum", "correct_sum" (tokens whose argmax is
   the target), "tokens"}, "bytes" when the batch holds "target_bytes" (`with_target_bytes`) and "layer_metrics":
-  the model's per-layer metrics, token-weighted ({name: [L] or [L, n]})."""
+  the model's per-layer metrics, token-weighted ({name: [L] or [L, E]})."""
 
   def eval_step(params, batch):
     model = nnx.merge(graphdef, params)
