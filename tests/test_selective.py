@@ -13,11 +13,11 @@ from yanjax.model.config import ModelConfig
 from yanjax.model.dispatch import capacity_positions, group_capacity
 from yanjax.model.selective import RouterStats, SelectiveFFN, exploration_weight
 
-D, E, K, F, H = 16, 4, 2, 8, 8
+D, E, K, G, R = 16, 4, 2, 8, 8  # width, groups, groups per token (k), group width (g), router hidden
 
 
 def make_cfg(**changes):
-  base = dict(router=True, width=D, mlp_width=E * F, groups=E, top_k=K, router_hidden=H, init_std=0.3,
+  base = dict(router=True, width=D, mlp_width=E * G, groups=E, top_k=K, router_hidden=R, init_std=0.3,
               capacity_factor=E / K, explore_steps=100)
   return ModelConfig(**{**base, **changes})
 
@@ -129,10 +129,10 @@ def max_err(a, b):
 def test_parameter_layout():
   ffn = nnx.eval_shape(lambda: SelectiveFFN(make_cfg(), rngs=nnx.Rngs(0)))
   expected = {
-      "router_in": ((D, H), ("embed", None)),
-      "router_out": ((H, E), (None, "experts")),
-      "gate_up": ((E, D, 2, F), ("experts", "embed", None, "mlp")),
-      "down": ((E, F, D), ("experts", "mlp", "embed")),
+      "router_in": ((D, R), ("embed", None)),
+      "router_out": ((R, E), (None, "experts")),
+      "gate_up": ((E, D, 2, G), ("experts", "embed", None, "mlp")),
+      "down": ((E, G, D), ("experts", "mlp", "embed")),
   }
   params = nnx.state(ffn, nnx.Param)
   assert set(params.keys()) == set(expected)

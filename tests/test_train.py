@@ -126,7 +126,7 @@ def test_sharded_run_equals_single_device_run(mesh_cfg, grad_accum, single_devic
 @pytest.mark.parametrize("dispatch,expert", [("dropless", 4), ("capacity", 2)])
 @pytest.mark.slow
 def test_selective_expert_parallel_step_equals_single_device_and_gathers_no_tokens(dispatch, expert):
-  """Experts split over `expert` of 8 devices (token-slots travel by all-to-all) against one device: each
+  """Groups split over the mesh axis `expert` of 8 devices (token-slots travel by all-to-all) against one device: each
   dispatch on one split (both dispatches on both splits cost 80 s of compiling for little more)."""
   from test_dispatch import all_gathered_shapes  # pylint: disable=import-outside-toplevel
   model = dict(MODEL, router=True, groups=4, top_k=2, dispatch=dispatch, capacity_factor=1.0, explore_steps=2)
