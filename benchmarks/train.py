@@ -4,10 +4,10 @@ The full jitted train step of yanjax.main.train (forward, backward, AdamW update
 devices with the config's mesh. Prints JSON lines: one per (MCSD recurrence form, attention or hybrid, sequence
 length), then a ratio line per length (each MCSD form's and the hybrid's tokens/s over attention's, and the
 hybrid's over the first MCSD form's). The hybrid keeps the window its config gives it (`:hybrid`: min(1024, the
-config's train.seq_len)), whatever --seq_lens.
+config's train.seq_len)), whatever --seq_lens, unless --window sets it.
 
 Run: PYTHONPATH=. python3 benchmarks/train.py [--config configs/yan_tiny.py] [--seq_lens 512,2048,8192]
-     [--tokens_per_step 16384] [--steps 5] [--recurrence auto,chunked,associative]
+     [--tokens_per_step 16384] [--steps 5] [--recurrence auto,chunked,associative] [--window 256]
 """
 
 from __future__ import annotations
@@ -75,6 +75,7 @@ def main(argv=None):
   parser.add_argument("--tokens_per_step", type=int, default=16384, help="global batch = this / sequence length")
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--dtype", default=None, help="override model.dtype (e.g. bfloat16)")
+  parser.add_argument("--window", type=int, default=0, help="the hybrid's sliding window (0: its config's)")
   parser.add_argument("--recurrence", type=recurrence_forms, default=["auto"],
                       help="MCSD recurrence forms to time, comma-separated")
   args = parser.parse_args(argv)
@@ -86,6 +87,8 @@ def main(argv=None):
       cfg = load_config_file(f"{args.config}:{variant}" if variant else args.config)
       if form:
         cfg.model.recurrence = form
+      if variant == "hybrid" and args.window:
+        cfg.model.window = args.window
       cfg.train.seq_len = seq_len
       cfg.train.global_batch = max(jax.device_count(), args.tokens_per_step // seq_len)
       cfg.model.max_decode_len = max(cfg.model.max_decode_len, seq_len)
