@@ -71,6 +71,15 @@ def test_spec_errors(tmp_path):
     sweep.load_spec(bad)
 
 
+def test_a_family_whose_pattern_does_not_fit_a_size_is_named_with_the_size(tmp_path):
+  """SPEC's sizes have one layer; the hybrid's pattern needs a multiple of two."""
+  spec = tmp_path / "spec.py"
+  spec.write_text(SPEC.format(families={"hybrid": f"{REPO}/configs/yan_tiny.py:hybrid"}, store="s", cache=""))
+  with pytest.raises(ConfigError, match=r"^sweep family 'hybrid' \(.*yan_tiny\.py:hybrid\) at size 'w16': "
+                                        r"model\.pattern=\('mcsd', 'swa'\): its length 2 must divide model\.layers=1$"):
+    sweep.points(sweep.load_spec(spec))
+
+
 @pytest.mark.slow
 def test_tiny_sweep_end_to_end(tmp_path, capsys, store_2048):
   """One family's 3 sizes x 2 budgets (a fit takes at least 5 points); fitting several families is

@@ -92,7 +92,10 @@ def points(sweep: dict[str, Any]) -> list[Point]:
     train = base.train
     tokens_per_step = train.global_batch * train.seq_len
     for size, overrides in sweep["sizes"].items():
-      model = model_variant({**base.model.to_dict(), **overrides}, variant, train.seq_len)
+      try:
+        model = model_variant({**base.model.to_dict(), **overrides}, variant, train.seq_len)
+      except ConfigError as e:
+        raise ConfigError(f"sweep family {family!r} ({config_spec}) at size {size!r}: {e}") from None
       fpt = flops_per_token(model, train.seq_len)
       budgets = [(d, None) for d in sweep.get("tokens", ())]
       budgets += [(c / fpt, c) for c in sweep.get("isoflop", ())]
