@@ -28,9 +28,10 @@ per device per micro-batch (global_batch / grad_accum / batch-parallel devices x
                            r = E c / T ~ 1.25 k slots per token: capacity 2 k E 4 + r (2 D + 3 g) a + k D a;
                            dropless k (3 D + 3 g) a, + 3 p k D a over p > 1 expert devices (all-to-all
                            buffers, worst case), + 2 k E (D + g) a on CPU (ragged_dot runs every group)
-  working     one layer's backward: its `none` residuals recomputed, plus attention's logits cotangent H T 4
+  working     one layer's backward: its `none` residuals recomputed, plus attention's logits cotangent H T 4;
+              the largest layer's, or, scanned, one repetition's of the pattern (its P layers together)
   logits      2 V 4 (float32 logits and their cotangent) + 4 D 4
-  gathered    FSDP all-gathers: float32 weights of 2 layers (scanned) or every layer (unscanned; the CPU
+  gathered    FSDP all-gathers: float32 weights of 2 P layers (scanned) or every layer (unscanned; the CPU
               compiler keeps them all), plus the embedding; with remat none, every layer's weights cast to a
 
 Every selective term is linear in T (c grows with T, but per token r = E c / T stays ~ 1.25 k).
