@@ -238,7 +238,7 @@ def main(argv=None):
   parser.add_argument("--window", type=int, default=0,
                       help="the hybrid's sliding window (0: its config variant's, min(1024, --seq_len))")
   parser.add_argument("--pattern", default="", help="the hybrid's layer pattern, comma-separated (e.g. swa,mcsd; "
-                      "'': its config variant's, mcsd,swa)")
+                      "'': its config variant's, swa,mcsd)")
   parser.add_argument("--contexts", default="128,1024,8192", help="decode contexts ('' skips decoding)")
   parser.add_argument("--decode_repeats", type=int, default=10)
   args = parser.parse_args(argv)

@@ -18,8 +18,8 @@ layer's [b, t, 2F] FFN input: 108 GB per device at 256 H100s, per `python -m yan
 
 Variants: `configs/yan_10b.py` (dense FFN), `configs/yan_10b.py:selective` (selective activation),
 `configs/yan_10b.py:mcsd_dd` (MCSD with data-dependent decay), `configs/yan_10b.py:attention` (the parameter-matched
-attention baseline), `configs/yan_10b.py:hybrid` (MCSD and sliding-window attention layers
-alternating, window 1024, FFN width matched).
+attention baseline), `configs/yan_10b.py:hybrid` (sliding-window attention and MCSD
+layers alternating, attention first, window 1024, FFN width matched).
 Print every config's size: python -m yanjax.main.config_table
 """
 

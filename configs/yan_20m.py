@@ -12,8 +12,8 @@ Training: about 20 tokens per parameter (400,000,000 tokens), 2048-token sequenc
 
 Variants: `configs/yan_20m.py` (dense FFN), `configs/yan_20m.py:selective` (selective activation),
 `configs/yan_20m.py:mcsd_dd` (MCSD with data-dependent decay), `configs/yan_20m.py:attention` (the parameter-matched
-attention baseline), `configs/yan_20m.py:hybrid` (MCSD and sliding-window attention layers
-alternating, window 1024, FFN width matched).
+attention baseline), `configs/yan_20m.py:hybrid` (sliding-window attention and MCSD
+layers alternating, attention first, window 1024, FFN width matched).
 Print every config's size: python -m yanjax.main.config_table
 """
 

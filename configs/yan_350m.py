@@ -13,8 +13,8 @@ per `python -m yanjax.main.plan`), AdamW with warmup and cosine decay.
 
 Variants: `configs/yan_350m.py` (dense FFN), `configs/yan_350m.py:selective` (selective activation),
 `configs/yan_350m.py:mcsd_dd` (MCSD with data-dependent decay), `configs/yan_350m.py:attention` (the parameter-matched
-attention baseline), `configs/yan_350m.py:hybrid` (MCSD and sliding-window attention layers
-alternating, window 1024, FFN width matched).
+attention baseline), `configs/yan_350m.py:hybrid` (sliding-window attention and MCSD
+layers alternating, attention first, window 1024, FFN width matched).
 Print every config's size: python -m yanjax.main.config_table
 """
 

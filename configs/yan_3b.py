@@ -17,8 +17,8 @@ and 256 GPUs); bfloat16 compute, float32 parameters, remat save_dots.
 
 Variants: `configs/yan_3b.py` (dense FFN), `configs/yan_3b.py:selective` (selective activation),
 `configs/yan_3b.py:mcsd_dd` (MCSD with data-dependent decay), `configs/yan_3b.py:attention` (the parameter-matched
-attention baseline), `configs/yan_3b.py:hybrid` (MCSD and sliding-window attention layers
-alternating, window 1024, FFN width matched).
+attention baseline), `configs/yan_3b.py:hybrid` (sliding-window attention and MCSD
+layers alternating, attention first, window 1024, FFN width matched).
 Print every config's size: python -m yanjax.main.config_table
 """
 

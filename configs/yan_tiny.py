@@ -7,8 +7,8 @@ Run (README command 1; the only config that prepares its own data, the Python st
 
 Variants: `configs/yan_tiny.py` (dense FFN), `configs/yan_tiny.py:selective` (selective activation),
 `configs/yan_tiny.py:mcsd_dd` (MCSD with data-dependent decay), `configs/yan_tiny.py:attention` (the parameter-matched
-attention baseline), `configs/yan_tiny.py:hybrid` (MCSD and sliding-window attention layers
-alternating, window 128 (= train.seq_len), FFN width matched).
+attention baseline), `configs/yan_tiny.py:hybrid` (sliding-window attention and MCSD
+layers alternating, attention first, window 128 (= train.seq_len), FFN width matched).
 Print every config's size: python -m yanjax.main.config_table
 """
 

@@ -654,7 +654,7 @@ def test_a_trained_hybrid_exports_and_its_numpy_runtime_equals_the_run(small_sto
   export_cli.main(["--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "export")])
   model, cfg, _ = inference.load_inference_model(tmp_path / "run")
   runtime = Model(load_export(tmp_path / "export"))
-  assert cfg.pattern == runtime.cfg["pattern"] == ("mcsd", "swa") and runtime.cfg["window"] == 16
+  assert cfg.pattern == runtime.cfg["pattern"] == ("swa", "mcsd") and runtime.cfg["window"] == 16
   tokens = np.arange(2 * 40).reshape(2, 40) % cfg.vocab_size
   diff = float(np.max(np.abs(runtime.forward(tokens) - np.asarray(model(jnp.asarray(tokens))[0]))))
   print(f"hybrid run vs its export in the NumPy runtime: max abs logit difference {diff:.2e}")

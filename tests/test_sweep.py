@@ -76,7 +76,7 @@ def test_a_family_whose_pattern_does_not_fit_a_size_is_named_with_the_size(tmp_p
   spec = tmp_path / "spec.py"
   spec.write_text(SPEC.format(families={"hybrid": f"{REPO}/configs/yan_tiny.py:hybrid"}, store="s", cache=""))
   with pytest.raises(ConfigError, match=r"^sweep family 'hybrid' \(.*yan_tiny\.py:hybrid\) at size 'w16': "
-                                        r"model\.pattern=\('mcsd', 'swa'\): its length 2 must divide model\.layers=1$"):
+                                        r"model\.pattern=\('swa', 'mcsd'\): its length 2 must divide model\.layers=1$"):
     sweep.points(sweep.load_spec(spec))
 
 

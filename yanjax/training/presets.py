@@ -8,11 +8,12 @@ the colon of `--config configs/<name>.py:<variant>`:
   "mcsd_dd"    the same with MCSD's decay rates gated per token (mixer "mcsd_dd", beyond the paper; dense FFN)
   "attention"  the LLaMA-style baseline with the same width, depth and vocabulary, and the FFN width that
                matches the Yan model's total parameter count (see `matched`)
-  "hybrid"     MCSD and sliding-window attention layers alternating (`HYBRID_PATTERN`), window
+  "hybrid"     sliding-window attention and MCSD layers alternating, attention first (`HYBRID_PATTERN`), window
                min(HYBRID_WINDOW, train.seq_len), FFN width matched to the Yan model's parameters likewise
 
 The hybrid's design (docs/model.md, "The hybrid"): Samba's 1:1 interleaving rather than Griffin's 2:1, because
-every shipped depth divides by 2 and not all by 3 (yan_tiny has 2 layers, yan_3b 20); Griffin's window of 1024
+every shipped depth divides by 2 and not all by 3 (yan_tiny has 2 layers, yan_3b 20); attention first, because
+the A/B measured it ahead of MCSD first at every length (docs/results.md, "The hybrid"); Griffin's window of 1024
 tokens, which bounds the decode state (at 32k tokens of context, 1/64 of the attention baseline's KV cache).
 """
 
@@ -25,7 +26,7 @@ from yanjax.model.config import ModelConfig
 from yanjax.model.counting import param_count
 
 VARIANTS = ("", "selective", "mcsd_dd", "attention", "hybrid")
-HYBRID_PATTERN = ("mcsd", "swa")
+HYBRID_PATTERN = ("swa", "mcsd")
 HYBRID_WINDOW = 1024
 # Capacity dispatch: faster than the dense FFN on CPU where dropless (ragged_dot, dense there) is slower
 # (benchmarks/selective.py, benchmarks/RESULTS.md); both are linear in the sequence length.
