@@ -359,8 +359,8 @@ ROWS = [
     Row("plan with a missing config file",
         lambda ctx: _command("yanjax.main.plan", f"--config={ctx['tmp'] / 'none.py'}"), USAGE, "does not exist"),
     Row("summary of an unknown variant",
-        lambda ctx: _command("yanjax.main.summary", "--config=configs/yan_tiny.py:hybrid"), USAGE,
-        "unknown config variant 'hybrid'; choose one of"),
+        lambda ctx: _command("yanjax.main.summary", "--config=configs/yan_tiny.py:nope"), USAGE,
+        "unknown config variant 'nope'; choose one of"),
     # Buckets (issue 23)
     Row("the S3 endpoint dies mid-training", _store_dies_mid_run, USAGE,
         "the storage service became unreachable during training", _names_endpoint_and_a_committed_step),

@@ -25,9 +25,9 @@ INVALID = {
     "yanjax.main.fit": ["--results={tmp}/none.jsonl", "--out={tmp}/fit"],
     "yanjax.main.generate": ["--workdir={tmp}/run", "--prompt=x", "--top_p=1.5"],
     "yanjax.main.plan": ["--config=configs/yan_tiny.py", "--mfu=5"],
-    "yanjax.main.summary": ["--config=configs/yan_tiny.py:hybrid"],
+    "yanjax.main.summary": ["--config=configs/yan_tiny.py:nope"],
     "yanjax.main.sweep": ["run", "--spec=configs/sweeps/tiny.py", "--out={tmp}/sweep", "--only=99"],
-    "yanjax.main.train": ["--config=configs/yan_tiny.py:hybrid", "--workdir={tmp}/train"],
+    "yanjax.main.train": ["--config=configs/yan_tiny.py:nope", "--workdir={tmp}/train"],
     "data_pipelines.prepare": ["--output={tmp}/store", "--vocab_size=abc"],
     "yanjax.numpy_runtime": ["--export={tmp}/export", "--prompt=a", "--max_new_tokens=-3"],
 }
