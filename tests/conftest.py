@@ -82,3 +82,16 @@ def s3_bucket(s3_endpoint, request) -> str:
   """A new, empty bucket for one test: its s3:// URL."""
   name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + os.urandom(3).hex()
   return s3_server.create_bucket(s3_endpoint, name)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_model(tmp_path_factory):
+  """A 300-piece byte-fallback BPE sentencepiece model (bos 1, eos 2)."""
+  import sentencepiece as spm  # pylint: disable=import-outside-toplevel
+  path = tmp_path_factory.mktemp("tok")
+  text = "".join(f"the state of channel {i} decays slowly, café {i % 7}.\n" for i in range(300))
+  (path / "corpus.txt").write_text(text, encoding="utf-8")
+  spm.SentencePieceTrainer.train(input=str(path / "corpus.txt"), model_prefix=str(path / "tok"),
+                                 vocab_size=300, byte_fallback=True, model_type="bpe", unk_id=0, bos_id=1,
+                                 eos_id=2, pad_id=-1, minloglevel=2, num_threads=1)
+  return path / "tok.model"

@@ -21,7 +21,6 @@ import safetensors.numpy
 from flax import nnx
 from model_helpers import random_model
 
-from yanjax.core.config import ConfigError
 from yanjax.export import writer as export_module
 from yanjax.export.writer import export_model, parameter_arrays
 from yanjax.inference import loading as inference
@@ -392,19 +391,6 @@ def test_export_refuses_a_config_that_is_not_the_models(exported, tmp_path):
     export_model(model, cfg.replace(layers=3), tmp_path)
 
 
-@pytest.fixture(scope="module")
-def tokenizer_model(tmp_path_factory):
-  """A 300-piece byte-fallback BPE sentencepiece model (bos 1, eos 2)."""
-  import sentencepiece as spm  # pylint: disable=import-outside-toplevel
-  path = tmp_path_factory.mktemp("tok")
-  text = "".join(f"the state of channel {i} decays slowly, café {i % 7}.\n" for i in range(300))
-  (path / "corpus.txt").write_text(text, encoding="utf-8")
-  spm.SentencePieceTrainer.train(input=str(path / "corpus.txt"), model_prefix=str(path / "tok"),
-                                 vocab_size=300, byte_fallback=True, model_type="bpe", unk_id=0, bos_id=1,
-                                 eos_id=2, pad_id=-1, minloglevel=2, num_threads=1)
-  return path / "tok.model"
-
-
 def test_export_cli_with_tokenizer_and_numpy_cli(tokenizer_model, tmp_path, monkeypatch, capsys):
   import sentencepiece as spm  # pylint: disable=import-outside-toplevel
   model, cfg = _model("yan", vocab_size=320)
@@ -511,135 +497,6 @@ def test_export_to_a_bucket_and_run_it_from_there(tokenizer_model, tmp_path, s3_
   (epath.Path(url) / "weights.npz").write_bytes(b"not a zip")
   with pytest.raises(ExportError, match=r"s3://.*weights\.npz: (not a readable|sha256)"):
     load_export(url)
-
-
-# ---- nothing lost: replace only on success, never what is not an export ---------------------------------
-
-def _files(path):
-  return {p.name: p.read_bytes() for p in path.iterdir()}
-
-
-def _fail_while_writing_weights(monkeypatch):
-  """The export fails half-way (the weights file begun), as a full disk would."""
-  def fail(path, *args, **kwargs):
-    path.write_bytes(b"half a file")
-    raise OSError(28, "No space left on device")
-  monkeypatch.setattr(export_module, "_write_npz", fail)
-  monkeypatch.setattr(export_module, "_write_safetensors", fail)
-
-
-def test_failed_export_leaves_the_previous_one_intact(tokenizer_model, tmp_path, monkeypatch):
-  old, cfg = _model("yan", vocab_size=320)
-  new = random_model(cfg, seed=7)
-  out = tmp_path / "out"
-  export_model(old, cfg, out, tokenizer_path=tokenizer_model)
-  before = _files(out)
-  _fail_while_writing_weights(monkeypatch)
-  for weights_format in ("npz", "safetensors"):
-    with pytest.raises(OSError, match="No space left"):
-      export_model(new, cfg, out, weights_format=weights_format)
-  assert _files(out) == before  # byte for byte
-  assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the temporary directory is gone
-  np.testing.assert_array_equal(load_export(out).arrays["embed.embedding"],
-                                np.asarray(old.embed.embedding[...]))
-
-
-def test_export_replaces_an_earlier_export(tokenizer_model, tmp_path):
-  model, cfg = _model("yan", vocab_size=320)
-  out = tmp_path / "out"
-  export_model(model, cfg, out, tokenizer_path=tokenizer_model)
-  other = random_model(cfg, seed=7)
-  manifest = export_model(other, cfg, out)  # no tokenizer this time: the old one must not linger
-  assert sorted(_files(out)) == ["config.json", "manifest.json", "weights.npz"]
-  assert load_export(out).manifest == manifest and manifest["tokenizer"] is None
-  np.testing.assert_array_equal(load_export(out).arrays["embed.embedding"], np.asarray(other.embed.embedding[...]))
-  assert [p.name for p in tmp_path.iterdir()] == ["out"]
-  (tmp_path / "empty").mkdir()  # an empty directory is replaced too
-  export_model(model, cfg, tmp_path / "empty")
-  assert (tmp_path / "empty" / "manifest.json").exists()
-
-
-def test_out_that_is_not_an_export_is_refused_and_untouched(tmp_path, monkeypatch):
-  model, cfg = _model("yan")
-  mine = tmp_path / "mine"
-  mine.mkdir()
-  (mine / "notes.txt").write_text("my notes")
-  (mine / "config.json").write_text("{}")
-  with pytest.raises(ConfigError, match=rf"{mine} holds files that are not part of a yanjax export "
-                                        r"\(notes\.txt\)"):
-    export_model(model, cfg, mine)
-  assert _files(mine) == {"notes.txt": b"my notes", "config.json": b"{}"}
-  other = tmp_path / "other"
-  other.mkdir()
-  (other / "manifest.json").write_text('{"format": "someone-else"}')
-  with pytest.raises(ConfigError, match=r"manifest\.json is not the manifest of a yanjax export"):
-    export_model(model, cfg, other)
-  assert _files(other) == {"manifest.json": b'{"format": "someone-else"}'}
-  a_file = tmp_path / "a_file"
-  a_file.write_text("data")
-  with pytest.raises(ConfigError, match="not part of a yanjax export"):
-    export_model(model, cfg, a_file)
-  assert a_file.read_text() == "data"
-  # The command line refuses before it reads the checkpoint; `cli.run` makes it one line, exit code 2.
-  monkeypatch.setattr(inference, "load_inference_model", lambda *a, **k: pytest.fail("checkpoint read"))
-  with pytest.raises(ConfigError, match="notes.txt"):
-    export_cli.main(["--workdir", "run", "--out", str(mine)])
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "mine", "other"]
-
-
-def test_bucket_export_is_replaced_manifest_last_and_kept_on_failure(s3_bucket, monkeypatch):
-  from etils import epath  # pylint: disable=import-outside-toplevel
-
-  from yanjax.core import storage  # pylint: disable=import-outside-toplevel
-  model, cfg = _model("yan")
-  url = f"{s3_bucket}/exports/m"
-  fs = epath.backend.fsspec_backend.fs(url)
-
-  def objects(prefix):
-    fs.invalidate_cache()
-    key = prefix.split("://", 1)[1]
-    return {k[len(key) + 1:]: fs.cat_file(k) for k in fs.find(key + "/")}
-
-  export_model(model, cfg, url)
-  before = objects(url)
-  assert sorted(before) == ["config.json", "manifest.json", "weights.npz"]
-  with monkeypatch.context() as patch:
-    _fail_while_writing_weights(patch)
-    with pytest.raises(OSError, match="No space left"):
-      export_model(random_model(cfg, seed=7), cfg, url)
-  assert objects(url) == before
-  assert not any(".tmp-" in key for key in objects(s3_bucket))
-
-  calls = []  # the bucket's own order: the old manifest deleted first, the new one copied last
-  filesystem = storage._filesystem  # pylint: disable=protected-access
-
-  class Recording:
-    def __init__(self, real):
-      self.real = real
-
-    def __getattr__(self, name):
-      attr = getattr(self.real, name)
-      if name not in ("rm_file", "rm", "copy"):
-        return attr
-      return lambda *a, **k: (calls.append((name, a[0])), attr(*a, **k))[1]
-
-  monkeypatch.setattr(storage, "_filesystem", lambda path: Recording(filesystem(path)))
-  other = random_model(cfg, seed=7)
-  manifest = export_model(other, cfg, url)
-  key = url.split("://", 1)[1]
-  assert calls[0] == ("rm_file", f"{key}/manifest.json")
-  copies = [c[1] for c in calls if c[0] == "copy"]
-  assert copies[-1].endswith("/manifest.json") and ".tmp-" in copies[-1]  # a single key, after the rest
-  assert load_export(url).manifest == manifest
-  np.testing.assert_array_equal(load_export(url).arrays["embed.embedding"], np.asarray(other.embed.embedding[...]))
-  assert not any(".tmp-" in k for k in objects(s3_bucket))
-
-  (epath.Path(url) / "notes.txt").write_text("my notes")
-  with pytest.raises(ConfigError, match=rf"{url} holds files that are not part of a yanjax export \(notes\.txt\)"):
-    export_model(model, cfg, url)
-  assert objects(url)["notes.txt"] == b"my notes" and load_export(url).manifest == manifest
-  with pytest.raises(ConfigError, match="is a bucket"):
-    export_model(model, cfg, s3_bucket)
 
 
 @pytest.mark.slow

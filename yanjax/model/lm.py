@@ -76,6 +76,16 @@ def _apply(block: Block, x, inputs, cache, key):
   return block(x, inputs, cache, key)
 
 
+def _apply_in_turn(apply, blocks, x, inputs, caches, keys):
+  """Runs `blocks` one after another: -> (x, their caches, their LayerAux stacked [n, ...]); `caches` and `keys`
+  hold one entry per block, or are None."""
+  outputs = []
+  for i, block in enumerate(blocks):
+    x, cache, aux = apply(block, x, inputs, None if caches is None else caches[i], None if keys is None else keys[i])
+    outputs.append((cache, aux))
+  return x, [cache for cache, _ in outputs], jax.tree.map(lambda *a: jnp.stack(a), *[a for _, a in outputs])
+
+
 class LanguageModel(nnx.Module):
   """A Yan (MCSD), attention-baseline or hybrid language model: the layers' mixers are `cfg.pattern` repeated."""
 
@@ -150,13 +160,7 @@ class LanguageModel(nnx.Module):
     if cfg.scan_layers:
       x, caches, aux = self._scan(apply, x, inputs, caches, keys)
     else:
-      per_layer = []
-      for i, block in enumerate(self.blocks):
-        x, cache, layer_aux = apply(block, x, inputs, None if caches is None else caches[i],
-                                    None if keys is None else keys[i])
-        per_layer.append((cache, layer_aux))
-      caches = [cache for cache, _ in per_layer]
-      aux = jax.tree.map(lambda *a: jnp.stack(a), *[a for _, a in per_layer])  # LayerAux of [L, ...]
+      x, caches, aux = _apply_in_turn(apply, self.blocks, x, inputs, caches, keys)  # LayerAux of [L, ...]
     x = self.final_norm(x)
     if cfg.tie_embeddings:
       logits = self.embed.attend(x)
@@ -175,12 +179,7 @@ class LanguageModel(nnx.Module):
     @nnx.scan(in_axes=(0, nnx.Carry, None, 0, 0), out_axes=(nnx.Carry, 0, 0),
               transform_metadata={nnx.PARTITION_NAME: "layers"})
     def over_repeats(blocks, x, inputs, caches, keys):
-      outputs = []
-      for j, block in enumerate(blocks):
-        x, cache, aux = apply(block, x, inputs, None if caches is None else caches[j],
-                              None if keys is None else keys[j])
-        outputs.append((cache, aux))
-      return x, [cache for cache, _ in outputs], jax.tree.map(lambda *a: jnp.stack(a), *[a for _, a in outputs])
+      return _apply_in_turn(apply, blocks, x, inputs, caches, keys)  # one repetition: the pattern's P blocks
 
     x, caches, aux = over_repeats(self.blocks, x, inputs, caches, keys)
     return x, caches, jax.tree.map(lambda a: a.reshape(self.cfg.layers, *a.shape[2:]), aux)  # [L / P, P] -> [L]

@@ -124,7 +124,7 @@ def eval_scalars(batch_sums: list[dict]) -> dict[str, float]:
              "val_accuracy": float(total["correct_sum"]) / tokens}
   if "bytes" in total:
     scalars["val_bits_per_byte"] = float(total["nll_sum"]) / np.log(2.0) / max(float(total["bytes"]), 1.0)
-  for name, per_layer in total.get("layer_metrics", {}).items():
+  for name, per_layer in total["layer_metrics"].items():
     prefix, _, rest = name.partition("_")
     for i, value in enumerate(per_layer / tokens):
       if value.ndim:
