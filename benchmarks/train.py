@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import jax
@@ -115,4 +116,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  try:
+    main()
+  except ValueError as error:  # ConfigError included: a setting the run config refuses, one line
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
