@@ -1,18 +1,23 @@
 """Train-step throughput: tokens/s and MFU of MCSD, its parameter-matched attention baseline and hybrid, same run.
 
 The full jitted train step of yanjax.main.train (forward, backward, AdamW update) on random tokens, on all local
-devices with the config's mesh. Prints JSON lines: one per (MCSD recurrence form, attention or hybrid, sequence
-length), then a ratio line per length (each MCSD form's and the hybrid's tokens/s over attention's, and the
-hybrid's over the first MCSD form's). The hybrid keeps the window its config gives it (`:hybrid`: min(1024, the
-config's train.seq_len)), whatever --seq_lens, unless --window sets it.
+devices with the config's mesh. Prints JSON lines: one per (variant, sequence length), MCSD once per recurrence
+form; then ratio lines per length: each row's tokens/s over attention's, and each other variant's (hybrid,
+selective, mcsd_dd) over the first MCSD form's. The variants are MCSD (the config as written) and the config's
+`:selective`, `:mcsd_dd`, `:attention` and `:hybrid` (yanjax/training/presets.py). The hybrid keeps the window its
+config gives it (`:hybrid`: min(1024, the config's train.seq_len)), whatever --seq_lens, unless --window sets it.
+`--set key=value` overrides a run-config key last (after the length's batch), e.g. `--set model.layers=2
+--set mesh.tensor=1` to time a few layers of a paper size on one device.
 
 Run: PYTHONPATH=. python3 benchmarks/train.py [--config configs/yan_tiny.py] [--seq_lens 512,2048,8192]
      [--tokens_per_step 16384] [--steps 5] [--recurrence auto,chunked,associative] [--window 256]
+     [--variants mcsd,attention,hybrid] [--set model.layers=2 ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import sys
 import time
@@ -24,6 +29,7 @@ from yanjax.core.config import load_config_file
 from yanjax.model.config import RECURRENCE_FORMS
 from yanjax.model.counting import flops_per_token
 from yanjax.training.metrics import mfu
+from yanjax.training.presets import VARIANTS
 from yanjax.training.run_config import validate_run_config
 from yanjax.training.trainer import build_trainer
 
@@ -69,6 +75,43 @@ def recurrence_forms(text: str) -> list[str]:
   return forms
 
 
+def variant_names(text: str) -> list[str]:
+  """The distinct variants named in `text` (comma-separated), in order: "mcsd" (the config as written) or one of
+  the config's variants."""
+  names = list(dict.fromkeys(text.split(",")))
+  allowed = ("mcsd", *filter(None, VARIANTS))
+  unknown = [name for name in names if name not in allowed]
+  if unknown:
+    raise argparse.ArgumentTypeError(f"{', '.join(map(repr, unknown))} not among {', '.join(allowed)}")
+  return names
+
+
+def override(cfg, setting: str) -> None:
+  """Sets `setting`, "key=value" (a dotted run-config key; the value a Python literal, else a string), in `cfg`,
+  a locked run config; a ValueError naming the setting if the key is unknown or the value of another type."""
+  key, equals, text = setting.partition("=")
+  if not equals:
+    raise ValueError(f"--set {setting}: expected KEY=VALUE, e.g. --set model.layers=2")
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    value = text
+  *sections, name = key.split(".")
+  node = cfg
+  for depth, section in enumerate(sections):
+    if not hasattr(node, "keys") or section not in node:
+      raise ValueError(f"--set {setting}: the run config has no section {'.'.join(sections[:depth + 1])!r}")
+    node = node[section]
+  if not hasattr(node, "keys") or name not in node:
+    known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "none"
+    raise ValueError(f"--set {setting}: {'.'.join(sections) or 'the run config'} has no key {name!r}; its keys: "
+                     f"{known}")
+  try:
+    node[name] = value
+  except TypeError as error:
+    raise ValueError(f"--set {setting}: {error}") from None
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--config", default="configs/yan_tiny.py")
@@ -79,9 +122,14 @@ def main(argv=None):
   parser.add_argument("--window", type=int, default=0, help="the hybrid's sliding window (0: its config's)")
   parser.add_argument("--recurrence", type=recurrence_forms, default=["auto"],
                       help="MCSD recurrence forms to time, comma-separated")
+  parser.add_argument("--variants", type=variant_names, default=["mcsd", "attention", "hybrid"],
+                      help="comma-separated: mcsd (once per --recurrence form), selective, mcsd_dd, attention, hybrid")
+  parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a run-config key of every variant, last (repeatable), e.g. model.layers=2")
   args = parser.parse_args(argv)
   device = jax.devices()[0]
-  runs = [("", form) for form in args.recurrence] + [("attention", None), ("hybrid", None)]
+  runs = [("", form) if variant == "mcsd" else (variant, None) for variant in args.variants
+          for form in (args.recurrence if variant == "mcsd" else [None])]
   for seq_len in map(int, args.seq_lens.split(",")):
     throughput = {}
     for variant, form in runs:
@@ -95,24 +143,35 @@ def main(argv=None):
       cfg.model.max_decode_len = max(cfg.model.max_decode_len, seq_len)
       if args.dtype:
         cfg.model.dtype = args.dtype
+      for setting in args.settings:
+        override(cfg, setting)
       seconds = measure(cfg, args.steps)
       model_cfg = validate_run_config(cfg)
       tokens_per_s = cfg.train.global_batch * seq_len / seconds
       utilisation = mfu(flops_per_token(model_cfg, seq_len), tokens_per_s, jax.device_count(), device.device_kind)
       throughput[form or variant] = tokens_per_s
-      print(json.dumps({"bench": "train_step", "config": args.config, "pattern": model_cfg.pattern_name,
-                        "recurrence": form, "seq_len": seq_len,
+      print(json.dumps({"bench": "train_step", "config": args.config, "variant": variant or "mcsd",
+                        "pattern": model_cfg.pattern_name, "recurrence": form, "seq_len": seq_len,
                         "window": model_cfg.window if "swa" in model_cfg.pattern else None,
                         "global_batch": cfg.train.global_batch, "dtype": model_cfg.dtype,
                         "step_ms": round(seconds * 1e3, 2), "tokens_per_s": round(tokens_per_s, 1),
                         "mfu": "n/a" if utilisation is None else round(utilisation, 4),
                         "backend": jax.default_backend(), "device": device.device_kind,
-                        "devices": jax.device_count()}), flush=True)
-    attention = throughput.pop("attention")
+                        "devices": jax.device_count(), "settings": args.settings}), flush=True)
+    print_ratios(throughput, args.recurrence[0] if "mcsd" in args.variants else None, seq_len)
+
+
+def print_ratios(throughput: dict[str, float], mcsd: str | None, seq_len: int) -> None:
+  """Ratio lines of one length's tokens/s (`throughput`: by MCSD form or variant name): every row over attention,
+  and each other variant over the MCSD form `mcsd` (None: no MCSD row)."""
+  attention = throughput.pop("attention", None)
+  if attention and throughput:
     print(json.dumps({"bench": "train_step", "ratio": "mcsd/attention tokens_per_s", "seq_len": seq_len,
-                      **{form: round(value / attention, 3) for form, value in throughput.items()}}), flush=True)
-    print(json.dumps({"bench": "train_step", "ratio": "hybrid/mcsd tokens_per_s", "seq_len": seq_len,
-                      "hybrid": round(throughput["hybrid"] / throughput[args.recurrence[0]], 3)}), flush=True)
+                      **{name: round(value / attention, 3) for name, value in throughput.items()}}), flush=True)
+  for variant in ("hybrid", "selective", "mcsd_dd"):
+    if mcsd and variant in throughput:
+      print(json.dumps({"bench": "train_step", "ratio": f"{variant}/mcsd tokens_per_s", "seq_len": seq_len,
+                        variant: round(throughput[variant] / throughput[mcsd], 3)}), flush=True)
 
 
 if __name__ == "__main__":
