@@ -11,8 +11,11 @@ tokens/s on an export of the same two models.
 JSON lines out: one per (mixer, batch, context), one `flatness` line per (mixer, batch) (latency and state
 at the longest context over the shortest), and one per NumPy-runtime measurement.
 
+`--set key=value` overrides a key of the config before the models are built (e.g. `--set model.layers=2` for a
+few layers of a paper size).
+
 Run: PYTHONPATH=. python3 benchmarks/decode.py [--config configs/yan_tiny.py] [--contexts 512,2048,32768]
-     [--batches 1,16] [--repeats 10] [--numpy_tokens 32]
+     [--batches 1,16] [--repeats 10] [--numpy_tokens 32] [--set model.layers=2 ...]
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from train import override  # pylint: disable=import-error,wrong-import-position  # benchmarks/train.py, beside it
 
 from yanjax import numpy_runtime  # pylint: disable=wrong-import-position
 from yanjax.core.config import load_config_file  # pylint: disable=wrong-import-position
@@ -113,16 +118,20 @@ def main(argv=None):
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--numpy_tokens", type=int, default=32, help="0 skips the NumPy runtime")
+  parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config key before the models are built (repeatable), e.g. model.layers=2")
   args = parser.parse_args(argv)
 
   run = load_config_file(args.config)
+  for setting in args.settings:
+    override(run, setting)
   yan = ModelConfig.from_dict(run["model"]).replace(dtype=args.dtype)
   models = {family: model_variant(yan.to_dict(), variant, run.train.seq_len)
             for family, variant in (("mcsd", ""), ("attention", "attention"), ("hybrid", "hybrid"))}
   contexts = [int(c) for c in args.contexts.split(",")]
   batches = [int(b) for b in args.batches.split(",")]
   common = {"bench": "decode", "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
-            "config": pathlib.Path(args.config).name, "dtype": args.dtype}
+            "config": pathlib.Path(args.config).name, "dtype": args.dtype, "settings": args.settings}
   for mixer, cfg in models.items():
     params = param_count(cfg).total
     for batch in batches:
@@ -148,4 +157,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  try:
+    main()
+  except ValueError as error:  # ConfigError included: a --set the config refuses, one line
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
