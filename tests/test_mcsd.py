@@ -85,7 +85,7 @@ def test_paper_rates():
   assert round(memory[0]) == 32 and round(memory[-1]) == 16384
 
 
-@pytest.mark.parametrize("form", ["reference", "associative", "chunked"])
+@pytest.mark.parametrize("form", ["reference", "associative", "chunked", "pallas"])
 @pytest.mark.parametrize("combine,include_current,learnable", [
     ("concat", False, False), ("sum", False, False), ("concat", True, False), ("sum", False, True)])
 def test_block_equals_explicit_matrix_form(form, combine, include_current, learnable):

@@ -1,11 +1,13 @@
-"""The three recurrence forms agree with the float32 reference on outputs, final states and gradients, with
-fixed per-channel rates (log_a [C], MCSD) and per-token rates (log_a [b, t, C], MCSD with data-dependent decay)."""
+"""The recurrence forms agree with the float32 reference on outputs, final states and gradients, with fixed
+per-channel rates (log_a [C], MCSD) and per-token rates (log_a [b, t, C], MCSD with data-dependent decay). The fused
+Pallas kernel ("pallas") runs here in Pallas's interpret mode, and is lowered for a GPU (Triton) without one."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from yanjax.model import recurrence_kernel
 from yanjax.model.recurrence import linear_recurrence, resolve_form
 
 # Max abs error allowed against the float32 reference, by input dtype, relative to the output scale.
@@ -36,7 +38,8 @@ def _relative_max_error(a, b):
 
 @pytest.mark.parametrize("rates", RATES)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("form,chunk", [("associative", 0), ("chunked", 8), ("chunked", 16), ("chunked", 64)])
+@pytest.mark.parametrize("form,chunk", [("associative", 0), ("chunked", 8), ("chunked", 16), ("chunked", 64),
+                                        ("pallas", 8), ("pallas", 12)])
 def test_forms_match_reference_outputs_and_final_state(form, chunk, dtype, rates):
   x, log_a, reset, h0 = _inputs(dtype, rates)
   ref_h, ref_last = linear_recurrence(x, log_a, reset, h0, form="reference")
@@ -48,7 +51,7 @@ def test_forms_match_reference_outputs_and_final_state(form, chunk, dtype, rates
 
 
 @pytest.mark.parametrize("rates", RATES)
-@pytest.mark.parametrize("form", ["associative", "chunked"])
+@pytest.mark.parametrize("form", ["associative", "chunked", "pallas"])
 def test_forms_match_reference_gradients(form, rates):
   x, log_a, reset, h0 = _inputs(jnp.float32, rates)
   probe = jax.random.normal(jax.random.PRNGKey(9), x.shape)
@@ -70,7 +73,7 @@ def test_reset_cuts_the_state(rates):
   """After a reset the output does not depend on anything before it (no leak across packed documents)."""
   x, log_a, reset, h0 = _inputs(jnp.float32, rates)
   reset = jnp.zeros_like(reset).at[:, 20].set(True)
-  for form in ("reference", "associative", "chunked"):
+  for form in ("reference", "associative", "chunked", "pallas"):
     h1, _ = linear_recurrence(x, log_a, reset, h0, form=form, chunk_size=8)
     h2, _ = linear_recurrence(x.at[:, :20].set(7.0), log_a, reset, h0 * 3, form=form, chunk_size=8)
     assert np.array_equal(np.asarray(h1[:, 20:]), np.asarray(h2[:, 20:])), form
@@ -81,7 +84,7 @@ def test_reset_cuts_the_state(rates):
 def test_split_sequence_continues_from_final_state(rates):
   x, log_a, reset, h0 = _inputs(jnp.float32, rates)
   first_a, second_a = (log_a, log_a) if rates == "fixed" else (log_a[:, :17], log_a[:, 17:])
-  for form in ("reference", "associative", "chunked"):
+  for form in ("reference", "associative", "chunked", "pallas"):
     full, _ = linear_recurrence(x, log_a, reset, h0, form=form, chunk_size=8)
     first, state = linear_recurrence(x[:, :17], first_a, reset[:, :17], h0, form=form, chunk_size=8)
     second, _ = linear_recurrence(x[:, 17:], second_a, reset[:, 17:], state, form=form, chunk_size=8)
@@ -104,7 +107,7 @@ def test_matches_explicit_sum(rates):
       expected[t] += np.prod(a[s + 1:t + 1], axis=0)[:, None] * xs[s]
     if start < 0:
       expected[t] += np.prod(a[:t + 1], axis=0)[:, None] * h0n
-  for form in ("reference", "associative", "chunked"):
+  for form in ("reference", "associative", "chunked", "pallas"):
     h, _ = linear_recurrence(x, log_a, reset, h0, form=form, chunk_size=8)
     np.testing.assert_allclose(np.asarray(h[0]), expected, rtol=1e-4, atol=1e-4)
 
@@ -112,3 +115,21 @@ def test_matches_explicit_sum(rates):
 def test_unknown_form_is_rejected():
   with pytest.raises(ValueError, match="unknown recurrence form"):
     resolve_form("fft")
+
+
+def test_pallas_kernel_lowers_to_triton_for_a_gpu(monkeypatch):
+  """Without a GPU: the forward and backward lower to two Triton kernels (catches block shapes Triton refuses and
+  operations its lowering lacks; compiling the Triton IR to PTX is left to a GPU, benchmarks/accelerator.sh)."""
+  monkeypatch.setattr(recurrence_kernel, "on_gpu", lambda: True)
+  b, t, c, d = 2, 200, 3, 48  # t and Dc not powers of two: padded to the chunk and the feature block
+
+  def grads(x, log_a, reset, h0):
+    def loss(x, log_a, h0):
+      h, last = linear_recurrence(x, log_a, reset, h0, form="pallas", chunk_size=64)
+      return jnp.sum(h) + jnp.sum(last)
+    return jax.grad(loss, argnums=(0, 1, 2))(x, log_a, h0)
+
+  shapes = [jax.ShapeDtypeStruct(s, dtype) for s, dtype in
+            [((b, t, c, d), jnp.bfloat16), ((b, t, c), jnp.float32), ((b, t), jnp.bool_), ((b, c, d), jnp.float32)]]
+  text = jax.jit(grads).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("xla.gpu.triton") == 2 and "mcsd_linear_recurrence" in text

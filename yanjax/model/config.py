@@ -42,8 +42,8 @@ class ModelConfig:
   combine: str = "concat"  # "concat" + output projection (eq. 13) or "sum" (eq. 20)
   learnable_rates: bool = False  # paper: fixed; True: learnable, initialised at the paper's values
   include_current: bool = False  # paper: strict past; True: history includes the current token
-  recurrence: str = "auto"  # "reference" | "associative" | "chunked" | "auto"
-  chunk_size: int = 64  # chunk length Lc of the chunked form
+  recurrence: str = "auto"  # "reference" | "associative" | "chunked" | "pallas" | "auto"
+  chunk_size: int = 64  # chunk length Lc of the chunked and pallas forms
   # Attention ("attention": the baseline; "swa": sliding-window).
   heads: int = 4  # H; head width Dh = D / H
   rope_theta: float = 10_000.0

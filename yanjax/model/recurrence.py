@@ -1,4 +1,4 @@
-"""The linear recurrence behind both MCSD sections, in three equivalent forms behind one switch.
+"""The linear recurrence behind both MCSD sections, in four equivalent forms behind one switch.
 
     h_t = a_t * h_{t-1} + x_t,    a_t = exp(log_a[t, i]) * (1 - reset_t)
 
@@ -15,6 +15,9 @@ Forms:
   chunked      within N chunks of length Lc an [Lc, Lc] decay-mask matmul (the decay from j to i is
                exp(cum_i - cum_j), cum the running sum of log a inside the chunk, as in gated linear attention),
                across chunks a scan over carried states.
+  pallas       the chunked form as one fused Pallas kernel, the carry held in registers across chunks, with its
+               own backward (yanjax/model/recurrence_kernel.py): Triton on GPUs, Pallas's interpret mode on CPU
+               (correct but slow: there for the tests); not on TPU (its Mosaic lowering is not written).
   auto         per backend, from the measurements in benchmarks/RESULTS.md (see AUTO_FORM).
 """
 
@@ -23,10 +26,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-FORMS = ("reference", "associative", "chunked")
+from yanjax.model.recurrence_kernel import fused_recurrence
+
+FORMS = ("reference", "associative", "chunked", "pallas")
 # From benchmarks/mixer.py (benchmarks/RESULTS.md). CPU: the sequential scan was fastest or within noise at
 # every length. GPU (an H100): "chunked" was fastest at width 2048 and "associative" for narrow models at long
 # sequences; neither wins everywhere. TPU: not measured; "chunked", whose matmuls suit its matrix units.
+# "pallas" is chosen nowhere until benchmarks/RESULTS.md shows it faster on a backend (benchmarks/accelerator.sh).
 AUTO_FORM = {"cpu": "reference", "gpu": "chunked", "tpu": "chunked"}
 
 
@@ -35,6 +41,8 @@ def resolve_form(form: str) -> str:
     return AUTO_FORM.get(jax.default_backend(), "chunked")
   if form not in FORMS:
     raise ValueError(f"unknown recurrence form {form!r}; choose one of {FORMS + ('auto',)}")
+  if form == "pallas" and jax.default_backend() == "tpu":
+    raise ValueError("recurrence form 'pallas' is a GPU (Triton) kernel; on TPU set model.recurrence to 'chunked'")
   return form
 
 
@@ -47,8 +55,8 @@ def linear_recurrence(x: jax.Array, log_a: jax.Array, reset: jax.Array, h0: jax.
     log_a: [C] log of each channel's rate (negative), or [b, t, C] per token.
     reset: [b, t] bool, True where the state restarts (h_{t-1} is dropped).
     h0: [b, C, Dc] state before the first step (zeros if None).
-    form: "reference" | "associative" | "chunked" | "auto".
-    chunk_size: Lc, for the chunked form.
+    form: "reference" | "associative" | "chunked" | "pallas" | "auto".
+    chunk_size: Lc, for the chunked and pallas forms (pallas rounds it up to a power of two).
   Returns:
     (h [b, t, C, Dc] float32, h_last [b, C, Dc] float32).
   """
@@ -58,6 +66,8 @@ def linear_recurrence(x: jax.Array, log_a: jax.Array, reset: jax.Array, h0: jax.
     h0 = jnp.zeros((x.shape[0],) + x.shape[2:], jnp.float32)
   h0 = h0.astype(jnp.float32)
   form = resolve_form(form)
+  if form == "pallas":
+    return fused_recurrence(x, log_a, reset, h0, chunk_size)
   if form == "chunked":
     h = _chunked(x, log_a, reset, h0, chunk_size)
   else:
