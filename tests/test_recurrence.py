@@ -39,7 +39,7 @@ def _relative_max_error(a, b):
 @pytest.mark.parametrize("rates", RATES)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("form,chunk", [("associative", 0), ("chunked", 8), ("chunked", 16), ("chunked", 64),
-                                        ("pallas", 8), ("pallas", 12)])
+                                        ("pallas", 16), ("pallas", 64)])
 def test_forms_match_reference_outputs_and_final_state(form, chunk, dtype, rates):
   x, log_a, reset, h0 = _inputs(dtype, rates)
   ref_h, ref_last = linear_recurrence(x, log_a, reset, h0, form="reference")
@@ -133,3 +133,6 @@ def test_pallas_kernel_lowers_to_triton_for_a_gpu(monkeypatch):
             [((b, t, c, d), jnp.bfloat16), ((b, t, c), jnp.float32), ((b, t), jnp.bool_), ((b, c, d), jnp.float32)]]
   text = jax.jit(grads).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
   assert text.count("xla.gpu.triton") == 2 and "mcsd_linear_recurrence" in text
+  one_token = [jax.ShapeDtypeStruct((b, 1) + s.shape[2:], s.dtype) for s in shapes[:3]] + shapes[3:]  # decoding
+  step = jax.jit(lambda x, log_a, reset, h0: linear_recurrence(x, log_a, reset, h0, form="pallas"))
+  assert "xla.gpu.triton" in step.trace(*one_token).lower(lowering_platforms=("cuda",)).as_text()

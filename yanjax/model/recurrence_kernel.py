@@ -29,6 +29,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 FEATURE_BLOCK = 64  # Bd: features per kernel instance (a power of two, as Triton's loads need)
+MIN_TILE = 16  # Triton's smallest matmul side: shorter chunks (a decode step's one token) and narrower blocks pad
 
 
 def _next_power_of_two(n: int) -> int:
@@ -66,9 +67,9 @@ def _scan(x, log_a, reset, h0, chunk):
   """The kernel over all rows, channels and feature blocks: x [b, t, C, Dc], log_a [b, t, C], reset [b, t] bool,
   h0 [b, C, Dc], all float32 -> (h [b, t, C, Dc], h_last [b, C, Dc])."""
   b, t, ch, dc = x.shape
-  chunk = _next_power_of_two(min(chunk, t))
+  chunk = max(MIN_TILE, _next_power_of_two(min(chunk, t)))
   num_chunks = -(-t // chunk)
-  block = min(FEATURE_BLOCK, _next_power_of_two(dc))
+  block = max(MIN_TILE, min(FEATURE_BLOCK, _next_power_of_two(dc)))
   pad_t, pad_d = num_chunks * chunk - t, -dc % block
   x = jnp.pad(x, ((0, 0), (0, pad_t), (0, 0), (0, pad_d)))
   log_a = jnp.pad(log_a, ((0, 0), (0, pad_t), (0, 0)))
@@ -101,7 +102,7 @@ def fused_recurrence(x, log_a, reset, h0, chunk):
 
   Args:
     x: [b, t, C, Dc] float32; log_a: [b, t, C] float32; reset: [b, t] bool; h0: [b, C, Dc] float32.
-    chunk: Lc, a Python int (rounded up to a power of two; at most t).
+    chunk: Lc, a Python int (rounded up to a power of two, at least 16; no longer than t needs).
   Returns:
     (h [b, t, C, Dc], h_last [b, C, Dc]), float32.
   """
