@@ -1,9 +1,13 @@
 """Forward + backward time of the MCSD block (each recurrence form) and the causal-attention block.
 
 Same width, batch and dtype for both, in one run, on whatever backend JAX picks. Prints JSON lines: one per
-(mixer, form, sequence length), then one ratio line per length (attention time / each MCSD form's time).
+(mixer, form or attention kernel, sequence length), then one ratio line per length and attention kernel (attention
+time / each MCSD form's time). An attention line's `attention_kernel` is the implementation that ran ("cudnn" or
+"xla", yanjax/model/attention_kernel.py) for the `requested` model.attention_kernel; `--attention_kernels xla,cudnn`
+times both side by side on a GPU.
 
 Run: PYTHONPATH=. python3 benchmarks/mixer.py [--width 512 --channels 8 --heads 8 --batch 1 --dtype bfloat16]
+     [--attention_kernels auto | xla,cudnn]
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from yanjax.model import attention_kernel
 from yanjax.model.attention import Attention
 from yanjax.model.config import ModelConfig
 from yanjax.model.layers import BlockInputs
@@ -57,6 +62,8 @@ def main(argv=None):
   parser.add_argument("--seq_lens", default="512,1024,2048,4096,8192")
   parser.add_argument("--forms", default=",".join(FORMS))
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--attention_kernels", default="auto", help="model.attention_kernel values to time, "
+                      f"comma-separated: {', '.join(attention_kernel.KERNELS)}")
   args = parser.parse_args(argv)
 
   base = ModelConfig(width=args.width, channels=args.channels, heads=args.heads, dtype=args.dtype,
@@ -73,15 +80,19 @@ def main(argv=None):
       timings[form] = time_fwd_bwd(block, x, args.repeats)
       print(json.dumps({**common, "mixer": "mcsd", "form": form, "seq_len": seq_len,
                         "ms": round(timings[form] * 1e3, 3)}), flush=True)
-    try:
-      attention = time_fwd_bwd(Attention(base.replace(pattern=("attention",)), rngs=nnx.Rngs(0)), x, args.repeats)
-    except Exception as error:  # pylint: disable=broad-except  # out of memory at long lengths
-      print(json.dumps({**common, "mixer": "attention", "seq_len": seq_len, "error": str(error)[:200]}))
-      continue
-    print(json.dumps({**common, "mixer": "attention", "seq_len": seq_len, "ms": round(attention * 1e3, 3)}),
-          flush=True)
-    print(json.dumps({**common, "ratio": "attention/mcsd", "seq_len": seq_len,
-                      **{form: round(attention / t, 3) for form, t in timings.items()}}), flush=True)
+    for requested in args.attention_kernels.split(","):
+      row = {**common, "mixer": "attention", "requested": requested, "seq_len": seq_len}
+      try:
+        cfg = base.replace(pattern=("attention",), attention_kernel=requested)
+        row["attention_kernel"] = attention_kernel.for_run(cfg, seq_len)
+        attention = time_fwd_bwd(Attention(cfg, rngs=nnx.Rngs(0)), x, args.repeats)
+      except Exception as error:  # pylint: disable=broad-except  # cuDNN refused here; out of memory at long lengths
+        print(json.dumps({**row, "error": str(error)[:200]}), flush=True)
+        continue
+      print(json.dumps({**row, "ms": round(attention * 1e3, 3)}), flush=True)
+      print(json.dumps({**common, "ratio": "attention/mcsd", "requested": requested,
+                        "attention_kernel": row["attention_kernel"], "seq_len": seq_len,
+                        **{form: round(attention / t, 3) for form, t in timings.items()}}), flush=True)
 
 
 if __name__ == "__main__":

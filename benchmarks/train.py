@@ -7,7 +7,9 @@ selective, mcsd_dd) over the first MCSD form's. The variants are MCSD (the confi
 `:selective`, `:mcsd_dd`, `:attention` and `:hybrid` (yanjax/training/presets.py). The hybrid keeps the window its
 config gives it (`:hybrid`: min(1024, the config's train.seq_len)), whatever --seq_lens, unless --window sets it.
 `--set key=value` overrides a run-config key last (after the length's batch), e.g. `--set model.layers=2
---set mesh.tensor=1` to time a few layers of a paper size on one device.
+--set mesh.tensor=1` to time a few layers of a paper size on one device. A row's `attention_kernel` is what ran its
+attention layers' passes ("cudnn" or "xla", yanjax/model/attention_kernel.py; null without attention layers):
+`--set model.attention_kernel=xla` times a GPU's attention without cuDNN.
 
 Run: PYTHONPATH=. python3 benchmarks/train.py [--config configs/yan_tiny.py] [--seq_lens 512,2048,8192]
      [--tokens_per_step 16384] [--steps 5] [--recurrence auto,chunked,associative] [--window 256]
@@ -26,6 +28,7 @@ import jax
 import numpy as np
 
 from yanjax.core.config import load_config_file
+from yanjax.model import attention_kernel
 from yanjax.model.config import RECURRENCE_FORMS
 from yanjax.model.counting import flops_per_token
 from yanjax.training.metrics import mfu
@@ -153,6 +156,7 @@ def main(argv=None):
       print(json.dumps({"bench": "train_step", "config": args.config, "variant": variant or "mcsd",
                         "pattern": model_cfg.pattern_name, "recurrence": form, "seq_len": seq_len,
                         "window": model_cfg.window if "swa" in model_cfg.pattern else None,
+                        "attention_kernel": attention_kernel.for_run(model_cfg, seq_len),
                         "global_batch": cfg.train.global_batch, "dtype": model_cfg.dtype,
                         "step_ms": round(seconds * 1e3, 2), "tokens_per_s": round(tokens_per_s, 1),
                         "mfu": "n/a" if utilisation is None else round(utilisation, 4),

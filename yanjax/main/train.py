@@ -39,6 +39,7 @@ from yanjax.core.config import ConfigError, config_flag_error
 from yanjax.core.errors import UserError
 from yanjax.data import tokenizer
 from yanjax.data.errors import DataError
+from yanjax.model import attention_kernel
 from yanjax.model.config import ModelConfig
 from yanjax.model.counting import param_count
 from yanjax.training import compilation_cache, distributed, hooks, plan, sharding
@@ -227,6 +228,10 @@ def train():
   say(f"mesh {mesh}; parameters {count.total:,} total, {count.active:,} active per token; each "
       f"device holds {100 * report['fraction_per_device']:.1f}% of the parameter bytes "
       f"({report['fully_replicated_bytes']:,} bytes fully replicated)")
+  kernel = attention_kernel.for_run(model_cfg, cfg.train.seq_len)
+  if kernel:
+    say(f"attention: training passes on {kernel} (model.attention_kernel={model_cfg.attention_kernel!r}), "
+        "decoding on xla")
 
   # ---- checkpoint: resume or start ------------------------------------------------------------------
   checkpointer = Checkpointer(workdir, cfg.checkpoint.keep, cfg.checkpoint.async_save)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from yanjax.model import layers
+from yanjax.model import attention_kernel, layers
 from yanjax.model.config import ModelConfig
 from yanjax.model.partitioning import Term
 
@@ -58,10 +58,13 @@ class Attention(nnx.Module):
     """x [b, t, D] -> (y [b, t, D], cache after x or None); RoPE at `inputs.positions`.
 
     Without a cache a query sees earlier keys of its own segment (`inputs.segment_ids`: packed documents stay
-    apart); with a cache the call continues one document from the cache's slots (prefill or one decode step).
+    apart), by cuDNN's flash attention or XLA (`model.attention_kernel`, yanjax/model/attention_kernel.py); with a
+    cache the call continues one document from the cache's slots (prefill or one decode step), on XLA.
     """
     q, k, v = self.project_in(x, inputs.positions)
     t = x.shape[1]
+    if cache is None and self.kernel(q) == "cudnn":
+      return self.project_out(attention_kernel.fused_attention(q, k, v, inputs.segment_ids)), None
     if cache is None:
       causal = jnp.tril(jnp.ones((t, t), bool))
       segment_ids = inputs.segment_ids
@@ -75,6 +78,11 @@ class Attention(nnx.Module):
       k, v = cache.k.astype(x.dtype), cache.v.astype(x.dtype)
     attended = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
     return self.project_out(attended), cache
+
+  def kernel(self, q: jax.Array) -> str:
+    """The implementation ("cudnn" or "xla") of a pass without cache over queries q [b, t, H, Dh]
+    (yanjax.model.attention_kernel.choose)."""
+    return attention_kernel.choose(self.cfg.attention_kernel, q.dtype, q.shape[-1], q.shape[1])
 
   def project_in(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """x [b, t, D], positions [b, t] -> q, k, v [b, t, H, Dh], q and k rotated (RoPE) to their positions."""

@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 from yanjax.core.config import ConfigError
+from yanjax.model.attention_kernel import KERNELS, config_problem
 from yanjax.model.dispatch import DISPATCHES
 from yanjax.model.layers import COMPUTE_DTYPES, REMAT_POLICIES
 from yanjax.model.recurrence import FORMS
@@ -48,6 +49,9 @@ class ModelConfig:
   heads: int = 4  # H; head width Dh = D / H
   rope_theta: float = 10_000.0
   max_decode_len: int = 2048  # KV-cache slots s for decoding
+  # The implementation of a training pass of "attention" and "swa": "auto" (cuDNN flash attention on NVIDIA GPUs
+  # in bfloat16, else XLA) | "xla" | "cudnn" (an error where it cannot run); yanjax/model/attention_kernel.py.
+  attention_kernel: str = "auto"
   # Sliding-window attention ("swa"): each query sees the W latest tokens of its document, itself included.
   window: int = 256  # W; also its decode cache's ring-buffer slots
   # Selective activation over E groups of FFN neurons (router=False: dense FFN).
@@ -134,7 +138,8 @@ class ModelConfig:
     if unknown:
       fail("pattern", f"names unknown mixer(s) {unknown}; each must be one of {tuple(TWINS)}")
     for key, allowed in (("recurrence", RECURRENCE_FORMS), ("combine", COMBINES),
-                         ("dispatch", tuple(DISPATCHES)), ("remat", REMATS), ("dtype", COMPUTE_DTYPES)):
+                         ("dispatch", tuple(DISPATCHES)), ("remat", REMATS), ("dtype", COMPUTE_DTYPES),
+                         ("attention_kernel", KERNELS)):
       if getattr(self, key) not in allowed:
         fail(key, f"must be one of {allowed}")
     for key in ("vocab_size", "width", "layers", "mlp_width", "channels", "heads", "chunk_size",
@@ -147,6 +152,8 @@ class ModelConfig:
       problem = TWINS[name].check(self.to_dict())
       if problem:
         fail(*problem)
+    if self.attention_kernel == "cudnn" and (why := config_problem(self.dtype, self.head_dim)):
+      fail("attention_kernel", f"{why}; use 'auto' (cuDNN where it can run, XLA elsewhere) or 'xla'")
     if self.router:
       if self.top_k > self.groups:
         fail("top_k", f"must be <= groups ({self.groups})")

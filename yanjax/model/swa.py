@@ -1,9 +1,11 @@
 """Sliding-window causal self-attention: each query sees the W latest tokens of its document, itself included, so
 its decode state is a ring buffer of W slots and a decode step costs O(W) whatever the context's length.
 
-Attention's parameters (qkv, out) and RoPE (yanjax/model/attention.py); only the mask and the cache differ. A pass
-of t <= 2W tokens is one masked [t, t] product ([t, W + t] with a cache); a longer one goes in blocks of W
-queries, each over its block and the one before (2W keys a query), so its cost grows as t W, not t^2.
+Attention's parameters (qkv, out) and RoPE (yanjax/model/attention.py); only the mask and the cache differ. On XLA
+a pass of t <= 2W tokens is one masked [t, t] product ([t, W + t] with a cache); a longer one goes in blocks of W
+queries, each over its block and the one before (2W keys a query), so its cost grows as t W, not t^2. A pass without
+cache that cuDNN runs (`model.attention_kernel`, yanjax/model/attention_kernel.py) is one fused call whatever t:
+the window is its `local_window_size`, applied inside the kernel, but the document mask it takes is [b, 1, t, t].
 Shapes: the legend in docs/model.md (t: query time, s: key time; W: window, ring-buffer slots).
 """
 
@@ -14,7 +16,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from yanjax.model import layers
+from yanjax.model import attention_kernel, layers
 from yanjax.model.attention import Attention
 from yanjax.model.config import ModelConfig
 from yanjax.model.partitioning import Term
@@ -98,12 +100,14 @@ class SlidingWindowAttention(Attention):
     """x [b, t, D] -> (y [b, t, D], cache after x or None); RoPE at `inputs.positions`.
 
     Without a cache the query at row i sees the rows i - W < j <= i of its segment (`inputs.segment_ids`: packed
-    documents stay apart); with a cache the call continues one document from the ring (prefill or one decode
-    step) and leaves its last min(t, W) keys and values there.
+    documents stay apart), by cuDNN or XLA (`Attention.kernel`); with a cache the call continues one document from
+    the ring (prefill or one decode step), on XLA, and leaves its last min(t, W) keys and values there.
     """
     q, k, v = self.project_in(x, inputs.positions)
     b, t = x.shape[:2]
-    if cache is None:
+    if cache is None and self.kernel(q) == "cudnn":
+      attended = attention_kernel.fused_attention(q, k, v, inputs.segment_ids, self.cfg.window)
+    elif cache is None:
       rows = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
       attended = window_attention(q, Keys(k, v, rows, inputs.segment_ids), self.cfg.window)
     else:
