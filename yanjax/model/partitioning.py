@@ -41,16 +41,27 @@ def active() -> tuple[jax.sharding.Mesh, object] | None:
   return _ACTIVE.get()
 
 
-def map_rows(fn, *arrays):
-  """fn(*arrays) computed on each device's batch rows (dimension 0, logical "batch") inside `jax.shard_map`
-  when a mesh is active, else on all rows; fn must treat rows independently. Keeps ops XLA cannot partition
-  (top_k, sort) from gathering the whole batch onto every device."""
+def map_blocks(fn, in_axes, out_axes, *arrays):
+  """fn(*arrays) computed on each device's block of the arrays inside `jax.shard_map` when a mesh is active, else
+  on the whole arrays. `in_axes` holds each array's logical axes, `out_axes` each output's (a tuple per output,
+  in fn's output structure); fn must treat the blocks independently. Keeps ops XLA cannot partition (top_k,
+  sort, a Pallas kernel) from gathering whole arrays onto every device."""
   current = _ACTIVE.get()
   if current is None:
     return fn(*arrays)
   mesh, to_spec = current
-  rows = jax.sharding.PartitionSpec(to_spec(("batch",), arrays[0].shape[:1])[0])
-  return jax.shard_map(fn, mesh=mesh, in_specs=rows, out_specs=rows)(*arrays)
+  in_specs = tuple(to_spec(axes, a.shape) for axes, a in zip(in_axes, arrays, strict=True))
+  out_specs = jax.tree.map(lambda shape, axes: to_spec(axes, shape.shape), jax.eval_shape(fn, *arrays), out_axes)
+  # check_vma off: a Pallas kernel's outputs declare no varying mesh axes (autodiff stays exact without the check).
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*arrays)
+
+
+def map_rows(fn, *arrays):
+  """`map_blocks` over the batch rows (dimension 0, logical "batch") of arrays and outputs alike."""
+  def rows(a):
+    return ("batch",) + (None,) * (a.ndim - 1)
+  outputs = jax.eval_shape(fn, *arrays)
+  return map_blocks(fn, [rows(a) for a in arrays], jax.tree.map(rows, outputs), *arrays)
 
 
 def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:

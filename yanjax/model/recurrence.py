@@ -26,6 +26,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from yanjax.model.partitioning import map_blocks
 from yanjax.model.recurrence_kernel import fused_recurrence
 
 FORMS = ("reference", "associative", "chunked", "pallas")
@@ -34,6 +35,8 @@ FORMS = ("reference", "associative", "chunked", "pallas")
 # sequences; neither wins everywhere. TPU: not measured; "chunked", whose matmuls suit its matrix units.
 # "pallas" is chosen nowhere until benchmarks/RESULTS.md shows it faster on a backend (benchmarks/accelerator.sh).
 AUTO_FORM = {"cpu": "reference", "gpu": "chunked", "tpu": "chunked"}
+# Logical axes of the pallas form's arrays, placed on a mesh as the trainer's rules say: x and h, h0 and h_last.
+SEQUENCE_AXES, STATE_AXES = ("batch", None, "channels", None), ("batch", "channels", None)
 
 
 def resolve_form(form: str) -> str:
@@ -66,8 +69,10 @@ def linear_recurrence(x: jax.Array, log_a: jax.Array, reset: jax.Array, h0: jax.
     h0 = jnp.zeros((x.shape[0],) + x.shape[2:], jnp.float32)
   h0 = h0.astype(jnp.float32)
   form = resolve_form(form)
-  if form == "pallas":
-    return fused_recurrence(x, log_a, reset, h0, chunk_size)
+  if form == "pallas":  # rows and channels are independent: each device runs the kernel on its own block
+    return map_blocks(lambda *a: fused_recurrence(*a, chunk_size),
+                      (SEQUENCE_AXES, SEQUENCE_AXES[:3], ("batch", None), STATE_AXES), (SEQUENCE_AXES, STATE_AXES),
+                      x, log_a, reset, h0)
   if form == "chunked":
     h = _chunked(x, log_a, reset, h0, chunk_size)
   else:
