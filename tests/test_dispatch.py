@@ -1,6 +1,8 @@
 """Token dispatch (yanjax/model/dispatch.py): the gather-based capacity dispatch against the one-hot reference
-it replaced, linear memory in t, and sharded runs (expert all-to-all) against one device."""
+it replaced, linear memory in t, dropless's grouped matmuls (tokamax's against XLA's), and sharded runs (expert
+all-to-all) against one device."""
 
+import dataclasses
 import re
 
 import jax
@@ -9,8 +11,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from yanjax.core.config import ConfigError
+from yanjax.model import config as model_config
+from yanjax.model import dispatch
 from yanjax.model.config import ModelConfig
-from yanjax.model.dispatch import capacity_dispatch, capacity_positions, group_capacity
+from yanjax.model.dispatch import capacity_dispatch, capacity_positions, dropless_dispatch, group_capacity
 from yanjax.model.layers import cast, geglu
 from yanjax.model.selective import SelectiveFFN
 from yanjax.training import sharding
@@ -103,6 +108,117 @@ def test_capacity_memory_is_linear_in_tokens():
           f"t=8192 (x{large[name] / small[name]:.1f} for x8 tokens)")
   assert large["gather"] / small["gather"] < 8 * 1.25
   assert large["one-hot"] / small["one-hot"] > 30  # the reference it replaced grows as t squared
+
+
+# ---- dropless's grouped matmul: tokamax's == XLA's ----------------------------------------------------------
+
+def _poisoned_ragged_dot():
+  """jax.lax.ragged_dot with NaN in the rows past sum(group_sizes), of its output and of its lhs cotangent:
+  what a kernel that leaves them undefined may give."""
+
+  def poison(rows, sizes):
+    return jnp.where(jnp.arange(rows.shape[0])[:, None] < jnp.sum(sizes), rows, jnp.nan)
+
+  @jax.custom_vjp
+  def ragged_dot(lhs, rhs, sizes):
+    return poison(jax.lax.ragged_dot(lhs, rhs, sizes), sizes)
+
+  def fwd(lhs, rhs, sizes):
+    return ragged_dot(lhs, rhs, sizes), (lhs, rhs, sizes)
+
+  def bwd(res, dout):
+    lhs, rhs, sizes = res
+    dlhs, drhs = jax.vjp(lambda a, b: jax.lax.ragged_dot(a, b, sizes), lhs, rhs)[1](dout)
+    return poison(dlhs, sizes), drhs, None
+
+  ragged_dot.defvjp(fwd, bwd)
+  return ragged_dot
+
+
+def _interpreted_tokamax_kernel(monkeypatch):
+  """tokamax's Mosaic-TPU grouped matmul (megablox's gmm and tgmm kernels, with tokamax's backward) in Pallas's
+  interpret mode on this CPU. Test-only shims: tokamax offers interpret mode only for this kernel and only on a
+  TPU (`supported_on`), and Pallas's TPU pipeline asks the device for its TPU generation (a v5e's answered)."""
+  from jax._src.pallas.mosaic import tpu_info  # pylint: disable=import-outside-toplevel
+  from tokamax._src.ops.ragged_dot import pallas_mosaic_tpu  # pylint: disable=import-outside-toplevel
+
+  kernel = pallas_mosaic_tpu.PallasMosaicTpuRaggedDot
+  monkeypatch.setattr(kernel, "supported_on", lambda self, device: True)
+  monkeypatch.setitem(tpu_info.registry, jax.devices()[0].device_kind,
+                      lambda: tpu_info.get_tpu_info_for_chip(tpu_info.ChipVersion.TPU_V5E, 1))
+  op = kernel(interpret=True, config=None)
+  assert dataclasses.is_dataclass(op) and op.interpret
+  return lambda lhs, rhs, sizes: op(lhs, rhs, group_sizes=sizes)
+
+
+def _dropless_case(d, g, b, t, groups_used):
+  """Dropless inputs of E groups of which only the first `groups_used` are chosen (the rest empty), row 1's second
+  half padding: (x, groups, gates, valid, gate_up, down), float32."""
+  rng = np.random.default_rng(7)
+  groups = np.stack([np.stack([rng.permutation(groups_used)[:K] for _ in range(t)]) for _ in range(b)])
+  gates = rng.uniform(0.1, 1.0, (b, t, K)).astype(np.float32)
+  valid = np.ones((b, t), bool)
+  valid[1, t // 2:] = False
+  scale = d ** -0.5
+  return (randn((b, t, d), 1), jnp.asarray(groups, jnp.int32), jnp.asarray(gates), jnp.asarray(valid),
+          randn((E, d, 2, g), 2) * scale, randn((E, g, d), 3) * g ** -0.5)
+
+
+def _dropless_and_grads(grouped_matmul, case):
+  """Dropless outputs and the gradients of a weighted sum w.r.t. x, gates and both weights."""
+  x, groups, gates, valid, gate_up, down = case
+  weights = randn(x.shape, 5)
+
+  def loss(x, gates, gate_up, down):
+    y, _ = dropless_dispatch(x, groups, gates, valid, gate_up, down, grouped_matmul)
+    return jnp.sum(y * weights), y
+
+  grads, y = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(x, gates, gate_up, down)
+  return y, grads
+
+
+@pytest.mark.parametrize("kernel", ["tokamax", "rows past the groups undefined", "tokamax Pallas, interpreted"])
+def test_dropless_grouped_matmul_equals_xla(kernel, monkeypatch):
+  """tokamax: the public `tokamax.ragged_dot` as the model calls it, which on CPU runs its XLA implementation
+  (its Pallas kernels are GPU and TPU only), so this checks the plumbing (its custom VJP, shapes, dtypes).
+  Rows past the groups undefined: a kernel that leaves padding slots' rows as garbage changes nothing.
+  Interpreted: a tokamax Pallas kernel itself (its TPU one; its GPU kernels have no interpret mode), forward and
+  backward, at the smallest shape it takes (every matmul dimension >= 128)."""
+  pytest.importorskip("tokamax")
+  if kernel == "rows past the groups undefined":
+    monkeypatch.setitem(dispatch.RAGGED_DOTS, "tokamax", _poisoned_ragged_dot())
+  if kernel == "tokamax Pallas, interpreted":
+    monkeypatch.setitem(dispatch.RAGGED_DOTS, "tokamax", _interpreted_tokamax_kernel(monkeypatch))
+    case = _dropless_case(d=128, g=128, b=2, t=32, groups_used=E - 2)
+  else:
+    case = _dropless_case(d=D, g=F, b=2, t=T, groups_used=E - 2)
+  assert int(case[3].sum()) * K < case[0].shape[0] * case[0].shape[1] * K  # padding slots, sorted last
+  y_ref, grads_ref = _dropless_and_grads("xla", case)
+  y, grads = _dropless_and_grads("tokamax", case)
+  print(kernel, "max |y - xla|", float(jnp.max(jnp.abs(y - y_ref))), "scale", float(jnp.max(jnp.abs(y_ref))))
+  np.testing.assert_allclose(y, y_ref, atol=1e-5)
+  for name, g, g_ref in zip(("x", "gates", "gate_up", "down"), grads, grads_ref):
+    scale = max(1.0, float(jnp.max(jnp.abs(g_ref))))
+    print(name, "grad max err", float(jnp.max(jnp.abs(g - g_ref))), "scale", scale)
+    np.testing.assert_allclose(g, g_ref, atol=1e-5 * scale)
+  assert float(jnp.max(jnp.abs(grads_ref[3][E - 2:]))) == 0.0  # the empty groups' weights get no gradient
+
+
+def test_grouped_matmul_choice_and_missing_tokamax(monkeypatch):
+  monkeypatch.setattr(dispatch, "tokamax_installed", lambda: True)
+  assert [dispatch.grouped_matmul_implementation("auto", p) for p in ("cpu", "gpu", "tpu")] == ["xla", "tokamax",
+                                                                                                  "tokamax"]
+  assert dispatch.grouped_matmul_implementation("tokamax", "cpu") == "tokamax"
+  monkeypatch.setattr(dispatch, "tokamax_installed", lambda: False)
+  assert dispatch.grouped_matmul_implementation("auto", "gpu") == "xla"
+  monkeypatch.setattr(model_config, "tokamax_installed", lambda: False)
+  selective = dict(router=True, width=D, mlp_width=E * F, groups=E, top_k=K)
+  ModelConfig(**selective, dispatch="capacity", grouped_matmul="tokamax")  # no grouped matmul to run: accepted
+  missing = f"model.grouped_matmul='tokamax': tokamax is not installed; install it with `{dispatch.KERNELS_INSTALL}`"
+  with pytest.raises(ConfigError, match=re.escape(missing)):
+    ModelConfig(**selective, dispatch="dropless", grouped_matmul="tokamax")
+  with pytest.raises(ConfigError, match="model.grouped_matmul='triton': must be one of"):
+    ModelConfig(**selective, grouped_matmul="triton")
 
 
 # ---- sharded == single device -----------------------------------------------------------------------------

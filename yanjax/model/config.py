@@ -2,8 +2,8 @@
 
 The allowed value of each choice comes from the code that implements it: mixers from the NumPy runtime's
 registry (yanjax/numpy_runtime/mixers.py, which yanjax/model/mixers.py mirrors for JAX), recurrence forms from
-yanjax/model/recurrence.py, dispatches from yanjax/model/dispatch.py, remat policies and compute dtypes from
-yanjax/model/layers.py, MCSD's combine modes from its NumPy twin.
+yanjax/model/recurrence.py, dispatches and grouped matmuls from yanjax/model/dispatch.py, remat policies and
+compute dtypes from yanjax/model/layers.py, MCSD's combine modes from its NumPy twin.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 from yanjax.core.config import ConfigError
 from yanjax.model.attention_kernel import KERNELS, config_problem
-from yanjax.model.dispatch import DISPATCHES
+from yanjax.model.dispatch import DISPATCHES, GROUPED_MATMULS, KERNELS_INSTALL, tokamax_installed
 from yanjax.model.layers import COMPUTE_DTYPES, REMAT_POLICIES
 from yanjax.model.recurrence import FORMS
 from yanjax.numpy_runtime.mcsd import COMBINES
@@ -60,6 +60,7 @@ class ModelConfig:
   top_k: int = 2  # k
   router_hidden: int = 64  # R: hidden width of the router MLP
   dispatch: str = "capacity"  # "capacity" (token dropping) or "dropless" (grouped matmul)
+  grouped_matmul: str = "auto"  # dropless's: "xla" (jax.lax.ragged_dot), "tokamax" (its kernels), "auto" (per backend)
   capacity_factor: float = 1.25
   explore_steps: int = 1000  # steps over which random group choice anneals to learned choice
   lb_loss_weight: float = 0.01  # Switch load-balancing loss weight
@@ -138,8 +139,8 @@ class ModelConfig:
     if unknown:
       fail("pattern", f"names unknown mixer(s) {unknown}; each must be one of {tuple(TWINS)}")
     for key, allowed in (("recurrence", RECURRENCE_FORMS), ("combine", COMBINES),
-                         ("dispatch", tuple(DISPATCHES)), ("remat", REMATS), ("dtype", COMPUTE_DTYPES),
-                         ("attention_kernel", KERNELS)):
+                         ("dispatch", tuple(DISPATCHES)), ("grouped_matmul", GROUPED_MATMULS), ("remat", REMATS),
+                         ("dtype", COMPUTE_DTYPES), ("attention_kernel", KERNELS)):
       if getattr(self, key) not in allowed:
         fail(key, f"must be one of {allowed}")
     for key in ("vocab_size", "width", "layers", "mlp_width", "channels", "heads", "chunk_size",
@@ -163,6 +164,8 @@ class ModelConfig:
         fail("capacity_factor", "must be positive")
       if self.explore_steps < 0:
         fail("explore_steps", "must be >= 0")
+      if self.dispatch == "dropless" and self.grouped_matmul == "tokamax" and not tokamax_installed():
+        fail("grouped_matmul", f"tokamax is not installed; install it with `{KERNELS_INSTALL}`, or use 'auto' or 'xla'")
     for key in ("norm_eps", "init_std", "rope_theta"):
       if not math.isfinite(getattr(self, key)) or getattr(self, key) <= 0:
         fail(key, "must be a positive finite number")

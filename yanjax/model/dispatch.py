@@ -6,8 +6,14 @@ A token-slot is one (token, choice) pair: every token has k of them, one per cho
             are queued before second choices, in time order within a choice; the rest are dropped. A table of
             which token fills each of the E x c slots drives one gather in and one gather out, so memory
             is O(t k D) per row (no [t, E, c] one-hot tensors). Groups run as one batched matmul [E, c, D].
-  dropless  every token-slot runs: slots sorted by group, both matmuls as `jax.lax.ragged_dot` (a grouped
-            matmul on GPU and TPU; on CPU XLA evaluates it densely over all groups), then unsorted.
+  dropless  every token-slot runs: slots sorted by group, both matmuls as one grouped matmul each (a ragged
+            dot: group i's rows times group i's weights), then unsorted. Its implementation is
+            `model.grouped_matmul` (`GROUPED_MATMULS`): "xla" is `jax.lax.ragged_dot`, which XLA evaluates
+            densely over all groups on CPU (and, by its speed, on the H100 we measured); "tokamax" is
+            `tokamax.ragged_dot`, Pallas kernels that run only each group's rows (Mosaic GPU on sm90/sm100,
+            H100/H200/B200; Triton on other GPUs; Mosaic TPU), each falling back to the next and last to XLA's
+            where it does not apply (on CPU, always); "auto" is tokamax on GPU and TPU when it is installed
+            (the `kernels` extra), else XLA.
 
 Both run per device inside `jax.shard_map` when the trainer's mesh is active (`partitioning.active`): token
 rows stay on their batch shard (no token is gathered across shards), the FFN weights are gathered over
@@ -22,6 +28,7 @@ Shapes: the legend in docs/model.md; here n = token-slots (b t k), m and j = row
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 
 import jax
@@ -104,19 +111,58 @@ def _capacity_local(x, groups, gates, valid, gate_up, down, *, capacity, expert_
   return y.astype(x.dtype), kept
 
 
-def _grouped_geglu(x: jax.Array, group: jax.Array, gate_up: jax.Array, down: jax.Array) -> jax.Array:
-  """Row i of x [m, D] through group[i]'s GeGLU (group l: no group, output 0) by ragged_dot -> [m, D]."""
+GROUPED_MATMULS = ("auto", "xla", "tokamax")  # model.grouped_matmul
+KERNELS_INSTALL = 'pip install -e ".[kernels]" -c constraints.txt'  # what installs tokamax
+
+
+def tokamax_installed() -> bool:
+  """Whether tokamax can be imported (without importing it: that takes seconds)."""
+  return importlib.util.find_spec("tokamax") is not None
+
+
+def grouped_matmul_implementation(choice: str, platform: str | None = None) -> str:
+  """The implementation `model.grouped_matmul` = `choice` runs on `platform` ("cpu", "gpu", "tpu"; None: jax's
+  default backend): "xla" or "tokamax"."""
+  if choice != "auto":
+    return choice
+  platform = platform or jax.default_backend()
+  return "tokamax" if platform in ("gpu", "tpu") and tokamax_installed() else "xla"
+
+
+def _tokamax_ragged_dot(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
+  """tokamax.ragged_dot: its best kernel for the device, with its own backward (tokamax is optional)."""
+  import tokamax  # pylint: disable=import-outside-toplevel
+  from absl import flags  # pylint: disable=import-outside-toplevel
+
+  # tokamax 0.0.12 reads its options from absl's flags and, when nothing has parsed them (pytest, and every
+  # command but yanjax.main.train), parses sys.argv itself, failing on any argument it does not know
+  # (openxla/tokamax#957, fixed after 0.0.12): take the flags' defaults instead.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  return tokamax.ragged_dot(lhs, rhs, group_sizes)
+
+
+# implementation -> ragged_dot(lhs [m, K], rhs [l, K, N], group_sizes [l]) -> [m, N]: rows sorted by group, the
+# first group_sizes[0] rows times rhs[0], and so on; rows past sum(group_sizes) are left undefined.
+RAGGED_DOTS = {"xla": jax.lax.ragged_dot, "tokamax": _tokamax_ragged_dot}
+
+
+def _grouped_geglu(x: jax.Array, group: jax.Array, gate_up: jax.Array, down: jax.Array, ragged_dot) -> jax.Array:
+  """Row i of x [m, D] through group[i]'s GeGLU (group l: no group, output 0) by `ragged_dot` -> [m, D]."""
   m, d = x.shape
   local, _, _, g = gate_up.shape
   order = jnp.argsort(group, stable=True)
   sizes = jnp.zeros((local,), jnp.int32).at[group].add(1, mode="drop")
-  h = jax.lax.ragged_dot(jnp.take(x, order, axis=0), gate_up.reshape(local, d, 2 * g), sizes).reshape(m, 2, g)
-  y = jax.lax.ragged_dot(jax.nn.gelu(h[:, 0]) * h[:, 1], down, sizes)
-  live = (jnp.take(group, order) < local)[:, None]  # rows past sum(sizes) are not defined on every backend
-  return jnp.zeros_like(y).at[order].set(jnp.where(live, y, 0), unique_indices=True)
+  # Rows past sum(sizes) (padding slots, sorted last) are not defined by every kernel, forward or backward: each
+  # matmul's input and output is masked there, so neither garbage values nor garbage gradients get out.
+  live = (jnp.take(group, order) < local)[:, None]
+  xs = jnp.where(live, jnp.take(x, order, axis=0), 0)
+  h = jnp.where(live, ragged_dot(xs, gate_up.reshape(local, d, 2 * g), sizes), 0).reshape(m, 2, g)
+  y = jnp.where(live, ragged_dot(jax.nn.gelu(h[:, 0]) * h[:, 1], down, sizes), 0)
+  return jnp.zeros_like(y).at[order].set(y, unique_indices=True)
 
 
-def _exchange_and_run(x, group, gate_up, down, expert_axis):
+def _exchange_and_run(x, group, gate_up, down, expert_axis, ragged_dot):
   """Slots x [n, D] of groups `group` [n] (E: none) to their groups' devices, through them, and back."""
   n, d = x.shape
   p = jax.lax.axis_size(expert_axis)
@@ -132,7 +178,7 @@ def _exchange_and_run(x, group, gate_up, down, expert_axis):
   send_group = jnp.where(live, jnp.take(group, sorted_slots) - jnp.arange(p)[:, None] * local, local)
   received = jax.lax.all_to_all(send, expert_axis, 0, 0, tiled=True)
   received_group = jax.lax.all_to_all(send_group, expert_axis, 0, 0, tiled=True)
-  out = _grouped_geglu(received.reshape(p * n, d), received_group.reshape(p * n), gate_up, down)
+  out = _grouped_geglu(received.reshape(p * n, d), received_group.reshape(p * n), gate_up, down, ragged_dot)
   back = jax.lax.all_to_all(out.reshape(p, n, d), expert_axis, 0, 0, tiled=True)  # p n D, in send order
   rank = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))  # slot -> sorted position
   mine = jnp.minimum(device, p - 1)
@@ -140,7 +186,7 @@ def _exchange_and_run(x, group, gate_up, down, expert_axis):
   return jnp.where((device < p)[:, None], y, 0)
 
 
-def _dropless_local(x, groups, gates, valid, gate_up, down, *, expert_axis, mlp_axis):
+def _dropless_local(x, groups, gates, valid, gate_up, down, *, ragged_dot, expert_axis, mlp_axis):
   """Dropless dispatch of this device's rows: x [b, t, D] -> (y [b, t, D], kept [b, t, k] = valid)."""
   b, t, d = x.shape
   k = groups.shape[-1]
@@ -149,9 +195,9 @@ def _dropless_local(x, groups, gates, valid, gate_up, down, *, expert_axis, mlp_
   slot_group = jnp.where(valid[..., None], groups, e).reshape(b * t * k)
   slot_x = jnp.repeat(x.reshape(b * t, d), k, axis=0)  # n D
   if expert_axis is None:
-    y_slots = _grouped_geglu(slot_x, slot_group, gate_up, down)
+    y_slots = _grouped_geglu(slot_x, slot_group, gate_up, down, ragged_dot)
   else:
-    y_slots = _exchange_and_run(slot_x, slot_group, gate_up, down, expert_axis)
+    y_slots = _exchange_and_run(slot_x, slot_group, gate_up, down, expert_axis, ragged_dot)
   y = jnp.einsum("nkd,nk->nd", y_slots.reshape(b * t, k, d), cast((gates * valid[..., None]).reshape(b * t, k),
                  x.dtype), preferred_element_type=jnp.float32)
   if mlp_axis is not None:
@@ -192,9 +238,11 @@ def capacity_dispatch(x, groups, gates, valid, gate_up, down, capacity: int):
   return _dispatch(functools.partial(_capacity_local, capacity=capacity), x, groups, gates, valid, gate_up, down)
 
 
-def dropless_dispatch(x, groups, gates, valid, gate_up, down):
-  """Every token-slot runs; arguments as `capacity_dispatch` without `capacity`."""
-  return _dispatch(_dropless_local, x, groups, gates, valid, gate_up, down)
+def dropless_dispatch(x, groups, gates, valid, gate_up, down, grouped_matmul: str = "auto"):
+  """Every token-slot runs; arguments as `capacity_dispatch` without `capacity`; `grouped_matmul`: one of
+  GROUPED_MATMULS (`grouped_matmul_implementation`)."""
+  ragged_dot = RAGGED_DOTS[grouped_matmul_implementation(grouped_matmul)]
+  return _dispatch(functools.partial(_dropless_local, ragged_dot=ragged_dot), x, groups, gates, valid, gate_up, down)
 
 
 DISPATCHES = {"capacity": capacity_dispatch, "dropless": dropless_dispatch}  # model.dispatch -> the function

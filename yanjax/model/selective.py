@@ -14,8 +14,8 @@ Selection starts random and becomes learned (Yan's public statements; see docs/s
 Gates always come from p, so the router learns while the choice is still random.
 
 Dispatch ("capacity" | "dropless", `yanjax.model.dispatch`): capacity drops token-slots past each group's
-per-row capacity c = min(t, ceil(capacity_factor * t * k / E)); dropless runs them all. Both are linear in t
-and keep tokens on their shard under a mesh.
+per-row capacity c = min(t, ceil(capacity_factor * t * k / E)); dropless runs them all, by the grouped matmul
+`model.grouped_matmul` names. Both are linear in t and keep tokens on their shard under a mesh.
 
 Shapes: the legend in docs/model.md; e indexes groups.
 """
@@ -120,6 +120,7 @@ class SelectiveFFN(nnx.Module):
     self.groups = e
     self.top_k = cfg.top_k
     self.dispatch = cfg.dispatch
+    self.grouped_matmul = cfg.grouped_matmul
     self.capacity_factor = cfg.capacity_factor
     self.explore_steps = cfg.explore_steps
 
@@ -163,7 +164,7 @@ class SelectiveFFN(nnx.Module):
       capacity = group_capacity(t, self.groups, self.top_k, self.capacity_factor)
       y, kept = capacity_dispatch(x, *weights, capacity)
     elif self.dispatch == "dropless":
-      y, kept = dropless_dispatch(x, *weights)
+      y, kept = dropless_dispatch(x, *weights, self.grouped_matmul)
     else:
       raise ValueError(f"unknown dispatch {self.dispatch!r}")
     return y, router_stats(routing, valid, kept)

@@ -27,7 +27,8 @@ per device per micro-batch (global_batch / grad_accum / batch-parallel devices x
                            dense FFN 8 F a | selective: router (6 R + 2 E + 3 k) 4 + dispatch, with
                            r = E c / T ~ 1.25 k slots per token: capacity 2 k E 4 + r (2 D + 3 g) a + k D a;
                            dropless k (3 D + 3 g) a, + 3 p k D a over p > 1 expert devices (all-to-all
-                           buffers, worst case), + 2 k E (D + g) a on CPU (ragged_dot runs every group)
+                           buffers, worst case), + 2 k E (D + g) a on CPU (XLA's ragged_dot runs every group;
+                           on CPU tokamax runs it too, its kernels being GPU and TPU ones)
   working     one layer's backward: its `none` residuals recomputed, plus attention's logits cotangent H T 4;
               the largest layer's, or, scanned, one repetition's of the pattern (its P layers together)
   logits      2 V 4 (float32 logits and their cotangent) + 4 D 4
@@ -268,7 +269,8 @@ def layer_terms(m: ModelConfig, mixer: str, t: int, remat: str, dense_ragged: bo
 def dispatch_terms(m: ModelConfig, t: int, dense_ragged: bool, expert_ways: int) -> list[Term]:
   """What the token dispatch of a selective layer keeps, per token (yanjax.model.dispatch): linear in t.
 
-  dense_ragged: ragged_dot is evaluated densely over all E groups (XLA's CPU backend).
+  dense_ragged: the grouped matmul is evaluated densely over all E groups: XLA's ragged_dot on CPU, which every
+    `model.grouped_matmul` runs there (tokamax's kernels, which run only each group's rows, are GPU and TPU ones).
   expert_ways: devices on the expert axis (the all-to-all buffers hold the worst case, p k rows per token).
   """
   a = jnp.dtype(m.dtype).itemsize
