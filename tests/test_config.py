@@ -63,6 +63,16 @@ def test_unknown_key_is_rejected_with_its_name():
     ModelConfig.from_dict({"width": 64, "chanels": 4})
 
 
+def test_a_saved_model_takes_this_machines_kernels():
+  """A run trained with cuDNN attention, tokamax's grouped matmul and the Pallas recurrence is read back on this
+  CPU (inference, a resume's shape check) with each kernel choice at "auto"; what it computes is unchanged."""
+  trained = dict(pattern=("swa", "mcsd"), dtype="bfloat16", router=True, dispatch="dropless",
+                 recurrence="pallas", attention_kernel="cudnn", grouped_matmul="tokamax", width=64, heads=2)
+  cfg = ModelConfig.saved(trained)
+  assert (cfg.recurrence, cfg.attention_kernel, cfg.grouped_matmul) == ("auto", "auto", "auto")
+  assert (cfg.pattern, cfg.dtype, cfg.dispatch, cfg.width) == (("swa", "mcsd"), "bfloat16", "dropless", 64)
+
+
 def test_missing_config_file_and_unknown_variant():
   with pytest.raises(ConfigError, match="does not exist"):
     load_config_file("configs/nope.py")

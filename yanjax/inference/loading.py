@@ -136,7 +136,7 @@ def _restore(checkpointer: Checkpointer, step: int, mesh_spec: str | None) -> tu
   """
   meta = checkpointer.read_meta(step)
   run_config = meta["config"]
-  cfg = ModelConfig.from_dict(run_config["model"])
+  cfg = ModelConfig.saved(run_config["model"])
   mesh = inference_mesh(run_config.get("mesh"), mesh_spec)
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: LanguageModel(cfg, rngs=nnx.Rngs(0))))
   shardings = nnx.to_pure_dict(sharding.state_shardings(abstract, _rules(run_config), mesh))

@@ -131,7 +131,7 @@ def data_identity(cfg, loader) -> dict:
 
 def check_resume(meta: dict, model_cfg: ModelConfig, identity: dict):
   """Refuses to resume a checkpoint of another model shape, or (unless --allow_data_change) other data."""
-  check_same_shapes(ModelConfig.from_dict(meta["config"]["model"]), model_cfg)
+  check_same_shapes(ModelConfig.saved(meta["config"]["model"]), model_cfg)
   saved = meta.get("data", {}).get("identity")
   changed = [f"{key}: {saved[key]!r} -> {value!r}" for key, value in identity.items()
              if saved is not None and saved.get(key) != value]

@@ -21,6 +21,9 @@ from yanjax.numpy_runtime.mcsd import COMBINES
 from yanjax.numpy_runtime.mixers import TWINS, layer_mixers, max_context, renamed_key_error
 
 RECURRENCE_FORMS = ("auto", *FORMS)
+# Choices of how layers are computed, not of what they compute: a trained model gives the same results under any
+# value, so a saved run's model read on another machine (`ModelConfig.saved`) takes "auto" for each.
+KERNEL_KEYS = ("recurrence", "attention_kernel", "grouped_matmul")
 REMATS = ("none", *REMAT_POLICIES)
 
 
@@ -122,6 +125,12 @@ class ModelConfig:
       raise ConfigError(
           f"unknown model config key(s) {unknown}; valid keys are {sorted(known)}")
     return cls(**values)
+
+  @classmethod
+  def saved(cls, values: Any) -> ModelConfig:
+    """A saved run's model config for use on this machine: `from_dict` with the KERNEL_KEYS at "auto" (a run's
+    "cudnn" or "tokamax" may not run here)."""
+    return cls.from_dict({**dict(values), **{key: "auto" for key in KERNEL_KEYS}})
 
   def replace(self, **changes) -> ModelConfig:
     return ModelConfig.from_dict({**dataclasses.asdict(self), **changes})
