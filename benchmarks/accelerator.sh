@@ -25,7 +25,9 @@
 # portpicker, tokamax and its dependencies) from a folder of wheels, without an index. --only runs the named steps
 # (or name prefixes: --only train,decode), e.g. those a first run had no budget left for, into another --out.
 # Compiled programs are cached in $JAX_COMPILATION_CACHE_DIR (default /tmp/yanjax-jax-cache): a second run on the
-# same machine skips most compiles.
+# same machine skips most compiles. On an 80 GB H100 the trainer's memory check refuses attention and the hybrid at
+# 8192 tokens (yanjax/training/plan.py counts XLA's [t, t] scores even where cuDNN runs; an H200 passes it):
+# YANJAX_DEVICE_MEMORY_BYTES=0 turns the check off.
 #
 # Usage: bash benchmarks/accelerator.sh [--smoke] [--out DIR] [--wheels DIR] [--budget SECONDS]
 #            [--forms chunked,associative,pallas] [--only STEP,...] [--layers_if_short 4]
