@@ -50,6 +50,13 @@ def test_a_config_that_leaves_a_size_dependent_key_unset_is_refused():
                      checkpoint=dict(every_steps=10))
 
 
+def test_a_negative_loss_chunk_is_refused_naming_the_key():
+  cfg = load_config_file(REPO / "configs/yan_tiny.py")
+  cfg.train.loss_chunk = -1
+  with pytest.raises(ConfigError, match=r"^train\.loss_chunk=-1: must be an integer >= 0"):
+    validate_run_config(cfg)
+
+
 @pytest.mark.parametrize("extra,fragment", [
     (["--config.mesh.foo=2"], "--config.mesh.foo=2: mesh has no key 'foo'; its keys are data"),
     (["--config.train.global_batch=6", "--local_device_count=4"], "use a multiple of 4"),

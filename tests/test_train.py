@@ -68,12 +68,14 @@ def final_params(workdir):
 
 # ---- in-process: placement and sharded equivalence -------------------------------------------------------
 
-def _setup(mesh_cfg, model=None, grad_accum=1):
+def _setup(mesh_cfg, model=None, grad_accum=1, loss_chunk=None):
   """(a new train state, the trainer) of yan_tiny with `model`, on the first devices that fill `mesh_cfg`."""
   cfg = load_config_file(REPO / "configs/yan_tiny.py")
   cfg.model.update(model or MODEL)
   cfg.mesh.update(mesh_cfg)
   cfg.train.grad_accum = grad_accum
+  if loss_chunk is not None:
+    cfg.train.loss_chunk = loss_chunk
   trainer = build_trainer(cfg, jax.devices()[:int(np.prod(list(cfg.mesh.values())))])
   return trainer.init(), trainer
 
@@ -148,7 +150,7 @@ def test_selective_expert_parallel_step_equals_single_device_and_gathers_no_toke
 
 
 def test_validation_bits_per_byte_is_the_summed_loss_in_bits_over_the_targets_bytes():
-  state, trainer = _setup({"data": 1})
+  state, trainer = _setup({"data": 1}, loss_chunk=5)  # 16 positions: three chunks and a padded one
   batch = _batch(0)
   batch["loss_mask"][:, :3] = 0.0  # masked targets count neither loss nor bytes
   token_bytes = np.random.default_rng(1).integers(0, 5, 512).astype(np.int32)
@@ -162,6 +164,24 @@ def test_validation_bits_per_byte_is_the_summed_loss_in_bits_over_the_targets_by
   print(scalars, expected)
   np.testing.assert_allclose(scalars["val_bits_per_byte"], expected, rtol=1e-5)
   np.testing.assert_allclose(scalars["val_loss"], np.sum(nll * mask) / np.sum(mask), rtol=1e-5)
+  correct = np.argmax(np.asarray(logits), -1) == batch["targets"]
+  np.testing.assert_allclose(scalars["val_accuracy"], np.sum(correct * mask) / np.sum(mask), rtol=1e-6)
+
+
+def test_the_chunked_loss_trains_as_the_whole_logits():
+  """One train step with train.loss_chunk=5 over 16 positions (three chunks and a padded one) against the whole
+  logits (0): the same loss, z-loss and gradient norm. (The validation above runs in chunks against the whole
+  logits; test_sharded_run_equals_single_device_run runs the default chunk with the vocabulary split.)"""
+  batch = _batch(0)
+  batch["loss_mask"][:, :3] = 0.0
+  runs = []
+  for loss_chunk in (0, 5):
+    state, trainer = _setup({"data": 1}, loss_chunk=loss_chunk)
+    _, metrics = trainer.train_step(state, batch)
+    runs.append({name: float(metrics[name]) for name in ("loss", "z_loss", "grad_norm")})
+  print("whole logits:", runs[0], "chunks of 5:", runs[1])
+  for name, value in runs[0].items():
+    np.testing.assert_allclose(runs[1][name], value, rtol=1e-5, err_msg=name)
 
 
 def test_activations_are_constrained_by_the_rules():

@@ -1,10 +1,11 @@
-"""The language model: embedding, L pre-norm residual layers, final norm, output head.
+"""The language model: embedding, L pre-norm residual layers, final norm, output head (yanjax/model/head.py).
 
 Each layer is  x = x + Mixer(RMSNorm(x));  x = x + FFN(RMSNorm(x))  (paper section 2.1), where Mixer is the
 layer's entry of `cfg.pattern` repeated (yanjax/model/mixers.py: MCSD, causal or sliding-window attention), and
-FFN is the dense GeGLU MLP or the selective-activation FFN (router=True). One code path serves training
-(`__call__`), prompt prefill (`prefill`) and decoding (`decode_step`): a decode step is a forward pass of one
-token that starts from the cache.
+FFN is the dense GeGLU MLP or the selective-activation FFN (router=True). One code path (`_run`) serves scoring
+(`__call__`: logits), training (`hidden_states`: the final norm's output, which the loss takes with `head_weight`,
+in chunks of positions), prompt prefill (`prefill`) and decoding (`decode_step`): a decode step is a forward pass
+of one token that starts from the cache.
 
 Layers are unrolled (a list of L blocks) or, with `scan_layers`, scanned over the L / P repetitions of the
 pattern of P mixers: the blocks at pattern position j are stacked over the repetitions, and layer i is
@@ -21,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from yanjax.model import layers
+from yanjax.model import head, layers
 from yanjax.model.config import ModelConfig
 from yanjax.model.mixers import MIXERS
 from yanjax.model.partitioning import constrain
@@ -110,7 +111,16 @@ class LanguageModel(nnx.Module):
   # ---- public entry points -------------------------------------------------------------------------
 
   def __call__(self, tokens, segment_ids=None, positions=None, *, step=None, key=None):
-    """Training / scoring pass over (possibly packed) sequences.
+    """Training / scoring pass over (possibly packed) sequences: `hidden_states`, then the head.
+
+    Returns:
+      (logits [b, t, V] float32, aux) with aux as `hidden_states` returns it.
+    """
+    x, aux = self.hidden_states(tokens, segment_ids, positions, step=step, key=key)
+    return head.logits(x, self.head_weight()), aux
+
+  def hidden_states(self, tokens, segment_ids=None, positions=None, *, step=None, key=None):
+    """The layers and the final norm without the head: what the loss takes (yanjax/model/head.py `head_loss`).
 
     Args:
       tokens: [b, t] int32.
@@ -119,7 +129,7 @@ class LanguageModel(nnx.Module):
       step: training step for the router's exploration schedule (None: no exploration).
       key: PRNG key for router exploration.
     Returns:
-      (logits [b, t, V] float32, aux) with aux = {"aux_loss": the layers' auxiliary losses summed,
+      (x [b, t, D] in model.dtype, aux) with aux = {"aux_loss": the layers' auxiliary losses summed,
       "layer_metrics": {name: [L] or [L, E] (a vector metric: the router's load)}, each layer's metrics
       (`LayerAux`) stacked in layer order}.
     """
@@ -127,8 +137,12 @@ class LanguageModel(nnx.Module):
       segment_ids = jnp.ones(tokens.shape, jnp.int32)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    logits, aux, _ = self._run(tokens, segment_ids, positions, None, step, key)
-    return logits, aux
+    x, aux, _ = self._run(tokens, segment_ids, positions, None, step, key)
+    return x, aux
+
+  def head_weight(self) -> jax.Array:
+    """The output head [D, V], float32: the embedding transposed when tied."""
+    return self.embed.embedding[...].T if self.cfg.tie_embeddings else self.head[...]
 
   def init_cache(self, batch: int) -> ModelCache:
     if self.cfg.scan_layers:
@@ -140,8 +154,8 @@ class LanguageModel(nnx.Module):
     """Continues one document per row from `cache`: tokens [b, t] -> (logits [b, t, V], new cache)."""
     positions = cache.position[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)
     segment_ids = jnp.ones(tokens.shape, jnp.int32)
-    logits, _, layer_caches = self._run(tokens, segment_ids, positions, cache.layers, None, None)
-    return logits, ModelCache(layer_caches, cache.position + tokens.shape[1])
+    x, _, layer_caches = self._run(tokens, segment_ids, positions, cache.layers, None, None)
+    return head.logits(x, self.head_weight()), ModelCache(layer_caches, cache.position + tokens.shape[1])
 
   def decode_step(self, cache: ModelCache, tokens):
     """One token per row: tokens [b] -> (logits [b, V], new cache)."""
@@ -151,6 +165,7 @@ class LanguageModel(nnx.Module):
   # ---- internals -----------------------------------------------------------------------------------
 
   def _run(self, tokens, segment_ids, positions, caches, step, key):
+    """-> (the final norm's output [b, t, D], aux as `hidden_states` returns it, the layers' caches)."""
     cfg = self.cfg
     x = constrain(self.embed(tokens, jnp.dtype(cfg.dtype)), ACTIVATION_AXES)
     reset = jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], ((0, 0), (1, 0)))
@@ -162,13 +177,7 @@ class LanguageModel(nnx.Module):
     else:
       x, caches, aux = _apply_in_turn(apply, self.blocks, x, inputs, caches, keys)  # LayerAux of [L, ...]
     x = self.final_norm(x)
-    if cfg.tie_embeddings:
-      logits = self.embed.attend(x)
-    else:
-      logits = jnp.einsum("btd,dv->btv", x, layers.cast(self.head[...], x.dtype),
-                          preferred_element_type=jnp.float32)
-    logits = constrain(logits, ("batch", "length", "vocab"))
-    return logits, {"aux_loss": jnp.sum(aux.loss), "layer_metrics": aux.metrics}, caches
+    return x, {"aux_loss": jnp.sum(aux.loss), "layer_metrics": aux.metrics}, caches
 
   def _scan(self, apply, x, inputs, caches, keys):
     """Scans the L / P repetitions of the pattern: -> (x, P caches stacked over L / P, LayerAux of [L, ...])."""

@@ -33,6 +33,8 @@ DEFAULTS: dict[str, Any] = {
         "default_workdir": "",  # --workdir when none is given ("": --workdir is required)
         "grad_accum": 1,  # micro-batches per step; global_batch must divide by it
         "z_loss_weight": 1e-4,  # logit z-loss: mean(logsumexp(logits)^2)
+        # Positions whose logits the loss computes at a time (yanjax/model/head.py); 0: all of them at once.
+        "loss_chunk": 512,
         "nan_policy": "skip",  # "skip": drop the update and log it; "stop": save and stop
         "log_every": 10,
         "eval_every": 100,
@@ -166,6 +168,9 @@ def _check_train(train: ml_collections.ConfigDict, fail) -> None:
   if train.eval_every and (not isinstance(train.eval_batches, int) or train.eval_batches < 1):
     fail("train.eval_batches", "must be >= 1 while evaluation is on (train.eval_every=0 turns it off)")
   _each(train, "train", ("z_loss_weight", "sample_tokens", "seed"), lambda v: v >= 0, "must be >= 0", fail)
+  if not isinstance(train.loss_chunk, int) or train.loss_chunk < 0:
+    fail("train.loss_chunk", "must be an integer >= 0: positions per chunk of the loss (0: one chunk, the whole "
+         "logits)")
   if train.global_batch % train.grad_accum:
     fail("train.grad_accum", f"train.global_batch={train.global_batch} must divide by it")
   if train.nan_policy not in ("skip", "stop"):

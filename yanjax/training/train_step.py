@@ -4,6 +4,10 @@ Train state: {"step": int32 [], "params": pure dict of float32 arrays, "opt_stat
 "rng": uint32 [2] base key}. The step's randomness (router exploration) is fold_in(rng, step), so a run is a
 pure function of (seed, step), like its data.
 
+The loss is the model's final hidden states through the output head (yanjax/model/head.py `head_loss`): the
+targets' cross-entropy plus train.z_loss_weight x logsumexp^2, summed over the loss mask, `train.loss_chunk`
+positions at a time (0: the whole logits at once), so the float32 logits [B, T, V] are never held whole.
+
 The model's per-layer metrics (`aux["layer_metrics"]`, name -> [L] or [L, E]; yanjax/model/lm.py `LayerAux`)
 take one generic route: training logs each scalar metric's mean over layers under its name, validation every
 layer's value as `<prefix>/layer<i>/<rest>` (name "router_dropped" -> "router/layer0/dropped"), a vector's
@@ -22,33 +26,28 @@ import numpy as np
 import optax
 from flax import nnx
 
-
-def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """logits [B, T, V] float32, targets [B, T] -> (negative log-likelihood [B, T], logsumexp [B, T])."""
-  logz = jax.nn.logsumexp(logits, axis=-1)
-  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  return logz - picked, logz
+from yanjax.model.head import head_loss
 
 
-def _objective(params, graphdef, batch, step, key, z_loss_weight):
+def _objective(params, graphdef, batch, step, key, z_loss_weight, loss_chunk):
   """Summed (not averaged) loss of one micro-batch, and its metrics; divided by the token count later."""
   model = nnx.merge(graphdef, params)
-  logits, aux = model(batch["inputs"], batch["segment_ids"], batch["positions"], step=step, key=key)
-  nll, logz = token_losses(logits, batch["targets"])
-  mask = batch["loss_mask"].astype(jnp.float32)
-  tokens = jnp.sum(mask)
-  nll_sum, z_sum = jnp.sum(nll * mask), jnp.sum(logz ** 2 * mask)
-  objective = nll_sum + z_loss_weight * z_sum + aux["aux_loss"] * tokens
-  metrics = {"nll_sum": nll_sum, "z_loss_sum": z_sum, "aux_loss_sum": aux["aux_loss"] * tokens, "tokens": tokens}
+  x, aux = model.hidden_states(batch["inputs"], batch["segment_ids"], batch["positions"], step=step, key=key)
+  head_objective, sums = head_loss(x, model.head_weight(), batch["targets"], batch["loss_mask"], chunk=loss_chunk,
+                                   z_weight=z_loss_weight)
+  tokens = jnp.sum(batch["loss_mask"].astype(jnp.float32))
+  objective = head_objective + aux["aux_loss"] * tokens
+  metrics = {"nll_sum": sums.nll, "z_loss_sum": sums.z, "aux_loss_sum": aux["aux_loss"] * tokens, "tokens": tokens}
   metrics.update({f"{name}_sum": jnp.mean(per_layer) * tokens
                   for name, per_layer in aux["layer_metrics"].items() if per_layer.ndim == 1})
   return objective, metrics
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-                    grad_accum: int, z_loss_weight: float) -> Callable[[Any, dict], tuple[Any, dict]]:
+                    grad_accum: int, z_loss_weight: float, loss_chunk: int) -> Callable[[Any, dict], tuple[Any, dict]]:
   """(state, batch) -> (state, metrics). Skips the update (keeping params and optimizer state) when the loss
-  or the gradients are not finite; metrics["skipped"] says so."""
+  or the gradients are not finite; metrics["skipped"] says so. The loss takes `loss_chunk` positions at a time
+  (0: all; yanjax/model/head.py)."""
   grad_fn = jax.grad(_objective, has_aux=True)
 
   def train_step(state, batch):
@@ -57,11 +56,11 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule:
     micro = jax.tree.map(lambda x: x.reshape((grad_accum, -1) + x.shape[1:]), batch)
 
     def accumulate(carry, micro_batch):
-      grads, metrics = grad_fn(state["params"], graphdef, micro_batch, step, key, z_loss_weight)
+      grads, metrics = grad_fn(state["params"], graphdef, micro_batch, step, key, z_loss_weight, loss_chunk)
       return jax.tree.map(jnp.add, carry, (grads, metrics)), None
 
     zero_metrics = jax.eval_shape(lambda: grad_fn(state["params"], graphdef, jax.tree.map(lambda x: x[0], micro),
-                                                  step, key, z_loss_weight)[1])
+                                                  step, key, z_loss_weight, loss_chunk)[1])
     init = (jax.tree.map(jnp.zeros_like, state["params"]),
             jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_metrics))
     (grads, sums), _ = jax.lax.scan(accumulate, init, micro)
@@ -85,19 +84,19 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule:
   return train_step
 
 
-def make_eval_step(graphdef) -> Callable[[Any, dict], dict]:
+def make_eval_step(graphdef, loss_chunk: int) -> Callable[[Any, dict], dict]:
   """(params, batch) -> validation sums, no router exploration: {"nll_sum", "correct_sum" (tokens whose argmax is
   the target), "tokens"}, "bytes" when the batch holds "target_bytes" (`with_target_bytes`) and "layer_metrics":
-  the model's per-layer metrics, token-weighted ({name: [L] or [L, E]})."""
+  the model's per-layer metrics, token-weighted ({name: [L] or [L, E]}). The loss takes `loss_chunk` positions
+  at a time (0: all)."""
 
   def eval_step(params, batch):
     model = nnx.merge(graphdef, params)
-    logits, aux = model(batch["inputs"], batch["segment_ids"], batch["positions"])
-    nll, _ = token_losses(logits, batch["targets"])
+    x, aux = model.hidden_states(batch["inputs"], batch["segment_ids"], batch["positions"])
+    _, loss = head_loss(x, model.head_weight(), batch["targets"], batch["loss_mask"], chunk=loss_chunk, z_weight=0.0)
     mask = batch["loss_mask"].astype(jnp.float32)
     tokens = jnp.sum(mask)
-    correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
-    sums = {"nll_sum": jnp.sum(nll * mask), "correct_sum": jnp.sum(correct * mask), "tokens": tokens}
+    sums = {"nll_sum": loss.nll, "correct_sum": loss.correct, "tokens": tokens}
     if "target_bytes" in batch:
       sums["bytes"] = jnp.sum(batch["target_bytes"] * mask)
     sums["layer_metrics"] = {name: per_layer * tokens for name, per_layer in aux["layer_metrics"].items()}

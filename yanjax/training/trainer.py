@@ -63,11 +63,12 @@ def build_trainer(cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device] 
   batch_sharding = sharding.batch_sharding(mesh, rules)
   seed = cfg.train.seed
   init = jax.jit(lambda: init_train_state(model_cfg, optimizer, seed), out_shardings=state_sharding)
-  train_step = jax.jit(sharding.with_activation_rules(make_train_step(
-      graphdef, optimizer, schedule, cfg.train.grad_accum, cfg.train.z_loss_weight), mesh, rules),
+  step = make_train_step(graphdef, optimizer, schedule, cfg.train.grad_accum, cfg.train.z_loss_weight,
+                         cfg.train.loss_chunk)
+  train_step = jax.jit(sharding.with_activation_rules(step, mesh, rules),
                        in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None),
                        donate_argnums=0)
-  eval_step = jax.jit(sharding.with_activation_rules(make_eval_step(graphdef), mesh, rules),
+  eval_step = jax.jit(sharding.with_activation_rules(make_eval_step(graphdef, cfg.train.loss_chunk), mesh, rules),
                       in_shardings=(state_sharding["params"], batch_sharding))
   return Trainer(model_cfg, mesh, graphdef, cfg.train.global_batch, state_sharding, batch_sharding, init,
                  train_step, eval_step)
