@@ -18,7 +18,7 @@ per device per micro-batch (global_batch / grad_accum / batch-parallel devices x
   total       = state + max(activation phase, update phase)
   state       = M + 2 M (AdamW moments) + the batch (20 bytes per token of the whole step)
   update      = 3 M: gradient accumulator, one micro-batch's gradients, the update (measured on CPU)
-  activation  = 2 M + gathered + n (L saved + max(working, logits))
+  activation  = 2 M + gathered + n L saved + max(n working, logits)
   saved       per layer and token, what autodiff keeps at model.remat (counted from JAX's saved residuals):
                 full       D a                                            the layer input
                 save_dots  2 D a + dense 2 F a | selective (R + E) 4      matmul outputs without batch dims
@@ -31,7 +31,9 @@ per device per micro-batch (global_batch / grad_accum / batch-parallel devices x
                            on CPU tokamax runs it too, its kernels being GPU and TPU ones)
   working     one layer's backward: its `none` residuals recomputed, plus attention's logits cotangent H T 4;
               the largest layer's, or, scanned, one repetition's of the pattern (its P layers together)
-  logits      2 V 4 (float32 logits and their cotangent) + 4 D 4
+  logits      n_chunk 2 V 4 (one loss chunk's float32 logits and their cotangent; n_chunk = tokens per device in
+              a chunk of min(`train.loss_chunk`, T) positions, all T when 0; yanjax/model/head.py) + n 4 D 4 (the
+              final norm in float32)
   gathered    FSDP all-gathers: float32 weights of 2 P layers (scanned) or every layer (unscanned; the CPU
               compiler keeps them all), plus the embedding; with remat none, every layer's weights cast to a
 
@@ -100,6 +102,7 @@ class Plan:
   batch_ways: int  # devices the batch is split over (product of the "batch" rule's mesh axes)
   micro_batch_per_device: int  # sequences per device per micro-batch
   seq_len: int
+  loss_chunk: int  # positions whose logits the loss holds at a time (train.loss_chunk; seq_len when 0)
   grad_accum: int
   remat: str
   dtype: str
@@ -301,9 +304,11 @@ def working_terms(m: ModelConfig, mixer: str, t: int, dense_ragged: bool = False
   return layer_terms(m, mixer, t, "none", dense_ragged, expert_ways) + MIXERS[mixer].backward_terms(m, t)
 
 
-def logits_terms(m: ModelConfig) -> list[Term]:
-  return [Term("logits and cotangent (float32)", (m.vocab_size,), ("vocab",), 4, 2),
-          Term("final norm (float32)", (m.width,), ("embed",), 4, 4)]
+def logits_terms(m: ModelConfig, t: int, loss_chunk: int) -> list[tuple[list[Term], int]]:
+  """What the loss holds, as (terms, positions) pairs: one chunk's logits (`loss_chunk` positions, yanjax/model/head.py)
+  beside the final norm of all t."""
+  return [([Term("logits and cotangent (float32)", (m.vocab_size,), ("vocab",), 4, 2)], loss_chunk),
+          ([Term("final norm (float32)", (m.width,), ("embed",), 4, 4)], t)]
 
 
 def terms_bytes(terms: Sequence[Term], batch: int, t: int, mesh, rules) -> int:
@@ -334,6 +339,7 @@ def make_plan(cfg: ml_collections.ConfigDict, devices: int, device_kind: str, mf
                       f"{batch_ways * train.grad_accum}")
   state = _state_bytes(model_cfg, cfg, mesh, rules)
   t = train.seq_len
+  loss_chunk = min(train.loss_chunk or t, t)
   p = state["params"]
   per_layer_gathered = state["blocks_gathered"] // model_cfg.layers
   fsdp_gathers = state["blocks_gathered"] > state["blocks_sharded"]
@@ -355,12 +361,13 @@ def make_plan(cfg: ml_collections.ConfigDict, devices: int, device_kind: str, mf
   tokens = tokens_per_step(cfg)
   return Plan(
       config=config_name, devices=devices, device_kind=device_kind, mesh=dict(mesh.shape), batch_ways=batch_ways,
-      micro_batch_per_device=micro // batch_ways, seq_len=t, grad_accum=train.grad_accum, remat=model_cfg.remat,
-      dtype=model_cfg.dtype, params_total=param_count(model_cfg).total, param_bytes=p,
+      micro_batch_per_device=micro // batch_ways, seq_len=t, loss_chunk=loss_chunk, grad_accum=train.grad_accum,
+      remat=model_cfg.remat, dtype=model_cfg.dtype, params_total=param_count(model_cfg).total, param_bytes=p,
       optimizer_bytes=state["optimizer"], batch_bytes=20 * train.global_batch * t // batch_ways,
       update_bytes=3 * p, gradient_bytes=2 * p, gathered_bytes=gathered, saved_bytes=saved,
       working_bytes=working,
-      logits_bytes=terms_bytes(logits_terms(model_cfg), micro, t, mesh, rules),
+      logits_bytes=sum(terms_bytes(terms, micro, positions, mesh, rules)
+                       for terms, positions in logits_terms(model_cfg, t, loss_chunk)),
       tokens_per_step=tokens, steps=train.steps, flops_per_step=flops_per_token(model_cfg, t) * tokens, mfu=mfu,
       peak_flops=peak_flops(device_kind),
       capacity_bytes=device_memory(device_kind) if capacity_bytes is None else capacity_bytes)
