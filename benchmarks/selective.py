@@ -115,10 +115,10 @@ def grouped_matmul_error(model_cfg, tokens: int) -> dict[str, float]:
   weights = jnp.asarray(rng.standard_normal((1, tokens, d)), dtype)
 
   def run(grouped_matmul):
-    def loss(x, gate_up, down):
+    def loss(x, gate_up, down, groups, gates, valid, weights):
       y, _ = dropless_dispatch(x, groups, gates, valid, gate_up, down, grouped_matmul)
       return jnp.sum((y * weights).astype(jnp.float32)), y
-    return jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(x, gate_up, down)
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(x, gate_up, down, groups, gates, valid, weights)
 
   (grads, y), (grads_ref, y_ref) = run("tokamax"), run("xla")
   errors = {}

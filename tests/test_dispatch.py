@@ -135,10 +135,12 @@ def _poisoned_ragged_dot():
   return ragged_dot
 
 
-def _interpreted_tokamax_kernel(monkeypatch):
+@pytest.fixture
+def interpreted_tokamax_kernel(monkeypatch):
   """tokamax's Mosaic-TPU grouped matmul (megablox's gmm and tgmm kernels, with tokamax's backward) in Pallas's
   interpret mode on this CPU. Test-only shims: tokamax offers interpret mode only for this kernel and only on a
-  TPU (`supported_on`), and Pallas's TPU pipeline asks the device for its TPU generation (a v5e's answered)."""
+  TPU (`supported_on`), and Pallas's TPU pipeline asks the device for its TPU generation (a v5e's answered, and
+  forgotten after the test)."""
   from jax._src.pallas.mosaic import tpu_info  # pylint: disable=import-outside-toplevel
   from tokamax._src.ops.ragged_dot import pallas_mosaic_tpu  # pylint: disable=import-outside-toplevel
 
@@ -148,7 +150,8 @@ def _interpreted_tokamax_kernel(monkeypatch):
                       lambda: tpu_info.get_tpu_info_for_chip(tpu_info.ChipVersion.TPU_V5E, 1))
   op = kernel(interpret=True, config=None)
   assert dataclasses.is_dataclass(op) and op.interpret
-  return lambda lhs, rhs, sizes: op(lhs, rhs, group_sizes=sizes)
+  yield lambda lhs, rhs, sizes: op(lhs, rhs, group_sizes=sizes)
+  tpu_info.get_tpu_info.cache_clear()
 
 
 def _dropless_case(d, g, b, t, groups_used):
@@ -159,9 +162,8 @@ def _dropless_case(d, g, b, t, groups_used):
   gates = rng.uniform(0.1, 1.0, (b, t, K)).astype(np.float32)
   valid = np.ones((b, t), bool)
   valid[1, t // 2:] = False
-  scale = d ** -0.5
   return (randn((b, t, d), 1), jnp.asarray(groups, jnp.int32), jnp.asarray(gates), jnp.asarray(valid),
-          randn((E, d, 2, g), 2) * scale, randn((E, g, d), 3) * g ** -0.5)
+          randn((E, d, 2, g), 2) * d ** -0.5, randn((E, g, d), 3) * g ** -0.5)
 
 
 def _dropless_and_grads(grouped_matmul, case):
@@ -178,20 +180,20 @@ def _dropless_and_grads(grouped_matmul, case):
 
 
 @pytest.mark.parametrize("kernel", ["tokamax", "rows past the groups undefined", "tokamax Pallas, interpreted"])
-def test_dropless_grouped_matmul_equals_xla(kernel, monkeypatch):
+def test_dropless_grouped_matmul_equals_xla(kernel, monkeypatch, request):
   """tokamax: the public `tokamax.ragged_dot` as the model calls it, which on CPU runs its XLA implementation
   (its Pallas kernels are GPU and TPU only), so this checks the plumbing (its custom VJP, shapes, dtypes).
   Rows past the groups undefined: a kernel that leaves padding slots' rows as garbage changes nothing.
   Interpreted: a tokamax Pallas kernel itself (its TPU one; its GPU kernels have no interpret mode), forward and
   backward, at the smallest shape it takes (every matmul dimension >= 128)."""
-  pytest.importorskip("tokamax")
+  if kernel.startswith("tokamax"):
+    pytest.importorskip("tokamax")  # the test extra installs it
+  case = _dropless_case(d=D, g=F, b=2, t=T, groups_used=E - 2)
   if kernel == "rows past the groups undefined":
     monkeypatch.setitem(dispatch.RAGGED_DOTS, "tokamax", _poisoned_ragged_dot())
-  if kernel == "tokamax Pallas, interpreted":
-    monkeypatch.setitem(dispatch.RAGGED_DOTS, "tokamax", _interpreted_tokamax_kernel(monkeypatch))
+  elif kernel == "tokamax Pallas, interpreted":
+    monkeypatch.setitem(dispatch.RAGGED_DOTS, "tokamax", request.getfixturevalue("interpreted_tokamax_kernel"))
     case = _dropless_case(d=128, g=128, b=2, t=32, groups_used=E - 2)
-  else:
-    case = _dropless_case(d=D, g=F, b=2, t=T, groups_used=E - 2)
   assert int(case[3].sum()) * K < case[0].shape[0] * case[0].shape[1] * K  # padding slots, sorted last
   y_ref, grads_ref = _dropless_and_grads("xla", case)
   y, grads = _dropless_and_grads("tokamax", case)
