@@ -115,8 +115,9 @@ def single_device_run():
                                                  ({"data": 4, "fsdp": 2}, 2)])
 @pytest.mark.slow
 def test_sharded_run_equals_single_device_run(mesh_cfg, grad_accum, single_device_run):
+  """The sharded run computes its loss in chunks of 5 positions (the single device's whole logits)."""
   single_losses, single_params = single_device_run
-  state, trainer = _setup(mesh_cfg, grad_accum=grad_accum)
+  state, trainer = _setup(mesh_cfg, grad_accum=grad_accum, loss_chunk=5)
   for i in range(3):
     state, metrics = trainer.train_step(state, _batch(i))
     print(i, single_losses[i], float(metrics["loss"]))
@@ -171,7 +172,7 @@ def test_validation_bits_per_byte_is_the_summed_loss_in_bits_over_the_targets_by
 def test_the_chunked_loss_trains_as_the_whole_logits():
   """One train step with train.loss_chunk=5 over 16 positions (three chunks and a padded one) against the whole
   logits (0): the same loss, z-loss and gradient norm. (The validation above runs in chunks against the whole
-  logits; test_sharded_run_equals_single_device_run runs the default chunk with the vocabulary split.)"""
+  logits; test_sharded_run_equals_single_device_run runs the chunks sharded, the vocabulary split.)"""
   batch = _batch(0)
   batch["loss_mask"][:, :3] = 0.0
   runs = []

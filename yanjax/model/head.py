@@ -1,12 +1,15 @@
 """The output head: logits from the final hidden states, and the loss computed without holding the whole logits.
 
-`logits(x, w)` is the head every caller uses (generation, scoring). `head_loss(x, w, targets, mask, chunk=...,
-z_weight=...)` is the training and validation loss: summed over the loss mask, the targets' negative
-log-likelihood, the z-loss's logsumexp^2 and the top-1 hits, and the objective nll + z_weight * z.
+`Head` is the output head's weight as it is stored (the untied head [D, V], or the tied embedding [V, D], never
+transposed: XLA would copy it). `logits(x, head)` is the head every caller uses (generation, scoring).
+`head_loss(x, head, targets, mask, chunk=..., z_weight=...)` is the training and validation loss: summed over the
+loss mask, the targets' negative log-likelihood, the z-loss's logsumexp^2 and the top-1 hits, and the objective
+nll + z_weight * z.
 
-  chunk = 0   the logits [b, t, V] (float32) whole, differentiated by autodiff: the reference.
-  chunk > 0   `lax.scan` over the N = ceil(t / chunk) chunks of `chunk` positions (t padded to N chunk with
-              masked positions): one chunk's logits [b, chunk, V] and their cotangent (float32) live at a time.
+  chunk = 0 or chunk >= t   the logits [b, t, V] (float32) whole, differentiated by autodiff: the reference.
+  0 < chunk < t             `lax.scan` over the N = ceil(t / chunk) chunks of `chunk` positions (t padded to
+                            N chunk with masked positions): one chunk's logits [b, chunk, V] and their cotangent
+                            (float32) live at a time.
               The gradient is computed in the forward pass (`jax.custom_vjp`): the loss ends the computation, so
               each chunk's logits serve its value and its gradient at once and nothing is recomputed (Levanter's
               blockwise cross-entropy and MaxText's vocabulary tiling recompute the chunk in the backward, one
@@ -23,13 +26,13 @@ Shapes: the legend in docs/model.md; here also N = chunks of the loss and `chunk
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from yanjax.model.layers import cast
 from yanjax.model.partitioning import constrain
 
 LOGITS_AXES = ("batch", "length", "vocab")  # logical names of the logits [b, t, V]
@@ -42,22 +45,39 @@ class LossSums(NamedTuple):
   correct: jax.Array  # targets that are the logits' argmax
 
 
-def logits(x: jax.Array, w: jax.Array) -> jax.Array:
-  """x [b, t, D] (compute dtype), w [D, V] -> logits [b, t, V] float32; w is cast to x's dtype."""
-  out = jnp.einsum("btd,dv->btv", x, cast(w, x.dtype), preferred_element_type=jnp.float32)
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["weight"], meta_fields=["vocab_first"])
+@dataclasses.dataclass(frozen=True)
+class Head:
+  """The output head's weight in the compute dtype (`LanguageModel.output_head`)."""
+  weight: jax.Array  # [D, V], or [V, D] when vocab_first (the tied embedding)
+  vocab_first: bool
+
+  @property
+  def letters(self) -> str:
+    """The weight's dimensions in einsum letters."""
+    return "vd" if self.vocab_first else "dv"
+
+  @property
+  def gathered_axes(self) -> tuple[str | None, ...]:
+    """Logical axes of the weight gathered over FSDP (the vocabulary stays split)."""
+    return ("vocab", None) if self.vocab_first else (None, "vocab")
+
+
+def logits(x: jax.Array, head: Head) -> jax.Array:
+  """x [b, t, D] in the head's dtype -> logits [b, t, V] float32."""
+  out = jnp.einsum(f"btd,{head.letters}->btv", x, head.weight, preferred_element_type=jnp.float32)
   return constrain(out, LOGITS_AXES)
 
 
-def head_loss(x: jax.Array, w: jax.Array, targets: jax.Array, mask: jax.Array, *, chunk: int,
+def head_loss(x: jax.Array, head: Head, targets: jax.Array, mask: jax.Array, *, chunk: int,
               z_weight: float) -> tuple[jax.Array, LossSums]:
-  """(objective = nll + z_weight * z [], LossSums) of hidden states x [b, t, D], head w [D, V] (float32),
-  targets [b, t] int32 and mask [b, t] (1 = counted), `chunk` positions at a time (0: all); only the objective is
-  differentiated (with respect to x and w)."""
-  if chunk:
-    objective, sums = _chunked_loss(x, w, targets, mask.astype(jnp.float32), min(chunk, x.shape[1]),
-                                    float(z_weight))
+  """(objective = nll + z_weight * z [], LossSums) of hidden states x [b, t, D] (the head's dtype), targets
+  [b, t] int32 and mask [b, t] (1 = counted), `chunk` positions at a time (0: all); only the objective is
+  differentiated (with respect to x and the head)."""
+  if 0 < chunk < x.shape[1]:
+    objective, sums = _chunked_loss(x, head, targets, mask.astype(jnp.float32), chunk, float(z_weight))
   else:
-    sums, _ = _sums(logits(x, w), targets, mask.astype(jnp.float32))
+    sums, _ = _sums(logits(x, head), targets, mask.astype(jnp.float32))
     objective = sums.nll + z_weight * sums.z
   return objective, jax.tree.map(jax.lax.stop_gradient, sums)
 
@@ -71,31 +91,31 @@ def _sums(chunk_logits, targets, mask) -> tuple[LossSums, jax.Array]:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _chunked_loss(x, w, targets, mask, chunk: int, z_weight: float):
+def _chunked_loss(x, head, targets, mask, chunk: int, z_weight: float):
   """head_loss over chunks of `chunk` positions (mask float32): -> (objective, LossSums)."""
-  sums, _ = _scan_chunks(x, w, targets, mask, chunk, z_weight, with_grads=False)
+  sums, _ = _scan_chunks(x, head, targets, mask, chunk, z_weight, with_grads=False)
   return sums.nll + z_weight * sums.z, sums
 
 
-def _chunked_loss_fwd(x, w, targets, mask, chunk, z_weight):
-  sums, grads = _scan_chunks(x, w, targets, mask, chunk, z_weight, with_grads=True)
-  return (sums.nll + z_weight * sums.z, sums), grads
+def _chunked_loss_fwd(x, head, targets, mask, chunk, z_weight):
+  sums, grads = _scan_chunks(x, head, targets, mask, chunk, z_weight, with_grads=True)
+  return (sums.nll + z_weight * sums.z, sums), (grads, head.vocab_first)
 
 
-def _chunked_loss_bwd(chunk, z_weight, grads, cotangents):
+def _chunked_loss_bwd(chunk, z_weight, saved, cotangents):
   """The objective's gradients saved by the forward, times its cotangent; the sums carry none."""
   del chunk, z_weight
-  dx, dw = grads
+  (dx, dw), vocab_first = saved
   g = cotangents[0]
-  return (g * dx).astype(dx.dtype), g * dw, None, None
+  return (g * dx).astype(dx.dtype), Head((g * dw).astype(dw.dtype), vocab_first), None, None
 
 
 _chunked_loss.defvjp(_chunked_loss_fwd, _chunked_loss_bwd)
 
 
-def _scan_chunks(x, w, targets, mask, chunk: int, z_weight: float, with_grads: bool):
-  """LossSums over the N chunks, and with_grads: the objective's gradients (dx [b, t, D] in x's dtype, dw [D, V]
-  float32), else None."""
+def _scan_chunks(x, head: Head, targets, mask, chunk: int, z_weight: float, with_grads: bool):
+  """LossSums over the N chunks, and with_grads: the objective's gradients (dx [b, t, D] and dw, the head
+  weight's shape, in the dtypes of x and the head; dw summed over the chunks in float32), else None."""
   b, t, _ = x.shape
   n = -(-t // chunk)
 
@@ -103,11 +123,12 @@ def _scan_chunks(x, w, targets, mask, chunk: int, z_weight: float, with_grads: b
     a = jnp.pad(a, [(0, 0), (0, n * chunk - t)] + [(0, 0)] * (a.ndim - 2))
     return jnp.swapaxes(a.reshape(b, n, chunk, *a.shape[2:]), 0, 1)
 
-  w_compute = constrain(cast(w, x.dtype), (None, "vocab"))  # gathered over FSDP once, not once per chunk
+  head = Head(constrain(head.weight, head.gathered_axes), head.vocab_first)  # gathered once, not once per chunk
+  w_letters = head.letters
 
   def body(dw, xs):
     x_chunk, target_chunk, mask_chunk = xs
-    chunk_logits = logits(x_chunk, w_compute)
+    chunk_logits = logits(x_chunk, head)
     sums, logz = _sums(chunk_logits, target_chunk, mask_chunk)
     if not with_grads:
       return dw, (sums, None)
@@ -117,14 +138,14 @@ def _scan_chunks(x, w, targets, mask, chunk: int, z_weight: float, with_grads: b
     dlogits = jnp.where(is_target, probs - 1.0, probs)
     dlogits = dlogits + (2.0 * z_weight * logz)[..., None] * probs
     dlogits = constrain((dlogits * mask_chunk[..., None]).astype(x.dtype), LOGITS_AXES)
-    dx = jnp.einsum("btv,dv->btd", dlogits, w_compute, preferred_element_type=jnp.float32).astype(x.dtype)
-    dw = dw + jnp.einsum("btd,btv->dv", x_chunk, dlogits, preferred_element_type=jnp.float32)
-    return dw, (sums, dx)
+    dx = jnp.einsum(f"btv,{w_letters}->btd", dlogits, head.weight, preferred_element_type=jnp.float32)
+    dw = dw + jnp.einsum(f"btd,btv->{w_letters}", x_chunk, dlogits, preferred_element_type=jnp.float32)
+    return dw, (sums, dx.astype(x.dtype))
 
-  dw = constrain(jnp.zeros(w.shape, jnp.float32), (None, "vocab")) if with_grads else None
+  dw = constrain(jnp.zeros(head.weight.shape, jnp.float32), head.gathered_axes) if with_grads else None
   dw, (sums, dx) = jax.lax.scan(body, dw, (chunks(x), chunks(targets), chunks(mask)))
   sums = LossSums(*(jnp.sum(s) for s in sums))
   if not with_grads:
     return sums, None
   dx = jnp.swapaxes(dx, 0, 1).reshape(b, n * chunk, -1)[:, :t]
-  return sums, (dx, dw)
+  return sums, (dx, dw.astype(head.weight.dtype))

@@ -3,7 +3,7 @@
 Each layer is  x = x + Mixer(RMSNorm(x));  x = x + FFN(RMSNorm(x))  (paper section 2.1), where Mixer is the
 layer's entry of `cfg.pattern` repeated (yanjax/model/mixers.py: MCSD, causal or sliding-window attention), and
 FFN is the dense GeGLU MLP or the selective-activation FFN (router=True). One code path (`_run`) serves scoring
-(`__call__`: logits), training (`hidden_states`: the final norm's output, which the loss takes with `head_weight`,
+(`__call__`: logits), training (`hidden_states`: the final norm's output, which the loss takes with `output_head`,
 in chunks of positions), prompt prefill (`prefill`) and decoding (`decode_step`): a decode step is a forward pass
 of one token that starts from the cache.
 
@@ -117,7 +117,7 @@ class LanguageModel(nnx.Module):
       (logits [b, t, V] float32, aux) with aux as `hidden_states` returns it.
     """
     x, aux = self.hidden_states(tokens, segment_ids, positions, step=step, key=key)
-    return head.logits(x, self.head_weight()), aux
+    return head.logits(x, self.output_head(x.dtype)), aux
 
   def hidden_states(self, tokens, segment_ids=None, positions=None, *, step=None, key=None):
     """The layers and the final norm without the head: what the loss takes (yanjax/model/head.py `head_loss`).
@@ -140,9 +140,11 @@ class LanguageModel(nnx.Module):
     x, aux, _ = self._run(tokens, segment_ids, positions, None, step, key)
     return x, aux
 
-  def head_weight(self) -> jax.Array:
-    """The output head [D, V], float32: the embedding transposed when tied."""
-    return self.embed.embedding[...].T if self.cfg.tie_embeddings else self.head[...]
+  def output_head(self, dtype) -> head.Head:
+    """The output head's weight cast to `dtype` (the compute dtype): the head [D, V], or the tied embedding."""
+    if self.cfg.tie_embeddings:
+      return head.Head(layers.cast(self.embed.embedding[...], dtype), vocab_first=True)
+    return head.Head(layers.cast(self.head[...], dtype), vocab_first=False)
 
   def init_cache(self, batch: int) -> ModelCache:
     if self.cfg.scan_layers:
@@ -155,7 +157,7 @@ class LanguageModel(nnx.Module):
     positions = cache.position[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)
     segment_ids = jnp.ones(tokens.shape, jnp.int32)
     x, _, layer_caches = self._run(tokens, segment_ids, positions, cache.layers, None, None)
-    return head.logits(x, self.head_weight()), ModelCache(layer_caches, cache.position + tokens.shape[1])
+    return head.logits(x, self.output_head(x.dtype)), ModelCache(layer_caches, cache.position + tokens.shape[1])
 
   def decode_step(self, cache: ModelCache, tokens):
     """One token per row: tokens [b] -> (logits [b, V], new cache)."""

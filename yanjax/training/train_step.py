@@ -33,8 +33,8 @@ def _objective(params, graphdef, batch, step, key, z_loss_weight, loss_chunk):
   """Summed (not averaged) loss of one micro-batch, and its metrics; divided by the token count later."""
   model = nnx.merge(graphdef, params)
   x, aux = model.hidden_states(batch["inputs"], batch["segment_ids"], batch["positions"], step=step, key=key)
-  head_objective, sums = head_loss(x, model.head_weight(), batch["targets"], batch["loss_mask"], chunk=loss_chunk,
-                                   z_weight=z_loss_weight)
+  head_objective, sums = head_loss(x, model.output_head(x.dtype), batch["targets"], batch["loss_mask"],
+                                   chunk=loss_chunk, z_weight=z_loss_weight)
   tokens = jnp.sum(batch["loss_mask"].astype(jnp.float32))
   objective = head_objective + aux["aux_loss"] * tokens
   metrics = {"nll_sum": sums.nll, "z_loss_sum": sums.z, "aux_loss_sum": aux["aux_loss"] * tokens, "tokens": tokens}
@@ -93,7 +93,8 @@ def make_eval_step(graphdef, loss_chunk: int) -> Callable[[Any, dict], dict]:
   def eval_step(params, batch):
     model = nnx.merge(graphdef, params)
     x, aux = model.hidden_states(batch["inputs"], batch["segment_ids"], batch["positions"])
-    _, loss = head_loss(x, model.head_weight(), batch["targets"], batch["loss_mask"], chunk=loss_chunk, z_weight=0.0)
+    _, loss = head_loss(x, model.output_head(x.dtype), batch["targets"], batch["loss_mask"], chunk=loss_chunk,
+                        z_weight=0.0)
     mask = batch["loss_mask"].astype(jnp.float32)
     tokens = jnp.sum(mask)
     sums = {"nll_sum": loss.nll, "correct_sum": loss.correct, "tokens": tokens}
