@@ -14,7 +14,7 @@ Training as the paper: AdamW, peak lr 8e-4, 4096-token sequences x 1152 (4.7M to
 cosine decay; 200B tokens (about 20 per parameter; the paper does not state its budget). FSDP
 over all devices with tensor=2 (so that the batch of 1152 divides over the batch-parallel devices at 8, 64
 and 256 GPUs); bfloat16 compute, float32 parameters, remat full (save_dots keeps each
-layer's [b, t, 2F] FFN input: 108 GB per device at 256 H100s, per `python -m yanjax.main.plan`).
+layer's [b, t, 2F] FFN input: 106 GB per device at 256 H100s, per `python -m yanjax.main.plan`).
 
 Variants: `configs/yan_10b.py` (dense FFN), `configs/yan_10b.py:selective` (selective activation),
 `configs/yan_10b.py:mcsd_dd` (MCSD with data-dependent decay), `configs/yan_10b.py:attention` (the parameter-matched

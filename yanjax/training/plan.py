@@ -38,7 +38,7 @@ per device per micro-batch (global_batch / grad_accum / batch-parallel devices x
               compiler keeps them all), plus the embedding; with remat none, every layer's weights cast to a
 
 Every selective term is linear in T (c grows with T, but per token r = E c / T stays ~ 1.25 k).
-XLA's memory analysis of the compiled step agrees within 0.76-1.28x on CPU (benchmarks/RESULTS.md).
+XLA's memory analysis of the compiled step agrees within 0.66-1.14x on CPU (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
