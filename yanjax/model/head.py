@@ -1,25 +1,27 @@
 """The output head: logits from the final hidden states, and the loss computed without holding the whole logits.
 
-`Head` is the output head's weight as it is stored (the untied head [D, V], or the tied embedding [V, D], never
-transposed: XLA would copy it). `logits(x, head)` is the head every caller uses (generation, scoring).
-`head_loss(x, head, targets, mask, chunk=..., z_weight=...)` is the training and validation loss: summed over the
-loss mask, the targets' negative log-likelihood, the z-loss's logsumexp^2 and the top-1 hits, and the objective
-nll + z_weight * z.
+`Head` is the output head's weight as it is stored: the untied head [D, V], or the tied embedding [V, D], which
+the whole-logits path reads untransposed (a transposed tied table costs XLA a copy). `logits(x, head)` is the head
+every caller uses (generation, scoring). `head_loss(x, head, targets, mask, chunk=..., z_weight=...)` is the
+training and validation loss: summed over the loss mask, the targets' negative log-likelihood, the z-loss's
+logsumexp^2 and the top-1 hits, and the objective nll + z_weight * z.
 
   chunk = 0 or chunk >= t   the logits [b, t, V] (float32) whole, differentiated by autodiff: the reference.
   0 < chunk < t             `lax.scan` over the N = ceil(t / chunk) chunks of `chunk` positions (t padded to
                             N chunk with masked positions): one chunk's logits [b, chunk, V] and their cotangent
-                            (float32) live at a time.
-              The gradient is computed in the forward pass (`jax.custom_vjp`): the loss ends the computation, so
-              each chunk's logits serve its value and its gradient at once and nothing is recomputed (Levanter's
-              blockwise cross-entropy and MaxText's vocabulary tiling recompute the chunk in the backward, one
-              more head matmul). The backward scales the saved gradients by the objective's cotangent.
+                            (float32) live at a time. The gradient is computed in the forward pass
+                            (`jax.custom_vjp`): the loss ends the computation, so each chunk's logits serve its
+                            value and its gradient at once and nothing is recomputed (Levanter's blockwise
+                            cross-entropy and MaxText's vocabulary tiling recompute the chunk in the backward, one
+                            more head matmul). The backward scales the saved gradients by the objective's
+                            cotangent.
 
 The positions are chunked, not the vocabulary: `chunk` bounds the logits whatever V. The chunked path gathers the
-head once over FSDP (not once per chunk), casts the logits' cotangent to the compute dtype before the two
-gradient matmuls (bfloat16 matmuls on accelerators where autodiff would upcast them to float32) and sums the
-head's gradient over chunks in float32. tokamax 0.0.12's `linear_softmax_cross_entropy_loss` is not used: its one
-fused kernel is Mosaic-TPU, its XLA path materialises the logits, and it has no mask or z-loss.
+head over FSDP as [D, V] once, before its loop (not once per chunk; on CPU the [V, D] layout is slower in the
+loop's matmuls), casts the logits' cotangent to the compute dtype before the two gradient matmuls (bfloat16
+matmuls on accelerators, where autodiff would upcast them to float32) and sums the head's gradient over chunks in
+float32. tokamax 0.0.12's `linear_softmax_cross_entropy_loss` is not used: its one fused kernel is Mosaic-TPU, its
+XLA path materialises the logits, and it has no mask or z-loss.
 
 Shapes: the legend in docs/model.md; here also N = chunks of the loss and `chunk` = positions per chunk.
 """
@@ -52,20 +54,16 @@ class Head:
   weight: jax.Array  # [D, V], or [V, D] when vocab_first (the tied embedding)
   vocab_first: bool
 
-  @property
-  def letters(self) -> str:
-    """The weight's dimensions in einsum letters."""
-    return "vd" if self.vocab_first else "dv"
-
-  @property
-  def gathered_axes(self) -> tuple[str | None, ...]:
-    """Logical axes of the weight gathered over FSDP (the vocabulary stays split)."""
-    return ("vocab", None) if self.vocab_first else (None, "vocab")
 
 
 def logits(x: jax.Array, head: Head) -> jax.Array:
   """x [b, t, D] in the head's dtype -> logits [b, t, V] float32."""
-  out = jnp.einsum(f"btd,{head.letters}->btv", x, head.weight, preferred_element_type=jnp.float32)
+  return _logits(x, head.weight, "vd" if head.vocab_first else "dv")
+
+
+def _logits(x, w, w_letters: str):
+  """x [b, t, D], w [D, V] or [V, D] as `w_letters` says -> logits [b, t, V] float32."""
+  out = jnp.einsum(f"btd,{w_letters}->btv", x, w, preferred_element_type=jnp.float32)
   return constrain(out, LOGITS_AXES)
 
 
@@ -123,12 +121,12 @@ def _scan_chunks(x, head: Head, targets, mask, chunk: int, z_weight: float, with
     a = jnp.pad(a, [(0, 0), (0, n * chunk - t)] + [(0, 0)] * (a.ndim - 2))
     return jnp.swapaxes(a.reshape(b, n, chunk, *a.shape[2:]), 0, 1)
 
-  head = Head(constrain(head.weight, head.gathered_axes), head.vocab_first)  # gathered once, not once per chunk
-  w_letters = head.letters
+  # Every chunk's three matmuls read the weight [D, V], gathered over FSDP: transposed and gathered once, here.
+  w = constrain(head.weight.T if head.vocab_first else head.weight, (None, "vocab"))
 
   def body(dw, xs):
     x_chunk, target_chunk, mask_chunk = xs
-    chunk_logits = logits(x_chunk, head)
+    chunk_logits = _logits(x_chunk, w, "dv")
     sums, logz = _sums(chunk_logits, target_chunk, mask_chunk)
     if not with_grads:
       return dw, (sums, None)
@@ -138,14 +136,14 @@ def _scan_chunks(x, head: Head, targets, mask, chunk: int, z_weight: float, with
     dlogits = jnp.where(is_target, probs - 1.0, probs)
     dlogits = dlogits + (2.0 * z_weight * logz)[..., None] * probs
     dlogits = constrain((dlogits * mask_chunk[..., None]).astype(x.dtype), LOGITS_AXES)
-    dx = jnp.einsum(f"btv,{w_letters}->btd", dlogits, head.weight, preferred_element_type=jnp.float32)
-    dw = dw + jnp.einsum(f"btd,btv->{w_letters}", x_chunk, dlogits, preferred_element_type=jnp.float32)
+    dx = jnp.einsum("btv,dv->btd", dlogits, w, preferred_element_type=jnp.float32)
+    dw = dw + jnp.einsum("btd,btv->dv", x_chunk, dlogits, preferred_element_type=jnp.float32)
     return dw, (sums, dx.astype(x.dtype))
 
-  dw = constrain(jnp.zeros(head.weight.shape, jnp.float32), head.gathered_axes) if with_grads else None
+  dw = constrain(jnp.zeros(w.shape, jnp.float32), (None, "vocab")) if with_grads else None
   dw, (sums, dx) = jax.lax.scan(body, dw, (chunks(x), chunks(targets), chunks(mask)))
   sums = LossSums(*(jnp.sum(s) for s in sums))
   if not with_grads:
     return sums, None
   dx = jnp.swapaxes(dx, 0, 1).reshape(b, n * chunk, -1)[:, :t]
-  return sums, (dx, dw.astype(head.weight.dtype))
+  return sums, (dx, (dw.T if head.vocab_first else dw).astype(head.weight.dtype))
