@@ -94,6 +94,26 @@ def test_selective_dispatch_memory_is_linear_in_the_sequence(dispatch):
   assert selective.fits  # the paper's sequence length and batch
 
 
+def test_attention_memory_follows_the_kernel_the_device_runs():
+  """On an NVIDIA kind a bfloat16 attention layer runs cuDNN: no [t, t] scores in its working set, which then
+  grows with t only through the document mask; on CPU (or with attention_kernel="xla") it keeps XLA's scores."""
+  def working(t, kind, kernel="auto"):
+    cfg = load_config_file(REPO / "configs/yan_1p6b.py:attention")
+    cfg.train.update(seq_len=t, global_batch=2, grad_accum=1)
+    cfg.model.update(max_decode_len=t, attention_kernel=kernel)
+    cfg.mesh.tensor = 1
+    found = plan.make_plan(cfg, 1, kind)
+    return found.attention_kernel, found.working_bytes / t
+
+  assert working(8192, "cpu")[0] == working(8192, "H100 80GB", "xla")[0] == "xla"
+  kernel, cudnn_8k = working(8192, "H100 80GB")
+  xla_8k = working(8192, "H100 80GB", "xla")[1]
+  print(f"working bytes per token at 8192: cuDNN {cudnn_8k:,.0f}, XLA {xla_8k:,.0f}")
+  assert kernel == "cudnn" and cudnn_8k < xla_8k / 10
+  assert working(2048, "H100 80GB")[1] == pytest.approx(cudnn_8k, rel=0.1)  # all but the mask is linear in t
+  assert plan.make_plan(load_config_file(REPO / "configs/yan_1p6b.py"), 8, "H100 80GB").attention_kernel is None
+
+
 def test_check_fits_refuses_a_dispatch_whose_memory_cannot_fit(monkeypatch):
   cfg = load_config_file(REPO / "configs/yan_tiny.py:selective")
   cfg.train.seq_len = 2048

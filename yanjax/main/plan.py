@@ -44,7 +44,8 @@ def format_plan(plan: Plan, compiled: dict[str, int] | None = None, compiled_not
            f"    gradients (backward)            {gigabytes(plan.gradient_bytes):>12}",
            f"    gathered weights (FSDP, casts)  {gigabytes(plan.gathered_bytes):>12}",
            f"    activations saved, remat={plan.remat:<9} {gigabytes(plan.saved_bytes):>9}  ({plan.dtype})",
-           f"    backward working set            {gigabytes(plan.working_bytes):>12}",
+           f"    backward working set            {gigabytes(plan.working_bytes):>12}" +
+           (f"  (attention on {plan.attention_kernel})" if plan.attention_kernel else ""),
            f"    {f'logits, loss chunk of {plan.loss_chunk}':<32}{gigabytes(plan.logits_bytes):>12}",
            f"    update phase (3 M)              {gigabytes(plan.update_bytes):>12}",
            f"    total (state + max of phases)   {gigabytes(plan.total_bytes):>12}" +

@@ -95,14 +95,21 @@ class Attention(nnx.Module):
 
   @staticmethod
   def residual_terms(cfg: ModelConfig, t: int, itemsize: int) -> list[Term]:
-    """What autodiff keeps of one block for its backward without remat, per token (yanjax.training.plan): the logits
-    and probabilities grow with the sequence length `t`."""
-    return [Term("q, k, v, attended", (cfg.heads, cfg.head_dim), ("heads", None), itemsize, 4),
-            Term("attention input, output", (cfg.width,), ("embed",), itemsize, 2),
-            Term("attention logits (float32)", (cfg.heads, t), ("heads", None), 4),
-            Term("attention probabilities", (cfg.heads, t), ("heads", None), itemsize)]
+    """What autodiff keeps of one block for its backward without remat, per token (yanjax.training.plan, which sets
+    `cfg.attention_kernel` to what the target device runs): XLA's logits and probabilities, or cuDNN's softmax
+    statistics and the document mask, grow with the sequence length `t`."""
+    terms = [Term("q, k, v, attended", (cfg.heads, cfg.head_dim), ("heads", None), itemsize, 4),
+             Term("attention input, output", (cfg.width,), ("embed",), itemsize, 2)]
+    if cfg.attention_kernel == "cudnn":
+      return terms + [Term("softmax statistics (float32)", (cfg.heads,), ("heads",), 4),
+                      Term("document mask [b, 1, t, t] (bool)", (t,), (None,), 1)]
+    return terms + [Term("attention logits (float32)", (cfg.heads, t), ("heads", None), 4),
+                    Term("attention probabilities", (cfg.heads, t), ("heads", None), itemsize)]
 
   @staticmethod
   def backward_terms(cfg: ModelConfig, t: int) -> list[Term]:
-    """What its backward holds beyond the residuals, per token: the logits' cotangent."""
+    """What its backward holds beyond the residuals, per token: XLA's logits cotangent; cuDNN's, the document mask's
+    cotangent, which jax 0.11 computes though nothing uses it (yanjax/model/attention_kernel.py)."""
+    if cfg.attention_kernel == "cudnn":
+      return [Term("document mask cotangent", (t,), (None,), jnp.dtype(cfg.dtype).itemsize)]
     return [Term("attention logits cotangent", (cfg.heads, t), ("heads", None), 4)]

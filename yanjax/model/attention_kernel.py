@@ -42,12 +42,18 @@ def cuda_capability() -> tuple[int, ...] | None:
   return tuple(int(n) for n in jax.devices()[0].compute_capability.split("."))
 
 
-def problem(dtype: str, head_dim: int, length: int) -> str | None:
-  """Why cuDNN flash attention cannot run a training pass of `length` tokens here, or None."""
+# NVIDIA device kinds (as `--device_kind` names them) and their CUDA compute capability: the plan's view of a
+# target GPU, which it never touches.
+GPU_CAPABILITY = {"A100": (8, 0), "L4": (8, 9), "H100": (9, 0), "H200": (9, 0), "B200": (10, 0)}
+
+
+def problem(dtype: str, head_dim: int, length: int, capability: tuple[int, ...] | None = None) -> str | None:
+  """Why cuDNN flash attention cannot run a training pass of `length` tokens on a GPU of `capability` (None:
+  this machine's), or None."""
   why = config_problem(dtype, head_dim)
   if why:
     return why
-  capability = cuda_capability()
+  capability = capability or cuda_capability()
   if capability is None:
     return f"cuDNN flash attention runs on NVIDIA GPUs, and this backend is {jax.default_backend()}"
   if capability < (8, 0):
@@ -57,6 +63,16 @@ def problem(dtype: str, head_dim: int, length: int) -> str | None:
   if length % 2:
     return f"cuDNN flash attention with a document mask trains even lengths only, not {length} tokens"
   return None
+
+
+def planned(cfg, device_kind: str, length: int) -> str:
+  """The implementation ("cudnn" or "xla") ModelConfig `cfg`'s training passes of `length` tokens would take on a
+  device of `device_kind` (an unlisted kind: XLA), for the memory plan; never raises."""
+  matches = [kind for kind in GPU_CAPABILITY if kind.lower() in device_kind.lower()]
+  if cfg.attention_kernel == "xla" or not matches:
+    return "xla"
+  capability = GPU_CAPABILITY[max(matches, key=len)]
+  return "xla" if problem(cfg.dtype, cfg.head_dim, length, capability) else "cudnn"
 
 
 def choose(requested: str, dtype, head_dim: int, length: int) -> str:

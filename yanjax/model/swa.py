@@ -125,8 +125,10 @@ class SlidingWindowAttention(Attention):
 
   @staticmethod
   def residual_terms(cfg: ModelConfig, t: int, itemsize: int) -> list[Term]:
-    """Attention's (yanjax.training.plan), with logits over `keys_per_query` keys; the blocked form also keeps
-    each key and value a second time, in the next block's keys."""
+    """Attention's (yanjax.training.plan), with XLA's logits over `keys_per_query` keys, where the blocked form also
+    keeps each key and value a second time, in the next block's keys; cuDNN's one call takes the whole t."""
+    if cfg.attention_kernel == "cudnn":
+      return Attention.residual_terms(cfg, t, itemsize)
     terms = Attention.residual_terms(cfg, SlidingWindowAttention.keys_per_query(cfg, t), itemsize)
     if t > 2 * cfg.window:
       terms.append(Term("k, v again in the next block", (cfg.heads, cfg.head_dim), ("heads", None), itemsize, 2))
@@ -134,8 +136,9 @@ class SlidingWindowAttention(Attention):
 
   @staticmethod
   def backward_terms(cfg: ModelConfig, t: int) -> list[Term]:
-    """Attention's, with logits over `keys_per_query` keys."""
-    return Attention.backward_terms(cfg, SlidingWindowAttention.keys_per_query(cfg, t))
+    """Attention's, with XLA's logits over `keys_per_query` keys."""
+    keys = t if cfg.attention_kernel == "cudnn" else SlidingWindowAttention.keys_per_query(cfg, t)
+    return Attention.backward_terms(cfg, keys)
 
 
 def _ring_keys(cache: RingCache, dtype) -> Keys:

@@ -23,13 +23,15 @@ per device per micro-batch (global_batch / grad_accum / batch-parallel devices x
                 full       D a                                            the layer input
                 save_dots  2 D a + dense 2 F a | selective (R + E) 4      matmul outputs without batch dims
                 none       everything: norms 4 D 4; MCSD 10 D 4 + 2 D a (mcsd_dd: + 4 D 4 + D a + 2 C 4) |
-                           attention 6 D a + H T (4 + a);
+                           attention 6 D a + H T (4 + a) (XLA), 6 D a + 4 H + T (cuDNN, which a bfloat16
+                           run on an NVIDIA device kind takes: `attention_kernel.planned`; no [t, t] scores);
                            dense FFN 8 F a | selective: router (6 R + 2 E + 3 k) 4 + dispatch, with
                            r = E c / T ~ 1.25 k slots per token: capacity 2 k E 4 + r (2 D + 3 g) a + k D a;
                            dropless k (3 D + 3 g) a, + 3 p k D a over p > 1 expert devices (all-to-all
                            buffers, worst case), + 2 k E (D + g) a on CPU (XLA's ragged_dot runs every group;
                            on CPU tokamax runs it too, its kernels being GPU and TPU ones)
-  working     one layer's backward: its `none` residuals recomputed, plus attention's logits cotangent H T 4;
+  working     one layer's backward: its `none` residuals recomputed, plus attention's logits cotangent H T 4
+              (cuDNN: T a, the document mask's cotangent, which jax 0.11 computes);
               the largest layer's, or, scanned, one repetition's of the pattern (its P layers together)
   logits      n_chunk 2 V 4 (one loss chunk's float32 logits and their cotangent; n_chunk = tokens per device in
               a chunk of min(`train.loss_chunk`, T) positions, all T when 0; yanjax/model/head.py) + n 4 D 4 (the
@@ -56,6 +58,7 @@ import numpy as np
 from flax import nnx
 
 from yanjax.core.config import ConfigError
+from yanjax.model import attention_kernel
 from yanjax.model.config import ModelConfig
 from yanjax.model.counting import flops_per_token, param_count
 from yanjax.model.dispatch import group_capacity
@@ -106,6 +109,7 @@ class Plan:
   grad_accum: int
   remat: str
   dtype: str
+  attention_kernel: str | None  # what the attention layers' training passes run on this device kind; None: none
   params_total: int  # parameters of the model
   param_bytes: int
   optimizer_bytes: int
@@ -328,6 +332,8 @@ def make_plan(cfg: ml_collections.ConfigDict, devices: int, device_kind: str, mf
   `capacity_bytes`: memory per device (None: `device_memory(device_kind)`, from the table; no device is touched).
   """
   model_cfg = validate_run_config(cfg)
+  # Attention's memory depends on its kernel: what a device of this kind would run (XLA's [t, t] scores or cuDNN).
+  model_cfg = model_cfg.replace(attention_kernel=attention_kernel.planned(model_cfg, device_kind, cfg.train.seq_len))
   mesh = abstract_mesh(cfg.mesh, devices)
   rules = {name: tuple(axes) for name, axes in cfg.rules}
   train = cfg.train
@@ -362,7 +368,9 @@ def make_plan(cfg: ml_collections.ConfigDict, devices: int, device_kind: str, mf
   return Plan(
       config=config_name, devices=devices, device_kind=device_kind, mesh=dict(mesh.shape), batch_ways=batch_ways,
       micro_batch_per_device=micro // batch_ways, seq_len=t, loss_chunk=loss_chunk, grad_accum=train.grad_accum,
-      remat=model_cfg.remat, dtype=model_cfg.dtype, params_total=param_count(model_cfg).total, param_bytes=p,
+      remat=model_cfg.remat, dtype=model_cfg.dtype,
+      attention_kernel=model_cfg.attention_kernel if set(model_cfg.pattern) & set(attention_kernel.ATTENTION_MIXERS)
+      else None, params_total=param_count(model_cfg).total, param_bytes=p,
       optimizer_bytes=state["optimizer"], batch_bytes=20 * train.global_batch * t // batch_ways,
       update_bytes=3 * p, gradient_bytes=2 * p, gathered_bytes=gathered, saved_bytes=saved,
       working_bytes=working,
