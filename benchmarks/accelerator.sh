@@ -25,9 +25,8 @@
 # portpicker, tokamax and its dependencies) from a folder of wheels, without an index. --only runs the named steps
 # (or name prefixes: --only train,decode), e.g. those a first run had no budget left for, into another --out.
 # Compiled programs are cached in $JAX_COMPILATION_CACHE_DIR (default /tmp/yanjax-jax-cache): a second run on the
-# same machine skips most compiles. On an 80 GB H100 the trainer's memory check refuses attention and the hybrid at
-# 8192 tokens (yanjax/training/plan.py counts XLA's [t, t] scores even where cuDNN runs; an H200 passes it):
-# YANJAX_DEVICE_MEMORY_BYTES=0 turns the check off.
+# same machine skips most compiles. An --out folder must be new, empty or an earlier run's (it has steps.jsonl),
+# whose files are replaced: the script deletes nothing it did not write.
 #
 # Usage: bash benchmarks/accelerator.sh [--smoke] [--out DIR] [--wheels DIR] [--budget SECONDS]
 #            [--forms chunked,associative,pallas] [--only STEP,...] [--layers_if_short 4]
@@ -68,6 +67,10 @@ if [[ $SMOKE == 1 ]]; then  # the plumbing, not the speed: compile as the tests 
 fi
 suffix=$([[ $SMOKE == 1 ]] && echo "-smoke")
 OUT_DIR=${OUT_DIR:-${OUT:-benchmarks/results/accelerator$suffix-$(date +%Y-%m-%d)}}
+if [[ -d $OUT_DIR && -n "$(ls -A "$OUT_DIR")" && ! -f $OUT_DIR/steps.jsonl ]]; then
+  echo "accelerator.sh: --out $OUT_DIR holds files this script did not write; give a new or empty folder" >&2
+  exit 2
+fi
 mkdir -p "$OUT_DIR/logs" || exit 2
 rm -f "$OUT_DIR"/*.jsonl "$OUT_DIR"/{env,summary}.txt "$OUT_DIR"/logs/*.{out,log}  # an earlier run's
 BUDGET=${BUDGET:-$([[ $SMOKE == 1 ]] && echo 1800 || echo 480)}
