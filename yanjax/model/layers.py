@@ -73,11 +73,6 @@ class Embed(nnx.Module):
     table = constrain(self.embedding[...], (None, None))
     return cast(jnp.take(table, tokens, axis=0), dtype)
 
-  def attend(self, x: jax.Array) -> jax.Array:
-    """x [b, t, D] -> logits [b, t, V] in float32."""
-    return jnp.einsum("btd,vd->btv", x, cast(self.embedding[...], x.dtype),
-                      preferred_element_type=jnp.float32)
-
 
 def geglu(x: jax.Array, gate_up: jax.Array, down: jax.Array) -> jax.Array:
   """GeGLU MLP: x [..., D], gate_up [D, 2, F], down [F, D] -> [..., D] (paper: GeGLU activation)."""
