@@ -61,7 +61,7 @@ class RMSNorm(nnx.Module):
 
 
 class Embed(nnx.Module):
-  """Token embedding [V, D]; `attend` reuses it as a tied output head."""
+  """Token embedding [V, D]; tied, it is also the output head (yanjax/model/head.py, `LanguageModel.output_head`)."""
 
   def __init__(self, vocab: int, width: int, std: float, rngs: nnx.Rngs):
     self.embedding = param(rngs, (vocab, width), ("vocab", "embed"), normal(std))
