@@ -37,7 +37,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from train import build, time_steps  # pylint: disable=import-error  # benchmarks/train.py, beside this script
+from train import build, named_choices, time_steps  # pylint: disable=import-error  # benchmarks/train.py, beside this script
 
 from yanjax.core.config import load_config_file
 from yanjax.model.counting import flops_per_token
@@ -128,21 +128,12 @@ def grouped_matmul_error(model_cfg, tokens: int) -> dict[str, float]:
   return errors
 
 
-def variant_names(text: str) -> list[str]:
-  """The distinct variants named in `text` (comma-separated), in order."""
-  names = list(dict.fromkeys(text.split(",")))
-  unknown = [name for name in names if name not in VARIANTS]
-  if unknown:
-    raise argparse.ArgumentTypeError(f"{', '.join(map(repr, unknown))} not among {', '.join(VARIANTS)}")
-  return names
-
-
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--seq_lens", default="512,2048,8192")
   parser.add_argument("--tokens_per_step", type=int, default=16384, help="global batch = this / sequence length")
   parser.add_argument("--steps", type=int, default=3)
-  parser.add_argument("--variants", type=variant_names, default=["dense", "capacity", "dropless"],
+  parser.add_argument("--variants", type=named_choices(VARIANTS), default=["dense", "capacity", "dropless"],
                       help=f"comma-separated, of {', '.join(VARIANTS)}")
   parser.add_argument("--config", default=None, help="a config file whose model to measure (default: the tiny shape)")
   parser.add_argument("--layers", type=int, default=0, help="override model.layers (0: the model's)")

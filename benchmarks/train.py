@@ -69,24 +69,19 @@ def time_steps(state, step, batch, steps: int) -> float:
   return float(np.median(times))
 
 
-def recurrence_forms(text: str) -> list[str]:
-  """The distinct MCSD recurrence forms named in `text` (comma-separated), in order."""
-  forms = list(dict.fromkeys(text.split(",")))
-  unknown = [form for form in forms if form not in RECURRENCE_FORMS]
-  if unknown:
-    raise argparse.ArgumentTypeError(f"{', '.join(map(repr, unknown))} not among {', '.join(RECURRENCE_FORMS)}")
-  return forms
+def named_choices(allowed: tuple[str, ...]):
+  """An argparse type: comma-separated names, each in `allowed` -> the distinct names, in order."""
+  def parse(text: str) -> list[str]:
+    names = list(dict.fromkeys(text.split(",")))
+    unknown = [name for name in names if name not in allowed]
+    if unknown:
+      raise argparse.ArgumentTypeError(f"{', '.join(map(repr, unknown))} not among {', '.join(allowed)}")
+    return names
+  return parse
 
 
-def variant_names(text: str) -> list[str]:
-  """The distinct variants named in `text` (comma-separated), in order: "mcsd" (the config as written) or one of
-  the config's variants."""
-  names = list(dict.fromkeys(text.split(",")))
-  allowed = ("mcsd", *filter(None, VARIANTS))
-  unknown = [name for name in names if name not in allowed]
-  if unknown:
-    raise argparse.ArgumentTypeError(f"{', '.join(map(repr, unknown))} not among {', '.join(allowed)}")
-  return names
+recurrence_forms = named_choices(RECURRENCE_FORMS)  # MCSD recurrence forms
+variant_names = named_choices(("mcsd", *filter(None, VARIANTS)))  # "mcsd" (the config as written) or a variant
 
 
 def override(cfg, setting: str) -> None:
