@@ -57,7 +57,7 @@ def measure(cfg, steps: int) -> float:
 
 
 def time_steps(state, step, batch, steps: int) -> float:
-  """Median seconds of `steps` calls of the jitted `step`, after one (compiling) call."""
+  """Median seconds of `steps` calls of `step` (jitted or compiled), after one (warm-up, or compiling) call."""
   state, metrics = step(state, batch)
   jax.block_until_ready(metrics)
   times = []
