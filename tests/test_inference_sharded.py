@@ -129,17 +129,17 @@ def test_mesh_flag_picks_the_mesh(run):
 
 
 def test_parse_mesh_and_fallback_mesh():
-  assert parse_mesh("data=1,fsdp=4") == {"data": 1, "fsdp": 4, "tensor": 1, "expert": 1}
-  assert parse_mesh("fsdp=-1, tensor=2") == {"data": 1, "fsdp": -1, "tensor": 2, "expert": 1}
+  assert parse_mesh("data=1,fsdp=4") == {"data": 1, "fsdp": 4, "sequence": 1, "tensor": 1, "expert": 1}
+  assert parse_mesh("fsdp=-1, tensor=2") == {"data": 1, "fsdp": -1, "sequence": 1, "tensor": 2, "expert": 1}
   for bad, message in [("fsdp=x", "must be an integer"), ("pipeline=2", "unknown axis 'pipeline'"),
                        ("fsdp=0", "must be positive or -1"), ("data=-1,fsdp=-1", "at most one axis")]:
     with pytest.raises(ConfigError, match=message):
       parse_mesh(bad)
   devices = jax.devices()[:4]
   assert dict(inference_mesh({"data": 1, "fsdp": 8, "tensor": 1, "expert": 1}, devices=devices).shape) == \
-      {"data": 1, "fsdp": 4, "tensor": 1, "expert": 1}  # trained on 8, loaded on 4: FSDP over the 4
+      {"data": 1, "fsdp": 4, "sequence": 1, "tensor": 1, "expert": 1}  # trained on 8, loaded on 4: FSDP over the 4
   assert dict(inference_mesh({"data": -1, "fsdp": 2, "tensor": 1, "expert": 1}, devices=devices).shape) == \
-      {"data": 2, "fsdp": 2, "tensor": 1, "expert": 1}  # fits: the run's own mesh
+      {"data": 2, "fsdp": 2, "sequence": 1, "tensor": 1, "expert": 1}  # fits: the run's own mesh
   assert inference_mesh(None, devices=devices).devices.size == 4
 
 

@@ -68,7 +68,8 @@ def test_every_config_plans_at_its_intended_device_count(config):
 
 def test_the_mesh_resolves_without_devices():
   cfg = load_config_file(REPO / "configs/yan_1p6b.py")
-  assert dict(plan.abstract_mesh(cfg.mesh, 256).shape) == {"data": 1, "fsdp": 128, "tensor": 2, "expert": 1}
+  assert dict(plan.abstract_mesh(cfg.mesh, 256).shape) == {"data": 1, "fsdp": 128, "sequence": 1, "tensor": 2,
+                                                           "expert": 1}
   with pytest.raises(ConfigError, match="do not divide the 255 devices"):
     plan.abstract_mesh(cfg.mesh, 255)
 
@@ -194,13 +195,14 @@ def test_the_command_line_prints_the_plan():
   proc = _plan_cli("--config", "configs/yan_1p6b.py", "--devices", "256", "--device_kind", "H100 80GB")
   assert proc.returncode == 0, proc.stderr[-3000:]
   print(proc.stdout)
-  for fragment in ("data=1 fsdp=128 tensor=2 expert=1", "9 x 4096 tokens per device", "optimizer state",
+  for fragment in ("data=1 fsdp=128 sequence=1 tensor=2 expert=1", "9 x 4096 tokens per device", "optimizer state",
                    "tokens per step         4,718,592", "remat=save_dots", "fits", "at MFU 0.40"):
     assert fragment in proc.stdout, fragment
   proc = _plan_cli("--config=configs/yan_10b.py", "--devices=256", "--device_kind=TPU v5p", "--json", "--mfu=0.5")
   assert proc.returncode == 0, proc.stderr[-3000:]
   values = json.loads(proc.stdout.strip().splitlines()[-1])
-  assert values["mesh"] == {"data": 1, "fsdp": 128, "tensor": 2, "expert": 1} and values["capacity_bytes"] == 95e9
+  assert values["mesh"] == {"data": 1, "fsdp": 128, "sequence": 1, "tensor": 2, "expert": 1}
+  assert values["capacity_bytes"] == 95e9
   assert values["step_time_s"] == pytest.approx(values["flops_per_step"] / (256 * 459e12 * 0.5))
   proc = _plan_cli("--config", "configs/yan_1p6b.py", "--devices", "100", "--device_kind", "H100 80GB")
   assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: train.global_batch=1152")
@@ -210,7 +212,7 @@ def test_the_command_line_compiles_the_step_on_local_cpu_devices():
   proc = _plan_cli("--config", "configs/yan_tiny.py", "--local_device_count", "8", "--compile")
   assert proc.returncode == 0, proc.stderr[-3000:]
   print(proc.stdout)
-  assert "data=8 fsdp=1 tensor=1 expert=1" in proc.stdout and "compiled step (XLA)" in proc.stdout
+  assert "data=8 fsdp=1 sequence=1 tensor=1 expert=1" in proc.stdout and "compiled step (XLA)" in proc.stdout
 
 
 @pytest.mark.slow

@@ -200,7 +200,7 @@ def test_mesh_and_batch_errors_are_clear():
     sharding.make_mesh({"data": -1, "fsdp": 3, "tensor": 1, "expert": 1})
   mesh = sharding.make_mesh({"data": 8, "fsdp": 1, "tensor": 1, "expert": 1})
   with pytest.raises(ConfigError, match="global_batch=12"):
-    sharding.check_batch_divides(12, 1, mesh, {"batch": ("data",)})
+    sharding.check_batch_divides(12, 1, 16, mesh, {"batch": ("data",)})
 
 
 def test_unknown_and_invalid_config_keys_are_rejected(small_store, tmp_path):

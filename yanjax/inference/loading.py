@@ -36,7 +36,7 @@ from yanjax.training import sharding
 from yanjax.training.checkpointing import Checkpointer, verify_checksums
 from yanjax.training.run_config import DEFAULTS, MESH_AXES
 
-FSDP_ALL = {"data": 1, "fsdp": -1, "tensor": 1, "expert": 1}
+FSDP_ALL = {"data": 1, "fsdp": -1, "sequence": 1, "tensor": 1, "expert": 1}
 
 
 def parse_mesh(text: str) -> dict[str, int]:

@@ -34,8 +34,9 @@ def format_plan(plan: Plan, compiled: dict[str, int] | None = None, compiled_not
   lines = [f"plan: {plan.config or 'config'} on {plan.devices} x {plan.device_kind} "
            f"({gigabytes(cap) if cap else 'memory unknown'}, {peak})",
            f"  mesh                    {' '.join(f'{k}={v}' for k, v in plan.mesh.items())}; batch over "
-           f"{plan.batch_ways} devices: {plan.micro_batch_per_device} x {plan.seq_len} tokens per device per "
-           f"micro-batch (grad_accum {plan.grad_accum})",
+           f"{plan.batch_ways} devices" + (f", time over {plan.length_ways}" if plan.length_ways > 1 else "") +
+           f": {plan.micro_batch_per_device} x {plan.segment_len} tokens per device per micro-batch (grad_accum "
+           f"{plan.grad_accum})",
            f"  parameters              {plan.params_total:,} ({gigabytes(4 * plan.params_total)} float32 in all)",
            "  memory per device",
            f"    parameters (float32)            {gigabytes(plan.param_bytes):>12}",

@@ -228,7 +228,10 @@ def train():
   say(f"mesh {mesh}; parameters {count.total:,} total, {count.active:,} active per token; each "
       f"device holds {100 * report['fraction_per_device']:.1f}% of the parameter bytes "
       f"({report['fully_replicated_bytes']:,} bytes fully replicated)")
-  kernel = attention_kernel.for_run(model_cfg, cfg.train.seq_len)
+  length_ways = sharding.axis_ways(trainer.mesh, dict(cfg.rules), "length")
+  if length_ways > 1:
+    say(f"sequence parallel: each sequence's {cfg.train.seq_len} positions over {length_ways} devices")
+  kernel = attention_kernel.for_run(model_cfg, cfg.train.seq_len, length_ways)
   if kernel:
     say(f"attention: training passes on {kernel} (model.attention_kernel={model_cfg.attention_kernel!r}), "
         "decoding on xla")

@@ -13,7 +13,9 @@ from flax import nnx
 
 from yanjax.model import attention_kernel, layers
 from yanjax.model.config import ModelConfig
-from yanjax.model.partitioning import Term
+from yanjax.model.partitioning import Term, constrain, length_ways
+
+KEYS_AXES = ("batch", None, "heads", None)  # keys and values [b, s, H, Dh] that every query of a split sequence sees
 
 
 class KVCache(NamedTuple):
@@ -66,6 +68,7 @@ class Attention(nnx.Module):
     if cache is None and self.kernel(q) == "cudnn":
       return self.project_out(attention_kernel.fused_attention(q, k, v, inputs.segment_ids)), None
     if cache is None:
+      k, v = self.gather_keys(k, v)
       causal = jnp.tril(jnp.ones((t, t), bool))
       segment_ids = inputs.segment_ids
       mask = causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
@@ -82,7 +85,16 @@ class Attention(nnx.Module):
   def kernel(self, q: jax.Array) -> str:
     """The implementation ("cudnn" or "xla") of a pass without cache over queries q [b, t, H, Dh]
     (yanjax.model.attention_kernel.choose)."""
-    return attention_kernel.choose(self.cfg.attention_kernel, q.dtype, q.shape[-1], q.shape[1])
+    t = q.shape[1]
+    return attention_kernel.choose(self.cfg.attention_kernel, q.dtype, q.shape[-1], t, length_ways(t))
+
+  @staticmethod
+  def gather_keys(k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """k, v [b, t, H, Dh], whole on every device when the sequence's time is split over devices (sequence
+    parallelism: each device's queries, its segment of t, attend to every earlier key: an all-gather)."""
+    if length_ways(k.shape[1]) == 1:
+      return k, v
+    return constrain(k, KEYS_AXES), constrain(v, KEYS_AXES)
 
   def project_in(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """x [b, t, D], positions [b, t] -> q, k, v [b, t, H, Dh], q and k rotated (RoPE) to their positions."""

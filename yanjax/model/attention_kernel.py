@@ -4,7 +4,8 @@
 "cudnn" is cuDNN's flash attention through `jax.nn.dot_product_attention(implementation="cudnn")` on NVIDIA GPUs,
 for bfloat16/float16 and the head widths it supports; "auto" (the default) takes cuDNN where it can run and XLA
 elsewhere (CPU, TPU, ROCm, float32), never an error. Asking for "cudnn" where it cannot run is one line naming the
-key: float32 or a head width it lacks at config time, the backend, GPU or length at trace time.
+key: float32, a head width it lacks or a sequence split over devices (`mesh.sequence`: cuDNN's call takes whole
+sequences) at config time, the backend, GPU or length at trace time.
 
 The fused form states the masks as cuDNN runs them: causality as `is_causal` and the window as `local_window_size`
 (no mask tensor); packed documents as a boolean [b, 1, t, t] mask of equal segments, which the public API can
@@ -47,12 +48,18 @@ def cuda_capability() -> tuple[int, ...] | None:
 GPU_CAPABILITY = {"A100": (8, 0), "L4": (8, 9), "H100": (9, 0), "H200": (9, 0), "B200": (10, 0)}
 
 
-def problem(dtype: str, head_dim: int, length: int, capability: tuple[int, ...] | None = None) -> str | None:
-  """Why cuDNN flash attention cannot run a training pass of `length` tokens on a GPU of `capability` (None:
-  this machine's), or None."""
+SPLIT_PROBLEM = "cuDNN flash attention takes whole sequences, and mesh.sequence splits them over devices"
+
+
+def problem(dtype: str, head_dim: int, length: int, capability: tuple[int, ...] | None = None,
+            length_ways: int = 1) -> str | None:
+  """Why cuDNN flash attention cannot run a training pass of `length` tokens split over `length_ways` devices
+  (sequence parallelism) on a GPU of `capability` (None: this machine's), or None."""
   why = config_problem(dtype, head_dim)
   if why:
     return why
+  if length_ways > 1:
+    return SPLIT_PROBLEM
   capability = capability or cuda_capability()
   if capability is None:
     return f"cuDNN flash attention runs on NVIDIA GPUs, and this backend is {jax.default_backend()}"
@@ -65,24 +72,26 @@ def problem(dtype: str, head_dim: int, length: int, capability: tuple[int, ...] 
   return None
 
 
-def planned(cfg, device_kind: str, length: int) -> str:
-  """The implementation ("cudnn" or "xla") ModelConfig `cfg`'s training passes of `length` tokens would take on a
-  device of `device_kind` (an unlisted kind: XLA), for the memory plan; never raises."""
+def planned(cfg, device_kind: str, length: int, length_ways: int = 1) -> str:
+  """The implementation ("cudnn" or "xla") ModelConfig `cfg`'s training passes of `length` tokens split over
+  `length_ways` devices would take on a device of `device_kind` (an unlisted kind: XLA), for the memory plan;
+  never raises."""
   matches = [kind for kind in GPU_CAPABILITY if kind.lower() in device_kind.lower()]
   if cfg.attention_kernel == "xla" or not matches:
     return "xla"
   capability = GPU_CAPABILITY[max(matches, key=len)]
-  return "xla" if problem(cfg.dtype, cfg.head_dim, length, capability) else "cudnn"
+  return "xla" if problem(cfg.dtype, cfg.head_dim, length, capability, length_ways) else "cudnn"
 
 
-def choose(requested: str, dtype, head_dim: int, length: int) -> str:
-  """The implementation ("cudnn" or "xla") of a training pass of `length` tokens in compute `dtype`.
+def choose(requested: str, dtype, head_dim: int, length: int, length_ways: int = 1) -> str:
+  """The implementation ("cudnn" or "xla") of a training pass of `length` tokens in compute `dtype`, split over
+  `length_ways` devices.
 
   "auto": cuDNN where `problem` finds none, else XLA; "cudnn" where it cannot run: ConfigError, one line.
   """
   if requested == "xla":
     return "xla"
-  why = problem(jnp.dtype(dtype).name, head_dim, length)
+  why = problem(jnp.dtype(dtype).name, head_dim, length, length_ways=length_ways)
   if why is None:
     return "cudnn"
   if requested == "cudnn":
@@ -91,12 +100,13 @@ def choose(requested: str, dtype, head_dim: int, length: int) -> str:
   return "xla"
 
 
-def for_run(cfg, length: int) -> str | None:
-  """The implementation ("cudnn" or "xla") of the training passes of `length` tokens of ModelConfig `cfg`'s
-  attention layers, for logs and benchmark lines; None for a model without any. Raises as `choose` does."""
+def for_run(cfg, length: int, length_ways: int = 1) -> str | None:
+  """The implementation ("cudnn" or "xla") of the training passes of `length` tokens (split over `length_ways`
+  devices) of ModelConfig `cfg`'s attention layers, for logs and benchmark lines; None for a model without any.
+  Raises as `choose` does."""
   if not set(cfg.pattern) & set(ATTENTION_MIXERS):
     return None
-  return choose(cfg.attention_kernel, cfg.dtype, cfg.head_dim, length)
+  return choose(cfg.attention_kernel, cfg.dtype, cfg.head_dim, length, length_ways)
 
 
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, window: int | None = None,

@@ -3,7 +3,9 @@
 A token-slot is one (token, choice) pair: every token has k of them, one per chosen group. Two dispatches:
 
   capacity  per batch row, group e takes at most c token-slots (`group_capacity`); first choices of the row
-            are queued before second choices, in time order within a choice; the rest are dropped. A table of
+            are queued before second choices, in time order within a choice; the rest are dropped. With the
+            sequence split over S devices (mesh.sequence), each device's segment of a row is queued on its own,
+            with the capacity of its t / S tokens, as expert-parallel MoEs size capacity per device. A table of
             which token fills each of the E x c slots drives one gather in and one gather out, so memory
             is O(t k D) per row (no [t, E, c] one-hot tensors). Groups run as one batched matmul [E, c, D].
   dropless  every token-slot runs: slots sorted by group, both matmuls as one grouped matmul each (a ragged
@@ -15,8 +17,8 @@ A token-slot is one (token, choice) pair: every token has k of them, one per cho
             where it does not apply (on CPU, always); "auto" is tokamax on GPU and TPU when it is installed
             (the `kernels` extra), else XLA.
 
-Both run per device inside `jax.shard_map` when the trainer's mesh is active (`partitioning.active`): token
-rows stay on their batch shard (no token is gathered across shards), the FFN weights are gathered over
+Both run per device inside `jax.shard_map` when the trainer's mesh is active (`partitioning.active`): tokens
+stay on their batch and sequence shard (no token is gathered across shards), the FFN weights are gathered over
 fsdp as FSDP does, "mlp" stays split over the tensor axis (partial outputs summed by `psum`), and with the
 `expert` mesh axis of p > 1 devices each device holds E / p groups and token-slots travel to their group's
 device by `all_to_all` and back (`expert_axis` below: the mesh axes the rules give the groups' logical axis
@@ -217,7 +219,7 @@ def _dispatch(local_fn, x, groups, gates, valid, gate_up, down):
   if active is None:
     return local_fn(x, groups, gates, valid, gate_up, down, expert_axis=None, mlp_axis=None)
   mesh, to_spec = active
-  rows = PartitionSpec(to_spec(("batch", None, None), x.shape)[0])
+  rows = PartitionSpec(*to_spec(("batch", "length"), x.shape[:2]))  # each device's tokens
   group_spec, _, _, mlp_spec = to_spec(("experts", None, None, "mlp"), gate_up.shape)  # the groups' mesh axes
   fn = functools.partial(local_fn, expert_axis=_mesh_axes(group_spec), mlp_axis=_mesh_axes(mlp_spec))
   weight_specs = (PartitionSpec(group_spec, None, None, mlp_spec), PartitionSpec(group_spec, mlp_spec, None))

@@ -16,6 +16,10 @@ logsumexp^2 and the top-1 hits, and the objective nll + z_weight * z.
                             more head matmul). The backward scales the saved gradients by the objective's
                             cotangent.
 
+Sequence parallelism (time split over S devices, yanjax.model.partitioning): each device's segment of t / S
+positions is chunked on its own (`to_segments`), so a chunk is `chunk` positions of each of the S b segment rows
+and no device gathers another's hidden states.
+
 The positions are chunked, not the vocabulary: `chunk` bounds the logits whatever V. The chunked path gathers the
 head over FSDP as [D, V] once, before its loop (not once per chunk; on CPU the [V, D] layout is slower in the
 loop's matmuls), casts the logits' cotangent to the compute dtype before the two gradient matmuls (bfloat16
@@ -35,9 +39,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from yanjax.model.partitioning import constrain
+from yanjax.model.partitioning import SEGMENT_ROWS, constrain, length_ways, to_segments
 
 LOGITS_AXES = ("batch", "length", "vocab")  # logical names of the logits [b, t, V]
+CHUNK_AXES = (SEGMENT_ROWS, None, "vocab")  # of a chunk's logits [S b, chunk, V] (S = 1: [b, chunk, V])
 
 
 class LossSums(NamedTuple):
@@ -61,10 +66,10 @@ def logits(x: jax.Array, head: Head) -> jax.Array:
   return _logits(x, head.weight, "vd" if head.vocab_first else "dv")
 
 
-def _logits(x, w, w_letters: str):
-  """x [b, t, D], w [D, V] or [V, D] as `w_letters` says -> logits [b, t, V] float32."""
+def _logits(x, w, w_letters: str, axes=LOGITS_AXES):
+  """x [b, t, D], w [D, V] or [V, D] as `w_letters` says -> logits [b, t, V] float32 (logical `axes`)."""
   out = jnp.einsum(f"btd,{w_letters}->btv", x, w, preferred_element_type=jnp.float32)
-  return constrain(out, LOGITS_AXES)
+  return constrain(out, axes)
 
 
 def head_loss(x: jax.Array, head: Head, targets: jax.Array, mask: jax.Array, *, chunk: int,
@@ -72,8 +77,13 @@ def head_loss(x: jax.Array, head: Head, targets: jax.Array, mask: jax.Array, *, 
   """(objective = nll + z_weight * z [], LossSums) of hidden states x [b, t, D] (the head's dtype), targets
   [b, t] int32 and mask [b, t] (1 = counted), `chunk` positions at a time (0: all); only the objective is
   differentiated (with respect to x and the head)."""
-  if 0 < chunk < x.shape[1]:
-    objective, sums = _chunked_loss(x, head, targets, mask.astype(jnp.float32), chunk, float(z_weight))
+  segments = length_ways(x.shape[1])
+  if 0 < chunk < x.shape[1] // segments:
+    mask = mask.astype(jnp.float32)
+    if segments > 1:  # [S b, t / S, ...]: each device's segments, chunked on their own
+      x = to_segments(x, segments, ("embed",))
+      targets, mask = (to_segments(a, segments) for a in (targets, mask))
+    objective, sums = _chunked_loss(x, head, targets, mask, chunk, float(z_weight))
   else:
     sums, _ = _sums(logits(x, head), targets, mask.astype(jnp.float32))
     objective = sums.nll + z_weight * sums.z
@@ -126,7 +136,7 @@ def _scan_chunks(x, head: Head, targets, mask, chunk: int, z_weight: float, with
 
   def body(dw, xs):
     x_chunk, target_chunk, mask_chunk = xs
-    chunk_logits = _logits(x_chunk, w, "dv")
+    chunk_logits = _logits(x_chunk, w, "dv", CHUNK_AXES)
     sums, logz = _sums(chunk_logits, target_chunk, mask_chunk)
     if not with_grads:
       return dw, (sums, None)
@@ -135,7 +145,7 @@ def _scan_chunks(x, head: Head, targets, mask, chunk: int, z_weight: float, with
     is_target = jnp.arange(chunk_logits.shape[-1], dtype=target_chunk.dtype) == target_chunk[..., None]
     dlogits = jnp.where(is_target, probs - 1.0, probs)
     dlogits = dlogits + (2.0 * z_weight * logz)[..., None] * probs
-    dlogits = constrain((dlogits * mask_chunk[..., None]).astype(x.dtype), LOGITS_AXES)
+    dlogits = constrain((dlogits * mask_chunk[..., None]).astype(x.dtype), CHUNK_AXES)
     dx = jnp.einsum("btv,dv->btd", dlogits, w, preferred_element_type=jnp.float32)
     dw = dw + jnp.einsum("btd,btv->dv", x_chunk, dlogits, preferred_element_type=jnp.float32)
     return dw, (sums, dx.astype(x.dtype))

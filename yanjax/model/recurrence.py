@@ -19,6 +19,11 @@ Forms:
                own backward (yanjax/model/recurrence_kernel.py): Triton on GPUs, Pallas's interpret mode on CPU
                (correct but slow: there for the tests); not on TPU (its Mosaic lowering is not written).
   auto         per backend, from the measurements in benchmarks/RESULTS.md (see AUTO_FORM).
+
+Sequence parallelism (the rules split time over S devices, yanjax.model.partitioning): each device runs the form
+over its segment from a zero state; the S (decay through the segment, end state) pairs, one [b, C] and one
+[b, C, Dc] per segment, are scanned in order to give each segment the state entering it, and each position adds
+that state times its decay from the segment's start (zero after a reset): the same h, summed in another order.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from yanjax.model.partitioning import map_blocks
+from yanjax.model.partitioning import SEGMENT_ROWS, from_segments, length_ways, map_blocks, to_segments
 from yanjax.model.recurrence_kernel import fused_recurrence
 
 FORMS = ("reference", "associative", "chunked", "pallas")
@@ -35,8 +40,8 @@ FORMS = ("reference", "associative", "chunked", "pallas")
 # sequences; neither wins everywhere. TPU: not measured; "chunked", whose matmuls suit its matrix units.
 # "pallas" is chosen nowhere until benchmarks/RESULTS.md shows it faster on a backend (benchmarks/accelerator.sh).
 AUTO_FORM = {"cpu": "reference", "gpu": "chunked", "tpu": "chunked"}
-# Logical axes of the pallas form's arrays, placed on a mesh as the trainer's rules say: x and h, h0 and h_last.
-SEQUENCE_AXES, STATE_AXES = ("batch", None, "channels", None), ("batch", "channels", None)
+# Logical axes after the rows of x and h [b, t, C, Dc] (time, channels, features) and of h0, h_last [b, C, Dc].
+SEQUENCE_AXES, STATE_AXES = (None, "channels", None), ("channels", None)
 
 
 def resolve_form(form: str) -> str:
@@ -69,16 +74,45 @@ def linear_recurrence(x: jax.Array, log_a: jax.Array, reset: jax.Array, h0: jax.
     h0 = jnp.zeros((x.shape[0],) + x.shape[2:], jnp.float32)
   h0 = h0.astype(jnp.float32)
   form = resolve_form(form)
+  segments = length_ways(x.shape[1])
+  if segments == 1:
+    return _run(form, chunk_size, "batch", x, log_a, reset, h0)
+  return _across_segments(form, chunk_size, segments, x, log_a, reset, h0)
+
+
+def _run(form, chunk_size, rows, x, log_a, reset, h0):
+  """(h, h_last) of one of FORMS over x [r, t, C, Dc] float32, log_a [r, t, C], reset [r, t], h0 [r, C, Dc];
+  `rows`: the logical axes of the r rows ("batch", or SEGMENT_ROWS)."""
   if form == "pallas":  # rows and channels are independent: each device runs the kernel on its own block
     return map_blocks(lambda *a: fused_recurrence(*a, chunk_size),
-                      (SEQUENCE_AXES, SEQUENCE_AXES[:3], ("batch", None), STATE_AXES), (SEQUENCE_AXES, STATE_AXES),
-                      x, log_a, reset, h0)
+                      ((rows, *SEQUENCE_AXES), (rows, *SEQUENCE_AXES[:2]), (rows, None), (rows, *STATE_AXES)),
+                      ((rows, *SEQUENCE_AXES), (rows, *STATE_AXES)), x, log_a, reset, h0)
   if form == "chunked":
     h = _chunked(x, log_a, reset, h0, chunk_size)
   else:
     a = jnp.exp(log_a)[..., None] * (1.0 - reset.astype(jnp.float32))[:, :, None, None]
     h = _reference(a, x, h0) if form == "reference" else _associative(a, x, h0)
   return h, h[:, -1]
+
+
+def _across_segments(form, chunk_size, segments, x, log_a, reset, h0):
+  """`linear_recurrence` with time split into `segments` (S) segments, each on its own devices (module doc)."""
+  b, _, ch, dc = x.shape
+  x, log_a, reset = (to_segments(a, segments, axes) for a, axes in
+                     ((x, SEQUENCE_AXES[1:]), (log_a, SEQUENCE_AXES[1:2]), (reset, ())))  # [S b, t / S, ...]
+  h, h_end = _run(form, chunk_size, SEGMENT_ROWS, x, log_a, reset, jnp.zeros((segments * b, ch, dc), jnp.float32))
+  # [S b, t / S, C]: the decay from the segment's start to each position, zero from its first reset on
+  not_reset = jnp.cumsum(reset.astype(jnp.int32), axis=1) == 0
+  from_start = jnp.where(not_reset[..., None], jnp.exp(jnp.cumsum(log_a, axis=1)), 0.0)
+
+  def carry(h_before, segment):  # the state entering a segment -> the state entering the next one
+    through, end = segment  # [b, C], [b, C, Dc]
+    return through[..., None] * h_before + end, h_before
+
+  h_last, h_enter = jax.lax.scan(carry, h0, (from_start[:, -1].reshape(segments, b, ch),
+                                             h_end.reshape(segments, b, ch, dc)))  # h_enter [S, b, C, Dc]
+  h = h + from_start[..., None] * h_enter.reshape(segments * b, 1, ch, dc)
+  return from_segments(h, segments, SEQUENCE_AXES[1:]), h_last
 
 
 def _reference(a, x, h0):

@@ -31,7 +31,7 @@ from flax import nnx
 from yanjax.model.config import ModelConfig
 from yanjax.model.dispatch import capacity_dispatch, dropless_dispatch, group_capacity
 from yanjax.model.layers import normal, param
-from yanjax.model.partitioning import map_rows
+from yanjax.model.partitioning import length_ways, map_tokens
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -137,7 +137,7 @@ class SelectiveFFN(nnx.Module):
         raise ValueError("SelectiveFFN: `key` is required when `step` is given and explore_steps > 0")
       noise = jax.random.uniform(key, probs.shape, jnp.float32)
       scores = (1.0 - lam) * probs + lam * noise
-    groups = map_rows(lambda s: jax.lax.top_k(s, self.top_k)[1], jax.lax.stop_gradient(scores))
+    groups = map_tokens(lambda s: jax.lax.top_k(s, self.top_k)[1], jax.lax.stop_gradient(scores))
     chosen = jnp.take_along_axis(probs, groups, axis=-1)
     # Renormalised over the k chosen groups; with k = 1 that would be identically 1 and give the router no
     # gradient through the output, so k = 1 keeps the raw probability (as Switch does).
@@ -161,7 +161,8 @@ class SelectiveFFN(nnx.Module):
     routing = self.route(x, step=step, key=key)
     weights = (routing.groups, routing.gates, valid, self.gate_up[...], self.down[...])
     if self.dispatch == "capacity":
-      capacity = group_capacity(t, self.groups, self.top_k, self.capacity_factor)
+      # per device's segment of each row when the sequence is split (yanjax/model/dispatch.py)
+      capacity = group_capacity(t // length_ways(t), self.groups, self.top_k, self.capacity_factor)
       y, kept = capacity_dispatch(x, *weights, capacity)
     elif self.dispatch == "dropless":
       y, kept = dropless_dispatch(x, *weights, self.grouped_matmul)

@@ -13,7 +13,8 @@ the prediction. The trainer calls `check_fits` at start-up, before compiling any
 
 Memory per device. Sizes: the legend in docs/model.md (D, F, L, V, H, T = seq_len, E, k, R, g, p, and
 c = `dispatch.group_capacity` ~ 1.25 T k / E). Here also: M = parameter bytes per device (float32); n = tokens
-per device per micro-batch (global_batch / grad_accum / batch-parallel devices x T); a = bytes of model.dtype.
+per device per micro-batch (global_batch / grad_accum / batch-parallel devices x T / sequence-parallel devices:
+mesh.sequence splits each sequence's time); a = bytes of model.dtype.
 
   total       = state + max(activation phase, update phase)
   state       = M + 2 M (AdamW moments) + the batch (20 bytes per token of the whole step)
@@ -30,6 +31,8 @@ per device per micro-batch (global_batch / grad_accum / batch-parallel devices x
                            dropless k (3 D + 3 g) a, + 3 p k D a over p > 1 expert devices (all-to-all
                            buffers, worst case), + 2 k E (D + g) a on CPU (XLA's ragged_dot runs every group;
                            on CPU tokamax runs it too, its kernels being GPU and TPU ones)
+  sequence    with time split over S > 1 devices, attention (and sliding-window attention for T <= 2 W) keeps
+              the other segments' keys and values, 2 (S - 1) D a per token of a device's segment
   working     one layer's backward: its `none` residuals recomputed, plus attention's logits cotangent H T 4
               (cuDNN: T a, the document mask's cotangent, which jax 0.11 computes);
               the largest layer's, or, scanned, one repetition's of the pattern (its P layers together)
@@ -103,6 +106,7 @@ class Plan:
   device_kind: str
   mesh: dict[str, int]
   batch_ways: int  # devices the batch is split over (product of the "batch" rule's mesh axes)
+  length_ways: int  # devices each sequence's time is split over (the "length" rule's: mesh.sequence)
   micro_batch_per_device: int  # sequences per device per micro-batch
   seq_len: int
   loss_chunk: int  # positions whose logits the loss holds at a time (train.loss_chunk; seq_len when 0)
@@ -126,6 +130,11 @@ class Plan:
   mfu: float
   peak_flops: float | None
   capacity_bytes: float | None
+
+  @property
+  def segment_len(self) -> int:
+    """Positions of each sequence on one device."""
+    return self.seq_len // self.length_ways
 
   @property
   def activation_phase_bytes(self) -> int:
@@ -252,9 +261,9 @@ def _traced_state_bytes(model_cfg: ModelConfig, cfg, mesh, rules) -> dict[str, i
 
 
 def layer_terms(m: ModelConfig, mixer: str, t: int, remat: str, dense_ragged: bool = False,
-                expert_ways: int = 1) -> list[Term]:
-  """Activations one layer with mixer `mixer` keeps for its backward at `remat`, per [b, t] position (the last two
-  arguments: see `dispatch_terms`)."""
+                expert_ways: int = 1, length_ways: int = 1) -> list[Term]:
+  """Activations one layer with mixer `mixer` keeps for its backward at `remat`, per [b, t] position (dense_ragged,
+  expert_ways: see `dispatch_terms`; length_ways: see `sequence_terms`)."""
   a = jnp.dtype(m.dtype).itemsize
   d, f = m.width, m.mlp_width
   if remat == "full":
@@ -265,12 +274,23 @@ def layer_terms(m: ModelConfig, mixer: str, t: int, remat: str, dense_ragged: bo
       return terms + [Term("router hidden", (m.router_hidden,), (None,), 4),
                       Term("router logits", (m.groups,), ("experts",), 4)]
     return terms + [Term("FFN gate and up", (2, f), (None, "mlp"), a)]
-  terms = [Term("norms (float32)", (d,), ("embed",), 4, 4), *MIXERS[mixer].residual_terms(m, t, a)]
+  terms = [Term("norms (float32)", (d,), ("embed",), 4, 4), *MIXERS[mixer].residual_terms(m, t, a),
+           *sequence_terms(m, mixer, t, length_ways)]
   if not m.router:
     return terms + [Term("GeGLU hidden", (f,), ("mlp",), a, 8)]
   return terms + [Term("router hidden", (m.router_hidden,), (None,), 4, 6),
                   Term("router logits, probabilities", (m.groups,), ("experts",), 4, 2),
                   *dispatch_terms(m, t, dense_ragged, expert_ways)]
+
+
+def sequence_terms(m: ModelConfig, mixer: str, t: int, length_ways: int) -> list[Term]:
+  """What splitting time over `length_ways` devices adds to a layer, per token of a device's segment: attention's
+  keys and values of the other segments, gathered whole on every device (sliding-window attention in blocks,
+  t > 2W, reads only the neighbour's last block: counted as nothing)."""
+  if length_ways == 1 or mixer not in attention_kernel.ATTENTION_MIXERS or (mixer == "swa" and t > 2 * m.window):
+    return []
+  return [Term("k, v of the other segments (all-gathered)", (m.heads, m.head_dim), ("heads", None),
+               jnp.dtype(m.dtype).itemsize, 2 * (length_ways - 1))]
 
 
 def dispatch_terms(m: ModelConfig, t: int, dense_ragged: bool, expert_ways: int) -> list[Term]:
@@ -301,17 +321,19 @@ def dispatch_terms(m: ModelConfig, t: int, dense_ragged: bool, expert_ways: int)
   return terms
 
 
-def working_terms(m: ModelConfig, mixer: str, t: int, dense_ragged: bool = False, expert_ways: int = 1
-                  ) -> list[Term]:
+def working_terms(m: ModelConfig, mixer: str, t: int, dense_ragged: bool = False, expert_ways: int = 1,
+                  length_ways: int = 1) -> list[Term]:
   """The backward of one layer with mixer `mixer`: its residuals recomputed, plus what its mixer's backward adds
   (attention's logits cotangent)."""
-  return layer_terms(m, mixer, t, "none", dense_ragged, expert_ways) + MIXERS[mixer].backward_terms(m, t)
+  return (layer_terms(m, mixer, t, "none", dense_ragged, expert_ways, length_ways) +
+          MIXERS[mixer].backward_terms(m, t))
 
 
-def logits_terms(m: ModelConfig, t: int, loss_chunk: int) -> list[tuple[list[Term], int]]:
-  """What the loss holds, as (terms, positions) pairs: one chunk's logits (`loss_chunk` positions, yanjax/model/head.py)
-  beside the final norm of all t."""
-  return [([Term("logits and cotangent (float32)", (m.vocab_size,), ("vocab",), 4, 2)], loss_chunk),
+def logits_terms(m: ModelConfig, t: int, loss_chunk: int, length_ways: int = 1) -> list[tuple[list[Term], int]]:
+  """What the loss holds, as (terms, positions) pairs: one chunk's logits (`loss_chunk` positions of each of the
+  `length_ways` segments of a sequence split over devices, yanjax/model/head.py) beside the final norm of all t."""
+  chunk_positions = min(loss_chunk, t // length_ways) * length_ways
+  return [([Term("logits and cotangent (float32)", (m.vocab_size,), ("vocab",), 4, 2)], chunk_positions),
           ([Term("final norm (float32)", (m.width,), ("embed",), 4, 4)], t)]
 
 
@@ -332,17 +354,15 @@ def make_plan(cfg: ml_collections.ConfigDict, devices: int, device_kind: str, mf
   `capacity_bytes`: memory per device (None: `device_memory(device_kind)`, from the table; no device is touched).
   """
   model_cfg = validate_run_config(cfg)
-  # Attention's memory depends on its kernel: what a device of this kind would run (XLA's [t, t] scores or cuDNN).
-  model_cfg = model_cfg.replace(attention_kernel=attention_kernel.planned(model_cfg, device_kind, cfg.train.seq_len))
   mesh = abstract_mesh(cfg.mesh, devices)
   rules = {name: tuple(axes) for name, axes in cfg.rules}
   train = cfg.train
-  batch_ways = math.prod(mesh.shape[a] for a in rules.get("batch", ()))
+  sharding.check_batch_divides(train.global_batch, train.grad_accum, train.seq_len, mesh, rules)
+  batch_ways, length_ways = (sharding.axis_ways(mesh, rules, name) for name in ("batch", "length"))
   micro = train.global_batch // train.grad_accum
-  if micro % batch_ways:
-    raise ConfigError(f"train.global_batch={train.global_batch} (/ grad_accum {train.grad_accum}) does not divide "
-                      f"over the {batch_ways} batch-parallel devices; use a multiple of "
-                      f"{batch_ways * train.grad_accum}")
+  # Attention's memory depends on its kernel: what a device of this kind would run (XLA's [t, t] scores or cuDNN).
+  model_cfg = model_cfg.replace(attention_kernel=attention_kernel.planned(model_cfg, device_kind, train.seq_len,
+                                                                          length_ways))
   state = _state_bytes(model_cfg, cfg, mesh, rules)
   t = train.seq_len
   loss_chunk = min(train.loss_chunk or t, t)
@@ -357,7 +377,7 @@ def make_plan(cfg: ml_collections.ConfigDict, devices: int, device_kind: str, mf
     gathered += state["other_gathered"]
   if model_cfg.remat == "none" and model_cfg.dtype != "float32":
     gathered += state["blocks_gathered"] * jnp.dtype(model_cfg.dtype).itemsize // 4
-  dispatch = (device_kind.lower() == "cpu", mesh.shape["expert"])
+  dispatch = (device_kind.lower() == "cpu", mesh.shape["expert"], length_ways)
   saved = sum(terms_bytes(layer_terms(model_cfg, mixer, t, model_cfg.remat, *dispatch), micro, t, mesh, rules)
               for mixer in model_cfg.layer_mixers)
   working = [terms_bytes(working_terms(model_cfg, mixer, t, *dispatch), micro, t, mesh, rules)
@@ -367,15 +387,16 @@ def make_plan(cfg: ml_collections.ConfigDict, devices: int, device_kind: str, mf
   tokens = tokens_per_step(cfg)
   return Plan(
       config=config_name, devices=devices, device_kind=device_kind, mesh=dict(mesh.shape), batch_ways=batch_ways,
-      micro_batch_per_device=micro // batch_ways, seq_len=t, loss_chunk=loss_chunk, grad_accum=train.grad_accum,
+      length_ways=length_ways, micro_batch_per_device=micro // batch_ways, seq_len=t, loss_chunk=loss_chunk,
+      grad_accum=train.grad_accum,
       remat=model_cfg.remat, dtype=model_cfg.dtype,
       attention_kernel=model_cfg.attention_kernel if set(model_cfg.pattern) & set(attention_kernel.ATTENTION_MIXERS)
       else None, params_total=param_count(model_cfg).total, param_bytes=p,
-      optimizer_bytes=state["optimizer"], batch_bytes=20 * train.global_batch * t // batch_ways,
+      optimizer_bytes=state["optimizer"], batch_bytes=20 * train.global_batch * t // (batch_ways * length_ways),
       update_bytes=3 * p, gradient_bytes=2 * p, gathered_bytes=gathered, saved_bytes=saved,
       working_bytes=working,
       logits_bytes=sum(terms_bytes(terms, micro, positions, mesh, rules)
-                       for terms, positions in logits_terms(model_cfg, t, loss_chunk)),
+                       for terms, positions in logits_terms(model_cfg, t, loss_chunk, length_ways)),
       tokens_per_step=tokens, steps=train.steps, flops_per_step=flops_per_token(model_cfg, t) * tokens, mfu=mfu,
       peak_flops=peak_flops(device_kind),
       capacity_bytes=device_memory(device_kind) if capacity_bytes is None else capacity_bytes)
@@ -416,7 +437,7 @@ def check_fits(cfg: ml_collections.ConfigDict, devices: int, device_kind: str) -
     raise ConfigError(
         f"the run needs {gigabytes(plan.total_bytes)} per device but each {device_kind} has "
         f"{gigabytes(plan.capacity_bytes)} ({HEADROOM:.0%} usable): activations "
-        f"{gigabytes(plan.activation_phase_bytes)} at {plan.micro_batch_per_device} x {plan.seq_len} tokens per "
+        f"{gigabytes(plan.activation_phase_bytes)} at {plan.micro_batch_per_device} x {plan.segment_len} tokens per "
         f"device and model.remat={plan.remat!r}, parameters, optimizer state and batch "
         f"{gigabytes(plan.state_bytes)}; raise train.grad_accum (now {plan.grad_accum}) or mesh.fsdp (more "
         "devices), set model.remat='full', or lower train.global_batch" + (f": {change}" if change else "") +

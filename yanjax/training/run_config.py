@@ -17,10 +17,11 @@ import ml_collections
 
 from yanjax.core import storage
 from yanjax.core.config import ConfigError
+from yanjax.model.attention_kernel import ATTENTION_MIXERS, SPLIT_PROBLEM
 from yanjax.model.config import ModelConfig
 from yanjax.numpy_runtime.mixers import TWINS
 
-MESH_AXES = ("data", "fsdp", "tensor", "expert")
+MESH_AXES = ("data", "fsdp", "sequence", "tensor", "expert")
 REQUIRED = None  # a key every config file sets
 
 DEFAULTS: dict[str, Any] = {
@@ -74,11 +75,14 @@ DEFAULTS: dict[str, Any] = {
         "packing": True,
         "validation_fraction": 0.05,  # used when preparing the default store
     },
-    "mesh": {"data": REQUIRED, "fsdp": REQUIRED, "tensor": REQUIRED, "expert": REQUIRED},
+    # "sequence" splits every sequence's time axis over its devices (docs/sequence_parallel.md); 1: no split.
+    "mesh": {"data": REQUIRED, "fsdp": REQUIRED, "sequence": 1, "tensor": REQUIRED, "expert": REQUIRED},
     # Logical axis -> mesh axes. Sharding strategy is data: FSDP puts "embed" on "fsdp"; tensor parallelism
-    # puts "mlp", "heads", "channels", "vocab" on "tensor"; "experts" go to "expert".
+    # puts "mlp", "heads", "channels", "vocab" on "tensor"; "experts" go to "expert"; sequence parallelism puts
+    # "length" (time) on "sequence".
     "rules": (
         ("batch", ("data", "fsdp", "expert")),
+        ("length", ("sequence",)),
         ("embed", ("fsdp",)),
         ("vocab", ("tensor",)),
         ("mlp", ("tensor",)),
@@ -147,6 +151,7 @@ def validate_run_config(cfg: ml_collections.ConfigDict) -> ModelConfig:
   _check_rules(cfg.rules)
   _check_evaluate(cfg.evaluate, fail)
   _check_model_against_train(model, cfg.train, fail)
+  _check_sequence_split(model, cfg.train.seq_len, cfg.mesh.sequence, fail)
   return model
 
 
@@ -265,6 +270,14 @@ def _check_model_against_train(model: ModelConfig, train: ml_collections.ConfigD
     problem = TWINS[mixer].check_training(model.to_dict(), train.seq_len)
     if problem:
       fail(f"model.{problem[0]}", problem[1])
+
+
+def _check_sequence_split(model: ModelConfig, seq_len: int, ways: int, fail) -> None:
+  """mesh.sequence splits every sequence into `ways` segments (-1: checked with the devices, by the trainer)."""
+  if ways > 1 and seq_len % ways:
+    fail("mesh.sequence", f"must divide train.seq_len={seq_len} (each device takes seq_len / sequence positions)")
+  if ways != 1 and model.attention_kernel == "cudnn" and set(model.pattern) & set(ATTENTION_MIXERS):
+    fail("model.attention_kernel", f"{SPLIT_PROBLEM}; set model.attention_kernel='auto' or 'xla'")
 
 
 def _check_evaluate(section: ml_collections.ConfigDict, fail) -> None:

@@ -21,8 +21,9 @@ from yanjax.training.run_config import MESH_AXES
 
 
 def mesh_shape(mesh_cfg: dict[str, int], num_devices: int) -> tuple[int, ...]:
-  """Axis sizes in MESH_AXES order, with -1 filled; raises ConfigError if they do not match the devices."""
-  sizes = [mesh_cfg[a] for a in MESH_AXES]
+  """Axis sizes in MESH_AXES order (an axis `mesh_cfg` does not name: 1), with -1 filled; raises ConfigError if
+  they do not match the devices."""
+  sizes = [mesh_cfg.get(a, 1) for a in MESH_AXES]
   fixed = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % fixed:
@@ -45,12 +46,15 @@ def make_mesh(mesh_cfg: dict[str, int], devices: Sequence[jax.Device] | None = N
 
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], rules: dict[str, Sequence[str]],
                     mesh: Mesh) -> PartitionSpec:
-  """PartitionSpec of an array of `shape` whose dimensions carry logical `axes`."""
+  """PartitionSpec of an array of `shape` whose dimensions carry logical `axes`; a tuple of logical names marks a
+  dimension that merges several (("length", "batch"): segments of sequences, yanjax.model.partitioning), split
+  over their mesh axes in that order."""
   used: set[str] = set()
   spec = []
   for name, size in zip(axes, shape):
     chosen = []
-    for axis in rules.get(name, ()) if name else ():
+    names = name if isinstance(name, tuple) else (name,) if name else ()
+    for axis in (axis for logical in names for axis in rules.get(logical, ())):
       if axis not in used and mesh.shape[axis] > 1 and size % (math.prod(mesh.shape[a] for a in chosen)
                                                                  * mesh.shape[axis]) == 0:
         chosen.append(axis)
@@ -81,17 +85,30 @@ def with_activation_rules(fn, mesh: Mesh, rules: dict[str, Sequence[str]]):
 
 
 def batch_sharding(mesh: Mesh, rules: dict[str, Sequence[str]]) -> NamedSharding:
-  """Sharding of [batch, length] arrays: batch over the rule's mesh axes."""
-  axes = tuple(a for a in rules.get("batch", ()) if mesh.shape[a] > 1)
-  return NamedSharding(mesh, PartitionSpec(axes or None, None))
+  """Sharding of [batch, length] arrays: batch and length over their rules' mesh axes."""
+  def axes(name):
+    return tuple(a for a in rules.get(name, ()) if mesh.shape[a] > 1) or None
+  return NamedSharding(mesh, PartitionSpec(axes("batch"), axes("length")))
 
 
-def check_batch_divides(global_batch: int, grad_accum: int, mesh: Mesh, rules: dict[str, Sequence[str]]):
-  ways = math.prod(mesh.shape[a] for a in rules.get("batch", ()))
+def axis_ways(mesh, rules: dict[str, Sequence[str]], logical: str) -> int:
+  """Devices a dimension of logical axis `logical` is split over at most: its rule's mesh axes' sizes' product."""
+  return math.prod(mesh.shape[a] for a in rules.get(logical, ()))
+
+
+def check_batch_divides(global_batch: int, grad_accum: int, seq_len: int, mesh: Mesh,
+                        rules: dict[str, Sequence[str]]):
+  """ConfigError unless every micro-batch splits evenly over the batch mesh axes and every sequence over the
+  length (sequence-parallel) ones."""
+  ways = axis_ways(mesh, rules, "batch")
   if (global_batch // grad_accum) % ways:
     raise ConfigError(f"train.global_batch={global_batch} (/ grad_accum {grad_accum}) does not divide over "
                       f"the {ways} devices of the batch mesh axes {tuple(rules.get('batch', ()))}; use a "
                       f"multiple of {ways * grad_accum}")
+  ways = axis_ways(mesh, rules, "length")
+  if seq_len % ways:
+    raise ConfigError(f"train.seq_len={seq_len} does not divide over the {ways} devices of the length mesh axes "
+                      f"{tuple(rules.get('length', ()))}; use a multiple of {ways} or change mesh.sequence")
 
 
 def replication_report(abstract: Any, shardings: Any) -> dict[str, float]:

@@ -33,7 +33,7 @@ class Trainer(NamedTuple):
   graphdef: nnx.GraphDef
   global_batch: int  # sequences per step, over all processes
   state_sharding: dict  # NamedShardings of the train state pytree
-  batch_sharding: NamedSharding  # of every [B, T] batch array: B over the batch mesh axes
+  batch_sharding: NamedSharding  # of every [B, T] batch array: B over the batch mesh axes, T over the length ones
   init: Callable[[], dict]  # jitted: a new train state from train.seed, placed by `state_sharding`
   train_step: Callable[[dict, dict], tuple[dict, dict]]  # jitted (state, batch) -> (state, metrics); donates state
   eval_step: Callable[[dict, dict], dict]  # jitted (params, batch) -> validation sums
@@ -55,7 +55,7 @@ def build_trainer(cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device] 
   model_cfg = validate_run_config(cfg)
   mesh = sharding.make_mesh(cfg.mesh, devices)
   rules = {name: tuple(axes) for name, axes in cfg.rules}
-  sharding.check_batch_divides(cfg.train.global_batch, cfg.train.grad_accum, mesh, rules)
+  sharding.check_batch_divides(cfg.train.global_batch, cfg.train.grad_accum, cfg.train.seq_len, mesh, rules)
   graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: LanguageModel(model_cfg, rngs=nnx.Rngs(0))))
   schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
   optimizer = make_optimizer(cfg.optimizer, cfg.train.steps, decay_mask(abstract_params))
