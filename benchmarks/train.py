@@ -37,10 +37,10 @@ from yanjax.training.run_config import validate_run_config
 from yanjax.training.trainer import build_trainer
 
 
-def build(cfg):
-  """(train state, jitted train step, a random batch, abstract state) of run config `cfg` on its mesh: the
-  trainer's own (yanjax/training/trainer.py)."""
-  trainer = build_trainer(cfg)
+def build(cfg, devices=None):
+  """(train state, jitted train step, a random batch, abstract state) of run config `cfg` on its mesh over
+  `devices` (default: all): the trainer's own (yanjax/training/trainer.py)."""
+  trainer = build_trainer(cfg, devices)
   b, t = cfg.train.global_batch, cfg.train.seq_len
   tokens = np.random.default_rng(0).integers(0, trainer.model_cfg.vocab_size, (b, t + 1), dtype=np.int32)
   batch = jax.device_put({"inputs": tokens[:, :-1], "targets": tokens[:, 1:],

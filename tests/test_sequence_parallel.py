@@ -74,17 +74,17 @@ def test_recurrence_split_over_time_equals_one_device(form):
     assert err < 1e-5
 
 
-def _mixer_config(name):
-  return ModelConfig(pattern=(name,), vocab_size=50, width=32, layers=1, channels=4, heads=2, mlp_width=64,
-                     window=6, recurrence="chunked", chunk_size=4)
+# Sliding-window attention with W = 6 runs each device's segment (>= W tokens) in blocks, the neighbour's last W keys
+# moved to it; with W = 16, segments of 12 and 6 tokens are shorter than the window: the keys are gathered.
+MIXER_CASES = [(name, 6) for name in MIXERS] + [("swa", 16)]
 
 
-@pytest.mark.parametrize("name", list(MIXERS))
-def test_every_mixer_split_over_time_equals_one_device(name):
+@pytest.mark.parametrize("name,window", MIXER_CASES)
+def test_every_mixer_split_over_time_equals_one_device(name, window):
   """y, the final state (MCSD's h and count) and the gradients (input, parameters) of each mixer on packed rows of
-  48 tokens with time over 2, 4, 8 devices: sliding-window attention (W = 6) runs blocked, its blocks' neighbours
-  on other devices."""
-  cfg = _mixer_config(name)
+  48 tokens with time over 2, 4, 8 devices."""
+  cfg = ModelConfig(pattern=(name,), vocab_size=50, width=32, layers=1, channels=4, heads=2, mlp_width=64,
+                    window=window, recurrence="chunked", chunk_size=4)
   graphdef, params = nnx.split(MIXERS[name](cfg, rngs=nnx.Rngs(0)))
   b, t = 4, 48
   x = jax.random.normal(jax.random.PRNGKey(1), (b, t, cfg.width))

@@ -90,8 +90,9 @@ def store_paths(cfg, workdir: str) -> list[str]:
   return [store.replace(WORKDIR_PLACEHOLDER, workdir.rstrip("/")) for store in cfg.data.stores]
 
 
-def prepare_data(cfg, workdir):
-  """Opens the train and validation loaders, preparing the default store first when it is missing.
+def prepare_data(cfg, workdir, rows: tuple[int, int]):
+  """Opens the train and validation loaders of this process's block of rows `rows` (block, blocks:
+  `sharding.process_rows`), preparing the default store first when it is missing.
 
   The default store lives under the work directory, which every host sees (a shared filesystem or a
   bucket), so process 0 prepares it once and the others wait, then read it.
@@ -114,8 +115,8 @@ def prepare_data(cfg, workdir):
     if agree(failed is not None):
       raise failed or DataError(f"preparing the default corpus into {store} failed on process 0")
   common = dict(weights=list(cfg.data.weights) or None, seq_len=cfg.train.seq_len,
-                global_batch=cfg.train.global_batch, seed=cfg.train.seed, process_index=jax.process_index(),
-                process_count=jax.process_count(), packing=cfg.data.packing,
+                global_batch=cfg.train.global_batch, seed=cfg.train.seed, process_index=rows[0],
+                process_count=rows[1], packing=cfg.data.packing,
                 expected_vocab_size=cfg.model.vocab_size)
   train = make_loader(stores, split="train", **common)
   validation = make_loader(stores, split="validation", **common)
@@ -209,13 +210,16 @@ def train():
   if cfg.train.compilation_cache:
     compilation_cache.enable(cfg.train.compilation_cache.replace(WORKDIR_PLACEHOLDER, str(workdir)))
 
-  # ---- data ----------------------------------------------------------------------------------------------
-  train_loader, val_loader = prepare_data(cfg, workdir)
-  stop.exit_if_requested("while the data was prepared")
-
-  # ---- mesh and state (yanjax/training/trainer.py: the jitted init, train and eval steps) ---------------------------
+  # ---- mesh (yanjax/training/trainer.py: the jitted init, train and eval steps; nothing compiles yet) ---------
   trainer = build_trainer(cfg)
   mesh = dict(trainer.mesh.shape)
+
+  # ---- data: the rows this process's devices hold ---------------------------------------------------------
+  rows = sharding.process_rows(trainer.batch_sharding, cfg.train.global_batch, cfg.train.seq_len)
+  train_loader, val_loader = prepare_data(cfg, workdir, rows)
+  stop.exit_if_requested("while the data was prepared")
+
+  # ---- state ----------------------------------------------------------------------------------------------
   data_tokenizer = tokenizer.from_bytes(val_loader.tokenizer_bytes(), "the data stores' tokenizer")
   # The in-loop evaluation's tasks resolve (or fail in one line) before anything compiles.
   evaluation = (TaskEvaluation(trainer.graphdef, data_tokenizer, val_loader.stores[0], cfg.evaluate)

@@ -6,6 +6,9 @@ a pass of t <= 2W tokens is one masked [t, t] product ([t, W + t] with a cache);
 queries, each over its block and the one before (2W keys a query), so its cost grows as t W, not t^2. A pass without
 cache that cuDNN runs (`model.attention_kernel`, yanjax/model/attention_kernel.py) is one fused call whatever t:
 the window is its `local_window_size`, applied inside the kernel, but the document mask it takes is [b, 1, t, t].
+With the sequence split over S devices (mesh.sequence) and segments of at least W tokens, each device runs its
+segment in blocks, the first block's previous one being the W rows before the segment: the neighbouring device's
+last W keys and values, the only ones that cross devices (`split_window_attention`).
 Shapes: the legend in docs/model.md (t: query time, s: key time; W: window, ring-buffer slots).
 """
 
@@ -19,7 +22,7 @@ import jax.numpy as jnp
 from yanjax.model import attention_kernel, layers
 from yanjax.model.attention import Attention
 from yanjax.model.config import ModelConfig
-from yanjax.model.partitioning import Term
+from yanjax.model.partitioning import Term, from_segments, length_ways, to_segments
 
 
 class RingCache(NamedTuple):
@@ -76,6 +79,32 @@ def window_attention(q: jax.Array, new: Keys, window: int, before: Keys | None =
   return dense_attention(q, new.index, new.segment, new if before is None else _concat(before, new), window)
 
 
+def split_window_attention(q: jax.Array, new: Keys, window: int) -> jax.Array:
+  """`window_attention(q, new, window)` of a pass without cache, each device's segment on its own when the sequence
+  is split over S devices with segments of t / S >= W rows: blocked, the W rows before a segment from its
+  neighbour (the first segment's: unseen rows). Otherwise (no split, or shorter segments) `window_attention`."""
+  t = q.shape[1]
+  segments = length_ways(t)
+  if segments == 1 or t // segments < window:
+    return window_attention(q, new, window)
+  heads = ("heads", None)
+  new = Keys(*(to_segments(a, segments, axes) for a, axes in zip(new, (heads, heads, (), ()))))  # [S b, t / S, ...]
+  attended = blocked_attention(to_segments(q, segments, heads), new, _rows_before(new, segments, window), window)
+  return from_segments(attended, segments, heads)
+
+
+def _rows_before(keys: Keys, segments: int, window: int) -> Keys:
+  """Segment rows [S b, t / S, ...] -> the W rows before each segment [S b, W, ...]: the previous segment's last W
+  (moved from its device), unseen rows before the first."""
+  b = keys.index.shape[0] // segments
+  unseen = _unseen(Keys(*(a[:b] for a in keys)), window)
+
+  def shifted(rows, first):  # [S b, t / S, ...], [b, W, ...] -> [S b, W, ...]
+    tails = rows[:, -window:].reshape(segments, b, window, *rows.shape[2:])
+    return jnp.concatenate([first[None], tails[:-1]]).reshape(segments * b, window, *rows.shape[2:])
+  return Keys(*(shifted(rows, first) for rows, first in zip(keys, unseen)))
+
+
 def _unseen(like: Keys, rows: int) -> Keys:
   """`rows` rows of zero keys shaped as those of `like`, in segment -1, which no query of a document sees."""
   b = like.index.shape[0]
@@ -109,7 +138,7 @@ class SlidingWindowAttention(Attention):
       attended = attention_kernel.fused_attention(q, k, v, inputs.segment_ids, self.cfg.window)
     elif cache is None:
       rows = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-      attended = window_attention(q, Keys(k, v, rows, inputs.segment_ids), self.cfg.window)
+      attended = split_window_attention(q, Keys(k, v, rows, inputs.segment_ids), self.cfg.window)
     else:
       rows = cache.count[:, None] + jnp.arange(t, dtype=jnp.int32)  # positions in the document
       new = Keys(k, v, rows, jnp.ones((b, t), jnp.int32))

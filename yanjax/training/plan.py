@@ -31,8 +31,8 @@ mesh.sequence splits each sequence's time); a = bytes of model.dtype.
                            dropless k (3 D + 3 g) a, + 3 p k D a over p > 1 expert devices (all-to-all
                            buffers, worst case), + 2 k E (D + g) a on CPU (XLA's ragged_dot runs every group;
                            on CPU tokamax runs it too, its kernels being GPU and TPU ones)
-  sequence    with time split over S > 1 devices, attention (and sliding-window attention for T <= 2 W) keeps
-              the other segments' keys and values, 2 (S - 1) D a per token of a device's segment
+  sequence    with time split over S > 1 devices, attention (and sliding-window attention on segments T / S < W)
+              keeps the other segments' keys and values, 2 (S - 1) D a per token of a device's segment
   working     one layer's backward: its `none` residuals recomputed, plus attention's logits cotangent H T 4
               (cuDNN: T a, the document mask's cotangent, which jax 0.11 computes);
               the largest layer's, or, scanned, one repetition's of the pattern (its P layers together)
@@ -285,9 +285,10 @@ def layer_terms(m: ModelConfig, mixer: str, t: int, remat: str, dense_ragged: bo
 
 def sequence_terms(m: ModelConfig, mixer: str, t: int, length_ways: int) -> list[Term]:
   """What splitting time over `length_ways` devices adds to a layer, per token of a device's segment: attention's
-  keys and values of the other segments, gathered whole on every device (sliding-window attention in blocks,
-  t > 2W, reads only the neighbour's last block: counted as nothing)."""
-  if length_ways == 1 or mixer not in attention_kernel.ATTENTION_MIXERS or (mixer == "swa" and t > 2 * m.window):
+  keys and values of the other segments, gathered whole on every device (sliding-window attention on segments of
+  at least W tokens reads only the neighbour's last W: counted as nothing)."""
+  if length_ways == 1 or mixer not in attention_kernel.ATTENTION_MIXERS or (
+      mixer == "swa" and t // length_ways >= m.window):
     return []
   return [Term("k, v of the other segments (all-gathered)", (m.heads, m.head_dim), ("heads", None),
                jnp.dtype(m.dtype).itemsize, 2 * (length_ways - 1))]

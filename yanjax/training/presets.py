@@ -10,6 +10,8 @@ the colon of `--config configs/<name>.py:<variant>`:
                matches the Yan model's total parameter count (see `matched`)
   "hybrid"     sliding-window attention and MCSD layers alternating, attention first (`HYBRID_PATTERN`), window
                min(HYBRID_WINDOW, train.seq_len), FFN width matched to the Yan model's parameters likewise
+  "long"       the Yan model as written, trained on sequences of LONG_SEQ_LEN (a million) tokens: a change of the
+               run, not the model (`long_context`): sequence parallelism, docs/sequence_parallel.md
 
 The hybrid's design (docs/model.md, "The hybrid"): Samba's 1:1 interleaving rather than Griffin's 2:1, because
 every shipped depth divides by 2 and not all by 3 (yan_tiny has 2 layers, yan_3b 20); attention first, because
@@ -25,7 +27,8 @@ from yanjax.core.config import ConfigError
 from yanjax.model.config import ModelConfig
 from yanjax.model.counting import param_count
 
-VARIANTS = ("", "selective", "mcsd_dd", "attention", "hybrid")
+VARIANTS = ("", "selective", "mcsd_dd", "attention", "hybrid")  # of the model
+LONG_SEQ_LEN = 2 ** 20
 HYBRID_PATTERN = ("swa", "mcsd")
 HYBRID_WINDOW = 1024
 # Capacity dispatch: faster than the dense FFN on CPU where dropless (ragged_dot, dense there) is slower
@@ -48,7 +51,7 @@ def matched(cfg: ModelConfig, pattern: tuple[str, ...], multiple: int = 8, **cha
 def model_variant(model: dict[str, Any], variant: str, seq_len: int) -> ModelConfig:
   """The ModelConfig of `variant` of the Yan model given as a dict, for training on sequences of `seq_len`."""
   if variant not in VARIANTS:
-    raise ConfigError(f"unknown config variant {variant!r}; choose one of {VARIANTS}")
+    raise ConfigError(f"unknown config variant {variant!r}; choose one of {VARIANTS + tuple(RUN_VARIANTS)}")
   cfg = ModelConfig.from_dict(model)
   if variant == "selective":
     return cfg.replace(**SELECTIVE_DEFAULTS)
@@ -61,9 +64,24 @@ def model_variant(model: dict[str, Any], variant: str, seq_len: int) -> ModelCon
   return cfg
 
 
+def long_context(sections: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+  """The run `sections` on sequences of LONG_SEQ_LEN tokens, with about as many tokens per step (fewer sequences,
+  at least one), each sequence's time split over the devices (mesh.sequence=-1) and the few sequences, with the
+  parameters, over fsdp (the batch rule splits sequences over fsdp, so fsdp can take at most one per sequence)."""
+  train, mesh = sections["train"], sections["mesh"]
+  batch = max(1, round(train["global_batch"] * train["seq_len"] / LONG_SEQ_LEN))
+  return {**sections, "train": {**train, "seq_len": LONG_SEQ_LEN, "global_batch": batch},
+          "mesh": {**mesh, "data": 1, "fsdp": batch, "sequence": -1, "expert": 1}}
+
+
+RUN_VARIANTS = {"long": long_context}  # variants that change the run, not the model
+
+
 def build_config(model: dict[str, Any], variant: str | None, **sections):
-  """The run config (a locked ml_collections.ConfigDict): the model of `variant`, trainer defaults updated by
-  `sections` (see yanjax.training.run_config.DEFAULTS)."""
+  """The run config (a locked ml_collections.ConfigDict): the model of `variant` (or the run of a RUN_VARIANTS
+  one), trainer defaults updated by `sections` (see yanjax.training.run_config.DEFAULTS)."""
   from yanjax.training.run_config import build_run_config  # pylint: disable=import-outside-toplevel
 
+  if variant in RUN_VARIANTS:
+    sections, variant = RUN_VARIANTS[variant](sections), ""
   return build_run_config(model_variant(model, variant or "", sections["train"]["seq_len"]), **sections)

@@ -125,7 +125,23 @@ def replication_report(abstract: Any, shardings: Any) -> dict[str, float]:
           "fraction_per_device": per_device / max(total, 1)}
 
 
+def process_rows(batch: NamedSharding, global_batch: int, seq_len: int) -> tuple[int, int]:
+  """(i, n): this process's devices hold block i of the n blocks of B / n rows of every [B, T] batch placed by
+  `batch`. Processes that split the same rows' time between them (sequence parallelism across hosts) hold the
+  same block, and each of them loads those whole rows (`global_batch_array` gives each device its positions)."""
+  rows = {(index[0].start or 0, index[0].stop or global_batch)
+          for index in batch.addressable_devices_indices_map((global_batch, seq_len)).values()}
+  first, stop = min(start for start, _ in rows), max(end for _, end in rows)
+  size = stop - first
+  covered = sum(end - start for start, end in rows) == size  # the devices' row slices tile [first, stop)
+  if not covered or global_batch % size or first % size:
+    raise ConfigError(f"this process's devices hold rows {sorted(rows)} of each batch of {global_batch}: not one "
+                      "block of whole rows; order the mesh so that each process's devices share rows")
+  return first // size, global_batch // size
+
+
 def global_batch_array(local: dict[str, np.ndarray], sharding: NamedSharding, global_batch: int):
-  """Process-local rows [B / processes, T] -> global jax.Arrays [B, T] placed by `sharding`."""
+  """This process's block of rows [B / n, T] (`process_rows`) -> global jax.Arrays [B, T] placed by `sharding`
+  (each device takes its rows and, when time is split, its positions)."""
   return {k: jax.make_array_from_process_local_data(sharding, v, (global_batch,) + v.shape[1:])
           for k, v in local.items()}
