@@ -95,7 +95,7 @@ DEVICE_MEMORY = {
 HEADROOM = 0.9  # check_fits refuses a run predicted above this fraction of the device's memory
 MEMORY_ENV = "YANJAX_DEVICE_MEMORY_BYTES"  # overrides the capacity (e.g. 60e9); 0 turns the check off
 DEFAULT_MFU = 0.4
-KNOBS = ("train.grad_accum", "mesh.fsdp", "model.remat", "train.global_batch")
+KNOBS = ("train.grad_accum", "mesh.fsdp", "mesh.sequence", "model.remat", "train.global_batch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -408,7 +408,8 @@ def make_plan(cfg: ml_collections.ConfigDict, devices: int, device_kind: str, mf
 
 def fitting_change(cfg: ml_collections.ConfigDict, devices: int, device_kind: str, capacity: float | None) -> str:
   """The first change that fits, as 'key=value ... fits (X GB)': a larger train.grad_accum (that still divides
-  the batch over the devices), model.remat='full', then both; '' when none of them fits."""
+  the batch over the devices), model.remat='full', then both, then a larger mesh.sequence (each sequence split over
+  more devices, taken from the axis that fills the devices); '' when none of them fits."""
   ways = math.prod(sharding.mesh_shape(dict(cfg.mesh), devices)[MESH_AXES.index(a)]
                    for a in dict((n, tuple(x)) for n, x in cfg.rules).get("batch", ()))
   accums, accum = [], cfg.train.grad_accum * 2
@@ -418,12 +419,17 @@ def fitting_change(cfg: ml_collections.ConfigDict, devices: int, device_kind: st
   tries = [{"train.grad_accum": a} for a in accums]
   if cfg.model.remat != "full":
     tries += [{"model.remat": "full"}] + [{"train.grad_accum": a, "model.remat": "full"} for a in accums]
+  if cfg.mesh.sequence > 0 and -1 in dict(cfg.mesh).values():
+    tries += [{"mesh.sequence": cfg.mesh.sequence * 2 ** k} for k in range(1, int(math.log2(devices)) + 1)]
   for changes in tries:
     trial = ml_collections.ConfigDict(cfg.to_dict())
     for key, value in changes.items():
       section, name = key.split(".")
       trial[section][name] = value
-    plan = make_plan(trial, devices, device_kind, capacity_bytes=capacity)
+    try:
+      plan = make_plan(trial, devices, device_kind, capacity_bytes=capacity)
+    except ConfigError:  # a split that does not divide the devices, the batch or the sequence
+      continue
     if plan.fits:
       return " ".join(f"{key}={value!r}" for key, value in changes.items()) + f" fits ({gigabytes(plan.total_bytes)})"
   return ""
@@ -440,8 +446,9 @@ def check_fits(cfg: ml_collections.ConfigDict, devices: int, device_kind: str) -
         f"{gigabytes(plan.capacity_bytes)} ({HEADROOM:.0%} usable): activations "
         f"{gigabytes(plan.activation_phase_bytes)} at {plan.micro_batch_per_device} x {plan.segment_len} tokens per "
         f"device and model.remat={plan.remat!r}, parameters, optimizer state and batch "
-        f"{gigabytes(plan.state_bytes)}; raise train.grad_accum (now {plan.grad_accum}) or mesh.fsdp (more "
-        "devices), set model.remat='full', or lower train.global_batch" + (f": {change}" if change else "") +
+        f"{gigabytes(plan.state_bytes)}; raise train.grad_accum (now {plan.grad_accum}), mesh.fsdp (more "
+        f"devices) or mesh.sequence (now {plan.length_ways}: each sequence over more devices), set "
+        "model.remat='full', or lower train.global_batch" + (f": {change}" if change else "") +
         f" (python -m yanjax.main.plan --config <config> --devices {devices} --device_kind '{device_kind}' "
         "shows the plan)")
   return plan
