@@ -18,7 +18,11 @@ and 256 GPUs); bfloat16 compute, float32 parameters, remat save_dots.
 Variants: `configs/yan_1p6b.py` (dense FFN), `configs/yan_1p6b.py:selective` (selective activation),
 `configs/yan_1p6b.py:mcsd_dd` (MCSD with data-dependent decay), `configs/yan_1p6b.py:attention` (the parameter-matched
 attention baseline), `configs/yan_1p6b.py:hybrid` (sliding-window attention and MCSD
-layers alternating, attention first, window 1024, FFN width matched).
+layers alternating, attention first, window 1024, FFN width matched), `configs/yan_1p6b.py:long` (the Yan model on
+1M-token sequences, 4 per step, each split over the devices: mesh.sequence; docs/sequence_parallel.md):
+
+    python -m yanjax.main.plan --config configs/yan_1p6b.py:long --devices 128 --device_kind "H100 80GB"
+
 Print every config's size: python -m yanjax.main.config_table
 """
 

@@ -66,6 +66,18 @@ def test_every_config_plans_at_its_intended_device_count(config):
     assert plan.fitting_change(cfg, devices, kind, result.capacity_bytes).endswith("GB)")
 
 
+def test_the_million_token_variant_fits_the_slice_its_docs_name_and_says_what_a_smaller_one_needs():
+  """configs/yan_1p6b.py:long (docs/sequence_parallel.md): 4 sequences of 2^20 tokens, time over the devices."""
+  cfg = load_config_file(REPO / "configs/yan_1p6b.py:long")
+  result = plan.make_plan(cfg, 128, "H100 80GB")
+  assert (cfg.train.seq_len, cfg.train.global_batch) == (2 ** 20, 4) and result.fits
+  assert result.mesh == {"data": 1, "fsdp": 4, "sequence": 16, "tensor": 2, "expert": 1}
+  assert result.segment_len == 65536 and result.micro_batch_per_device == 1
+  smaller = plan.make_plan(cfg, 64, "H100 80GB")
+  assert not smaller.fits and smaller.total_bytes > 1.8 * result.total_bytes  # activations linear in T / S
+  assert plan.fitting_change(cfg, 64, "H100 80GB", smaller.capacity_bytes).startswith("model.remat='full' fits")
+
+
 def test_the_mesh_resolves_without_devices():
   cfg = load_config_file(REPO / "configs/yan_1p6b.py")
   assert dict(plan.abstract_mesh(cfg.mesh, 256).shape) == {"data": 1, "fsdp": 128, "sequence": 1, "tensor": 2,
