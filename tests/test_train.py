@@ -111,13 +111,12 @@ def single_device_run():
   return losses, jax.tree.leaves(state["params"])
 
 
-@pytest.mark.parametrize("mesh_cfg,grad_accum", [({"data": 2, "fsdp": 2, "tensor": 2}, 1),
-                                                 ({"data": 4, "fsdp": 2}, 2)])
 @pytest.mark.slow
-def test_sharded_run_equals_single_device_run(mesh_cfg, grad_accum, single_device_run):
-  """The sharded run computes its loss in chunks of 5 positions (the single device's whole logits)."""
+def test_sharded_run_equals_single_device_run(single_device_run):
+  """data=4 x fsdp=2 with 2 micro-batches, the loss in chunks of 5 positions (the single device's whole logits).
+  fsdp with tensor parallelism: tests/test_sequence_parallel.py's trainer, with time split too."""
   single_losses, single_params = single_device_run
-  state, trainer = _setup(mesh_cfg, grad_accum=grad_accum, loss_chunk=5)
+  state, trainer = _setup({"data": 4, "fsdp": 2}, grad_accum=2, loss_chunk=5)
   for i in range(3):
     state, metrics = trainer.train_step(state, _batch(i))
     print(i, single_losses[i], float(metrics["loss"]))
@@ -172,7 +171,8 @@ def test_validation_bits_per_byte_is_the_summed_loss_in_bits_over_the_targets_by
 def test_the_chunked_loss_trains_as_the_whole_logits():
   """One train step with train.loss_chunk=5 over 16 positions (three chunks and a padded one) against the whole
   logits (0): the same loss, z-loss and gradient norm. (The validation above runs in chunks against the whole
-  logits; test_sharded_run_equals_single_device_run runs the chunks sharded, the vocabulary split.)"""
+  logits; test_sharded_run_equals_single_device_run runs the chunks sharded, and
+  tests/test_sequence_parallel.py with the vocabulary split over tensor and the chunks within segments.)"""
   batch = _batch(0)
   batch["loss_mask"][:, :3] = 0.0
   runs = []

@@ -27,7 +27,7 @@ from yanjax.core.config import ConfigError
 from yanjax.model.config import ModelConfig
 from yanjax.model.counting import param_count
 
-VARIANTS = ("", "selective", "mcsd_dd", "attention", "hybrid")  # of the model
+VARIANTS = ("", "selective", "mcsd_dd", "attention", "hybrid")  # variants that change the model
 LONG_SEQ_LEN = 2 ** 20
 HYBRID_PATTERN = ("swa", "mcsd")
 HYBRID_WINDOW = 1024
@@ -65,12 +65,13 @@ def model_variant(model: dict[str, Any], variant: str, seq_len: int) -> ModelCon
 
 
 def long_context(sections: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-  """The run `sections` on sequences of LONG_SEQ_LEN tokens, with about as many tokens per step (fewer sequences,
-  at least one), each sequence's time split over the devices (mesh.sequence=-1) and the few sequences, with the
-  parameters, over fsdp (the batch rule splits sequences over fsdp, so fsdp can take at most one per sequence)."""
+  """The run `sections` on sequences of LONG_SEQ_LEN tokens: the config's tokens per step rounded to whole
+  sequences (at least one), no gradient accumulation, each sequence's time split over the devices
+  (mesh.sequence=-1) and the few sequences, with the parameters, over fsdp (the batch rule splits sequences over
+  fsdp, so fsdp can take at most one per sequence)."""
   train, mesh = sections["train"], sections["mesh"]
   batch = max(1, round(train["global_batch"] * train["seq_len"] / LONG_SEQ_LEN))
-  return {**sections, "train": {**train, "seq_len": LONG_SEQ_LEN, "global_batch": batch},
+  return {**sections, "train": {**train, "seq_len": LONG_SEQ_LEN, "global_batch": batch, "grad_accum": 1},
           "mesh": {**mesh, "data": 1, "fsdp": batch, "sequence": -1, "expert": 1}}
 
 

@@ -43,7 +43,8 @@ class Trainer(NamedTuple):
     return jax.eval_shape(self.init)
 
   def to_global(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """This process's rows [B / processes, T] -> global arrays [B, T] placed by `batch_sharding`."""
+    """This process's block of rows [B / n, T] (`sharding.process_rows`) -> global arrays [B, T] placed by
+    `batch_sharding`."""
     return sharding.global_batch_array(batch, self.batch_sharding, self.global_batch)
 
 
