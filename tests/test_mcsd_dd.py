@@ -109,7 +109,7 @@ def test_gradients_reach_the_gate_and_agree_across_forms():
   grads = {}
   for form in UNINTERPRETED_FORMS:  # the kernel's gradients with per-token rates: tests/test_recurrence.py
     block = _block(recurrence=form, learnable_rates=True)
-    grads[form] = nnx.grad(lambda m: jnp.sum(m(x, inputs)[0] ** 2))(block)
+    grads[form] = nnx.jit(nnx.grad(lambda m: jnp.sum(m(x, inputs)[0] ** 2)))(block)
   for name in ("rate_gate", "rate_logits"):
     ref = np.asarray(getattr(grads["reference"], name)[...])
     assert np.all(np.isfinite(ref)) and np.all(ref != 0), name

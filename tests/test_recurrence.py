@@ -86,10 +86,11 @@ def test_reset_cuts_the_state(rates):
 def test_split_sequence_continues_from_final_state(rates):
   x, log_a, reset, h0 = _inputs(jnp.float32, rates)
   first_a, second_a = (log_a, log_a) if rates == "fixed" else (log_a[:, :17], log_a[:, 17:])
+  run = jax.jit(linear_recurrence, static_argnames=("form", "chunk_size"))
   for form in ("reference", "associative", "chunked", "pallas"):
-    full, _ = linear_recurrence(x, log_a, reset, h0, form=form, chunk_size=8)
-    first, state = linear_recurrence(x[:, :17], first_a, reset[:, :17], h0, form=form, chunk_size=8)
-    second, _ = linear_recurrence(x[:, 17:], second_a, reset[:, 17:], state, form=form, chunk_size=8)
+    full, _ = run(x, log_a, reset, h0, form=form, chunk_size=8)
+    first, state = run(x[:, :17], first_a, reset[:, :17], h0, form=form, chunk_size=8)
+    second, _ = run(x[:, 17:], second_a, reset[:, 17:], state, form=form, chunk_size=8)
     err = float(jnp.max(jnp.abs(jnp.concatenate([first, second], 1) - full)))
     print(f"{form} {rates}: split vs one pass {err:.2e}")
     assert err < 1e-4

@@ -176,8 +176,9 @@ HYBRID = dict(vocab_size=512, width=32, channels=2, mlp_width=64, layers=4, head
 
 @pytest.mark.slow
 def test_training_split_over_time_equals_one_device():
-  """Three steps of a hybrid selective model on fsdp=2 x sequence=2 x tensor=2 (data with sequence: the resumed run
-  of tests/test_resume_topology.py): losses and parameters equal one device's, on batches of two documents (9 + 8
+  """Three steps of a scanned hybrid selective model on fsdp=2 x sequence=2 x tensor=2 (data with sequence: the
+  resumed run of tests/test_resume_topology.py; the hybrid sharded without a split is this test with sequence=1):
+  losses and parameters equal one device's, on batches of two documents (9 + 8
   tokens: a boundary inside a segment) with the loss chunked within each segment (3 of its 8 positions at a time,
   the last chunk padded; one device: the whole logits)."""
   state, single = _trainer({"data": 1}, HYBRID, loss_chunk=0)

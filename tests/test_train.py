@@ -215,27 +215,6 @@ def test_unknown_and_invalid_config_keys_are_rejected(small_store, tmp_path):
 
 # ---- end to end through the command line ---------------------------------------------------------------
 
-@pytest.mark.slow
-@pytest.mark.slow
-def test_a_scanned_hybrid_sharded_equals_one_device():
-  """MCSD and sliding-window layers scanned over the pattern's repetitions, on data x fsdp x tensor = 2 x 2 x 2,
-  against one device: a window of 4 over packed documents of 9 and 7 tokens."""
-  hybrid = dict(MODEL, layers=4, pattern=("mcsd", "swa"), window=4, heads=2, scan_layers=True)
-  runs = []
-  for mesh_cfg in ({"data": 1}, {"data": 2, "fsdp": 2, "tensor": 2}):
-    state, trainer = _setup(mesh_cfg, model=hybrid)
-    losses = []
-    for i in range(2):
-      state, metrics = trainer.train_step(state, _batch(i))
-      losses.append(float(metrics["loss"]))
-    runs.append((losses, jax.tree.leaves(state["params"])))
-  (single_losses, single_params), (losses, params) = runs
-  print("hybrid losses, one device and sharded:", single_losses, losses)
-  np.testing.assert_allclose(losses, single_losses, rtol=1e-5)
-  for a, b in zip(params, single_params):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-5)
-
-
 def test_sigkill_then_resume_equals_uninterrupted_run(small_store, tmp_path):
   flags = tiny_flags(small_store, steps=40, eval_every=100) + ["--config.checkpoint.every_steps=8"]
   code, out, err = run_train(tmp_path / "straight", flags)

@@ -40,8 +40,8 @@ FORMS = ("reference", "associative", "chunked", "pallas")
 # sequences; neither wins everywhere. TPU: not measured; "chunked", whose matmuls suit its matrix units.
 # "pallas" is chosen nowhere until benchmarks/RESULTS.md shows it faster on a backend (benchmarks/accelerator.sh).
 AUTO_FORM = {"cpu": "reference", "gpu": "chunked", "tpu": "chunked"}
-# Logical axes after the rows of x and h [b, t, C, Dc] (time, channels, features) and of h0, h_last [b, C, Dc].
-SEQUENCE_AXES, STATE_AXES = (None, "channels", None), ("channels", None)
+# Logical axes of what follows the rows [r] of a state [r, C, Dc] and of the rates [r, t, C] after time.
+STATE_AXES, RATE_AXES = ("channels", None), ("channels",)
 
 
 def resolve_form(form: str) -> str:
@@ -81,12 +81,13 @@ def linear_recurrence(x: jax.Array, log_a: jax.Array, reset: jax.Array, h0: jax.
 
 
 def _run(form, chunk_size, rows, x, log_a, reset, h0):
-  """(h, h_last) of one of FORMS over x [r, t, C, Dc] float32, log_a [r, t, C], reset [r, t], h0 [r, C, Dc];
-  `rows`: the logical axes of the r rows ("batch", or SEGMENT_ROWS)."""
+  """(h [r, t, C, Dc], h_last [r, C, Dc]) of one of FORMS over x [r, t, C, Dc] float32, log_a [r, t, C],
+  reset [r, t] and h0 [r, C, Dc]; `rows`: the logical axes of the r rows ("batch", or SEGMENT_ROWS)."""
   if form == "pallas":  # rows and channels are independent: each device runs the kernel on its own block
+    sequence, state = (rows, None, *STATE_AXES), (rows, *STATE_AXES)
     return map_blocks(lambda *a: fused_recurrence(*a, chunk_size),
-                      ((rows, *SEQUENCE_AXES), (rows, *SEQUENCE_AXES[:2]), (rows, None), (rows, *STATE_AXES)),
-                      ((rows, *SEQUENCE_AXES), (rows, *STATE_AXES)), x, log_a, reset, h0)
+                      (sequence, (rows, None, *RATE_AXES), (rows, None), state), (sequence, state),
+                      x, log_a, reset, h0)
   if form == "chunked":
     h = _chunked(x, log_a, reset, h0, chunk_size)
   else:
@@ -96,10 +97,12 @@ def _run(form, chunk_size, rows, x, log_a, reset, h0):
 
 
 def _across_segments(form, chunk_size, segments, x, log_a, reset, h0):
-  """`linear_recurrence` with time split into `segments` (S) segments, each on its own devices (module doc)."""
+  """`linear_recurrence` (its arguments and results, h0 given) with time split into S = `segments` segments, each
+  on its own devices (module doc); segment s of row i is row s b + i of the [S b, t / S, ...] arrays here."""
   b, _, ch, dc = x.shape
   x, log_a, reset = (to_segments(a, segments, axes) for a, axes in
-                     ((x, SEQUENCE_AXES[1:]), (log_a, SEQUENCE_AXES[1:2]), (reset, ())))  # [S b, t / S, ...]
+                     ((x, STATE_AXES), (log_a, RATE_AXES), (reset, ())))  # [S b, t / S, ...]
+  # h [S b, t / S, C, Dc] and h_end [S b, C, Dc]: each segment's run from a zero state
   h, h_end = _run(form, chunk_size, SEGMENT_ROWS, x, log_a, reset, jnp.zeros((segments * b, ch, dc), jnp.float32))
   # [S b, t / S, C]: the decay from the segment's start to each position, zero from its first reset on
   not_reset = jnp.cumsum(reset.astype(jnp.int32), axis=1) == 0
@@ -112,7 +115,7 @@ def _across_segments(form, chunk_size, segments, x, log_a, reset, h0):
   h_last, h_enter = jax.lax.scan(carry, h0, (from_start[:, -1].reshape(segments, b, ch),
                                              h_end.reshape(segments, b, ch, dc)))  # h_enter [S, b, C, Dc]
   h = h + from_start[..., None] * h_enter.reshape(segments * b, 1, ch, dc)
-  return from_segments(h, segments, SEQUENCE_AXES[1:]), h_last
+  return from_segments(h, segments, STATE_AXES), h_last
 
 
 def _reference(a, x, h0):

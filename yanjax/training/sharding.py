@@ -91,7 +91,7 @@ def batch_sharding(mesh: Mesh, rules: dict[str, Sequence[str]]) -> NamedSharding
   return NamedSharding(mesh, PartitionSpec(axes("batch"), axes("length")))
 
 
-def axis_ways(mesh, rules: dict[str, Sequence[str]], logical: str) -> int:
+def axis_ways(mesh: Mesh | jax.sharding.AbstractMesh, rules: dict[str, Sequence[str]], logical: str) -> int:
   """Devices a dimension of logical axis `logical` is split over at most: its rule's mesh axes' sizes' product."""
   return math.prod(mesh.shape[a] for a in rules.get(logical, ()))
 
