@@ -345,11 +345,12 @@ CORRUPTIONS = {
                                                 r"config pattern=\['mcsd', 'mcsd', 'attention'\]: its length 3 "
                                                 r"must divide layers=2"),
     "format 1": (lambda p: _set_manifest(p, format_version=1),
-                 r"manifest\.json: format_version 1 is not the supported 3: it names the one mixer config\.arch"),
+                 r"manifest\.json: format_version 1 is not the supported 3 or 4: it names the one mixer config\.arch"),
     "format as a list": (lambda p: _set_manifest(p, format_version=[3]),
-                         r"manifest\.json: format_version \[3\] is not the supported 3$"),
+                         r"manifest\.json: format_version \[3\] is not the supported 3 or 4$"),
     "format 2": (lambda p: _set_manifest(p, format_version=2),
-                 r"manifest\.json: format_version 2 is not the supported 3: it names the one mixer config\.mixer .* "
+                 r"manifest\.json: format_version 2 is not the supported 3 or 4: it names the one mixer "
+                 r"config\.mixer .* "
                  r"read it with the yanjax that wrote it, or export its run again$"),
     "unknown weights format": (lambda p: _set_manifest(p, weights_format="pt"),
                                r"manifest\.json: weights_format 'pt' not in \('npz', 'safetensors'\)"),

@@ -4,7 +4,7 @@ Run (a training run's work directory; its latest checkpoint and tokenizer are ex
 local or a bucket URL, gs:// or s3://):
 
     python -m yanjax.main.export --workdir runs/tiny --out exports/tiny [--format safetensors] \
-        [--dtype bfloat16] [--mesh fsdp=4]
+        [--dtype bfloat16 | --quantize int8] [--mesh fsdp=4]
 
 writes the weights in the one format asked for (`weights.npz`, the default, or `weights.safetensors`),
 `config.json`, the run's tokenizer under its own name (`tokenizer.model` or `tokenizer.json`, when the run has
@@ -30,6 +30,11 @@ runs the result with NumPy only.
 bfloat16 (`--dtype bfloat16`): values are rounded to nearest even; safetensors stores them as BF16, and the
 .npz, since NumPy has no bfloat16, as their uint16 bit patterns (the float32's upper 16 bits). Readers
 upcast to float32 by shifting the bits left by 16.
+
+int8 (`--quantize int8`, format version 4): the projection matrices (yanjax.numpy_runtime.quantize's table)
+are fetched as float32 and quantized on the host, one at a time, to int8 with one float32 scale per output
+channel (`<name>.qscale`); the other arrays are written as float32. Readers dequantize: float32(q) * scale.
+float32 and bfloat16 exports are format version 3, unchanged.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ import hashlib
 import json
 import math
 import zipfile
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -55,9 +60,10 @@ from yanjax.data import tokenizer as tokenization
 from yanjax.data.errors import TokenizerMismatchError
 from yanjax.model.config import ModelConfig
 from yanjax.numpy_runtime import format as fmt
+from yanjax.numpy_runtime.quantize import QUANTIZE_METHODS, quantize_int8
 
-_STORED = {"float32": np.dtype("<f4"), "bfloat16": np.dtype("<u2")}  # as written: bf16 as its bit pattern
-_SAFETENSORS_DTYPE = {"float32": "F32", "bfloat16": "BF16"}
+_STORED = fmt.STORED_DTYPES  # as written: bf16 as its bit pattern
+_SAFETENSORS_DTYPE = {"float32": "F32", "bfloat16": "BF16", "int8": "I8"}
 EXPORT_FILES = (fmt.MANIFEST, fmt.CONFIG, fmt.NPZ, fmt.SAFETENSORS, *tokenization.FILE_NAMES.values())
 # The names an export directory may hold: its files, and the `<name>.tmp` an interrupted export of earlier
 # yanjax versions (which wrote in place) left behind.
@@ -128,6 +134,47 @@ def parameter_arrays(model, cfg: ModelConfig) -> dict[str, np.ndarray]:
   return {name: fetch(source) for name, source in parameter_sources(model, cfg).items()}
 
 
+class Stored(NamedTuple):
+  """One array of the weights file: its shape, stored dtype ("float32", "bfloat16", "int8") and how to make it."""
+  shape: tuple[int, ...]
+  dtype: str
+  make: Callable[[], np.ndarray]  # -> the array as stored (C order, little endian)
+
+
+def stored_sources(sources: dict[str, Source], cfg: ModelConfig, dtype: str, quantize: str | None
+                   ) -> dict[str, Stored]:
+  """Export name -> `Stored`, in canonical order: every parameter in `dtype`; with quantize="int8" the arrays of
+  quantize.CONTRACTION_AXES as int8, each followed by its float32 scale `<name>.qscale`, the rest float32.
+
+  An int8 matrix and its scale come from one quantization on the host (of the float32 array, fetched alone);
+  the last one is kept, so the .npz (matrix, then scale) fetches each array once, the .safetensors (float32
+  arrays first, scales among them) twice.
+  """
+  if quantize is None:
+    return {n: Stored(s.shape, dtype, functools.partial(fetch, s, dtype)) for n, s in sources.items()}
+  last: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+  def quantized(name, axes, part):
+    if name not in last:
+      last.clear()
+      last[name] = quantize_int8(fetch(sources[name]), axes)
+    return last[name][part]
+
+  layout = fmt.stored_arrays(cfg.to_dict(), fmt.INT8)
+  stored = {}
+  for name, entry in layout.items():
+    shape = tuple(entry["shape"])
+    if entry["dtype"] == fmt.INT8:
+      stored[name] = Stored(shape, fmt.INT8, functools.partial(quantized, name, entry["contraction_axes"], 0))
+    elif "scale_of" in entry:
+      matrix = entry["scale_of"]
+      axes = layout[matrix]["contraction_axes"]
+      stored[name] = Stored(shape, "float32", functools.partial(quantized, matrix, axes, 1))
+    else:
+      stored[name] = Stored(shape, "float32", functools.partial(fetch, sources[name]))
+  return stored
+
+
 # ---- streams ----------------------------------------------------------------------------------------
 
 class _HashingWriter:
@@ -162,13 +209,13 @@ def _create(path: epath.Path) -> Iterator[_HashingWriter]:
     yield _HashingWriter(raw)
 
 
-def _write_npz(path: epath.Path, sources: dict[str, Source], dtype: str) -> tuple[dict, dict[str, str]]:
+def _write_npz(path: epath.Path, arrays: dict[str, Stored]) -> tuple[dict, dict[str, str]]:
   """Writes the .npz one member at a time (as np.savez lays it out); returns (file entry, name -> sha256)."""
   digests = {}
   with _create(path) as stream:
     with zipfile.ZipFile(stream, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-      for name, source in sources.items():
-        stored = fetch(source, dtype)
+      for name, array in arrays.items():
+        stored = array.make()
         digests[name] = fmt.array_sha256(stored)
         with archive.open(name + ".npy", "w", force_zip64=True) as member:
           np.lib.format.write_array(member, stored, allow_pickle=False)
@@ -176,21 +223,23 @@ def _write_npz(path: epath.Path, sources: dict[str, Source], dtype: str) -> tupl
   return stream.entry(), digests
 
 
-def safetensors_header(shapes: dict[str, tuple[int, ...]], dtype: str, metadata: dict[str, str]
+def safetensors_header(shapes: dict[str, tuple[int, ...]], dtype: str | dict[str, str], metadata: dict[str, str]
                        ) -> tuple[bytes, list[str]]:
-  """(the first bytes of the .safetensors file, the order of the arrays' data), from shapes alone.
+  """(the first bytes of the .safetensors file, the order of the arrays' data), from shapes and dtypes alone.
 
-  The layout `safetensors.numpy.save_file` writes: 8-byte little-endian length n, then n bytes of compact
-  JSON ({"__metadata__": ..., name: {dtype, shape, data_offsets}, ...}, padded with spaces to a multiple of
-  8); the data follows in the header's order, names sorted (bytewise; one dtype), offsets counted from the
-  end of the header.
+  `dtype`: every array's ("float32", "bfloat16", "int8"), or a dict name -> dtype. The layout
+  `safetensors.numpy.save_file` writes: 8-byte little-endian length n, then n bytes of compact JSON
+  ({"__metadata__": ..., name: {dtype, shape, data_offsets}, ...}, padded with spaces to a multiple of 8); the
+  data follows in the header's order: wider dtypes first (float32 before int8, so every array stays aligned),
+  then names sorted bytewise; offsets counted from the end of the header.
   """
-  order = sorted(shapes, key=lambda n: n.encode("utf-8"))
+  dtypes = dtype if isinstance(dtype, dict) else dict.fromkeys(shapes, dtype)
+  order = sorted(shapes, key=lambda n: (-_STORED[dtypes[n]].itemsize, n.encode("utf-8")))
   header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
   offset = 0
   for name in order:
-    size = _STORED[dtype].itemsize * math.prod(shapes[name])
-    header[name] = {"dtype": _SAFETENSORS_DTYPE[dtype], "shape": list(shapes[name]),
+    size = _STORED[dtypes[name]].itemsize * math.prod(shapes[name])
+    header[name] = {"dtype": _SAFETENSORS_DTYPE[dtypes[name]], "shape": list(shapes[name]),
                     "data_offsets": [offset, offset + size]}
     offset += size
   text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
@@ -198,15 +247,16 @@ def safetensors_header(shapes: dict[str, tuple[int, ...]], dtype: str, metadata:
   return len(text).to_bytes(8, "little") + text, order
 
 
-def _write_safetensors(path: epath.Path, sources: dict[str, Source], dtype: str, metadata: dict[str, str]
+def _write_safetensors(path: epath.Path, arrays: dict[str, Stored], metadata: dict[str, str]
                        ) -> tuple[dict, dict[str, str]]:
   """Writes the header, then each array's bytes in the header's order; returns (file entry, name -> sha256)."""
-  header, order = safetensors_header({n: s.shape for n, s in sources.items()}, dtype, metadata)
+  header, order = safetensors_header({n: a.shape for n, a in arrays.items()},
+                                     {n: a.dtype for n, a in arrays.items()}, metadata)
   digests = {}
   with _create(path) as stream:
     stream.write(header)
     for name in order:
-      stored = fetch(sources[name], dtype)
+      stored = arrays[name].make()
       digests[name] = fmt.array_sha256(stored)
       stream.write(stored)
       del stored
@@ -244,7 +294,7 @@ def check_replaceable(out) -> None:
 
 
 def export_model(model, cfg: ModelConfig, out_dir, tokenizer_path=None, dtype: str = "float32",
-                 weights_format: str = "npz") -> dict[str, Any]:
+                 weights_format: str = "npz", quantize: str | None = None) -> dict[str, Any]:
   """Writes the export of `model` (with config `cfg`) to `out_dir`, one array at a time; returns the manifest.
 
   The export is written to a temporary sibling of `out_dir` and moved into place once complete; on failure
@@ -259,14 +309,17 @@ def export_model(model, cfg: ModelConfig, out_dir, tokenizer_path=None, dtype: s
       refused (TokenizerMismatchError) when it has more ids than the model's vocabulary.
     dtype: "float32" (default) or "bfloat16" (see the module docstring).
     weights_format: "npz" (default) or "safetensors" (`fmt.WEIGHT_FORMATS`): the one weights file written.
+    quantize: None (default), or "int8": weight-only int8 projection matrices with per-output-channel float32
+      scales, the other arrays float32 (format version 4; docs/export.md, "int8"). Only with dtype="float32".
   """
+  check_quantize(quantize, dtype)
   if dtype not in fmt.WEIGHT_DTYPES:
     raise ValueError(f"dtype={dtype!r}: choose one of {fmt.WEIGHT_DTYPES}")
   if weights_format not in fmt.WEIGHT_FORMATS:
     raise ValueError(f"weights_format={weights_format!r}: choose one of {fmt.WEIGHT_FORMATS}")
   if getattr(model, "cfg", cfg) != cfg:
     raise ValueError("export_model: cfg is not the config the model was built with")
-  sources = parameter_sources(model, cfg)
+  arrays = stored_sources(parameter_sources(model, cfg), cfg, dtype, quantize)
   tokenizer = None
   if tokenizer_path is not None:
     tokenizer = _check_tokenizer(storage.as_path(tokenizer_path).read_bytes(), tokenizer_path, cfg)
@@ -277,7 +330,7 @@ def export_model(model, cfg: ModelConfig, out_dir, tokenizer_path=None, dtype: s
     out.parent.mkdir(parents=True, exist_ok=True)
     temp.mkdir()
   try:
-    manifest = _write_export(temp, sources, cfg, dtype, weights_format, tokenizer)
+    manifest = _write_export(temp, arrays, cfg, fmt.INT8 if quantize else dtype, weights_format, tokenizer)
     check_replaceable(out)  # again: something may have appeared there while the export was written
     _publish(temp, out)
   except BaseException:
@@ -297,16 +350,19 @@ def _publish(temp: epath.Path, out: epath.Path) -> None:
                       "run the export again") from e
 
 
-def _write_export(out: epath.Path, sources: dict[str, Source], cfg: ModelConfig, dtype: str,
+def _write_export(out: epath.Path, arrays: dict[str, Stored], cfg: ModelConfig, dtype: str,
                   weights_format: str, tokenizer: tokenization.Tokenizer | None) -> dict[str, Any]:
-  """Writes the export's files into the (new, empty) directory `out`, the manifest last; returns it."""
+  """Writes the export's files into the (new, empty) directory `out`, the manifest last; returns it.
+
+  `dtype` is the manifest's weights_dtype: "float32" or "bfloat16" (format 3), or "int8" (format 4)."""
   files = {}
   weights = fmt.WEIGHT_FILES[weights_format]
+  version = fmt.INT8_FORMAT_VERSION if dtype == fmt.INT8 else fmt.FORMAT_VERSION
   if weights_format == "npz":
-    files[weights], digests = _write_npz(out / weights, sources, dtype)
+    files[weights], digests = _write_npz(out / weights, arrays)
   else:
-    metadata = {"format": fmt.FORMAT, "format_version": str(fmt.FORMAT_VERSION), "weights_dtype": dtype}
-    files[weights], digests = _write_safetensors(out / weights, sources, dtype, metadata)
+    metadata = {"format": fmt.FORMAT, "format_version": str(version), "weights_dtype": dtype}
+    files[weights], digests = _write_safetensors(out / weights, arrays, metadata)
   config = json.loads(json.dumps(cfg.to_dict()))  # as it reads back: the pattern a list
   files[fmt.CONFIG] = _write_bytes(out / fmt.CONFIG, (json.dumps(config, indent=2) + "\n").encode("utf-8"))
   tokenizer_entry = None
@@ -316,19 +372,52 @@ def _write_export(out: epath.Path, sources: dict[str, Source], cfg: ModelConfig,
 
   manifest = {
       "format": fmt.FORMAT,
-      "format_version": fmt.FORMAT_VERSION,
+      "format_version": version,
       "created_by": f"yanjax {yanjax.__version__}",
       "weights_dtype": dtype,
       "weights_format": weights_format,
+  }
+  if dtype == fmt.INT8:
+    manifest["quantization"] = dict(QUANTIZATION)
+  layout = fmt.stored_arrays(config, dtype)
+  manifest.update({
       "config": config,
-      "arrays": [{"name": n, "shape": list(s.shape), "dtype": dtype,
-                  "npz_dtype": "uint16" if dtype == "bfloat16" else "float32",
-                  "sha256": digests[n]} for n, s in sources.items()],
+      "arrays": [_array_entry(n, layout[n], digests[n]) for n in arrays],
       "files": files,
       "tokenizer": tokenizer_entry,
-  }
+  })
   _write_bytes(out / fmt.MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
   return manifest
+
+
+QUANTIZATION = {  # the manifest's "quantization" of an int8 export (docs/export.md, "int8")
+    "method": "int8",
+    "weights": "the arrays whose entry names a scale: int8, symmetric, one float32 scale per output channel",
+    "scale": "max |w| over contraction_axes / 127",
+    "rounding": "round(w / scale) to nearest, ties to even, clipped to [-127, 127]",
+    "dequantize": "w = float32(q) * scale, scale broadcast over contraction_axes",
+}
+
+
+def _array_entry(name: str, layout: dict[str, Any], sha256: str) -> dict[str, Any]:
+  """The manifest's entry of one stored array (the keys of format 3, and for int8 its scale or matrix)."""
+  entry = {"name": name, "shape": list(layout["shape"]), "dtype": layout["dtype"],
+           "npz_dtype": fmt.NPZ_DTYPES[layout["dtype"]], "sha256": sha256}
+  if "scale" in layout:
+    entry.update(scale=layout["scale"], contraction_axes=list(layout["contraction_axes"]))
+  if "scale_of" in layout:
+    entry["scale_of"] = layout["scale_of"]
+  return entry
+
+
+def check_quantize(quantize: str | None, dtype: str = "float32") -> None:
+  """Raises ConfigError for an unknown quantization, or one combined with dtype="bfloat16"."""
+  if quantize is not None and quantize not in QUANTIZE_METHODS:
+    raise ConfigError(f"--quantize {quantize}: unknown; choose one of {', '.join(QUANTIZE_METHODS)} (or leave it "
+                      "out for unquantized weights)")
+  if quantize is not None and dtype != "float32":
+    raise ConfigError(f"--quantize {quantize} with --dtype {dtype}: int8 scales and the arrays kept unquantized are "
+                      "float32; leave out --dtype")
 
 
 def _check_tokenizer(data: bytes, path, cfg: ModelConfig) -> tokenization.Tokenizer:

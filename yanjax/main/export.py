@@ -12,7 +12,7 @@ import argparse
 import numpy as np
 
 from yanjax.core import cli, storage
-from yanjax.export.writer import check_replaceable, export_model
+from yanjax.export.writer import check_quantize, check_replaceable, export_model
 from yanjax.numpy_runtime import format as fmt
 
 
@@ -24,9 +24,12 @@ def main(argv=None) -> None:
   parser.add_argument("--format", default="npz", choices=fmt.WEIGHT_FORMATS,
                       help="the weights file to write: weights.npz or weights.safetensors")
   parser.add_argument("--dtype", default="float32", choices=fmt.WEIGHT_DTYPES)
+  parser.add_argument("--quantize", default=None, help="int8: weight-only int8 projection matrices with "
+                      "per-output-channel float32 scales, the rest float32 (docs/export.md, 'int8')")
   parser.add_argument("--mesh", default=None, help="mesh to restore onto, e.g. fsdp=4 (default: the run's "
                       "training mesh, or FSDP over all devices when it does not fit)")
   args = parser.parse_args(argv)
+  check_quantize(args.quantize, args.dtype)  # one line and exit 2, before anything is read
   out = storage.as_path(args.out)
   storage.check_writable(out, "export directory --out",
                          "give a directory (or bucket URL) these credentials may write")
@@ -34,9 +37,10 @@ def main(argv=None) -> None:
   from yanjax.inference.loading import load_inference_model  # pylint: disable=import-outside-toplevel
   model, cfg, tokenizer_path = load_inference_model(args.workdir, mesh_spec=args.mesh)
   manifest = export_model(model, cfg, args.out, tokenizer_path=tokenizer_path, dtype=args.dtype,
-                          weights_format=args.format)
-  total = sum(int(np.prod(a["shape"])) for a in manifest["arrays"])
-  print(f"exported {len(manifest['arrays'])} arrays ({total:,} parameters, {args.dtype}) to {args.out} "
+                          weights_format=args.format, quantize=args.quantize)
+  parameters = [a for a in manifest["arrays"] if "scale_of" not in a]  # an int8 scale is not a parameter
+  total = sum(int(np.prod(a["shape"])) for a in parameters)
+  print(f"exported {len(parameters)} arrays ({total:,} parameters, {manifest['weights_dtype']}) to {args.out} "
         f"({fmt.WEIGHT_FILES[args.format]})")
 
 

@@ -5,9 +5,10 @@ An export directory holds (docs/export.md describes each array and the order of 
     manifest.json        format version, config, weights format, every array's name / shape / dtype / sha256,
                          file checksums
     config.json          the model config (the same mapping as manifest["config"])
-    weights.npz          one array per name; float32, or bfloat16 stored as its uint16 bit pattern
+    weights.npz          one array per name; float32, or bfloat16 stored as its uint16 bit pattern, or (format 4,
+                         --quantize int8) int8 matrices each followed by its float32 scale `<name>.qscale`
       or
-    weights.safetensors  the same arrays (F32, or BF16), whichever `manifest["weights_format"]` names
+    weights.safetensors  the same arrays (F32, BF16, or I8 and F32), whichever `manifest["weights_format"]` names
     tokenizer.model      the run's tokenizer (optional): a sentencepiece model,
       or
     tokenizer.json       a Hugging Face tokenizer; `manifest["tokenizer"]` names the file and its "kind"
@@ -32,9 +33,12 @@ import numpy as np
 
 from .mcsd import COMBINES
 from .mixers import TWINS, layer_mixers, renamed_key_error
+from .quantize import SCALE_SUFFIX, contraction_axes, dequantize_int8, scale_shape
 
 FORMAT = "yanjax-export"
 FORMAT_VERSION = 3  # 3: the config names every layer's mixer by `pattern` (a list of names in mixers.py, repeated)
+INT8_FORMAT_VERSION = 4  # 4: format 3 with int8 projection matrices and their float32 scales (quantize.py)
+SUPPORTED_VERSIONS = (FORMAT_VERSION, INT8_FORMAT_VERSION)  # float32 and bfloat16 exports stay version 3
 OLD_VERSIONS = {  # what an older format differs by
     1: "it names the one mixer config.arch ('yan' | 'attention')",
     2: "it names the one mixer config.mixer ('mcsd' | 'mcsd_dd' | 'attention'), since replaced by the layer "
@@ -44,7 +48,10 @@ MANIFEST = "manifest.json"
 CONFIG = "config.json"
 NPZ = "weights.npz"
 SAFETENSORS = "weights.safetensors"
-WEIGHT_DTYPES = ("float32", "bfloat16")
+WEIGHT_DTYPES = ("float32", "bfloat16")  # --dtype: what every array is stored as (format 3)
+INT8 = "int8"  # manifest weights_dtype of a --quantize int8 export (format 4): int8 matrices, float32 the rest
+STORED_DTYPES = {"float32": np.dtype("<f4"), "bfloat16": np.dtype("<u2"), "int8": np.dtype("i1")}  # as stored
+NPZ_DTYPES = {"float32": "float32", "bfloat16": "uint16", "int8": "int8"}  # manifest npz_dtype of each dtype
 WEIGHT_FILES = {"npz": NPZ, "safetensors": SAFETENSORS}  # weights format -> the file an export holds
 WEIGHT_FORMATS = tuple(WEIGHT_FILES)
 # Config keys the runtime reads; the others (training and kernel choices) do not change inference results.
@@ -199,6 +206,27 @@ def check_arrays_fit_config(shapes: dict[str, tuple[int, ...]], config: dict[str
                       f"does not match the weights")
 
 
+def stored_arrays(config: dict[str, Any], weights_dtype: str) -> dict[str, dict[str, Any]]:
+  """Every array an export with this config and weights_dtype stores, in canonical order: name -> {"shape",
+  "dtype"} and, for an int8 matrix, "scale" (its scale array's name) and "contraction_axes"; for a scale,
+  "scale_of".
+
+  weights_dtype "float32" or "bfloat16": the arrays of `expected_shapes`, all of that dtype. "int8": each array
+  that quantize.CONTRACTION_AXES lists is int8 and followed by its float32 scale `<name>.qscale`; the others
+  are float32.
+  """
+  stored: dict[str, dict[str, Any]] = {}
+  for name, shape in expected_shapes(config).items():
+    axes = contraction_axes(name, shape) if weights_dtype == INT8 else None
+    if axes is None:
+      stored[name] = {"shape": shape, "dtype": "float32" if weights_dtype == INT8 else weights_dtype}
+    else:
+      scale = name + SCALE_SUFFIX
+      stored[name] = {"shape": shape, "dtype": INT8, "scale": scale, "contraction_axes": axes}
+      stored[scale] = {"shape": scale_shape(shape, axes), "dtype": "float32", "scale_of": name}
+  return stored
+
+
 # ---- reading ----------------------------------------------------------------------------------------
 
 def _read_json(path) -> Any:
@@ -239,11 +267,11 @@ def read_npz(path) -> dict[str, np.ndarray]:
   return arrays
 
 
-_SAFETENSORS_DTYPES = {"F32": np.dtype("<f4"), "BF16": np.dtype("<u2")}
+_SAFETENSORS_DTYPES = {"F32": np.dtype("<f4"), "BF16": np.dtype("<u2"), "I8": np.dtype("i1")}
 
 
 def read_safetensors(path) -> dict[str, np.ndarray]:
-  """Every array of a .safetensors file (local path or URL; F32, or BF16 returned as uint16 bit patterns),
+  """Every array of a .safetensors file (local path or URL; F32, I8, or BF16 returned as uint16 bit patterns),
   in pure NumPy.
 
   Layout: 8 bytes little-endian header length n, n bytes of JSON {name: {dtype, shape, data_offsets}},
@@ -264,7 +292,7 @@ def read_safetensors(path) -> dict[str, np.ndarray]:
     if name == "__metadata__":
       continue
     if info.get("dtype") not in _SAFETENSORS_DTYPES:
-      raise ExportError(f"{path}: array '{name}' has dtype {info.get('dtype')!r}; expected F32 or BF16")
+      raise ExportError(f"{path}: array '{name}' has dtype {info.get('dtype')!r}; expected F32, BF16 or I8")
     start, end = info["data_offsets"]
     dtype = _SAFETENSORS_DTYPES[info["dtype"]]
     if end > len(body) or end - start != dtype.itemsize * int(np.prod(info["shape"], dtype=np.int64)):
@@ -292,15 +320,22 @@ def load_export(path, *, weights: str | None = None, verify: bool = True) -> Exp
   if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
     raise ExportError(f"{root / MANIFEST}: not a {FORMAT} manifest")
   version = manifest.get("format_version")
-  if version != FORMAT_VERSION:
-    why = (f": {OLD_VERSIONS[version]}; read it with the yanjax that wrote it, or export its run again"
-           if isinstance(version, int) and version in OLD_VERSIONS else "")
-    raise ExportError(f"{root / MANIFEST}: format_version {version!r} is not the supported {FORMAT_VERSION}{why}")
+  if version not in SUPPORTED_VERSIONS or isinstance(version, bool):
+    if isinstance(version, int) and version in OLD_VERSIONS:
+      why = f": {OLD_VERSIONS[version]}; read it with the yanjax that wrote it, or export its run again"
+    elif isinstance(version, int) and version > max(SUPPORTED_VERSIONS):
+      why = ": a newer yanjax wrote it; read it with that version"
+    else:
+      why = ""
+    supported = " or ".join(map(str, SUPPORTED_VERSIONS))
+    raise ExportError(f"{root / MANIFEST}: format_version {version!r} is not the supported {supported}{why}")
   for key in ("config", "weights_dtype", "weights_format", "arrays", "files"):
     if key not in manifest:
       raise ExportError(f"{root / MANIFEST}: key '{key}' missing")
-  if manifest["weights_dtype"] not in WEIGHT_DTYPES:
-    raise ExportError(f"{root / MANIFEST}: weights_dtype {manifest['weights_dtype']!r} not in {WEIGHT_DTYPES}")
+  dtypes = (INT8,) if version == INT8_FORMAT_VERSION else WEIGHT_DTYPES
+  if manifest["weights_dtype"] not in dtypes:
+    raise ExportError(f"{root / MANIFEST}: weights_dtype {manifest['weights_dtype']!r} is not one of format_version "
+                      f"{version}'s {dtypes}")
   held = manifest["weights_format"]
   if held not in WEIGHT_FORMATS:
     raise ExportError(f"{root / MANIFEST}: weights_format {held!r} not in {WEIGHT_FORMATS}")
@@ -318,30 +353,35 @@ def load_export(path, *, weights: str | None = None, verify: bool = True) -> Exp
     raise ExportError(f"{root / CONFIG}: differs from the config in {MANIFEST} in key(s) {differ}")
   check_config(config, str(root / CONFIG))
   listed = {a["name"]: a for a in manifest["arrays"]}
-  check_arrays_fit_config({n: a["shape"] for n, a in listed.items()}, config,
-                          f"{root / CONFIG} vs {root / MANIFEST}")
-
+  layout = stored_arrays(config, manifest["weights_dtype"])
+  check_arrays_fit_config({n: a["shape"] for n, a in listed.items() if "scale_of" not in layout.get(n, {})},
+                          config, f"{root / CONFIG} vs {root / MANIFEST}")
+  for name, expected in layout.items():
+    if name not in listed:
+      raise ExportError(f"{root / MANIFEST}: array '{name}' (the int8 scale of '{expected['scale_of']}') is not "
+                        "listed")
+    _check_entry(name, listed[name], expected, root / MANIFEST)
   file = root / WEIGHT_FILES[held]
   stored = read_npz(file) if held == "npz" else read_safetensors(file)
-  bf16 = manifest["weights_dtype"] == "bfloat16"
-  want_dtype = np.dtype("<u2") if bf16 else np.dtype("<f4")
-  arrays = {}
   for name, entry in listed.items():
     if name not in stored:
       raise ExportError(f"{file}: array '{name}' missing (listed in {MANIFEST})")
-    a = stored[name]
+    a, want_dtype = stored[name], STORED_DTYPES[entry["dtype"]]
     if a.dtype != want_dtype or list(a.shape) != list(entry["shape"]):
       raise ExportError(f"{file}: array '{name}' is {a.dtype} {list(a.shape)} but {MANIFEST} says "
                         f"{entry['dtype']} {entry['shape']} (stored as {want_dtype})")
     if verify and array_sha256(a) != entry["sha256"]:
       raise ExportError(f"{file}: array '{name}' fails its sha256 check: the file is corrupt or was changed")
-    arrays[name] = bf16_bits_to_float32(a) if bf16 else a.astype(np.float32)
   extra = sorted(set(stored) - set(listed))
   if extra:
     raise ExportError(f"{file}: array(s) {extra} not listed in {MANIFEST}")
-  check_arrays_fit_config({n: a.shape for n, a in arrays.items()}, config, f"{root / CONFIG} vs {file}")
-  order = expected_shapes(config)
-  arrays = {name: arrays[name] for name in order}
+  arrays = {}  # float32, whatever the stored dtype: bf16 upcast, int8 dequantized
+  for name, entry in layout.items():
+    if entry["dtype"] == INT8:
+      arrays[name] = dequantize_int8(stored[name], stored[entry["scale"]], entry["contraction_axes"])
+    elif "scale_of" not in entry:
+      a = stored[name]
+      arrays[name] = bf16_bits_to_float32(a) if entry["dtype"] == "bfloat16" else a.astype(np.float32)
 
   tokenizer = None
   if manifest.get("tokenizer"):
@@ -351,3 +391,21 @@ def load_export(path, *, weights: str | None = None, verify: bool = True) -> Exp
     elif not tokenizer.is_file():
       raise ExportError(f"{tokenizer}: file missing (listed in {MANIFEST})")
   return Export(root, config, arrays, manifest, tokenizer)
+
+
+def _check_entry(name: str, entry: dict[str, Any], expected: dict[str, Any] | None, where) -> None:
+  """Raises ExportError unless the manifest's entry for array `name` is what the config and weights_dtype imply
+  (`stored_arrays`): its shape, dtype and npz_dtype, and for int8 its scale's name and axes
+  (quantize.CONTRACTION_AXES)."""
+  if list(entry["shape"]) != list(expected["shape"]):
+    raise ExportError(f"{where}: array '{name}' has shape {entry['shape']} but {list(expected['shape'])} is implied")
+  dtype = entry.get("dtype")
+  if dtype != expected["dtype"] or entry.get("npz_dtype") != NPZ_DTYPES.get(dtype):
+    raise ExportError(f"{where}: array '{name}' is listed as {dtype!r} (npz_dtype {entry.get('npz_dtype')!r}) but "
+                      f"the export's weights_dtype stores it as {expected['dtype']!r}")
+  for key in ("scale", "contraction_axes", "scale_of"):
+    want = expected.get(key)
+    got = entry.get(key)
+    if (list(want) if isinstance(want, tuple) else want) != got:
+      raise ExportError(f"{where}: array '{name}' has {key}={got!r} but the int8 layout (quantize.py) implies "
+                        f"{want!r}")
