@@ -49,5 +49,5 @@ def rms_norm(x, scale, eps):
 
 def geglu(x, gate_up, down):
   """x [..., D], gate_up [D, 2, F], down [F, D]: (gelu(x W_gate) * (x W_up)) W_down."""
-  h = np.einsum("...d,dkf->...kf", x, gate_up)
-  return np.einsum("...f,fd->...d", gelu(h[..., 0, :]) * h[..., 1, :], down).astype(F32)
+  h = np.einsum("...d,dkf->...kf", x, gate_up, optimize=True)
+  return np.einsum("...f,fd->...d", gelu(h[..., 0, :]) * h[..., 1, :], down, optimize=True).astype(F32)

@@ -110,7 +110,7 @@ class MCSD:
       state = self.init_state(b)
     # 1. Per-channel projections: proj [C, Dc, 4, Dc] gives U, V, E, F, each [b, t, C, Dc].
     xc = x.reshape(b, t, ch, dc)
-    u, v, e, f = np.moveaxis(np.einsum("btcd,cdke->btkce", xc, w["proj"]), 2, 0)
+    u, v, e, f = np.moveaxis(np.einsum("btcd,cdke->btkce", xc, w["proj"], optimize=True), 2, 0)
     # 2. Rates of the 2C recurrence channels, per token: [b, t, 2C, 1].
     a = np.broadcast_to(np.exp(self.recurrence_log_rates(xc))[..., None], (b, t, 2 * ch, 1))
     log_g = self.log_rates()[0]
@@ -138,7 +138,7 @@ class MCSD:
     theta_d = rms_norm(history[:, :, ch:], w["decay_norm.scale"], c["norm_eps"]) * sigmoid(f)
     # 6. Combine: concat + output projection out [2, C, Dc, D], or the sum.
     if c["combine"] == "concat":
-      y = np.einsum("kbtcd,kcde->bte", np.stack([theta_s, theta_d]), w["out"])
+      y = np.einsum("kbtcd,kcde->bte", np.stack([theta_s, theta_d]), w["out"], optimize=True)
     else:
       y = (theta_s + theta_d).reshape(b, t, c["width"])
     return y.astype(F32), MCSDState(h, count)

@@ -90,7 +90,7 @@ class Model:
       x = (x + h).astype(F32)
     x = rms_norm(x, w["final_norm.scale"], c["norm_eps"])
     head = w["embed.embedding"].T if c["tie_embeddings"] else w["head"]
-    return np.einsum("btd,dv->btv", x, head).astype(F32), new_states
+    return np.einsum("btd,dv->btv", x, head, optimize=True).astype(F32), new_states
 
   def _selective_ffn(self, p, x):
     """Selective-activation FFN at inference: every token runs its top-k groups (no dropping, no
