@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from yanjax.model.config import ModelConfig
 from yanjax.model.lm import LanguageModel
 from yanjax.model.mcsd import paper_log_rates
 
@@ -19,3 +20,11 @@ def random_model(cfg, seed=1, scale=0.3):
     base = {"scale": 1.0, "rate_logits": np.log(-paper_log_rates(cfg.channels))}.get(path[-1], 0.0)
     variable.set_value(jnp.asarray(base + scale * rng.standard_normal(variable.get_value().shape), jnp.float32))
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+SMALL = dict(vocab_size=97, width=32, layers=2, channels=4, heads=2, mlp_width=64, max_decode_len=48)
+
+
+def small_config(**changes) -> ModelConfig:
+  """The export tests' small model (SMALL) with `changes`."""
+  return ModelConfig(**{**SMALL, **changes})

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 from flax import nnx
-from model_helpers import random_model
+from model_helpers import random_model, small_config
 
 from yanjax.export import writer as export_module
 from yanjax.export.writer import export_model, parameter_arrays
@@ -27,7 +27,6 @@ from yanjax.inference import loading as inference
 from yanjax.inference.generate import generate
 from yanjax.main import export as export_cli
 from yanjax.main import generate as generate_cli
-from yanjax.model.config import ModelConfig
 from yanjax.numpy_runtime import (
   ExportError,
   Model,
@@ -58,8 +57,7 @@ MODELS = {
 
 
 def _config(name, **changes):
-  base = dict(vocab_size=97, width=32, layers=2, channels=4, heads=2, mlp_width=64, max_decode_len=48)
-  return ModelConfig(**{**base, **MODELS[name], **changes})
+  return small_config(**{**MODELS[name], **changes})
 
 
 def _model(name, **changes):

@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 import safetensors.numpy
 from flax import nnx
-from model_helpers import random_model
+from model_helpers import random_model, small_config
 
 from yanjax.core import cli
 from yanjax.export.writer import export_model, parameter_arrays
 from yanjax.main import export as export_cli
-from yanjax.model.config import ModelConfig
 from yanjax.numpy_runtime import ExportError, Model, load_export
 from yanjax.numpy_runtime.quantize import dequantize_int8, quantize_int8
 
@@ -59,8 +58,7 @@ SCALE_SHAPES = {  # (weight shape, scale shape) for D=32, C=4, Dc=8, H=2, Dh=16,
 
 
 def _model(name):
-  base = dict(vocab_size=97, width=32, layers=2, channels=4, heads=2, mlp_width=64, max_decode_len=48)
-  cfg = ModelConfig(**{**base, **MODELS[name]})
+  cfg = small_config(**MODELS[name])
   return random_model(cfg), cfg
 
 
