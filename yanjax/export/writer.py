@@ -44,6 +44,9 @@ import functools
 import hashlib
 import json
 import math
+import pathlib
+import shutil
+import tempfile
 import zipfile
 from typing import Any, Callable, Iterator, NamedTuple
 
@@ -64,7 +67,8 @@ from yanjax.numpy_runtime.quantize import QUANTIZE_METHODS, quantize_int8
 
 _STORED = fmt.STORED_DTYPES  # as written: bf16 as its bit pattern
 _SAFETENSORS_DTYPE = {"float32": "F32", "bfloat16": "BF16", "int8": "I8"}
-EXPORT_FILES = (fmt.MANIFEST, fmt.CONFIG, fmt.NPZ, fmt.SAFETENSORS, *tokenization.FILE_NAMES.values())
+EXPORT_FILES = (fmt.MANIFEST, fmt.CONFIG, fmt.NPZ, fmt.SAFETENSORS, *tokenization.FILE_NAMES.values(), fmt.ONNX,
+                fmt.ONNX_DATA)
 # The names an export directory may hold: its files, and the `<name>.tmp` an interrupted export of earlier
 # yanjax versions (which wrote in place) left behind.
 _REPLACEABLE = EXPORT_FILES + tuple(f"{name}.tmp" for name in EXPORT_FILES)
@@ -294,7 +298,7 @@ def check_replaceable(out) -> None:
 
 
 def export_model(model, cfg: ModelConfig, out_dir, tokenizer_path=None, dtype: str = "float32",
-                 weights_format: str = "npz", quantize: str | None = None) -> dict[str, Any]:
+                 weights_format: str = "npz", quantize: str | None = None, onnx: bool = False) -> dict[str, Any]:
   """Writes the export of `model` (with config `cfg`) to `out_dir`, one array at a time; returns the manifest.
 
   The export is written to a temporary sibling of `out_dir` and moved into place once complete; on failure
@@ -311,8 +315,14 @@ def export_model(model, cfg: ModelConfig, out_dir, tokenizer_path=None, dtype: s
     weights_format: "npz" (default) or "safetensors" (`fmt.WEIGHT_FORMATS`): the one weights file written.
     quantize: None (default), or "int8": weight-only int8 projection matrices with per-output-channel float32
       scales, the other arrays float32 (format version 4; docs/export.md, "int8"). Only with dtype="float32".
+    onnx: also write the ONNX graph of the export, `model.onnx` and its weights `model.onnx.data`
+      (yanjax/export/onnx_graph.py; docs/export.md, "ONNX"); needs the `onnx` extra. ExportError when a mixer
+      of the model has no ONNX form.
   """
   check_quantize(quantize, dtype)
+  if onnx:
+    onnx_graph = _onnx_graph()
+    onnx_graph.check_onnx_config(cfg.to_dict())
   if dtype not in fmt.WEIGHT_DTYPES:
     raise ValueError(f"dtype={dtype!r}: choose one of {fmt.WEIGHT_DTYPES}")
   if weights_format not in fmt.WEIGHT_FORMATS:
@@ -331,11 +341,39 @@ def export_model(model, cfg: ModelConfig, out_dir, tokenizer_path=None, dtype: s
     temp.mkdir()
   try:
     manifest = _write_export(temp, arrays, cfg, fmt.INT8 if quantize else dtype, weights_format, tokenizer)
+    if onnx:
+      manifest = _write_onnx(temp, manifest)
     check_replaceable(out)  # again: something may have appeared there while the export was written
     _publish(temp, out)
   except BaseException:
     storage.remove_tree(temp, missing_ok=True)
     raise
+  return manifest
+
+
+def _onnx_graph():
+  """yanjax.export.onnx_graph, or ConfigError saying how to install the `onnx` package it needs."""
+  try:
+    from yanjax.export import onnx_graph  # pylint: disable=import-outside-toplevel  # an optional extra
+  except ImportError as e:
+    raise ConfigError(f"--onnx needs the onnx package ({e}): pip install -e '.[onnx]' -c constraints.txt") from e
+  return onnx_graph
+
+
+def _write_onnx(out: epath.Path, manifest: dict[str, Any]) -> dict[str, Any]:
+  """Adds the ONNX graph of the export in `out` (its manifest written) and rewrites the manifest listing it under
+  "onnx" and in "files"; returns that manifest. Built in a local temporary directory (onnx writes local files),
+  then copied into `out`."""
+  onnx_graph = _onnx_graph()
+  export = fmt.load_export(out)
+  with tempfile.TemporaryDirectory(prefix="yanjax-onnx-") as local:
+    onnx_graph.save_graph(onnx_graph.build_graph(export, onnx_graph.stored_weights(export)), pathlib.Path(local))
+    for name in (fmt.ONNX, fmt.ONNX_DATA):
+      with open(pathlib.Path(local) / name, "rb") as source, _create(out / name) as stream:
+        shutil.copyfileobj(source, stream, 1 << 22)
+      manifest["files"][name] = stream.entry()
+  manifest["onnx"] = {"file": fmt.ONNX, "data": fmt.ONNX_DATA, "opset": onnx_graph.OPSET}
+  _write_bytes(out / fmt.MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
   return manifest
 
 

@@ -15,6 +15,8 @@ from yanjax.core import cli, storage
 from yanjax.export.writer import check_quantize, check_replaceable, export_model
 from yanjax.numpy_runtime import format as fmt
 
+USER_ERRORS = (fmt.ExportError,)  # besides yanjax's UserErrors: one line and exit 2 (a mixer without ONNX form)
+
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(prog="python -m yanjax.main.export", description=__doc__.splitlines()[0])
@@ -26,6 +28,8 @@ def main(argv=None) -> None:
   parser.add_argument("--dtype", default="float32", choices=fmt.WEIGHT_DTYPES)
   parser.add_argument("--quantize", default=None, help="int8: weight-only int8 projection matrices with "
                       "per-output-channel float32 scales, the rest float32 (docs/export.md, 'int8')")
+  parser.add_argument("--onnx", action="store_true", help="also write model.onnx (and its weights, model.onnx.data): "
+                      "the model as an ONNX graph for ONNX Runtime, prefill and decode (docs/export.md, 'ONNX')")
   parser.add_argument("--mesh", default=None, help="mesh to restore onto, e.g. fsdp=4 (default: the run's "
                       "training mesh, or FSDP over all devices when it does not fit)")
   args = parser.parse_args(argv)
@@ -37,12 +41,12 @@ def main(argv=None) -> None:
   from yanjax.inference.loading import load_inference_model  # pylint: disable=import-outside-toplevel
   model, cfg, tokenizer_path = load_inference_model(args.workdir, mesh_spec=args.mesh)
   manifest = export_model(model, cfg, args.out, tokenizer_path=tokenizer_path, dtype=args.dtype,
-                          weights_format=args.format, quantize=args.quantize)
+                          weights_format=args.format, quantize=args.quantize, onnx=args.onnx)
   parameters = [a for a in manifest["arrays"] if "scale_of" not in a]  # an int8 scale is not a parameter
   total = sum(int(np.prod(a["shape"])) for a in parameters)
   print(f"exported {len(parameters)} arrays ({total:,} parameters, {manifest['weights_dtype']}) to {args.out} "
-        f"({fmt.WEIGHT_FILES[args.format]})")
+        f"({fmt.WEIGHT_FILES[args.format]}{', ' + fmt.ONNX if args.onnx else ''})")
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  cli.run(main, USER_ERRORS)

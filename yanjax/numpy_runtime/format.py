@@ -12,6 +12,7 @@ An export directory holds (docs/export.md describes each array and the order of 
     tokenizer.model      the run's tokenizer (optional): a sentencepiece model,
       or
     tokenizer.json       a Hugging Face tokenizer; `manifest["tokenizer"]` names the file and its "kind"
+    model.onnx           (--onnx) the model as an ONNX graph, and model.onnx.data its weights; `manifest["onnx"]`
 
 `load_export` checks everything it reads and raises `ExportError` naming the file, the array or the config
 key at fault: a missing or unreadable file, a checksum that does not match, an array that is missing,
@@ -48,6 +49,8 @@ MANIFEST = "manifest.json"
 CONFIG = "config.json"
 NPZ = "weights.npz"
 SAFETENSORS = "weights.safetensors"
+ONNX = "model.onnx"  # --onnx: the graph for ONNX Runtime (yanjax/export/onnx_graph.py; docs/export.md, "ONNX")
+ONNX_DATA = "model.onnx.data"  # its weights, ONNX external data (a graph over 2 GB cannot hold them inline)
 WEIGHT_DTYPES = ("float32", "bfloat16")  # --dtype: what every array is stored as (format 3)
 INT8 = "int8"  # manifest weights_dtype of a --quantize int8 export (format 4): int8 matrices, float32 the rest
 STORED_DTYPES = {"float32": np.dtype("<f4"), "bfloat16": np.dtype("<u2"), "int8": np.dtype("i1")}  # as stored
