@@ -91,7 +91,7 @@ def silu(g: Graph, x: str) -> str:
 
 
 def gelu(g: Graph, x: str) -> str:
-  cube = g.op("Mul", g.f32(0.044715), g.op("Pow", x, g.f32(3.0)))
+  cube = g.op("Mul", g.f32(0.044715), g.op("Mul", g.op("Mul", x, x), x))
   inner = g.op("Mul", g.f32(np.sqrt(2.0 / np.pi)), g.op("Add", x, cube))
   return g.op("Mul", g.op("Mul", g.f32(0.5), x), g.op("Add", g.f32(1.0), g.op("Tanh", inner)))
 

@@ -105,7 +105,8 @@ class Attention:
 
   def project_in(self, x, positions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """x [b, t, D], positions [b, t] -> q, k, v [b, t, H, Dh], q and k rotated (RoPE) to their positions."""
-    q, k, v = np.moveaxis(np.einsum("btd,dkhe->btkhe", x, self.w["qkv"], optimize=True), 2, 0)
+    qkv = self.w["qkv"]  # [D, 3, H, Dh]
+    q, k, v = np.moveaxis((x @ qkv.reshape(qkv.shape[0], -1)).reshape(*x.shape[:2], *qkv.shape[1:]), 2, 0)
     theta = self.c["rope_theta"]
     return rope(q, positions, theta), rope(k, positions, theta), v
 
@@ -115,4 +116,5 @@ class Attention:
     scores = np.einsum("bthe,bshe->bhts", q, k) / F32(np.sqrt(q.shape[-1]))
     scores = np.where(mask[:, None], scores, F32(-np.inf))
     attended = np.einsum("bhts,bshe->bthe", softmax(scores, axis=-1), v)
-    return np.einsum("bthe,hed->btd", attended, self.w["out"], optimize=True).astype(F32)
+    out = self.w["out"]  # [H, Dh, D]
+    return (attended.reshape(*attended.shape[:2], -1) @ out.reshape(-1, out.shape[-1])).astype(F32)

@@ -82,12 +82,13 @@ class MCSD:
 
   def __init__(self, c: dict[str, Any], w: dict[str, np.ndarray]):
     self.c, self.w = c, w  # w: this layer's arrays, named as in `shapes`
+    # [2, C]: log g (slope) and log alpha (decay), learned (-exp(rate_logits)) or the paper's
+    self.fixed_log_rates = ((-np.exp(w["rate_logits"])).astype(F32) if c["learnable_rates"]
+                            else paper_log_rates(c["channels"]))
 
   def log_rates(self) -> np.ndarray:
     """[2, C]: log g (slope) and log alpha (decay), learned (-exp(rate_logits)) or the paper's."""
-    if self.c["learnable_rates"]:
-      return (-np.exp(self.w["rate_logits"])).astype(F32)
-    return paper_log_rates(self.c["channels"])
+    return self.fixed_log_rates
 
   def recurrence_log_rates(self, xc: np.ndarray) -> np.ndarray:
     """The log rates of the 2C recurrence channels [V ; E] for inputs xc [b, t, C, Dc]: fixed, [2C]
@@ -108,9 +109,10 @@ class MCSD:
     reset = inputs.reset
     if state is None:
       state = self.init_state(b)
-    # 1. Per-channel projections: proj [C, Dc, 4, Dc] gives U, V, E, F, each [b, t, C, Dc].
+    # 1. Per-channel projections: proj [C, Dc, 4, Dc] gives U, V, E, F, each [b, t, C, Dc] (C BLAS products).
     xc = x.reshape(b, t, ch, dc)
-    u, v, e, f = np.moveaxis(np.einsum("btcd,cdke->btkce", xc, w["proj"], optimize=True), 2, 0)
+    projected = np.matmul(xc.reshape(b * t, ch, dc).transpose(1, 0, 2), w["proj"].reshape(ch, dc, 4 * dc))
+    u, v, e, f = projected.reshape(ch, b, t, 4, dc).transpose(3, 1, 2, 0, 4)  # from [C, b t, 4 Dc]
     # 2. Rates of the 2C recurrence channels, per token: [b, t, 2C, 1].
     a = np.broadcast_to(np.exp(self.recurrence_log_rates(xc))[..., None], (b, t, 2 * ch, 1))
     log_g = self.log_rates()[0]
@@ -138,7 +140,8 @@ class MCSD:
     theta_d = rms_norm(history[:, :, ch:], w["decay_norm.scale"], c["norm_eps"]) * sigmoid(f)
     # 6. Combine: concat + output projection out [2, C, Dc, D], or the sum.
     if c["combine"] == "concat":
-      y = np.einsum("kbtcd,kcde->bte", np.stack([theta_s, theta_d]), w["out"], optimize=True)
+      both = np.concatenate([theta_s, theta_d], axis=2).reshape(b, t, 2 * c["width"])  # [Theta_s ; Theta_d]
+      y = both @ w["out"].reshape(2 * c["width"], c["width"])
     else:
       y = (theta_s + theta_d).reshape(b, t, c["width"])
     return y.astype(F32), MCSDState(h, count)

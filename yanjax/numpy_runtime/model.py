@@ -90,14 +90,13 @@ class Model:
       x = (x + h).astype(F32)
     x = rms_norm(x, w["final_norm.scale"], c["norm_eps"])
     head = w["embed.embedding"].T if c["tie_embeddings"] else w["head"]
-    return np.einsum("btd,dv->btv", x, head, optimize=True).astype(F32), new_states
+    return (x @ head).astype(F32), new_states
 
   def _selective_ffn(self, p, x):
     """Selective-activation FFN at inference: every token runs its top-k groups (no dropping, no
     exploration), weighted by the router's probabilities renormalised over the chosen k (k = 1: raw)."""
     c, w = self.cfg, self.w
-    logits = np.einsum("btr,re->bte", gelu(np.einsum("btd,dr->btr", x, w[p + "router_in"])),
-                       w[p + "router_out"])
+    logits = gelu(x @ w[p + "router_in"]) @ w[p + "router_out"]  # [b, t, E]
     probs = softmax(logits)  # [b, t, E]
     chosen = np.argsort(-probs, axis=-1, kind="stable")[..., :c["top_k"]]  # [b, t, k], lower id on ties
     picked = np.take_along_axis(probs, chosen, axis=-1)
