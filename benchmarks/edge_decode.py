@@ -1,4 +1,4 @@
-"""Batch-1 decode on CPU against the memory-bandwidth bound (issue #28, item 3): NumPy runtime and JAX model.
+"""Batch-1 decode on CPU against the memory-bandwidth bound (issue #28, item 3): NumPy runtime, ONNX Runtime, JAX.
 
 In one run: (1) this machine's memory bandwidth, measured with NumPy: a copy (`np.copyto`, bytes read +
 written per second) and a read (`np.sum`, bytes read per second), each on one thread as NumPy runs it and on
@@ -6,20 +6,20 @@ all cores (one Python thread per core, each on its slice; both release the GIL),
 arrays of `--mb` MB (the first size, by default 1 GiB per array, sets the bound; a second size near the
 weights' shows what the caches give); (2) decode tokens/s at batch 1 (a `--prompt`-token prefill, then the
 median of `--steps` timed greedy steps) of the NumPy runtime on the float32 export, of the NumPy runtime on
-the int8 export (dequantized to float32 at load, so each token reads float32 weights as well), and of the JAX
-model's jitted `decode_step`; (3) the bytes one decoded token reads (every weight the decode touches once,
-float32, plus the recurrent state read and written and the logits written) and the bound each bandwidth figure
-implies, tokens/s = bandwidth / bytes per token, with each runtime's fraction of it. The model has random
+the int8 export (dequantized to float32 at load, so each token reads float32 weights as well), of ONNX Runtime
+on the same exports' `--onnx` graphs (yanjax/export/onnx_session.py; the int8 graph's dequantization is folded
+into float32 constants when the session loads), and of the JAX model's jitted `decode_step`; (3) the bytes one
+decoded token reads (every weight the decode touches once, float32, plus the recurrent state read and written
+and the logits written) and the bound each bandwidth figure implies, tokens/s = bandwidth / bytes per token,
+with each runtime's fraction of it. The model has random
 weights (`nnx.Rngs(0)`); speed does not depend on their values.
 
-No ONNX graph exists yet (issue #28, item 2), so there is no ONNX Runtime column: its line says "not built".
-
 `--profile` adds cProfile's view of the float32 NumPy decode (Python-level calls per token, the functions that
-take the time) and each matrix product of a step as the runtime writes it (np.einsum) beside the same product
-as one BLAS matmul: what explains the distance to the bound.
+take the time) and each matrix product of a step as one BLAS matmul (as the runtime does it) beside the same
+product as np.einsum (as the runtime did before): what explains the distance to the bound.
 
 JSON lines out: `bandwidth` (one per figure), `weights` (bytes per token), `decode` (one per runtime, with
-`fraction_of_bound` per bandwidth figure), `onnx` (not built), and with --profile `profile` and `op`.
+`fraction_of_bound` per bandwidth figure), and with --profile `profile` and `op`.
 
 Run: PYTHONPATH=. python3 benchmarks/edge_decode.py [--config configs/yan_20m.py] [--steps 32] [--prompt 16]
      [--mb 1024,80] [--repeats 5] [--profile]
@@ -41,12 +41,14 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import onnxruntime
 from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from yanjax import numpy_runtime  # pylint: disable=wrong-import-position
 from yanjax.core.config import load_config_file  # pylint: disable=wrong-import-position
+from yanjax.export.onnx_session import OnnxModel  # pylint: disable=wrong-import-position
 from yanjax.export.writer import export_model  # pylint: disable=wrong-import-position
 from yanjax.model.config import ModelConfig  # pylint: disable=wrong-import-position
 from yanjax.model.lm import LanguageModel  # pylint: disable=wrong-import-position
@@ -129,7 +131,7 @@ def bytes_per_token(runtime: numpy_runtime.Model, cfg: dict) -> dict:
 # ---- (2) decode speed --------------------------------------------------------------------------------------
 
 
-def time_numpy(runtime: numpy_runtime.Model, prompt: int, steps: int) -> list[float]:
+def time_numpy(runtime: numpy_runtime.Model | OnnxModel, prompt: int, steps: int) -> list[float]:
   """Seconds of each timed greedy decode step (batch 1) after a `prompt`-token prefill and WARMUP steps."""
   state = runtime.init_state(1, max_len=prompt + WARMUP + steps + 1)
   logits, state = runtime.prefill(np.ones((1, prompt), np.int64), state)
@@ -195,8 +197,8 @@ def profile_numpy(runtime: numpy_runtime.Model, prompt: int, steps: int) -> list
 
 
 def op_times(runtime: numpy_runtime.Model, repeats: int) -> list[dict]:
-  """Each matrix product of one decode step (layer 0's, and the tied head) as the runtime writes it (np.einsum,
-  no `optimize`) beside the same product as one BLAS call (np.matmul on reshaped operands): median ms, and the
+  """Each matrix product of one decode step (layer 0's, and the tied head) as np.einsum (no `optimize`) beside the
+  same product as one BLAS call (np.matmul on reshaped operands, as the runtime does it): median ms, and the
   weight bytes it reads per ms as GB/s."""
   w, c = runtime.w, runtime.cfg
   d, f = c["width"], c["mlp_width"]
@@ -204,7 +206,7 @@ def op_times(runtime: numpy_runtime.Model, repeats: int) -> list[dict]:
 
   def add(name, weight, einsum, blas, count):
     assert np.allclose(einsum(), np.reshape(blas(), np.shape(einsum())), rtol=1e-4, atol=1e-4)
-    for form, fn in (("einsum (the runtime)", einsum), ("BLAS matmul", blas)):
+    for form, fn in (("einsum", einsum), ("BLAS matmul (the runtime)", blas)):
       seconds = float(np.median([best_seconds(fn, 1) for _ in range(repeats)]))
       rows.append({"bench": "op", "op": name, "form": form, "per_token": count, "weight_bytes": weight.nbytes,
                    "ms": round(seconds * 1e3, 4), "gb_per_s": round(weight.nbytes / seconds / 1e9, 2)})
@@ -265,9 +267,11 @@ def main(argv=None):
   with tempfile.TemporaryDirectory() as tmp:
     for quantize in (None, "int8"):
       out = pathlib.Path(tmp) / (quantize or "float32")
-      export_model(model, cfg, out, quantize=quantize)
+      export_model(model, cfg, out, quantize=quantize, onnx=True)
       size = sum(f.stat().st_size for f in out.iterdir() if f.name.startswith("weights"))
-      runtimes[quantize or "float32"] = (numpy_runtime.Model(numpy_runtime.load_export(out)), size)
+      onnx_size = (out / numpy_runtime.format.ONNX_DATA).stat().st_size
+      runtimes[quantize or "float32"] = (numpy_runtime.Model(numpy_runtime.load_export(out)), size,
+                                         OnnxModel(out), onnx_size)
   runtime = runtimes["float32"][0]
   traffic = bytes_per_token(runtime, runtime.cfg)
   common = {**common, "config": pathlib.Path(args.config).name, "batch": 1, "prompt": args.prompt,
@@ -283,6 +287,12 @@ def main(argv=None):
       "numpy_runtime_int8": (lambda: time_numpy(runtimes["int8"][0], args.prompt, args.steps),
                              f"weights file {runtimes['int8'][1]} bytes; dequantized to float32 at load, so each "
                              "token reads the float32 bytes"),
+      "onnxruntime_float32": (lambda: time_numpy(runtimes["float32"][2], args.prompt, args.steps),
+                              f"onnxruntime {onnxruntime.__version__}, CPU, default threads; model.onnx.data "
+                              f"{runtimes['float32'][3]} bytes"),
+      "onnxruntime_int8": (lambda: time_numpy(runtimes["int8"][2], args.prompt, args.steps),
+                           f"model.onnx.data {runtimes['int8'][3]} bytes; the session folds the dequantization into "
+                           "float32 constants, so each token reads the float32 bytes"),
       "jax_decode_step": (lambda: time_jax(model, args.prompt, args.steps),
                           f"jitted, {jax.default_backend()} ({jax.devices()[0].device_kind}), float32"),
   }
@@ -297,8 +307,6 @@ def main(argv=None):
           "fraction_of_bound": {f"{b['figure']}_{b['threads']}t":
                                 round(tokens_per_s * traffic["bytes_per_token"] / (b["gb_per_s"] * 1e9), 3)
                                 for b in bandwidths}})
-  emit({"bench": "onnx", **common, "runtime": "onnxruntime", "status": "not built",
-        "why": "no ONNX decode graph exists yet (issue #28, item 2)"})
   if args.profile:
     for row in profile_numpy(runtime, args.prompt, min(args.steps, 16)) + op_times(runtime, 9):
       emit({**row, **common})
