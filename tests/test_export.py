@@ -456,8 +456,8 @@ def test_export_is_deterministic(exported, exported_safetensors, tmp_path, weigh
 
 
 def test_export_to_a_bucket_and_run_it_from_there(tokenizer_model, tmp_path, s3_bucket, monkeypatch, capsys):
-  """--out s3://...: written there directly; the NumPy runtime and yanjax.inference.generate read it (and the run's
-  tokenizer) from the bucket."""
+  """--out s3://...: written there directly (with --onnx, its graph too); the NumPy runtime and
+  yanjax.inference.generate read it (and the run's tokenizer) from the bucket."""
   from etils import epath  # pylint: disable=import-outside-toplevel
 
   from yanjax.numpy_runtime.__main__ import main as numpy_main  # pylint: disable=import-outside-toplevel
@@ -475,11 +475,13 @@ def test_export_to_a_bucket_and_run_it_from_there(tokenizer_model, tmp_path, s3_
   remote = load_export(url)
   assert remote.manifest["files"] == local["files"] and remote.manifest["arrays"] == local["arrays"]
   assert str(remote.tokenizer_path) == f"{url}/tokenizer.model"
-  export_cli.main(["--workdir", f"{s3_bucket}/run", "--out", f"{url}_st", "--format", "safetensors"])
-  capsys.readouterr()
-  local_st = export_model(model, cfg, tmp_path / "local_st", weights_format="safetensors")
+  export_cli.main(["--workdir", f"{s3_bucket}/run", "--out", f"{url}_st", "--format", "safetensors", "--onnx"])
+  assert "(weights.safetensors, model.onnx)" in capsys.readouterr().out
+  local_st = export_model(model, cfg, tmp_path / "local_st", weights_format="safetensors", onnx=True)
   remote_st = load_export(f"{url}_st")
-  assert remote_st.manifest["files"][fmt.SAFETENSORS] == local_st["files"][fmt.SAFETENSORS]
+  for name in (fmt.SAFETENSORS, fmt.ONNX, fmt.ONNX_DATA):  # the ONNX files built locally, copied to the bucket
+    assert remote_st.manifest["files"][name] == local_st["files"][name], name
+    assert fmt.sha256_file(epath.Path(f"{url}_st/{name}")) == local_st["files"][name]["sha256"], name
   for name, value in load_export(tmp_path / "local_st").arrays.items():
     np.testing.assert_array_equal(remote.arrays[name], value, err_msg=name)
     np.testing.assert_array_equal(remote_st.arrays[name], value, err_msg=name)
