@@ -20,9 +20,11 @@ from yanjax.numpy_runtime import ExportError, Model, generate, load_export
 
 TOLERANCE = 1e-4  # max |logit difference|, ONNX Runtime vs the NumPy runtime (float32 both; measured <= 1.2e-5)
 
-MODELS = {  # every mixer, both combines, include_current both ways, the selective FFN with k = 1 and 2
+# Every mixer, both combines, include_current both ways, the selective FFN with k = 1 and 2: its decode steps
+# (b t k = 2 k < E) gather the chosen groups, its prefills (b t k >= E) run all groups.
+MODELS = {
     "yan_untied_learned_rates": dict(pattern=("mcsd",), tie_embeddings=False, learnable_rates=True),
-    "yan_dd_selective": dict(pattern=("mcsd_dd",), learnable_rates=True, router=True, groups=4, top_k=2,
+    "yan_dd_selective": dict(pattern=("mcsd_dd",), learnable_rates=True, router=True, groups=8, top_k=2,
                              dispatch="dropless"),
     "hybrid": dict(pattern=("swa", "mcsd", "attention"), layers=3, window=4, combine="sum", include_current=True,
                    router=True, groups=4, top_k=1, dispatch="dropless"),

@@ -283,20 +283,42 @@ def check_onnx_config(config: dict[str, Any], where: str = "--onnx") -> None:
 # ---- FFNs and the model -----------------------------------------------------------------------------
 
 def selective_ffn(g: Graph, c: dict[str, Any], w: Weights, p: str, x: str) -> str:
-  """Every token's top-k groups weighted by the router's probabilities (renormalised over k when k > 1). The
-  graph computes all E groups and weights the others by 0: the NumPy runtime's numbers, not its saving."""
+  """Every token's top-k groups weighted by the router's probabilities (renormalised over k when k > 1). When the
+  call has fewer chosen groups than the layer has (b t k < E: a decode step), each token's k groups are gathered
+  and only they are read; otherwise (a prefill) all E groups run and the unchosen are weighted by 0."""
   groups, k = c["groups"], c["top_k"]
   router = g.op("MatMul", gelu(g, g.op("MatMul", x, w(p + "router_in"))), w(p + "router_out"))
   probs = g.op("Softmax", router, axis=-1)  # [b, t, E]
-  picked, chosen = g.ops("TopK", [probs, g.i64(k)], 2, axis=-1, largest=1, sorted=1)  # lower id first on ties
+  gates, chosen = g.ops("TopK", [probs, g.i64(k)], 2, axis=-1, largest=1, sorted=1)  # lower id first on ties
   if k > 1:
-    picked = g.op("Div", picked, g.op("ReduceSum", picked, g.i64(-1), keepdims=1))
-  one_hot = g.op("OneHot", chosen, g.const(np.array(groups, np.int64)), g.const(np.array([0, 1], F32)), axis=-1)
-  weight = g.op("ReduceSum", g.op("Mul", one_hot, g.op("Unsqueeze", picked, g.i64(-1))), g.i64(2), keepdims=0)
-  gate_up = w(p + "gate_up")  # [E, D, 2, g]
-  h = g.op("Einsum", x, gate_up, equation="btd,edkg->btekg")
-  act = g.op("Mul", gelu(g, g.take(h, 0, 3)), g.take(h, 1, 3))  # [b, t, E, g]
-  act = g.op("Mul", act, g.op("Unsqueeze", weight, g.i64(-1)))
+    gates = g.op("Div", gates, g.op("ReduceSum", gates, g.i64(-1), keepdims=1))
+  batch_time = g.op("ReduceProd", g.op("Slice", g.op("Shape", x), g.i64(0), g.i64(2), g.i64(0)), keepdims=0)
+  few = g.op("Less", g.op("Mul", batch_time, g.const(np.array(k, np.int64))), g.const(np.array(groups, np.int64)))
+  branches = {}
+  for name, form in (("then_branch", chosen_groups), ("else_branch", all_groups)):
+    body = Graph(prefix=f"{p}{form.__name__}_")
+    y = form(body, c, w, p, x, chosen, gates)
+    output = helper.make_tensor_value_info(y, TensorProto.FLOAT, None)
+    branches[name] = helper.make_graph(body.nodes, form.__name__, [], [output], body.initializers)
+  return g.op("If", few, **branches)
+
+
+def chosen_groups(g: Graph, c: dict[str, Any], w: Weights, p: str, x: str, chosen: str, gates: str) -> str:
+  """x [b, t, D] through each token's chosen groups chosen [b, t, k], weighted by gates [b, t, k]: their weights
+  gathered ([b, t, k, D, 2, g] and [b, t, k, g, D])."""
+  del c
+  h = g.op("Einsum", x, g.op("Gather", w(p + "gate_up"), chosen, axis=0), equation="btd,btkdng->btkng")
+  act = g.op("Mul", g.op("Mul", gelu(g, g.take(h, 0, 3)), g.take(h, 1, 3)), g.op("Unsqueeze", gates, g.i64(-1)))
+  return g.op("Einsum", act, g.op("Gather", w(p + "down"), chosen, axis=0), equation="btkg,btkgd->btd")
+
+
+def all_groups(g: Graph, c: dict[str, Any], w: Weights, p: str, x: str, chosen: str, gates: str) -> str:
+  """x [b, t, D] through all E groups, each weighted by its gate where chosen, else 0."""
+  one_hot = g.op("OneHot", chosen, g.const(np.array(c["groups"], np.int64)), g.const(np.array([0, 1], F32)),
+                 axis=-1)  # [b, t, k, E]
+  weight = g.op("ReduceSum", g.op("Mul", one_hot, g.op("Unsqueeze", gates, g.i64(-1))), g.i64(2), keepdims=0)
+  h = g.op("Einsum", x, w(p + "gate_up"), equation="btd,edkg->btekg")  # gate_up [E, D, 2, g]
+  act = g.op("Mul", g.op("Mul", gelu(g, g.take(h, 0, 3)), g.take(h, 1, 3)), g.op("Unsqueeze", weight, g.i64(-1)))
   return g.op("Einsum", act, w(p + "down"), equation="bteg,egd->btd")
 
 
