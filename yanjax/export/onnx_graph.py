@@ -6,7 +6,7 @@ step, passing the state it returned. Every layer's state is an explicit input an
 ("ONNX") lists the names, shapes and order. Nothing here imports JAX: the graph is built from a loaded export
 (`yanjax.numpy_runtime.load_export`) and the weights file it holds.
 
-    from yanjax.export.onnx_graph import build_graph
+    from yanjax.export.onnx_graph import build_graph, save_graph, stored_weights
     save_graph(build_graph(export, stored_weights(export)), directory)   # model.onnx, model.onnx.data
 
 Weights are the export's arrays: float32 (a bfloat16 export's values upcast), or an int8 export's int8
@@ -192,13 +192,13 @@ def mcsd(g: Graph, c: dict[str, Any], w: Weights, p: str, x: str, position: str,
 def scan_recurrence(g: Graph, h0: str, inputs: str, rates: str, include_current: bool) -> tuple[str, str]:
   """h_n = a_n h_{n-1} + x_n over time, with an ONNX Scan: inputs [b, t, 2C, Dc], rates a [b, t, 2C, 1] ->
   (history [b, t, 2C, Dc]: h_n (include_current) or a_n h_{n-1}, final h [b, 2C, Dc])."""
-  body = Graph(prefix="scan_")
-  new_h = body.op("Add", body.op("Mul", "a", "h"), "x")
-  read = new_h if include_current else body.op("Mul", "a", "h")
-  body.nodes += [helper.make_node("Identity", [new_h], ["h_out"]), helper.make_node("Identity", [read], ["read"])]
+  body = Graph(prefix=f"{h0}.scan.")  # names unique in the model: h0 is the layer's state input
+  h, x, a = (body.prefix + name for name in ("h", "x", "a"))
+  new_h = body.op("Add", body.op("Mul", a, h), x)
+  read = body.op("Identity", new_h) if include_current else body.op("Mul", a, h)  # a second output: its own name
   value = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, None)  # noqa: E731
-  graph = helper.make_graph(body.nodes, "recurrence", [value("h"), value("x"), value("a")],
-                            [value("h_out"), value("read")], body.initializers)
+  graph = helper.make_graph(body.nodes, "recurrence", [value(h), value(x), value(a)], [value(new_h), value(read)],
+                            body.initializers)
   h, history = g.ops("Scan", [h0, inputs, rates], 2, body=graph, num_scan_inputs=2, scan_input_axes=[1, 1],
                      scan_output_axes=[1])
   return history, h
