@@ -145,3 +145,19 @@ def test_export_cli_refuses_a_mixer_without_onnx_form_in_one_line(tmp_path, monk
       "error: --onnx: mixer(s) ['swa'] of model.pattern have no ONNX form (ONNX forms exist for mcsd, mcsd_dd, "
       "attention); export without --onnx and run it with the NumPy runtime\n")
   assert list((tmp_path / "out").iterdir()) == []  # the checked-writable --out, nothing written
+
+
+def test_export_cli_without_the_onnx_package_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+  """--onnx where `onnx` is not installed (README command 1's install): one line, exit 2, --out not created."""
+  import yanjax.export  # pylint: disable=import-outside-toplevel
+
+  monkeypatch.delattr(yanjax.export, "onnx_graph", raising=False)
+  monkeypatch.setitem(sys.modules, "yanjax.export.onnx_graph", None)  # None in sys.modules: ImportError
+  monkeypatch.setattr(sys, "argv", ["export", "--workdir", "run", "--out", str(tmp_path / "out"), "--onnx"])
+  with pytest.raises(SystemExit) as exit_:
+    cli.run(export_cli.main, export_cli.USER_ERRORS)
+  assert exit_.value.code == 2
+  error = capsys.readouterr().err
+  assert error.startswith("error: --onnx needs the onnx package (") and error.endswith(
+      "): pip install -e '.[onnx]' -c constraints.txt\n") and error.count("\n") == 1
+  assert not (tmp_path / "out").exists()

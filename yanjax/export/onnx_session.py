@@ -33,6 +33,8 @@ class OnnxModel:
     """export_dir: an export written with --onnx (local); verify: check model.onnx and model.onnx.data against
     the manifest's sha256. threads: onnxruntime's intra-op threads (0: its default, one per core)."""
     root = fmt.as_path(export_dir)
+    if not root.is_dir():
+      raise fmt.ExportError(f"{root}: export directory missing")
     manifest = json.loads((root / fmt.MANIFEST).read_text()) if (root / fmt.MANIFEST).is_file() else {}
     if manifest.get("format") != fmt.FORMAT:
       raise fmt.ExportError(f"{root / fmt.MANIFEST}: missing or not a {fmt.FORMAT} manifest")

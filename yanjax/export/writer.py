@@ -321,7 +321,7 @@ def export_model(model, cfg: ModelConfig, out_dir, tokenizer_path=None, dtype: s
   """
   check_quantize(quantize, dtype)
   if onnx:
-    onnx_graph = _onnx_graph()
+    onnx_graph = onnx_graph_module()
     onnx_graph.check_onnx_config(cfg.to_dict())
   if dtype not in fmt.WEIGHT_DTYPES:
     raise ValueError(f"dtype={dtype!r}: choose one of {fmt.WEIGHT_DTYPES}")
@@ -351,7 +351,7 @@ def export_model(model, cfg: ModelConfig, out_dir, tokenizer_path=None, dtype: s
   return manifest
 
 
-def _onnx_graph():
+def onnx_graph_module():
   """yanjax.export.onnx_graph, or ConfigError saying how to install the `onnx` package it needs."""
   try:
     from yanjax.export import onnx_graph  # pylint: disable=import-outside-toplevel  # an optional extra
@@ -364,7 +364,7 @@ def _write_onnx(out: epath.Path, manifest: dict[str, Any]) -> dict[str, Any]:
   """Adds the ONNX graph of the export in `out` (its manifest written) and rewrites the manifest listing it under
   "onnx" and in "files"; returns that manifest. Built in a local temporary directory (onnx writes local files),
   then copied into `out`."""
-  onnx_graph = _onnx_graph()
+  onnx_graph = onnx_graph_module()
   export = fmt.load_export(out)
   with tempfile.TemporaryDirectory(prefix="yanjax-onnx-") as local:
     onnx_graph.save_graph(onnx_graph.build_graph(export, onnx_graph.stored_weights(export)), pathlib.Path(local))

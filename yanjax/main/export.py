@@ -12,7 +12,7 @@ import argparse
 import numpy as np
 
 from yanjax.core import cli, storage
-from yanjax.export.writer import check_quantize, check_replaceable, export_model
+from yanjax.export.writer import check_quantize, check_replaceable, export_model, onnx_graph_module
 from yanjax.numpy_runtime import format as fmt
 
 USER_ERRORS = (fmt.ExportError,)  # besides yanjax's UserErrors: one line and exit 2 (a mixer without ONNX form)
@@ -34,6 +34,8 @@ def main(argv=None) -> None:
                       "training mesh, or FSDP over all devices when it does not fit)")
   args = parser.parse_args(argv)
   check_quantize(args.quantize, args.dtype)  # one line and exit 2, before anything is read
+  if args.onnx:
+    onnx_graph_module()  # installed, or one line saying how, before --out is created
   out = storage.as_path(args.out)
   storage.check_writable(out, "export directory --out",
                          "give a directory (or bucket URL) these credentials may write")
