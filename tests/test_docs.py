@@ -9,7 +9,10 @@ import subprocess
 import sys
 
 import pytest
+from model_helpers import random_model, small_config
 from test_train import REPO
+
+from yanjax.export.writer import export_model
 
 DOCS = [REPO / "README.md", REPO / "launch/README.md", *sorted((REPO / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
@@ -34,10 +37,12 @@ SHELL = blocks("bash")
 
 @pytest.fixture(scope="module")
 def readme_run_dir(small_store, tmp_path_factory):
-  """A directory laid out as after README command 1 (its store under runs/yan_tiny/data/stdlib)."""
+  """A directory laid out as after README command 1 (its store under runs/yan_tiny/data/stdlib), with the export
+  docs/export.md's examples read (exports/tiny, written with --onnx; a small random model)."""
   root = tmp_path_factory.mktemp("docs")
   (root / "runs/yan_tiny/data").mkdir(parents=True)
   (root / "runs/yan_tiny/data/stdlib").symlink_to(small_store)
+  export_model(random_model(small_config()), small_config(), root / "exports/tiny", onnx=True)
   return root
 
 
