@@ -305,11 +305,14 @@ def selective_ffn(g: Graph, c: dict[str, Any], w: Weights, p: str, x: str) -> st
 
 def chosen_groups(g: Graph, c: dict[str, Any], w: Weights, p: str, x: str, chosen: str, gates: str) -> str:
   """x [b, t, D] through each token's chosen groups chosen [b, t, k], weighted by gates [b, t, k]: their weights
-  gathered ([b, t, k, D, 2, g] and [b, t, k, g, D])."""
-  del c
-  h = g.op("Einsum", x, g.op("Gather", w(p + "gate_up"), chosen, axis=0), equation="btd,btkdng->btkng")
-  act = g.op("Mul", g.op("Mul", gelu(g, g.take(h, 0, 3)), g.take(h, 1, 3)), g.op("Unsqueeze", gates, g.i64(-1)))
-  return g.op("Einsum", act, g.op("Gather", w(p + "down"), chosen, axis=0), equation="btkg,btkgd->btd")
+  gathered ([b, t, k, D, 2 g] and [b, t, k, g, D]) and applied as batched matrix-vector products."""
+  width, size = c["width"], c["mlp_width"] // c["groups"]
+  gate_up = g.op("Gather", w(p + "gate_up", c["groups"], width, 2 * size), chosen, axis=0)
+  h = g.op("MatMul", g.op("Unsqueeze", x, g.i64(2, 3)), gate_up)  # [b, t, k, 1, 2 g]
+  act = g.op("Mul", g.op("Mul", gelu(g, g.half(h, 0, size)), g.half(h, 1, size)),
+             g.reshape(gates, 0, 0, -1, 1, 1))  # [b, t, k, 1, g]
+  y = g.op("MatMul", act, g.op("Gather", w(p + "down"), chosen, axis=0))  # [b, t, k, 1, D]
+  return g.op("ReduceSum", y, g.i64(2, 3), keepdims=0)
 
 
 def all_groups(g: Graph, c: dict[str, Any], w: Weights, p: str, x: str, chosen: str, gates: str) -> str:

@@ -103,7 +103,7 @@ class Model:
     gates = picked / np.sum(picked, axis=-1, keepdims=True) if c["top_k"] > 1 else picked
     gate_up, down = w[p + "gate_up"], w[p + "down"]  # [E, D, 2, g], [E, g, D]
     y = np.zeros_like(x)
-    for group in range(c["groups"]):
+    for group in np.unique(chosen):  # ascending; the groups no token chose contribute nothing
       weight = np.sum(np.where(chosen == group, gates, F32(0)), axis=-1)  # [b, t]: this group's gate, or 0
       rows = weight > 0
       if np.any(rows):
