@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -25,13 +26,37 @@ HOST = "127.0.0.1"
 ENV = {"RAY_AUTH_MODE": "disabled"}
 START_TIMEOUT_S = 120
 STOP_GRACE_S = 3
+QUIET_PORTS = range(20000, 32768)  # above Ray's worker ports (10002-19999), below Linux's ephemeral 32768-60999
+PORT_TRIES = 3  # a port free a moment ago may be taken before the head binds it: then it starts on another
+PORT_TAKEN = ("Failed to start the grpc server", "Address already in use", "already in use")  # in its log
 
 
 def free_port() -> int:
-  """A TCP port on 127.0.0.1 that was free a moment ago."""
+  """A TCP port on 127.0.0.1 that was free a moment ago, from QUIET_PORTS below the range the kernel hands to
+  outgoing connections (any process's client may take one of those before the head binds it); a port the kernel
+  picks when none of those is free."""
+  low = ephemeral_ports()[0]
+  candidates = [port for port in QUIET_PORTS if port < low]
+  for port in random.sample(candidates, min(64, len(candidates))):
+    with socket.socket() as probe:
+      try:
+        probe.bind((HOST, port))
+      except OSError:
+        continue
+      return port
   with socket.socket() as probe:
     probe.bind((HOST, 0))
     return probe.getsockname()[1]
+
+
+def ephemeral_ports() -> tuple[int, int]:
+  """The (first, last) port the kernel gives outgoing connections (Linux; elsewhere IANA's 49152-65535)."""
+  try:
+    with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="utf-8") as f:
+      first, last = map(int, f.read().split())
+  except (OSError, ValueError):
+    return 49152, 65535
+  return first, last
 
 
 @contextlib.contextmanager
@@ -39,25 +64,40 @@ def head_node(num_cpus: int, temp_dir: str | None = None, object_store_bytes: in
   """Yields the `host:port` of a running Ray head with `num_cpus` CPUs; stops it and its processes after.
 
   `temp_dir`: Ray's session files (default: a new directory under /tmp, removed after). A head that does not
-  start within START_TIMEOUT_S raises RuntimeError with the end of its output.
+  start within START_TIMEOUT_S raises RuntimeError with the end of its output; one whose port was taken before
+  it bound it is started again on another (PORT_TRIES in all).
   """
   with contextlib.ExitStack() as stack:
     if temp_dir is None:  # Ray's socket paths must stay short: /tmp, not $TMPDIR
       temp_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp",
                                                                       ignore_cleanup_errors=True))
-    port = free_port()
-    command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}",
-               f"--node-ip-address={HOST}", f"--num-cpus={num_cpus}", "--include-dashboard=false",
-               "--disable-usage-stats", f"--temp-dir={temp_dir}"]
-    if object_store_bytes:
-      command.append(f"--object-store-memory={object_store_bytes}")
     log_path = os.path.join(temp_dir, "head.log")  # a file, not a pipe: a full pipe would stall the head
-    with open(log_path, "wb") as log:
-      head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                              env={**os.environ, **ENV})
+    for attempt in range(1, PORT_TRIES + 1):
+      port = free_port()
+      command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}",
+                 f"--node-ip-address={HOST}", f"--num-cpus={num_cpus}", "--include-dashboard=false",
+                 "--disable-usage-stats", f"--temp-dir={temp_dir}"]
+      if object_store_bytes:
+        command.append(f"--object-store-memory={object_store_bytes}")
+      with open(log_path, "wb") as log:
+        head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **ENV})
+      try:
+        _wait_started(head, log_path, f"{HOST}:{port}")
+        break
+      except RuntimeError:
+        _stop(head)
+        if attempt == PORT_TRIES or not _port_taken(log_path):
+          raise
     stack.callback(_stop, head)
-    _wait_started(head, log_path, f"{HOST}:{port}")
     yield f"{HOST}:{port}"
+
+
+def _port_taken(log_path: str) -> bool:
+  """Whether the head's log says it could not bind its port."""
+  with open(log_path, encoding="utf-8", errors="replace") as log:
+    text = log.read()
+  return any(sign in text for sign in PORT_TAKEN)
 
 
 def _wait_started(head: subprocess.Popen, log_path: str, address: str):
