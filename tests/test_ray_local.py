@@ -28,6 +28,7 @@ def test_free_port_is_below_the_kernels_outgoing_ports():
   first, _ = ray_local.ephemeral_ports()
   for _ in range(5):
     port = ray_local.free_port()
-    assert port in ray_local.QUIET_PORTS and port < first
+    if first > ray_local.QUIET_PORTS.start:  # else this host leaves no quiet port: the kernel's choice is taken
+      assert port in ray_local.QUIET_PORTS and port < first
     with socket.socket() as probe:
       probe.bind((ray_local.HOST, port))  # free

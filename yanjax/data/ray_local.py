@@ -28,7 +28,7 @@ START_TIMEOUT_S = 120
 STOP_GRACE_S = 3
 QUIET_PORTS = range(20000, 32768)  # above Ray's worker ports (10002-19999), below Linux's ephemeral 32768-60999
 PORT_TRIES = 3  # a port free a moment ago may be taken before the head binds it: then it starts on another
-PORT_TAKEN = ("Failed to start the grpc server", "Address already in use", "already in use")  # in its log
+PORT_TAKEN = ("Failed to start the grpc server", "Address already in use")  # in its log
 
 
 def free_port() -> int:
@@ -84,11 +84,12 @@ def head_node(num_cpus: int, temp_dir: str | None = None, object_store_bytes: in
                                 env={**os.environ, **ENV})
       try:
         _wait_started(head, log_path, f"{HOST}:{port}")
-        break
-      except RuntimeError:
+      except BaseException as e:  # Ctrl-C included: the head runs in a session of its own
         _stop(head)
-        if attempt == PORT_TRIES or not _port_taken(log_path):
-          raise
+        if isinstance(e, RuntimeError) and attempt < PORT_TRIES and _port_taken(log_path):
+          continue
+        raise
+      break
     stack.callback(_stop, head)
     yield f"{HOST}:{port}"
 
