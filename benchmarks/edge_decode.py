@@ -131,8 +131,9 @@ def bytes_per_token(runtime: numpy_runtime.Model, cfg: dict) -> dict:
 # ---- (2) decode speed --------------------------------------------------------------------------------------
 
 
-def time_numpy(runtime: numpy_runtime.Model | OnnxModel, prompt: int, steps: int) -> list[float]:
-  """Seconds of each timed greedy decode step (batch 1) after a `prompt`-token prefill and WARMUP steps."""
+def time_steps(runtime: numpy_runtime.Model | OnnxModel, prompt: int, steps: int) -> list[float]:
+  """Seconds of each timed greedy decode step (batch 1) of the NumPy runtime or an OnnxModel, after a
+  `prompt`-token prefill and WARMUP steps."""
   state = runtime.init_state(1, max_len=prompt + WARMUP + steps + 1)
   logits, state = runtime.prefill(np.ones((1, prompt), np.int64), state)
   tokens = np.argmax(logits[:, -1], -1)
@@ -282,15 +283,15 @@ def main(argv=None):
         "bound_tokens_per_s": bounds})
 
   measured = {
-      "numpy_runtime_float32": (lambda: time_numpy(runtime, args.prompt, args.steps),
+      "numpy_runtime_float32": (lambda: time_steps(runtime, args.prompt, args.steps),
                                 f"weights file {runtimes['float32'][1]} bytes"),
-      "numpy_runtime_int8": (lambda: time_numpy(runtimes["int8"][0], args.prompt, args.steps),
+      "numpy_runtime_int8": (lambda: time_steps(runtimes["int8"][0], args.prompt, args.steps),
                              f"weights file {runtimes['int8'][1]} bytes; dequantized to float32 at load, so each "
                              "token reads the float32 bytes"),
-      "onnxruntime_float32": (lambda: time_numpy(runtimes["float32"][2], args.prompt, args.steps),
+      "onnxruntime_float32": (lambda: time_steps(runtimes["float32"][2], args.prompt, args.steps),
                               f"onnxruntime {onnxruntime.__version__}, CPU, default threads; model.onnx.data "
                               f"{runtimes['float32'][3]} bytes"),
-      "onnxruntime_int8": (lambda: time_numpy(runtimes["int8"][2], args.prompt, args.steps),
+      "onnxruntime_int8": (lambda: time_steps(runtimes["int8"][2], args.prompt, args.steps),
                            f"model.onnx.data {runtimes['int8'][3]} bytes; the session folds the dequantization into "
                            "float32 constants, so each token reads the float32 bytes"),
       "jax_decode_step": (lambda: time_jax(model, args.prompt, args.steps),

@@ -20,12 +20,12 @@ from yanjax.numpy_runtime import ExportError, Model, generate, load_export
 
 TOLERANCE = 1e-4  # max |logit difference|, ONNX Runtime vs the NumPy runtime (float32 both; measured <= 1.2e-5)
 
-# Every mixer, both combines, include_current both ways, the selective FFN with k = 1 and 2: its decode steps
-# (b t k = 2 k < E) gather the chosen groups, its prefills (b t k >= E) run all groups.
+# Every mixer, both combines, include_current both ways, learned and fixed rates, the selective FFN with k = 1 and
+# 2: a call gathers the chosen groups when b t k < E (the hybrid's 2-row decode steps, yan_dd_selective's 1-row
+# generation), else runs all groups (prefills, yan_dd_selective's 2-row decode steps).
 MODELS = {
     "yan_untied_learned_rates": dict(pattern=("mcsd",), tie_embeddings=False, learnable_rates=True),
-    "yan_dd_selective": dict(pattern=("mcsd_dd",), learnable_rates=True, router=True, groups=8, top_k=2,
-                             dispatch="dropless"),
+    "yan_dd_selective": dict(pattern=("mcsd_dd",), router=True, groups=4, top_k=2, dispatch="dropless"),
     "hybrid": dict(pattern=("swa", "mcsd", "attention"), layers=3, window=4, combine="sum", include_current=True,
                    router=True, groups=4, top_k=1, dispatch="dropless"),
 }
@@ -67,8 +67,8 @@ def _states_agree(numpy_model, numpy_state, onnx_state):
 
 @pytest.mark.parametrize("name,kind", EXPORTS)
 def test_onnx_runtime_equals_numpy_runtime(exported, name, kind):
-  """Prefill 7 tokens, prefill 3 more from that state, then 9 decode steps (the window of 4 wraps): logits and
-  states; greedy completions."""
+  """Prefill 7 tokens, prefill 6 more from that state (more than the window of 4), then 9 decode steps: logits and
+  states; greedy completions of 2 prompts and of 1."""
   path = exported[name, kind]
   numpy_model, onnx_model = Model(load_export(path)), OnnxModel(path)
   rng = np.random.default_rng(0)
@@ -76,7 +76,7 @@ def test_onnx_runtime_equals_numpy_runtime(exported, name, kind):
   numpy_logits, numpy_state = numpy_model.prefill(tokens, numpy_model.init_state(2, 24))
   onnx_logits, onnx_state = onnx_model.prefill(tokens, onnx_model.init_state(2))
   worst = [np.abs(numpy_logits - onnx_logits).max()]
-  tokens = rng.integers(0, 97, (2, 3))
+  tokens = rng.integers(0, 97, (2, 6))
   numpy_logits, numpy_state = numpy_model.prefill(tokens, numpy_state)
   onnx_logits, onnx_state = onnx_model.prefill(tokens, onnx_state)
   worst.append(np.abs(numpy_logits - onnx_logits).max())
@@ -90,6 +90,7 @@ def test_onnx_runtime_equals_numpy_runtime(exported, name, kind):
   _states_agree(numpy_model, numpy_state, onnx_state)
   prompts = [[1, 5, 9], [3, 4, 5, 6, 7]]
   assert generate(onnx_model, prompts, max_new_tokens=12) == generate(numpy_model, prompts, max_new_tokens=12)
+  assert generate(onnx_model, prompts[1:], max_new_tokens=12) == generate(numpy_model, prompts[1:], max_new_tokens=12)
 
 
 def test_onnx_files_and_manifest(exported):
@@ -139,7 +140,7 @@ def test_export_cli_refuses_a_mixer_without_onnx_form_in_one_line(tmp_path, monk
   monkeypatch.setattr(onnx_graph, "ONNX_FORMS", {k: v for k, v in onnx_graph.ONNX_FORMS.items() if k != "swa"})
   monkeypatch.setattr(sys, "argv", ["export", "--workdir", "run", "--out", str(tmp_path / "out"), "--onnx"])
   with pytest.raises(SystemExit) as exit_:
-    cli.run(export_cli.main, export_cli.USER_ERRORS)
+    cli.run(export_cli.main)
   assert exit_.value.code == 2
   assert capsys.readouterr().err == (
       "error: --onnx: mixer(s) ['swa'] of model.pattern have no ONNX form (ONNX forms exist for mcsd, mcsd_dd, "
@@ -155,7 +156,7 @@ def test_export_cli_without_the_onnx_package_says_how_to_install_it(tmp_path, mo
   monkeypatch.setitem(sys.modules, "yanjax.export.onnx_graph", None)  # None in sys.modules: ImportError
   monkeypatch.setattr(sys, "argv", ["export", "--workdir", "run", "--out", str(tmp_path / "out"), "--onnx"])
   with pytest.raises(SystemExit) as exit_:
-    cli.run(export_cli.main, export_cli.USER_ERRORS)
+    cli.run(export_cli.main)
   assert exit_.value.code == 2
   error = capsys.readouterr().err
   assert error.startswith("error: --onnx needs the onnx package (") and error.endswith(

@@ -25,7 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from yanjax.numpy_runtime import format as fmt
 from yanjax.numpy_runtime.layers import F32
-from yanjax.numpy_runtime.mcsd import paper_log_rates
+from yanjax.numpy_runtime.mcsd import MCSD
 from yanjax.numpy_runtime.mcsd_dd import GATE_BIAS
 from yanjax.numpy_runtime.mixers import layer_mixers
 from yanjax.numpy_runtime.quantize import SCALE_SUFFIX
@@ -154,7 +154,7 @@ def mcsd(g: Graph, c: dict[str, Any], w: Weights, p: str, x: str, position: str,
   xc = g.reshape(x, 0, 0, ch, dc)
   uvef = g.op("Einsum", xc, w(p + "proj"), equation="btcd,cdke->kbtce")
   u, v, e, f = (g.take(uvef, i, 0) for i in range(4))
-  log_rates = (-np.exp(w.array(p + "rate_logits"))).astype(F32) if c["learnable_rates"] else paper_log_rates(ch)
+  log_rates = MCSD(c, {"rate_logits": w.array(p + "rate_logits")} if c["learnable_rates"] else {}).log_rates()
   log_g, log_alpha = log_rates
   if p + "rate_gate" in w.layout:  # mcsd_dd: the decay half gated per token
     gate = g.op("Softplus", g.op("Add", g.op("Einsum", xc, w(p + "rate_gate"), equation="btcd,cd->btc"),

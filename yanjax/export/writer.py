@@ -321,8 +321,10 @@ def export_model(model, cfg: ModelConfig, out_dir, tokenizer_path=None, dtype: s
   """
   check_quantize(quantize, dtype)
   if onnx:
-    onnx_graph = onnx_graph_module()
-    onnx_graph.check_onnx_config(cfg.to_dict())
+    try:
+      onnx_graph_module().check_onnx_config(cfg.to_dict())
+    except fmt.ExportError as e:
+      raise ConfigError(str(e)) from e
   if dtype not in fmt.WEIGHT_DTYPES:
     raise ValueError(f"dtype={dtype!r}: choose one of {fmt.WEIGHT_DTYPES}")
   if weights_format not in fmt.WEIGHT_FORMATS:

@@ -15,8 +15,6 @@ from yanjax.core import cli, storage
 from yanjax.export.writer import check_quantize, check_replaceable, export_model, onnx_graph_module
 from yanjax.numpy_runtime import format as fmt
 
-USER_ERRORS = (fmt.ExportError,)  # besides yanjax's UserErrors: one line and exit 2 (a mixer without ONNX form)
-
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(prog="python -m yanjax.main.export", description=__doc__.splitlines()[0])
@@ -51,4 +49,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  cli.run(main, USER_ERRORS)
+  cli.run(main)

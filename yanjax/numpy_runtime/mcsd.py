@@ -82,13 +82,12 @@ class MCSD:
 
   def __init__(self, c: dict[str, Any], w: dict[str, np.ndarray]):
     self.c, self.w = c, w  # w: this layer's arrays, named as in `shapes`
-    # [2, C]: log g (slope) and log alpha (decay), learned (-exp(rate_logits)) or the paper's
-    self.fixed_log_rates = ((-np.exp(w["rate_logits"])).astype(F32) if c["learnable_rates"]
-                            else paper_log_rates(c["channels"]))
+    self._log_rates = ((-np.exp(w["rate_logits"])).astype(F32) if c["learnable_rates"]
+                       else paper_log_rates(c["channels"]))  # computed once: no token changes them
 
   def log_rates(self) -> np.ndarray:
     """[2, C]: log g (slope) and log alpha (decay), learned (-exp(rate_logits)) or the paper's."""
-    return self.fixed_log_rates
+    return self._log_rates
 
   def recurrence_log_rates(self, xc: np.ndarray) -> np.ndarray:
     """The log rates of the 2C recurrence channels [V ; E] for inputs xc [b, t, C, Dc]: fixed, [2C]
