@@ -3,11 +3,11 @@
 The graph is the NumPy runtime's `Model.prefill` (yanjax/numpy_runtime/model.py) written with the `onnx`
 package's graph builder: call it with the prompt to prefill (t = its length) and with t = 1 for each decode
 step, passing the state it returned. Every layer's state is an explicit input and output; docs/export.md
-("ONNX") lists the names, shapes and order. Nothing here imports JAX: the graph is built from a loaded export
-(`yanjax.numpy_runtime.load_export`) and the weights file it holds.
+("ONNX") lists the names, shapes and order. Nothing here imports JAX: the graph is built from an export's
+manifest and the arrays of its weights file as stored.
 
     from yanjax.export.onnx_graph import build_graph, save_graph, stored_weights
-    save_graph(build_graph(export, stored_weights(export)), directory)   # model.onnx, model.onnx.data
+    save_graph(build_graph(manifest, stored_weights(directory, manifest)), directory)   # model.onnx(.data)
 
 Weights are the export's arrays: float32 (a bfloat16 export's values upcast), or an int8 export's int8
 matrices with their scales, dequantized in the graph as float32(q) * scale (ONNX Runtime folds that at load).
@@ -115,9 +115,9 @@ def expm1(g: Graph, x: str) -> str:
 class Weights:
   """The export's arrays as graph values: float32 initializers, or int8 ones times their scales."""
 
-  def __init__(self, g: Graph, export: fmt.Export, stored: dict[str, np.ndarray]):
-    self.g, self.export, self.stored = g, export, stored
-    self.layout = fmt.stored_arrays(export.config, export.manifest["weights_dtype"])
+  def __init__(self, g: Graph, config: dict[str, Any], weights_dtype: str, stored: dict[str, np.ndarray]):
+    self.g, self.stored = g, stored
+    self.layout = fmt.stored_arrays(config, weights_dtype)
     self.values: dict[str, str] = {}  # name -> its float32 graph value, made once
 
   def __call__(self, name: str, *shape: int) -> str:
@@ -132,11 +132,11 @@ class Weights:
       scale = np.expand_dims(self.stored[name + SCALE_SUFFIX], entry["contraction_axes"])
       return self.g.op("Mul", self.g.op("Cast", self.g.const(self.stored[name], name), to=TensorProto.FLOAT),
                         self.g.const(scale, name + SCALE_SUFFIX))
-    return self.g.const(self.export.arrays[name], name)
+    return self.g.const(self.array(name), name)
 
   def array(self, name: str) -> np.ndarray:
     """Array `name` as the NumPy runtime holds it (float32), for values computed once at build time."""
-    return self.export.arrays[name]
+    return fmt.stored_to_float32(self.stored[name], self.layout[name]["dtype"])
 
 
 # ---- mixers: (g, c, w, prefix, x [b, t, D], position, state inputs) -> (y [b, t, D], state outputs) ---------
@@ -325,13 +325,13 @@ def all_groups(g: Graph, c: dict[str, Any], w: Weights, p: str, x: str, chosen: 
   return g.op("Einsum", act, w(p + "down"), equation="bteg,egd->btd")
 
 
-def build_graph(export: fmt.Export, stored: dict[str, np.ndarray]) -> onnx.ModelProto:
+def build_graph(manifest: dict[str, Any], stored: dict[str, np.ndarray]) -> onnx.ModelProto:
   """The ONNX model of `export` (load_export's) from its stored arrays `stored` (read_npz / read_safetensors of
   its weights file; int8 matrices and scales are taken from there). ExportError for a mixer without ONNX form."""
-  c = fmt.check_config(export.config)
+  c = fmt.check_config(manifest["config"])
   check_onnx_config(c)
   g = Graph()
-  w = Weights(g, export, stored)
+  w = Weights(g, manifest["config"], manifest["weights_dtype"], stored)
   mixers = layer_mixers(c["pattern"], c["layers"])
   inputs = [helper.make_tensor_value_info(TOKENS, TensorProto.INT64, ["batch", "time"]),
             helper.make_tensor_value_info(POSITION, TensorProto.INT64, [])]
@@ -364,15 +364,16 @@ def build_graph(export: fmt.Export, stored: dict[str, np.ndarray]) -> onnx.Model
                                   [LOGITS]))
   graph = helper.make_graph(g.nodes, "yanjax", inputs, outputs, g.initializers)
   model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                            producer_name="yanjax", doc_string=f"yanjax export: {export.manifest['weights_dtype']}")
+                            producer_name="yanjax", doc_string=f"yanjax export: {manifest['weights_dtype']}")
   model.ir_version = 9  # onnxruntime reads IR versions up to its own; 9 is opset 18's
   return model
 
 
-def stored_weights(export: fmt.Export) -> dict[str, np.ndarray]:
-  """The arrays of `export`'s weights file as stored (int8 matrices, their scales; bfloat16 as uint16 bits)."""
-  file = export.path / fmt.WEIGHT_FILES[export.manifest["weights_format"]]
-  return fmt.read_npz(file) if export.manifest["weights_format"] == "npz" else fmt.read_safetensors(file)
+def stored_weights(directory, manifest: dict[str, Any]) -> dict[str, np.ndarray]:
+  """The arrays of the export's weights file in `directory` as stored (int8 matrices, their scales; bfloat16 as
+  uint16 bits)."""
+  file = directory / fmt.WEIGHT_FILES[manifest["weights_format"]]
+  return fmt.read_npz(file) if manifest["weights_format"] == "npz" else fmt.read_safetensors(file)
 
 
 def save_graph(model: onnx.ModelProto, directory) -> None:

@@ -363,13 +363,13 @@ def onnx_graph_module():
 
 
 def _write_onnx(out: epath.Path, manifest: dict[str, Any]) -> dict[str, Any]:
-  """Adds the ONNX graph of the export in `out` (its manifest written) and rewrites the manifest listing it under
-  "onnx" and in "files"; returns that manifest. Built in a local temporary directory (onnx writes local files),
-  then copied into `out`."""
+  """Adds the ONNX graph of the export in `out` (its weights file written, hashed as it was) and rewrites the
+  manifest listing it under "onnx" and in "files"; returns that manifest. The weights file is read back once;
+  the graph is built in a local temporary directory (onnx writes local files), then copied into `out`."""
   onnx_graph = onnx_graph_module()
-  export = fmt.load_export(out)
+  stored = onnx_graph.stored_weights(out, manifest)
   with tempfile.TemporaryDirectory(prefix="yanjax-onnx-") as local:
-    onnx_graph.save_graph(onnx_graph.build_graph(export, onnx_graph.stored_weights(export)), pathlib.Path(local))
+    onnx_graph.save_graph(onnx_graph.build_graph(manifest, stored), pathlib.Path(local))
     for name in (fmt.ONNX, fmt.ONNX_DATA):
       with open(pathlib.Path(local) / name, "rb") as source, _create(out / name) as stream:
         shutil.copyfileobj(source, stream, 1 << 22)

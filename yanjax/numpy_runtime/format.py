@@ -110,6 +110,11 @@ def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
   return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
+def stored_to_float32(stored: np.ndarray, dtype: str) -> np.ndarray:
+  """A float32 or bfloat16 array as stored (bfloat16: uint16 bit patterns) -> float32."""
+  return bf16_bits_to_float32(stored) if dtype == "bfloat16" else stored.astype(np.float32)
+
+
 def float32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
   """float32 -> uint16 bfloat16 bit patterns, rounding to nearest even (NaN stays NaN)."""
   bits = np.ascontiguousarray(x, np.float32).view(np.uint32)
@@ -383,8 +388,7 @@ def load_export(path, *, weights: str | None = None, verify: bool = True) -> Exp
     if entry["dtype"] == INT8:
       arrays[name] = dequantize_int8(stored[name], stored[entry["scale"]], entry["contraction_axes"])
     elif "scale_of" not in entry:
-      a = stored[name]
-      arrays[name] = bf16_bits_to_float32(a) if entry["dtype"] == "bfloat16" else a.astype(np.float32)
+      arrays[name] = stored_to_float32(stored[name], entry["dtype"])
 
   tokenizer = None
   if manifest.get("tokenizer"):
